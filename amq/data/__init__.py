@@ -1,0 +1,1 @@
+"""Text sources (embedded and hub) and their tokenisation into fixed-length windows."""

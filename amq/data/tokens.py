@@ -1,0 +1,75 @@
+"""Turn documents into token windows: random windows for calibration, contiguous ones for perplexity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from amq.errors import ConfigError
+
+DOC_SEPARATOR = "\n\n"
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """How many windows of how many tokens the search measures quality on."""
+
+    n_samples: int
+    seq_len: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ConfigError("budget.n_samples", f"{self.n_samples} calibration samples", "an integer >= 1")
+        if self.seq_len < 8:
+            raise ConfigError("budget.seq_len", f"{self.seq_len} tokens per sample", "an integer >= 8")
+
+
+def token_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str]) -> torch.Tensor:
+    """All documents joined by blank lines and tokenised once, without special tokens."""
+    text = DOC_SEPARATOR.join(d for d in docs if d.strip())
+    if not text.strip():
+        raise ConfigError("data", "the calibration text is empty", "a corpus with at least one non-empty document")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(
+    tokenizer: PreTrainedTokenizerBase, docs: list[str], spec: CalibrationSpec, add_bos: bool
+) -> torch.Tensor:
+    """`n_samples` windows of `seq_len` tokens at seeded random offsets (BOS first when the model wants it)."""
+    stream = token_stream(tokenizer, docs)
+    body = spec.seq_len - 1 if add_bos else spec.seq_len
+    if len(stream) <= body:
+        raise ConfigError(
+            "budget.seq_len",
+            f"the calibration text has {len(stream)} tokens, fewer than one window of {spec.seq_len}",
+            "a shorter seq_len or more calibration text",
+        )
+    rng = np.random.default_rng(spec.seed)
+    starts = rng.integers(0, len(stream) - body, size=spec.n_samples)
+    windows = torch.stack([stream[s : s + body] for s in starts])
+    if add_bos:
+        bos = torch.full((spec.n_samples, 1), tokenizer.bos_token_id, dtype=torch.long)
+        windows = torch.cat([bos, windows], dim=1)
+    return windows
+
+
+def contiguous_windows(
+    tokenizer: PreTrainedTokenizerBase, docs: list[str], seq_len: int, add_bos: bool, max_windows: int | None = None
+) -> torch.Tensor:
+    """Non-overlapping windows covering the text (for perplexity); the tail shorter than a window is dropped."""
+    stream = token_stream(tokenizer, docs)
+    body = seq_len - 1 if add_bos else seq_len
+    n = len(stream) // body
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ConfigError("eval.seq_len", f"the text has {len(stream)} tokens, fewer than one window", "a shorter seq_len")
+    windows = stream[: n * body].view(n, body)
+    if add_bos:
+        windows = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long), windows], dim=1)
+    return windows

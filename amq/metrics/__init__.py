@@ -1,0 +1,1 @@
+"""Quality metrics a configuration is scored by (lower is better)."""

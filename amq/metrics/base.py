@@ -1,0 +1,20 @@
+"""The metric interface: a callable that scores the model as it currently is (lower is better)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from torch import nn
+
+
+class QualityMetric(Protocol):
+    name: str
+    description: str
+
+    def evaluate(self, model: nn.Module) -> float:
+        """Score `model` with whatever weights are swapped in right now."""
+        ...
+
+    def subset(self, n_samples: int) -> "QualityMetric":
+        """The same metric on fewer calibration samples (the sensitivity stage uses it)."""
+        ...

@@ -1,0 +1,1 @@
+"""Loading models and discovering their quantizable linear layers."""

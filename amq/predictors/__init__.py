@@ -1,0 +1,1 @@
+"""Quality predictors: map a gene vector to the predicted metric (fit on truly evaluated configs)."""

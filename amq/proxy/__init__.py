@@ -1,0 +1,1 @@
+"""The quantization proxy: every searchable linear quantized once per candidate bit width."""

@@ -1,0 +1,164 @@
+"""The proxy bank: quantized weights of every linear at every bit width, swapped in on demand.
+
+Built once per (model, quantizer settings, bit width) and cached on disk in packed form. During the
+search, `apply()` changes only the linears whose bit width differs from what is loaded now, so a
+candidate costs one forward pass plus a handful of pointer swaps (`dequantized` storage) or
+dequantizations (`packed` storage, for GPUs where memory matters more than swap time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Mapping, Protocol
+
+import torch
+from torch import nn
+
+from amq.errors import ConfigError
+from amq.io import atomic_write_bytes_with
+from amq.modeling.discovery import ModelLayout
+
+log = logging.getLogger(__name__)
+
+STORAGES = ("dequantized", "packed")
+
+
+class WeightQuantizer(Protocol):
+    name: str
+
+    def settings(self) -> dict: ...
+
+    def quantize(self, weight: torch.Tensor, nbits: int) -> tuple[torch.Tensor, dict]: ...
+
+    def dequantize(self, w_q: torch.Tensor, meta: dict) -> torch.Tensor: ...
+
+
+def _cache_key(fingerprint: str, quantizer: WeightQuantizer, nbits: int, layout: ModelLayout) -> str:
+    payload = {
+        "model": fingerprint,
+        "quantizer": quantizer.settings(),
+        "nbits": nbits,
+        "linears": [(li.name, li.in_features, li.out_features) for li in layout.linears],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class ProxyBank:
+    """Holds quantized weights per bit width and swaps them into the live model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: ModelLayout,
+        quantizer: WeightQuantizer,
+        bits: list[int],
+        storage: str = "dequantized",
+    ) -> None:
+        if storage not in STORAGES:
+            raise ConfigError("quantizer.storage", f"{storage!r}", ", ".join(STORAGES))
+        self.model, self.layout, self.quantizer = model, layout, quantizer
+        self.bits, self.storage = sorted(bits), storage
+        self.modules: dict[str, nn.Linear] = {n: model.get_submodule(n) for n in layout.names}
+        self._original = {n: m.weight for n, m in self.modules.items()}
+        self._bank: dict[int, dict[str, object]] = {}
+        self._current: dict[str, int | None] = {n: None for n in layout.names}
+        self.build_seconds = 0.0
+        self.cache_hits = 0
+
+    # ------------------------------------------------------------------ build
+    def build(self, cache_dir: str | Path, fingerprint: str) -> "ProxyBank":
+        cache_dir = Path(cache_dir)
+        t0 = time.perf_counter()
+        for nbits in self.bits:
+            path = cache_dir / f"{_cache_key(fingerprint, self.quantizer, nbits, self.layout)}-{nbits}bit.pt"
+            packed = self._load_cached(path)
+            if packed is None:
+                packed = self._quantize_all(nbits)
+                atomic_write_bytes_with(path, lambda tmp, p=packed: torch.save(p, tmp))
+            else:
+                self.cache_hits += 1
+                log.info("proxy %d-bit: loaded from cache %s", nbits, path.name)
+            self._bank[nbits] = self._materialize(packed)
+        if self.storage == "packed":  # keep the originals off the accelerator; one work buffer per linear
+            self._original = {n: nn.Parameter(w.detach().to("cpu"), requires_grad=False) for n, w in self._original.items()}
+            for n, m in self.modules.items():
+                m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=False)
+        self.build_seconds = time.perf_counter() - t0
+        log.info("proxy ready: %s bits, %s storage, %.1fs", self.bits, self.storage, self.build_seconds)
+        return self
+
+    @staticmethod
+    def _load_cached(path: Path) -> dict | None:
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # truncated or corrupted: recompute rather than trust it
+            log.warning("proxy cache %s is unreadable (%s); re-quantizing", path.name, exc)
+            return None
+
+    def _quantize_all(self, nbits: int) -> dict[str, tuple[torch.Tensor, dict]]:
+        out: dict[str, tuple[torch.Tensor, dict]] = {}
+        names = self.layout.names
+        t0, last = time.perf_counter(), time.perf_counter()
+        for i, name in enumerate(names):
+            w_q, meta = self.quantizer.quantize(self._original[name].detach(), nbits)
+            out[name] = (w_q.cpu(), {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in meta.items()})
+            if time.perf_counter() - last > 5 or i + 1 == len(names):
+                log.info("proxy %d-bit: quantized %d/%d linears (%.1fs)", nbits, i + 1, len(names), time.perf_counter() - t0)
+                last = time.perf_counter()
+        return out
+
+    def _materialize(self, packed: dict) -> dict[str, object]:
+        bank: dict[str, object] = {}
+        for name, (w_q, meta) in packed.items():
+            ref = self._original[name]
+            meta = {k: (v.to(ref.device) if torch.is_tensor(v) else v) for k, v in meta.items()}
+            if self.storage == "dequantized":
+                w = self.quantizer.dequantize(w_q.to(ref.device), meta).to(ref.dtype)
+                bank[name] = nn.Parameter(w, requires_grad=False)
+            else:
+                bank[name] = (w_q.to(ref.device), meta)
+        return bank
+
+    # ------------------------------------------------------------------ swap
+    def apply(self, config: Mapping[str, int | None]) -> int:
+        """Load `config` (bits per module name; None = unquantized). Returns how many linears changed."""
+        changed = 0
+        for name, nbits in config.items():
+            if self._current[name] == nbits:
+                continue
+            module = self.modules[name]
+            if nbits is not None and nbits not in self._bank:
+                raise KeyError(f"{nbits}-bit is not in the proxy bank {self.bits}")
+            if self.storage == "dequantized":
+                module.weight = self._original[name] if nbits is None else self._bank[nbits][name]
+            else:
+                if nbits is None:
+                    module.weight.data.copy_(self._original[name].data)
+                else:
+                    w_q, meta = self._bank[nbits][name]
+                    module.weight.data.copy_(self.quantizer.dequantize(w_q, meta))
+            self._current[name] = nbits
+            changed += 1
+        return changed
+
+    def restore(self) -> None:
+        """Put the unquantized weights back everywhere."""
+        self.apply({n: None for n in self.layout.names})
+
+    def memory_bytes(self) -> int:
+        total = 0
+        for per_bits in self._bank.values():
+            for v in per_bits.values():
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+                else:
+                    w_q, meta = v
+                    total += w_q.numel() * w_q.element_size()
+                    total += sum(t.numel() * t.element_size() for t in meta.values() if torch.is_tensor(t))
+        return total

@@ -1,0 +1,84 @@
+"""HQQ (half-quadratic quantization) as pure tensor functions, through the `hqq` package.
+
+Calibration-free and fast, so quantizing every linear at every candidate bit width up front is
+cheap; the search then only swaps weights in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+import torch
+
+from amq.errors import ConfigError
+from amq.modeling.discovery import LinearInfo
+
+HQQ_PACKABLE_BITS = (1, 2, 3, 4, 5, 6, 8)
+
+
+@dataclass(frozen=True)
+class HQQQuantizer:
+    """Asymmetric group-wise HQQ; `group_size` weights share one scale and zero."""
+
+    group_size: int = 64
+    axis: int = 1
+    optimize: bool = True
+    storage: str = "dequantized"  # how the proxy bank keeps results in memory (not a quantization setting)
+    name: str = "hqq"
+
+    def settings(self) -> dict[str, Any]:
+        """What determines the quantized values (the proxy cache key)."""
+        import hqq
+
+        s = asdict(self)
+        s.pop("storage")
+        return {**s, "hqq_version": getattr(hqq, "__version__", "unknown")}
+
+    def validate(self, bits: Iterable[int], linears: Iterable[LinearInfo]) -> None:
+        """Reject bit widths HQQ can't pack and group sizes that don't tile every layer."""
+        for b in bits:
+            if b not in HQQ_PACKABLE_BITS:
+                raise ConfigError(
+                    "search.bits", f"{b}-bit is not a width HQQ packs", ", ".join(map(str, HQQ_PACKABLE_BITS))
+                )
+        if self.axis not in (0, 1):
+            raise ConfigError("quantizer.axis", f"{self.axis}", "0 or 1")
+        if self.group_size < 1:
+            raise ConfigError("quantizer.group_size", f"{self.group_size}", "a positive divisor of every layer's input features")
+        for li in linears:
+            dim = li.in_features if self.axis == 1 else li.out_features
+            if dim % self.group_size:
+                raise ConfigError(
+                    "quantizer.group_size",
+                    f"{self.group_size} does not divide {li.name} ({'in' if self.axis == 1 else 'out'}_features={dim})",
+                    _divisors_hint(linears, self.axis),
+                )
+
+    def quantize(self, weight: torch.Tensor, nbits: int) -> tuple[torch.Tensor, dict]:
+        """Packed integer weights and HQQ's meta (scale, zero, shape), on the weight's device."""
+        from hqq.core.quantize import Quantizer
+
+        w_q, meta = Quantizer.quantize(
+            weight.float(),
+            nbits=nbits,
+            group_size=self.group_size,
+            axis=self.axis,
+            optimize=self.optimize,
+            bitpack=True,
+            compute_dtype=torch.float32,
+            device=str(weight.device),
+        )
+        return w_q, meta
+
+    @staticmethod
+    def dequantize(w_q: torch.Tensor, meta: dict) -> torch.Tensor:
+        from hqq.core.quantize import Quantizer
+
+        return Quantizer.dequantize(w_q, meta).reshape(meta["shape"])
+
+
+def _divisors_hint(linears: Iterable[LinearInfo], axis: int) -> str:
+    dims = {li.in_features if axis == 1 else li.out_features for li in linears}
+    common = [g for g in (32, 64, 128, 256) if all(d % g == 0 for d in dims)]
+    return ", ".join(map(str, common)) if common else f"a divisor of all of {sorted(dims)}"

@@ -1,0 +1,88 @@
+"""The run directory contract: what every run writes, where, and how (atomically).
+
+config.yaml, sensitivity.json, archive.jsonl, front.json, front.csv, front.png, metrics.jsonl,
+summary.json, and state.json (what resume needs). See outputs/README.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META
+from amq.io import atomic_write_json, atomic_write_text, read_jsonl
+from amq.plotting import plot_front
+from amq.search.archive import Archive
+from amq.search.pareto import nondominated
+
+STATE_VERSION = 1
+
+
+class RunOutputs:
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    @property
+    def archive_path(self) -> Path:
+        return self.path("archive.jsonl")
+
+    # -------------------------------------------------------------- state for resume
+    def read_state(self) -> dict | None:
+        p = self.path("state.json")
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def write_state(self, state: dict) -> None:
+        atomic_write_json(self.path("state.json"), {"version": STATE_VERSION, **state})
+
+    def read_metrics(self, up_to_iteration: int) -> list[dict]:
+        return [r for r in read_jsonl(self.path("metrics.jsonl")) if r.get("iteration", 1 << 30) <= up_to_iteration]
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        atomic_write_text(self.path("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+
+    # -------------------------------------------------------------- front
+    def write_front(self, archive: Archive, metric_name: str, title: str) -> list[dict]:
+        X, y, bits = archive.arrays()
+        finite = np.isfinite(y)
+        idx = np.flatnonzero(finite)[nondominated(np.column_stack([y[finite], bits[finite]]))]
+        idx = idx[np.argsort(bits[idx])]
+        space = archive.space
+        rows = []
+        for i in idx:
+            rec = archive.records[i]
+            rows.append(
+                {
+                    "avg_bits": rec.avg_bits,
+                    "avg_bits_weights_only": rec.avg_bits_weights_only,
+                    metric_name: rec.metric,
+                    "iteration": rec.iteration,
+                    "genes": rec.genes.tolist(),
+                    "config": space.to_config(rec.genes).to_dict(),
+                }
+            )
+        atomic_write_json(
+            self.path("front.json"),
+            {"metric": metric_name, "bits_convention": CONVENTION_WITH_META, "weights_only_convention": CONVENTION_WEIGHTS_ONLY, "front": rows},
+        )
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["avg_bits", "avg_bits_weights_only", metric_name, "iteration", "genes"])
+        for r in rows:
+            w.writerow([f"{r['avg_bits']:.6f}", f"{r['avg_bits_weights_only']:.6f}", f"{r[metric_name]:.8g}", r["iteration"], "".join(map(str, r["genes"]))])
+        atomic_write_text(self.path("front.csv"), buf.getvalue())
+        iters = np.array([r.iteration for r in archive.records])
+        plot_front(self.path("front.png"), bits, y, iters, idx, metric_name, title, f"average bits ({CONVENTION_WITH_META})")
+        return rows

@@ -1,0 +1,1 @@
+"""The search: space, archive, Pareto utilities, NSGA-II on the predictor, and the iterative loop."""

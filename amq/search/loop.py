@@ -1,0 +1,162 @@
+"""Stage: the iterative search-and-update loop (AMQ).
+
+Iteration 0 is the initial design (uniform configurations plus random ones), evaluated for real.
+Each later iteration fits the predictor on the archive, runs NSGA-II on the predictor, picks a
+batch of unseen candidates spread along the bits axis, evaluates them for real and archives them.
+
+Every iteration's randomness comes from (seed, iteration) and its predictor sees only records
+from earlier iterations, so an interrupted iteration re-runs to the same batch; configurations
+already in the archive are never evaluated again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from amq.errors import ConfigError
+from amq.predictors.base import Predictor
+from amq.search.archive import Archive
+from amq.search.nsga import NSGA2Settings, PredictedQualityProblem, run_nsga2
+from amq.search.pareto import best_under_target, nondominated, normalized_hypervolume
+from amq.search.selection import select_batch
+from amq.search.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+class IterationObserver(Protocol):
+    def __call__(self, row: dict, archive: Archive) -> None: ...
+
+
+@dataclass
+class SearchSettings:
+    """How much work the loop does (the `budget` config group fills these)."""
+
+    n_initial_random: int
+    iterations: int
+    batch_size: int
+    nsga: NSGA2Settings = field(default_factory=NSGA2Settings)
+    bits_window: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0:
+            raise ConfigError("budget.iterations", f"{self.iterations}", "an integer >= 0")
+        if self.n_initial_random < 0:
+            raise ConfigError("budget.n_initial_random", f"{self.n_initial_random}", "an integer >= 0")
+        if self.batch_size < 1:
+            raise ConfigError("budget.batch_size", f"{self.batch_size}", "an integer >= 1")
+        if self.iterations == 0 and self.n_initial_random == 0:
+            raise ConfigError("budget", "no iterations and no initial random configurations: nothing to search", "iterations >= 1 or n_initial_random >= 1")
+
+
+class IterativeSearch:
+    def __init__(
+        self,
+        space: SearchSpace,
+        evaluate: Callable[[np.ndarray], tuple[float, float]],
+        make_predictor: Callable[[int], Predictor],
+        settings: SearchSettings,
+        archive: Archive,
+        metric_name: str,
+        targets: list[float],
+        seed: int,
+        observers: list[IterationObserver] | None = None,
+    ) -> None:
+        self.space, self.evaluate, self.make_predictor = space, evaluate, make_predictor
+        self.settings, self.archive, self.metric_name = settings, archive, metric_name
+        self.targets, self.seed = targets, seed
+        self.observers = observers or []
+        self.metric_scale: float | None = None
+
+    # -------------------------------------------------------------- pieces
+    def _rng(self, iteration: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, iteration])
+
+    def initial_design(self) -> np.ndarray:
+        uniform = [self.space.uniform(i) for i in range(self.space.n_choices)]
+        rand = self.space.random(self._rng(0), self.settings.n_initial_random)
+        return np.vstack([np.stack(uniform), rand]) if len(rand) else np.stack(uniform)
+
+    def _evaluate_batch(self, batch: np.ndarray, iteration: int) -> tuple[int, float]:
+        done, secs = 0, 0.0
+        t_last = time.perf_counter()
+        for genes in batch:
+            if genes in self.archive:
+                continue
+            value, seconds = self.evaluate(genes)
+            self.archive.add(genes, value, iteration, seconds, self.metric_name)
+            done, secs = done + 1, secs + seconds
+            if time.perf_counter() - t_last > 15:
+                log.info("iteration %d: evaluated %d/%d", iteration, done, len(batch))
+                t_last = time.perf_counter()
+        return done, secs
+
+    def propose(self, iteration: int) -> tuple[np.ndarray, dict]:
+        """Fit the predictor on records of earlier iterations, run NSGA-II, select a batch."""
+        X, y, bits = self.archive.arrays(before_iteration=iteration)
+        finite = np.isfinite(y)
+        X, y, bits = X[finite], y[finite], bits[finite]
+        t0 = time.perf_counter()
+        predictor = self.make_predictor(self.seed * 100_003 + iteration).fit(X, y)
+        fit_s = time.perf_counter() - t0
+        problem = PredictedQualityProblem(self.space, predictor.predict, self.settings.bits_window)
+        front = X[nondominated(np.column_stack([y, bits]))]
+        t1 = time.perf_counter()
+        popX, popF = run_nsga2(problem, self.settings.nsga, front, seed=self.seed * 100_003 + iteration)
+        nsga_s = time.perf_counter() - t1
+        seen = {self.space.key(g) for g in X}
+        batch = select_batch(popX, popF[:, 0], popF[:, 1], seen, self.space.key, self.settings.batch_size, self.space.bits_range())
+        return batch, {"predictor/fit_seconds": fit_s, "search/nsga_seconds": nsga_s}
+
+    def iteration_row(self, iteration: int, timings: dict, n_new: int, eval_s: float) -> dict:
+        _, y, bits = self.archive.arrays()
+        finite = np.isfinite(y)
+        row = {
+            "iteration": iteration,
+            "n_evaluated": len(self.archive),
+            "n_new": n_new,
+            "hypervolume": normalized_hypervolume(y[finite], bits[finite], self.metric_scale or 1.0, self.space.bits_range()),
+            "search/eval_seconds": eval_s,
+            **timings,
+        }
+        for t in self.targets:
+            idx = best_under_target(np.where(finite, y, np.inf), bits, t)
+            row[f"best/{self.metric_name}@{t:g}"] = None if idx is None else float(y[idx])
+        return row
+
+    # -------------------------------------------------------------- driver
+    def run(self, start_iteration: int = 0) -> list[dict]:
+        """Run iterations from `start_iteration` (0 = initial design) to the budget's last one."""
+        rows = []
+        for it in range(start_iteration, self.settings.iterations + 1):
+            t0 = time.perf_counter()
+            if it == 0:
+                batch, timings = self.initial_design(), {}
+            else:
+                batch, timings = self.propose(it)
+            n_new, eval_s = self._evaluate_batch(batch, it)
+            if self.metric_scale is None:
+                self.metric_scale = self._lowest_uniform_metric()
+            row = self.iteration_row(it, timings, n_new, eval_s)
+            row["search/iteration_seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            best = ", ".join(f"{k.split('@')[1]}b: {v:.4g}" for k, v in row.items() if k.startswith("best/") and v is not None)
+            log.info(
+                "iteration %d/%d: %d new, %d in archive, hypervolume %.4f, best %s [%.1fs]",
+                it, self.settings.iterations, n_new, row["n_evaluated"], row["hypervolume"], best or "-", row["search/iteration_seconds"],
+            )
+            for obs in self.observers:
+                obs(row, self.archive)
+        return rows
+
+    def _lowest_uniform_metric(self) -> float:
+        low = self.space.uniform(0)
+        for r in self.archive.records:
+            if np.array_equal(r.genes, low) and np.isfinite(r.metric):
+                return r.metric
+        return 1.0

@@ -1,0 +1,102 @@
+"""Stage: per-linear sensitivity and search-space pruning.
+
+With every linear at the highest bit width, drop one linear at a time to the lowest width and
+measure the damage with the search metric. Linears whose damage exceeds `threshold x median` are
+pinned to the highest width and leave the search (AMQ's pruning; threshold 2.0 in the reference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from amq.errors import ConfigError
+from amq.io import atomic_write_json
+from amq.metrics.base import QualityMetric
+from amq.proxy.bank import ProxyBank
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SensitivityTable:
+    damage: dict[str, float]
+    baseline: float
+    low_bits: int
+    high_bits: int
+    metric: str
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {
+            "low_bits": self.low_bits,
+            "high_bits": self.high_bits,
+            "metric": self.metric,
+            "baseline_all_high": self.baseline,
+            "seconds": round(self.seconds, 3),
+            "damage": self.damage,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SensitivityTable":
+        return cls(d["damage"], d["baseline_all_high"], d["low_bits"], d["high_bits"], d["metric"], d["seconds"])
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """Pin linears whose damage exceeds threshold x median (threshold <= 0 disables pruning)."""
+
+    threshold: float = 2.0
+
+    def pinned(self, table: SensitivityTable) -> list[str]:
+        if self.threshold <= 0:
+            return []
+        med = float(np.median(list(table.damage.values())))
+        return sorted(n for n, d in table.damage.items() if d > self.threshold * med)
+
+
+def measure(bank: ProxyBank, metric: QualityMetric, low_bits: int, high_bits: int) -> SensitivityTable:
+    names = bank.layout.names
+    t0 = last = time.perf_counter()
+    all_high = {n: high_bits for n in names}
+    bank.apply(all_high)
+    baseline = metric.evaluate(bank.model)
+    damage: dict[str, float] = {}
+    for i, name in enumerate(names):
+        bank.apply({name: low_bits})
+        damage[name] = metric.evaluate(bank.model) - baseline
+        bank.apply({name: high_bits})
+        if time.perf_counter() - last > 10 or i + 1 == len(names):
+            el = time.perf_counter() - t0
+            log.info("sensitivity: %d/%d linears (%.0fs, ~%.0fs left)", i + 1, len(names), el, el / (i + 1) * (len(names) - i - 1))
+            last = time.perf_counter()
+    return SensitivityTable(damage, baseline, low_bits, high_bits, getattr(metric, "description", metric.name), time.perf_counter() - t0)
+
+
+def cached_measure(
+    bank: ProxyBank, metric: QualityMetric, cache_dir: str | Path, fingerprint: str, key_extra: dict
+) -> SensitivityTable:
+    """`measure`, reusing a table computed earlier under identical settings."""
+    low, high = bank.bits[0], bank.bits[-1]
+    payload = {"model": fingerprint, "quantizer": bank.quantizer.settings(), "low": low, "high": high, **key_extra}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"{key}.json"
+    if path.exists():
+        try:
+            table = SensitivityTable.from_dict(json.loads(path.read_text()))
+            if set(table.damage) == set(bank.layout.names):
+                log.info("sensitivity: reused cached table %s", path.name)
+                return table
+        except (json.JSONDecodeError, KeyError, TypeError):
+            log.warning("sensitivity cache %s is unreadable; measuring again", path.name)
+    if low == high:
+        raise ConfigError("search.bits", "sensitivity needs a lowest and a highest bit width that differ")
+    table = measure(bank, metric, low, high)
+    atomic_write_json(path, {**table.to_dict(), "key": payload})
+    return table

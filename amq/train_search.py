@@ -1,0 +1,248 @@
+"""The AMQ search, end to end: `python -m amq.train_search [overrides]` or `amq-search [overrides]`.
+
+`run(cfg)` reads top to bottom: load the model and data, build the proxy, measure sensitivity and
+prune, search, write the front. It returns the final hypervolume (what a Hydra sweeper optimises).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META
+from amq.data.tokens import CalibrationSpec, calibration_windows
+from amq.errors import ConfigError
+from amq.io import atomic_write_json, atomic_write_text
+from amq.modeling.discovery import discover_layout
+from amq.proxy.bank import ProxyBank
+from amq.run_outputs import RunOutputs
+from amq.search.archive import Archive
+from amq.search.evaluator import ProxyEvaluator
+from amq.search.loop import IterativeSearch, SearchSettings
+from amq.search.pareto import HV_CONVENTION, best_under_target
+from amq.search.space import SearchSpace
+from amq import sensitivity
+
+log = logging.getLogger("amq")
+
+OmegaConf.register_new_resolver("amq_run_dir", lambda resume, default: str(resume) if resume else default, replace=True)
+
+
+def _build(node: DictConfig, setting: str, **kwargs: Any) -> Any:
+    """instantiate() with bad settings turned into a one-line ConfigError naming the group."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        msg = str(cause or exc).splitlines()[0]
+        raise ConfigError(setting, msg, f"the keys documented in conf/{setting}/") from None
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _tokens_hash(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16]
+
+
+def _quiet_libraries() -> None:
+    """Keep the run log about the search: silence per-tensor progress bars and chatty loggers."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    for name in ("gensim", "smart_open", "wandb"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run(cfg: DictConfig) -> float:
+    t_start = time.perf_counter()
+    _quiet_libraries()
+    torch.manual_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    run_dir = Path(cfg.paths.output_dir)
+    cache_dir = Path(cfg.paths.cache_dir)
+    resuming = bool(cfg.resume)
+    outputs = RunOutputs(run_dir)
+    state = outputs.read_state() if resuming else None
+    if resuming and state is None:
+        raise ConfigError("resume", f"{run_dir} holds no state.json of an earlier run", "the directory of an earlier amq-search run")
+
+    # ---- components (all settings validated before anything expensive or any result file)
+    source = _build(cfg.model.source, "model")
+    quantizer = _build(cfg.quantizer, "quantizer")
+    corpus = _build(cfg.data, "data")
+    make_predictor = _build(cfg.predictor, "predictor")
+    pruning = _build(cfg.search.pruning, "search")
+    nsga = _build(cfg.search.nsga, "search")
+    settings = SearchSettings(
+        n_initial_random=int(cfg.budget.n_initial_random),
+        iterations=int(cfg.budget.iterations),
+        batch_size=int(cfg.budget.batch_size),
+        nsga=nsga,
+    )
+    calib = CalibrationSpec(int(cfg.budget.n_samples), int(cfg.budget.seq_len), seed=int(cfg.data_seed))
+    bits = [int(b) for b in cfg.search.bits]
+
+    # ---- model, layout, data
+    lm = source.load(cache_dir)
+    layout = discover_layout(lm.model)
+    quantizer.validate(bits, layout.linears)
+    targets = SearchSpace(layout.linears, bits, quantizer.group_size).check_targets(cfg.search.targets)
+    log.info("model %s: %d decoder blocks (%s), %d linears", lm.name, layout.n_blocks, layout.blocks_name, len(layout.linears))
+    splits = corpus.load()
+    tokens = calibration_windows(lm.tokenizer, splits.calibration, calib, lm.add_bos)
+
+    # ---- stage: proxy
+    bank = ProxyBank(lm.model, layout, quantizer, bits, storage=quantizer.storage).build(cache_dir / "proxy", lm.fingerprint)
+    metric = _build(cfg.metric, "metric", _partial_=False, model=lm.model, tokens=tokens)
+
+    # ---- stage: sensitivity and pruning
+    sens_metric = metric.subset(int(cfg.budget.sensitivity_samples))
+    table = sensitivity.cached_measure(
+        bank, sens_metric, cache_dir / "sensitivity", lm.fingerprint,
+        {"metric": sens_metric.description, "tokens": _tokens_hash(sens_metric.tokens)},
+    )
+    pinned = pruning.pinned(table)
+    space = SearchSpace(layout.linears, bits, quantizer.group_size, pinned, cfg.search.share_groups)
+    lo, _ = space.bits_range()
+    for t in targets:
+        if t < lo:
+            log.warning("target %.3g bits is below the pruned space's minimum %.3f: nothing will be reported there", t, lo)
+    space_fp = space.fingerprint(lm.fingerprint)
+    log.info("pruning: %d of %d linears pinned to %d-bit (threshold %.2f x median); %d genes", len(space.pinned), len(layout.linears), bits[-1], pruning.threshold, space.n_genes)
+    if resuming and state.get("space_fingerprint") != space_fp:
+        raise ConfigError("resume", f"{run_dir} was searched over a different model or search space", "the same model, bits, group size, data and pruning settings as the original run")
+
+    # ---- run directory
+    if not resuming:
+        atomic_write_text(outputs.path("config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_json(outputs.path("sensitivity.json"), {**table.to_dict(), "threshold": pruning.threshold, "pinned": space.pinned})
+    archive = Archive(space, outputs.archive_path)
+    n_loaded = archive.load(metric.name)
+    start = int(state["last_completed_iteration"]) + 1 if resuming else 0
+    rows = outputs.read_metrics(start - 1)
+    if resuming:
+        log.info("resuming %s at iteration %d with %d archived configurations", run_dir, start, n_loaded)
+
+    tracker = _build(cfg.logger, "logger")
+    title = f"{lm.name}: {metric.name} vs bits ({cfg.predictor._target_.rsplit('.', 1)[-1]}, seed {cfg.seed})"
+
+    def on_iteration(row: dict, arch: Archive) -> None:
+        rows.append(row)
+        outputs.write_metrics(rows)
+        outputs.write_front(arch, metric.name, title)
+        outputs.write_state({"space_fingerprint": space_fp, "last_completed_iteration": row["iteration"], "seed": int(cfg.seed)})
+        tracker.log(row, step=row["iteration"])
+
+    search = IterativeSearch(
+        space=space,
+        evaluate=ProxyEvaluator(bank, metric, space),
+        make_predictor=lambda seed: make_predictor(n_choices=space.n_choices, seed=seed),
+        settings=settings,
+        archive=archive,
+        metric_name=metric.name,
+        targets=targets,
+        seed=int(cfg.seed),
+        observers=[on_iteration],
+    )
+    tracker.start(str(run_dir), OmegaConf.to_container(cfg, resolve=True), name=run_dir.name)
+    failed = True
+    try:
+        t_search = time.perf_counter()
+        search.run(start)
+        search_s = time.perf_counter() - t_search
+        failed = False
+    finally:
+        tracker.finish(failed=failed)
+    if not rows:
+        raise ConfigError("resume", f"{run_dir} is already complete (iteration {start - 1} of {settings.iterations})")
+    front = outputs.write_front(archive, metric.name, title)
+    summary = _summary(cfg, lm, layout, space, archive, metric, splits.description, table, bank, rows, front, targets, search_s, time.perf_counter() - t_start)
+    atomic_write_json(outputs.path("summary.json"), summary)
+    log.info("front: %d configurations in %s (front.json, front.csv, front.png)", len(front), run_dir)
+    return float(rows[-1]["hypervolume"])
+
+
+def _summary(cfg, lm, layout, space, archive, metric, data_desc, table, bank, rows, front, targets, search_s, total_s) -> dict:
+    _, y, bits = archive.arrays()
+    best = {}
+    for t in targets:
+        idx = best_under_target(np.where(np.isfinite(y), y, np.inf), bits, t)
+        if idx is not None:
+            rec = archive.records[idx]
+            best[f"{t:g}"] = {"avg_bits": rec.avg_bits, "avg_bits_weights_only": rec.avg_bits_weights_only, metric.name: rec.metric, "iteration": rec.iteration}
+    evals = [r.seconds for r in archive.records]
+    return {
+        "model": {"name": lm.name, "fingerprint": lm.fingerprint, "blocks": layout.n_blocks, "linears": len(layout.linears)},
+        "protocol": {
+            "data": data_desc,
+            "calibration": {"n_samples": int(cfg.budget.n_samples), "seq_len": int(cfg.budget.seq_len), "seed": int(cfg.data_seed)},
+            "metric": metric.description,
+            "model_dtype": str(lm.model.dtype).replace("torch.", ""),
+            "bits_convention": CONVENTION_WITH_META,
+            "weights_only_convention": CONVENTION_WEIGHTS_ONLY,
+            "hypervolume": HV_CONVENTION,
+        },
+        "space": {
+            "bits": list(space.bit_choices),
+            "group_size": space.group_size,
+            "genes": space.n_genes,
+            "pinned": len(space.pinned),
+            "bits_range": list(space.bits_range()),
+            "share_groups": OmegaConf.to_container(cfg.search.share_groups) if cfg.search.share_groups else None,
+        },
+        "final_hypervolume": rows[-1]["hypervolume"],
+        "true_evaluations": len(archive),
+        "front_size": len(front),
+        "best_at_target": best,
+        "seconds": {
+            "total": total_s,
+            "proxy_build": bank.build_seconds,
+            "sensitivity": table.seconds,
+            "search": search_s,
+            "mean_true_evaluation": float(np.mean(evals)) if evals else None,
+        },
+        "proxy_memory_mb": bank.memory_bytes() / 2**20,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _remove_fresh_run_dir(run_dir: Path) -> None:
+    """After a user error before any result was written, remove the run dir Hydra just created."""
+    ours = {"config.yaml", "archive.jsonl", "state.json", "metrics.jsonl", "front.json", "sensitivity.json"}
+    if run_dir.is_dir() and not any((run_dir / n).exists() for n in ours):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_search")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        if not cfg.resume:
+            _remove_fresh_run_dir(Path(cfg.paths.output_dir))
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
