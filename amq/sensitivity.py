@@ -2,7 +2,8 @@
 
 With every linear at the highest bit width, drop one linear at a time to the lowest width and
 measure the damage with the search metric. Linears whose damage exceeds `threshold x median` are
-pinned to the highest width and leave the search (AMQ's pruning; threshold 2.0 in the reference).
+pinned to the highest width and leave the search (AMQ's pruning; threshold 2.0 in the reference),
+or, with `keep_top` > 1, keep only the highest few widths.
 """
 
 from __future__ import annotations
@@ -50,11 +51,15 @@ class SensitivityTable:
 
 @dataclass(frozen=True)
 class Pruning:
-    """Pin linears whose damage exceeds threshold x median (threshold <= 0 disables pruning)."""
+    """Prune linears whose damage exceeds threshold x median (threshold <= 0 disables pruning).
+
+    Pruned linears keep only the `keep_top` highest bit widths (1: pinned at the highest, as in AMQ).
+    """
 
     threshold: float = 2.0
+    keep_top: int = 1
 
-    def pinned(self, table: SensitivityTable) -> list[str]:
+    def pruned(self, table: SensitivityTable) -> list[str]:
         if self.threshold <= 0:
             return []
         med = float(np.median(list(table.damage.values())))

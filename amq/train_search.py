@@ -98,6 +98,7 @@ def run(cfg: DictConfig) -> float:
         iterations=int(cfg.budget.iterations),
         batch_size=int(cfg.budget.batch_size),
         nsga=nsga,
+        bits_window=tuple(cfg.search.bits_window) if cfg.search.bits_window else None,
     )
     calib = CalibrationSpec(int(cfg.budget.n_samples), int(cfg.budget.seq_len), seed=int(cfg.data_seed))
     bits = [int(b) for b in cfg.search.bits]
@@ -121,21 +122,23 @@ def run(cfg: DictConfig) -> float:
         bank, sens_metric, cache_dir / "sensitivity", lm.fingerprint,
         {"metric": sens_metric.description, "tokens": _tokens_hash(sens_metric.tokens)},
     )
-    pinned = pruning.pinned(table)
-    space = SearchSpace(layout.linears, bits, quantizer.group_size, pinned, cfg.search.share_groups)
+    space = SearchSpace(layout.linears, bits, quantizer.group_size, pruning.pruned(table), cfg.search.share_groups, pruning.keep_top)
     lo, _ = space.bits_range()
     for t in targets:
         if t < lo:
             log.warning("target %.3g bits is below the pruned space's minimum %.3f: nothing will be reported there", t, lo)
     space_fp = space.fingerprint(lm.fingerprint)
-    log.info("pruning: %d of %d linears pinned to %d-bit (threshold %.2f x median); %d genes", len(space.pinned), len(layout.linears), bits[-1], pruning.threshold, space.n_genes)
+    log.info(
+        "pruning: %d of %d linears limited to the top %d width(s) %s (threshold %.2f x median); %d genes, %.3f-%.3f bits",
+        len(space.pruned), len(layout.linears), pruning.keep_top, bits[-pruning.keep_top:], pruning.threshold, space.n_genes, *space.bits_range(),
+    )
     if resuming and state.get("space_fingerprint") != space_fp:
         raise ConfigError("resume", f"{run_dir} was searched over a different model or search space", "the same model, bits, group size, data and pruning settings as the original run")
 
     # ---- run directory
     if not resuming:
         atomic_write_text(outputs.path("config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
-    atomic_write_json(outputs.path("sensitivity.json"), {**table.to_dict(), "threshold": pruning.threshold, "pinned": space.pinned})
+    atomic_write_json(outputs.path("sensitivity.json"), {**table.to_dict(), "threshold": pruning.threshold, "keep_top": pruning.keep_top, "pruned": space.pruned})
     archive = Archive(space, outputs.archive_path)
     n_loaded = archive.load(metric.name)
     start = int(state["last_completed_iteration"]) + 1 if resuming else 0
@@ -156,7 +159,7 @@ def run(cfg: DictConfig) -> float:
     search = IterativeSearch(
         space=space,
         evaluate=ProxyEvaluator(bank, metric, space),
-        make_predictor=lambda seed: make_predictor(n_choices=space.n_choices, seed=seed),
+        make_predictor=lambda seed: make_predictor(seed=seed),
         settings=settings,
         archive=archive,
         metric_name=metric.name,
@@ -206,7 +209,9 @@ def _summary(cfg, lm, layout, space, archive, metric, data_desc, table, bank, ro
             "bits": list(space.bit_choices),
             "group_size": space.group_size,
             "genes": space.n_genes,
+            "pruned": len(space.pruned),
             "pinned": len(space.pinned),
+            "keep_top": space.keep_top,
             "bits_range": list(space.bits_range()),
             "share_groups": OmegaConf.to_container(cfg.search.share_groups) if cfg.search.share_groups else None,
         },

@@ -13,7 +13,10 @@ TARGETS = ("none", "log")
 
 @runtime_checkable
 class Predictor(Protocol):
-    """`fit` returns self; `predict` returns the predicted metric (lower is better) per row."""
+    """`fit` returns self; `predict` returns the predicted metric (lower is better) per row.
+
+    Inputs are the search space's features: one column per gene, its bit width scaled to [0, 1].
+    """
 
     name: str
 
@@ -29,20 +32,17 @@ class UncertainPredictor(Predictor, Protocol):
     def predict_dist(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-class Encoding:
-    """Gene indices scaled to [0, 1], and an optional log transform of the target.
+class TargetTransform:
+    """An optional log transform of the target.
 
     JSD spans orders of magnitude across the bits axis; fitting log(metric) keeps the low-error
     configurations (the ones that matter) from being drowned out.
     """
 
-    def __init__(self, n_choices: int, target: str = "log", eps: float = 1e-8) -> None:
+    def __init__(self, target: str = "log", eps: float = 1e-8) -> None:
         if target not in TARGETS:
             raise ConfigError("predictor.target", f"{target!r}", ", ".join(TARGETS))
-        self.n_choices, self.target, self.eps = n_choices, target, eps
-
-    def inputs(self, X: np.ndarray) -> np.ndarray:
-        return np.atleast_2d(X).astype(np.float64) / max(self.n_choices - 1, 1)
+        self.target, self.eps = target, eps
 
     def forward(self, y: np.ndarray) -> np.ndarray:
         y = np.asarray(y, dtype=np.float64)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from amq.predictors.base import Encoding
+from amq.predictors.base import TargetTransform
 
 
 class MLPPredictor:
@@ -14,7 +14,6 @@ class MLPPredictor:
 
     def __init__(
         self,
-        n_choices: int,
         hidden: int = 300,
         layers: int = 3,
         dropout: float = 0.2,
@@ -24,7 +23,7 @@ class MLPPredictor:
         target: str = "log",
         seed: int = 0,
     ) -> None:
-        self.encoding = Encoding(n_choices, target)
+        self.transform = TargetTransform(target)
         self.hidden, self.layers, self.dropout = hidden, layers, dropout
         self.lr, self.epochs, self.batch_size, self.seed = lr, epochs, batch_size, seed
         self._net: nn.Module | None = None
@@ -42,8 +41,8 @@ class MLPPredictor:
     def fit(self, X: np.ndarray, y: np.ndarray) -> "MLPPredictor":
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
-        Z = torch.tensor(self.encoding.inputs(X), dtype=torch.float32)
-        t = self.encoding.forward(y)
+        Z = torch.tensor(np.atleast_2d(X).astype(np.float64), dtype=torch.float32)
+        t = self.transform.forward(y)
         self._mu, self._sd = float(t.mean()), float(t.std() or 1.0)
         T = torch.tensor((t - self._mu) / self._sd, dtype=torch.float32).unsqueeze(1)
         net = self._build(Z.shape[1])
@@ -67,5 +66,5 @@ class MLPPredictor:
         if self._net is None:
             raise RuntimeError("MLPPredictor.predict called before fit")
         with torch.no_grad():
-            z = self._net(torch.tensor(self.encoding.inputs(X), dtype=torch.float32)).squeeze(1).numpy()
-        return self.encoding.inverse(z.astype(np.float64) * self._sd + self._mu)
+            z = self._net(torch.tensor(np.atleast_2d(X).astype(np.float64), dtype=torch.float32)).squeeze(1).numpy()
+        return self.transform.inverse(z.astype(np.float64) * self._sd + self._mu)

@@ -73,12 +73,21 @@ class IterativeSearch:
         self.observers = observers or []
         self.metric_scale: float | None = None
 
+    @property
+    def bits_range(self) -> tuple[float, float]:
+        """Where the search concentrates: the bits window when set, else the whole reachable range."""
+        lo, hi = self.space.bits_range()
+        if self.settings.bits_window:
+            wlo, whi = self.settings.bits_window
+            return max(lo, wlo), min(hi, whi)
+        return lo, hi
+
     # -------------------------------------------------------------- pieces
     def _rng(self, iteration: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, iteration])
 
     def initial_design(self) -> np.ndarray:
-        uniform = [self.space.uniform(i) for i in range(self.space.n_choices)]
+        uniform = [self.space.uniform(b) for b in self.space.bit_choices]
         rand = self.space.random(self._rng(0), self.settings.n_initial_random)
         return np.vstack([np.stack(uniform), rand]) if len(rand) else np.stack(uniform)
 
@@ -102,15 +111,16 @@ class IterativeSearch:
         finite = np.isfinite(y)
         X, y, bits = X[finite], y[finite], bits[finite]
         t0 = time.perf_counter()
-        predictor = self.make_predictor(self.seed * 100_003 + iteration).fit(X, y)
+        predictor = self.make_predictor(self.seed * 100_003 + iteration).fit(self.space.features(X), y)
         fit_s = time.perf_counter() - t0
-        problem = PredictedQualityProblem(self.space, predictor.predict, self.settings.bits_window)
+        score = lambda genes: predictor.predict(self.space.features(genes))  # noqa: E731
+        problem = PredictedQualityProblem(self.space, score, self.settings.bits_window)
         front = X[nondominated(np.column_stack([y, bits]))]
         t1 = time.perf_counter()
         popX, popF = run_nsga2(problem, self.settings.nsga, front, seed=self.seed * 100_003 + iteration)
         nsga_s = time.perf_counter() - t1
         seen = {self.space.key(g) for g in X}
-        batch = select_batch(popX, popF[:, 0], popF[:, 1], seen, self.space.key, self.settings.batch_size, self.space.bits_range())
+        batch = select_batch(popX, popF[:, 0], popF[:, 1], seen, self.space.key, self.settings.batch_size, self.bits_range)
         return batch, {"predictor/fit_seconds": fit_s, "search/nsga_seconds": nsga_s}
 
     def iteration_row(self, iteration: int, timings: dict, n_new: int, eval_s: float) -> dict:
@@ -120,7 +130,7 @@ class IterativeSearch:
             "iteration": iteration,
             "n_evaluated": len(self.archive),
             "n_new": n_new,
-            "hypervolume": normalized_hypervolume(y[finite], bits[finite], self.metric_scale or 1.0, self.space.bits_range()),
+            "hypervolume": normalized_hypervolume(y[finite], bits[finite], self.metric_scale or 1.0, self.bits_range),
             "search/eval_seconds": eval_s,
             **timings,
         }
@@ -155,7 +165,7 @@ class IterativeSearch:
         return rows
 
     def _lowest_uniform_metric(self) -> float:
-        low = self.space.uniform(0)
+        low = self.space.uniform(self.space.bit_choices[0])
         for r in self.archive.records:
             if np.array_equal(r.genes, low) and np.isfinite(r.metric):
                 return r.metric

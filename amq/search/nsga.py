@@ -27,7 +27,7 @@ class PredictedQualityProblem(Problem):
             n_obj=2,
             n_ieq_constr=2 if bits_window else 0,
             xl=0,
-            xu=space.n_choices - 1,
+            xu=space.sizes - 1,
             vtype=int,
         )
 

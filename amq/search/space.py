@@ -46,31 +46,46 @@ def shared_groups(linears: Sequence[LinearInfo], patterns: Sequence[Sequence[str
 
 @dataclass
 class SearchSpace:
-    """Genes over groups of linears; bit choices; pinned linears; bit accounting."""
+    """Genes over groups of linears; per-gene bit choices; pinned linears; bit accounting.
+
+    Pruned linears keep only the `keep_top` highest widths: with keep_top=1 (the AMQ reference)
+    they are pinned at the highest width and carry no gene; with keep_top=2 their gene chooses
+    among the two highest widths (useful when the highest width is far above the others, e.g.
+    {3, 4, 8}, where pinning at 8 bits costs more than it saves).
+    """
 
     linears: Sequence[LinearInfo]
     bit_choices: Sequence[int]
     group_size: int
-    pinned: Iterable[str] = ()
+    pruned: Iterable[str] = ()
     share_patterns: Sequence[Sequence[str]] | None = None
+    keep_top: int = 1
     groups: list[list[str]] = field(init=False)
+    pinned: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.bit_choices = sorted(int(b) for b in self.bit_choices)
         if len(self.bit_choices) < 2 or len(set(self.bit_choices)) != len(self.bit_choices):
             raise ConfigError("search.bits", f"{list(self.bit_choices)}", "at least two distinct bit widths, e.g. [3, 4, 8]")
+        if not 1 <= self.keep_top <= len(self.bit_choices):
+            raise ConfigError("search.pruning.keep_top", f"{self.keep_top}", f"1 to {len(self.bit_choices)}")
         all_groups = shared_groups(self.linears, self.share_patterns)
-        pinned = set(self.pinned)
-        # A group that serving engines fuse must be pinned whole, or it can't be served.
-        self.pinned = sorted({n for g in all_groups if pinned.intersection(g) for n in g})
-        self.groups = [g for g in all_groups if not pinned.intersection(g)]
+        pruned = set(self.pruned)
+        # A group that serving engines fuse is pruned whole, or it can't be served.
+        pruned_groups = [g for g in all_groups if pruned.intersection(g)]
+        self.pruned = sorted(n for g in pruned_groups for n in g)
+        self.pinned = self.pruned if self.keep_top == 1 else []
+        self.groups = [g for g in all_groups if self.keep_top > 1 or not pruned.intersection(g)]
         if not self.groups:
             raise ConfigError("search.pruning.threshold", "every linear was pinned, nothing is left to search", "a larger threshold")
+        n_c = len(self.bit_choices)
+        allowed = [self.bit_choices[-self.keep_top :] if set(g) <= set(self.pruned) else list(self.bit_choices) for g in self.groups]
+        self._sizes = np.array([len(a) for a in allowed], dtype=int)
+        self._table = np.array([a + [a[-1]] * (n_c - len(a)) for a in allowed], dtype=np.float64)
         numel = {li.name: li.numel for li in self.linears}
         self._total = float(sum(numel.values()))
         self._gene_numel = np.array([sum(numel[n] for n in g) for g in self.groups], dtype=np.float64)
         self._pinned_numel = float(sum(numel[n] for n in self.pinned))
-        self._choices = np.array(self.bit_choices, dtype=np.float64)
 
     # -------------------------------------------------------------- basics
     @property
@@ -78,8 +93,9 @@ class SearchSpace:
         return len(self.groups)
 
     @property
-    def n_choices(self) -> int:
-        return len(self.bit_choices)
+    def sizes(self) -> np.ndarray:
+        """Number of choices of each gene (the upper bound of gene i is sizes[i] - 1)."""
+        return self._sizes
 
     @property
     def meta_bits(self) -> float:
@@ -92,24 +108,32 @@ class SearchSpace:
             "bits": list(self.bit_choices),
             "group_size": self.group_size,
             "groups": self.groups,
-            "pinned": list(self.pinned),
+            "pruned": list(self.pruned),
+            "keep_top": self.keep_top,
         }
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
     # -------------------------------------------------------------- accounting
+    def gene_bits(self, genes: np.ndarray) -> np.ndarray:
+        """Bit width of every gene, rows like `genes`."""
+        g = np.atleast_2d(genes).astype(int)
+        return self._table[np.arange(self.n_genes)[None, :], g]
+
+    def features(self, genes: np.ndarray) -> np.ndarray:
+        """Predictor inputs: each gene's bit width scaled to [0, 1] over the bit choices."""
+        lo, hi = self.bit_choices[0], self.bit_choices[-1]
+        return (self.gene_bits(genes) - lo) / (hi - lo)
+
     def avg_bits(self, genes: np.ndarray, with_meta: bool = True) -> np.ndarray:
         """Average bits of each row of `genes` (shape [n, n_genes] or [n_genes])."""
-        g = np.atleast_2d(genes).astype(int)
-        weighted = self._choices[g] @ self._gene_numel + self._pinned_numel * self._choices[-1]
+        weighted = self.gene_bits(genes) @ self._gene_numel + self._pinned_numel * self.bit_choices[-1]
         avg = weighted / self._total
         avg = avg + self.meta_bits if with_meta else avg
         return avg if np.ndim(genes) > 1 else avg[0]
 
     def bits_range(self) -> tuple[float, float]:
         """The lowest and highest reachable average bits (with scale/zero)."""
-        lo = self.avg_bits(np.zeros(self.n_genes, dtype=int))
-        hi = self.avg_bits(np.full(self.n_genes, self.n_choices - 1))
-        return float(lo), float(hi)
+        return float(self.avg_bits(np.zeros(self.n_genes, dtype=int))), float(self.avg_bits(self._sizes - 1))
 
     def check_targets(self, targets: Iterable[float], setting: str = "search.targets") -> list[float]:
         lo, hi = self.bits_range()
@@ -121,18 +145,19 @@ class SearchSpace:
         return out
 
     # -------------------------------------------------------------- conversion
-    def uniform(self, choice_index: int) -> np.ndarray:
-        return np.full(self.n_genes, choice_index, dtype=int)
+    def uniform(self, bits: int) -> np.ndarray:
+        """Every gene at `bits`, or at its lowest allowed width above it where `bits` is pruned."""
+        return np.array([int(np.argmax(row[:k] >= bits)) if row[k - 1] >= bits else k - 1 for row, k in zip(self._table, self._sizes)])
 
     def random(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        return rng.integers(0, self.n_choices, size=(n, self.n_genes))
+        return rng.integers(0, self._sizes[None, :], size=(n, self.n_genes))
 
     def to_bits(self, genes: np.ndarray) -> dict[str, int]:
         """Bits per module name (pinned linears at the highest width)."""
         bits = {n: self.bit_choices[-1] for n in self.pinned}
-        for g, idx in zip(self.groups, np.asarray(genes, dtype=int)):
+        for g, b in zip(self.groups, self.gene_bits(genes)[0]):
             for n in g:
-                bits[n] = self.bit_choices[idx]
+                bits[n] = int(b)
         return bits
 
     def to_config(self, genes: np.ndarray) -> BitConfig:
@@ -140,10 +165,14 @@ class SearchSpace:
 
     def from_bits(self, bits: Mapping[str, int]) -> np.ndarray:
         """Genes of a bit assignment by module name (each group reads its first member)."""
-        try:
-            return np.array([self.bit_choices.index(int(bits[g[0]])) for g in self.groups], dtype=int)
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"bit assignment does not fit this search space: {exc}") from None
+        out = []
+        for g, row, k in zip(self.groups, self._table, self._sizes):
+            b = bits.get(g[0])
+            hits = np.flatnonzero(row[:k] == b) if b is not None else []
+            if len(hits) == 0:
+                raise ValueError(f"bit assignment does not fit this search space at {g[0]} ({b} bits)")
+            out.append(int(hits[0]))
+        return np.array(out, dtype=int)
 
     @staticmethod
     def key(genes: np.ndarray) -> str:

@@ -1,0 +1,46 @@
+"""Shared fixtures: the real conf/ composed through Hydra's compose API, and a CLI runner.
+
+Caches (converted model, proxy weights, sensitivity tables) go to AMQ_CACHE_DIR when set, else to
+~/.cache/amq as for users, so the model is converted once per machine, not once per test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+@pytest.fixture(scope="session")
+def compose_cfg():
+    def _compose(overrides: list[str] | None = None) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(config_name="train_search", overrides=overrides or [], return_hydra_config=True)
+
+    return _compose
+
+
+def run_cli(args: list[str], out_dir: Path, timeout: int = 600, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m amq.train_search` as a user would, with outputs under `out_dir`."""
+    env = {**os.environ, "AMQ_OUTPUT_DIR": str(out_dir), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "amq.train_search", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def run_dirs(out_dir: Path) -> list[Path]:
+    base = out_dir / "search" / "runs"
+    return sorted(p for p in base.iterdir() if p.is_dir()) if base.exists() else []
+
+
+SMOKE = ["budget=smoke", "logger=none", "metric.compile=false", "num_threads=2"]

@@ -1,0 +1,116 @@
+"""The real pipeline, end to end, on the embedded SmolLM2 with the smoke budget (through the CLI)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from amq.io import read_jsonl
+from conftest import SMOKE, run_cli, run_dirs
+
+pytestmark = pytest.mark.slow
+
+RUN_FILES = ["config.yaml", "sensitivity.json", "archive.jsonl", "front.json", "front.csv", "front.png", "metrics.jsonl", "summary.json", "state.json"]
+
+
+def _archive(run_dir):
+    return [(tuple(r["genes"]), r["metrics"]["jsd"], r["iteration"]) for r in read_jsonl(run_dir / "archive.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    proc = run_cli([*SMOKE, "seed=3"], out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = run_dirs(out)
+    return run_dir, proc
+
+
+def test_run_directory_contract(smoke_run):
+    run_dir, _ = smoke_run
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), name
+    archive = list(read_jsonl(run_dir / "archive.jsonl"))
+    # initial design: 3 uniform + 5 random; then 2 iterations of up to 4
+    assert 8 < len(archive) <= 8 + 2 * 4
+    keys = [tuple(r["genes"]) for r in archive]
+    assert len(keys) == len(set(keys)), "a configuration was evaluated twice"
+    rec = archive[0]
+    assert rec["config"]["version"] == 1 and len(rec["config"]["bits"]) == 210
+    assert rec["avg_bits"] == pytest.approx(rec["avg_bits_weights_only"] + 0.5)  # group 64: +32/64
+    metrics = list(read_jsonl(run_dir / "metrics.jsonl"))
+    assert [m["iteration"] for m in metrics] == [0, 1, 2]
+    assert all(0.0 <= m["hypervolume"] <= 1.21 for m in metrics)
+    assert "predictor/fit_seconds" in metrics[1]
+    front = json.loads((run_dir / "front.json").read_text())["front"]
+    assert front, "empty front"
+    bits = np.array([f["avg_bits"] for f in front])
+    jsd = np.array([f["jsd"] for f in front])
+    assert np.all(np.diff(bits) >= 0) and np.all(np.diff(jsd) <= 0), "front is not monotone"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["true_evaluations"] == len(archive)
+    assert summary["protocol"]["bits_convention"].startswith("searchable linears")
+    assert (run_dir / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_uniform_configs_order_by_bits(smoke_run):
+    """Real quantization damage: 3-bit everywhere hurts more than 4-bit, which hurts more than 8-bit."""
+    run_dir, _ = smoke_run
+    uniform = {}
+    for genes, jsd, it in _archive(run_dir):
+        if it == 0 and len(set(genes)) == 1:
+            uniform[genes[0]] = jsd
+    assert uniform[0] > uniform[1] > uniform[2] > 0
+
+
+def test_same_seed_is_deterministic(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    proc = run_cli([*SMOKE, "seed=3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (again,) = run_dirs(tmp_path)
+    a, b = _archive(run_dir), _archive(again)
+    assert [x[0] for x in a] == [x[0] for x in b]
+    assert np.allclose([x[1] for x in a], [x[1] for x in b], rtol=1e-5, atol=1e-9)
+
+
+def test_resume_continues_without_duplicates(smoke_run, tmp_path):
+    """Stop after iteration 1, resume with the full budget: same archive as the uninterrupted run."""
+    run_dir, _ = smoke_run
+    proc = run_cli([*SMOKE, "seed=3", "budget.iterations=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (partial,) = run_dirs(tmp_path)
+    n_partial = len(_archive(partial))
+    proc = run_cli([*SMOKE, "seed=3", f"resume={partial}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(run_dirs(tmp_path)) == 1, "resume must write into the resumed directory"
+    resumed = _archive(partial)
+    assert len(resumed) > n_partial
+    assert [x[0] for x in resumed] == [x[0] for x in _archive(run_dir)]
+    assert [m["iteration"] for m in read_jsonl(partial / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_resume_after_a_torn_batch(smoke_run, tmp_path):
+    """A crash mid-batch (archive lines beyond the last completed iteration) resumes to the same archive."""
+    run_dir, _ = smoke_run
+    proc = run_cli([*SMOKE, "seed=3"], tmp_path)
+    assert proc.returncode == 0
+    (crashed,) = run_dirs(tmp_path)
+    lines = (crashed / "archive.jsonl").read_text().splitlines(keepends=True)
+    n_keep = len([x for x in _archive(crashed) if x[2] < 2]) + 1  # one evaluation of iteration 2 survived
+    (crashed / "archive.jsonl").write_text("".join(lines[:n_keep]) + lines[n_keep][:25])  # plus a torn line
+    state = json.loads((crashed / "state.json").read_text())
+    (crashed / "state.json").write_text(json.dumps({**state, "last_completed_iteration": 1}))
+    proc = run_cli([*SMOKE, "seed=3", f"resume={crashed}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [x[0] for x in _archive(crashed)] == [x[0] for x in _archive(run_dir)]
+
+
+def test_resume_with_a_different_space_is_refused(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    before = (run_dir / "archive.jsonl").read_text()
+    proc = run_cli([*SMOKE, "seed=3", "search.bits=[3,4]", f"resume={run_dir}"], tmp_path)
+    assert proc.returncode == 2
+    assert "resume" in proc.stderr and "different model or search space" in proc.stderr
+    assert (run_dir / "archive.jsonl").read_text() == before
