@@ -6,132 +6,63 @@ prune, search, write the front. It returns the final hypervolume (what a Hydra s
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import resource
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import hydra
 import numpy as np
-import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META
-from amq.data.tokens import CalibrationSpec, calibration_windows
 from amq.errors import ConfigError
 from amq.io import atomic_write_json, atomic_write_text
-from amq.modeling.discovery import discover_layout
-from amq.proxy.bank import ProxyBank
+from amq.pipeline import build, prepare, prune
 from amq.run_outputs import RunOutputs
 from amq.search.archive import Archive
 from amq.search.evaluator import ProxyEvaluator
 from amq.search.loop import IterativeSearch, SearchSettings
 from amq.search.pareto import HV_CONVENTION, best_under_target
-from amq.search.space import SearchSpace
-from amq import sensitivity
 
 log = logging.getLogger("amq")
 
 OmegaConf.register_new_resolver("amq_run_dir", lambda resume, default: str(resume) if resume else default, replace=True)
 
 
-def _build(node: DictConfig, setting: str, **kwargs: Any) -> Any:
-    """instantiate() with bad settings turned into a one-line ConfigError naming the group."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        msg = str(cause or exc).splitlines()[0]
-        raise ConfigError(setting, msg, f"the keys documented in conf/{setting}/") from None
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _tokens_hash(tokens: torch.Tensor) -> str:
-    return hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16]
-
-
-def _quiet_libraries() -> None:
-    """Keep the run log about the search: silence per-tensor progress bars and chatty loggers."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    for name in ("gensim", "smart_open", "wandb"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def run(cfg: DictConfig) -> float:
     t_start = time.perf_counter()
-    _quiet_libraries()
-    torch.manual_seed(cfg.seed)
-    if cfg.num_threads:
-        torch.set_num_threads(int(cfg.num_threads))
     run_dir = Path(cfg.paths.output_dir)
-    cache_dir = Path(cfg.paths.cache_dir)
     resuming = bool(cfg.resume)
     outputs = RunOutputs(run_dir)
     state = outputs.read_state() if resuming else None
     if resuming and state is None:
         raise ConfigError("resume", f"{run_dir} holds no state.json of an earlier run", "the directory of an earlier amq-search run")
 
-    # ---- components (all settings validated before anything expensive or any result file)
-    source = _build(cfg.model.source, "model")
-    quantizer = _build(cfg.quantizer, "quantizer")
-    corpus = _build(cfg.data, "data")
-    make_predictor = _build(cfg.predictor, "predictor")
-    pruning = _build(cfg.search.pruning, "search")
-    nsga = _build(cfg.search.nsga, "search")
+    # ---- search components first: bad settings fail before anything expensive
+    make_predictor = build(cfg.predictor, "predictor")
+    pruning = build(cfg.search.pruning, "search")
     settings = SearchSettings(
         n_initial_random=int(cfg.budget.n_initial_random),
         iterations=int(cfg.budget.iterations),
         batch_size=int(cfg.budget.batch_size),
-        nsga=nsga,
+        nsga=build(cfg.search.nsga, "search"),
         bits_window=tuple(cfg.search.bits_window) if cfg.search.bits_window else None,
+        kappa=float(cfg.search.kappa),
     )
-    calib = CalibrationSpec(int(cfg.budget.n_samples), int(cfg.budget.seq_len), seed=int(cfg.data_seed))
-    bits = [int(b) for b in cfg.search.bits]
+    tracker = build(cfg.logger, "logger")
 
-    # ---- model, layout, data
-    lm = source.load(cache_dir)
-    layout = discover_layout(lm.model)
-    quantizer.validate(bits, layout.linears)
-    targets = SearchSpace(layout.linears, bits, quantizer.group_size).check_targets(cfg.search.targets)
-    log.info("model %s: %d decoder blocks (%s), %d linears", lm.name, layout.n_blocks, layout.blocks_name, len(layout.linears))
-    splits = corpus.load()
-    tokens = calibration_windows(lm.tokenizer, splits.calibration, calib, lm.add_bos)
-
-    # ---- stage: proxy
-    bank = ProxyBank(lm.model, layout, quantizer, bits, storage=quantizer.storage).build(cache_dir / "proxy", lm.fingerprint)
-    metric = _build(cfg.metric, "metric", _partial_=False, model=lm.model, tokens=tokens)
-
-    # ---- stage: sensitivity and pruning
-    sens_metric = metric.subset(int(cfg.budget.sensitivity_samples))
-    table = sensitivity.cached_measure(
-        bank, sens_metric, cache_dir / "sensitivity", lm.fingerprint,
-        {"metric": sens_metric.description, "tokens": _tokens_hash(sens_metric.tokens)},
-    )
-    space = SearchSpace(layout.linears, bits, quantizer.group_size, pruning.pruned(table), cfg.search.share_groups, pruning.keep_top)
-    lo, _ = space.bits_range()
-    for t in targets:
-        if t < lo:
-            log.warning("target %.3g bits is below the pruned space's minimum %.3f: nothing will be reported there", t, lo)
+    # ---- model, data, proxy, metric; then sensitivity and pruning
+    wb = prepare(cfg)
+    lm, layout, metric, bank, targets = wb.lm, wb.layout, wb.metric, wb.bank, wb.targets
+    table, space = prune(wb, pruning, int(cfg.budget.sensitivity_samples), cfg.search.share_groups)
     space_fp = space.fingerprint(lm.fingerprint)
-    log.info(
-        "pruning: %d of %d linears limited to the top %d width(s) %s (threshold %.2f x median); %d genes, %.3f-%.3f bits",
-        len(space.pruned), len(layout.linears), pruning.keep_top, bits[-pruning.keep_top:], pruning.threshold, space.n_genes, *space.bits_range(),
-    )
     if resuming and state.get("space_fingerprint") != space_fp:
         raise ConfigError("resume", f"{run_dir} was searched over a different model or search space", "the same model, bits, group size, data and pruning settings as the original run")
 
@@ -146,7 +77,6 @@ def run(cfg: DictConfig) -> float:
     if resuming:
         log.info("resuming %s at iteration %d with %d archived configurations", run_dir, start, n_loaded)
 
-    tracker = _build(cfg.logger, "logger")
     title = f"{lm.name}: {metric.name} vs bits ({cfg.predictor._target_.rsplit('.', 1)[-1]}, seed {cfg.seed})"
 
     def on_iteration(row: dict, arch: Archive) -> None:
@@ -179,7 +109,7 @@ def run(cfg: DictConfig) -> float:
     if not rows:
         raise ConfigError("resume", f"{run_dir} is already complete (iteration {start - 1} of {settings.iterations})")
     front = outputs.write_front(archive, metric.name, title)
-    summary = _summary(cfg, lm, layout, space, archive, metric, splits.description, table, bank, rows, front, targets, search_s, time.perf_counter() - t_start)
+    summary = _summary(cfg, lm, layout, space, archive, metric, wb.splits.description, table, bank, rows, front, targets, search_s, time.perf_counter() - t_start)
     atomic_write_json(outputs.path("summary.json"), summary)
     log.info("front: %d configurations in %s (front.json, front.csv, front.png)", len(front), run_dir)
     return float(rows[-1]["hypervolume"])

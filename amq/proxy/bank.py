@@ -77,7 +77,7 @@ class ProxyBank:
             path = cache_dir / f"{_cache_key(fingerprint, self.quantizer, nbits, self.layout)}-{nbits}bit.pt"
             packed = self._load_cached(path)
             if packed is None:
-                packed = self._quantize_all(nbits)
+                packed = self.quantize_all(nbits)
                 atomic_write_bytes_with(path, lambda tmp, p=packed: torch.save(p, tmp))
             else:
                 self.cache_hits += 1
@@ -101,7 +101,8 @@ class ProxyBank:
             log.warning("proxy cache %s is unreadable (%s); re-quantizing", path.name, exc)
             return None
 
-    def _quantize_all(self, nbits: int) -> dict[str, tuple[torch.Tensor, dict]]:
+    def quantize_all(self, nbits: int) -> dict[str, tuple[torch.Tensor, dict]]:
+        """Quantize every linear at `nbits` (no cache): packed weights and meta on the CPU."""
         out: dict[str, tuple[torch.Tensor, dict]] = {}
         names = self.layout.names
         t0, last = time.perf_counter(), time.perf_counter()

@@ -19,7 +19,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 from amq.errors import ConfigError
-from amq.predictors.base import Predictor
+from amq.predictors.accuracy import heldout_scores
+from amq.predictors.base import Predictor, UncertainPredictor
 from amq.search.archive import Archive
 from amq.search.nsga import NSGA2Settings, PredictedQualityProblem, run_nsga2
 from amq.search.pareto import best_under_target, nondominated, normalized_hypervolume
@@ -42,6 +43,7 @@ class SearchSettings:
     batch_size: int
     nsga: NSGA2Settings = field(default_factory=NSGA2Settings)
     bits_window: tuple[float, float] | None = None
+    kappa: float = 0.0  # > 0: NSGA-II minimises mean - kappa * std where the predictor gives a std
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
@@ -88,7 +90,7 @@ class IterativeSearch:
 
     def initial_design(self) -> np.ndarray:
         uniform = [self.space.uniform(b) for b in self.space.bit_choices]
-        rand = self.space.random(self._rng(0), self.settings.n_initial_random)
+        rand = self.space.random(self._rng(0), self.settings.n_initial_random, self.settings.bits_window and self.bits_range)
         return np.vstack([np.stack(uniform), rand]) if len(rand) else np.stack(uniform)
 
     def _evaluate_batch(self, batch: np.ndarray, iteration: int) -> tuple[int, float]:
@@ -105,7 +107,19 @@ class IterativeSearch:
                 t_last = time.perf_counter()
         return done, secs
 
-    def propose(self, iteration: int) -> tuple[np.ndarray, dict]:
+    def _acquisition(self, predictor: Predictor) -> Callable[[np.ndarray], np.ndarray]:
+        """What NSGA-II minimises: the predicted metric, or an optimistic bound when uncertainty is on."""
+        if self.settings.kappa > 0 and isinstance(predictor, UncertainPredictor):
+            kappa = self.settings.kappa
+
+            def lower_bound(genes: np.ndarray) -> np.ndarray:
+                mean, std = predictor.predict_dist(self.space.features(genes))
+                return mean - kappa * std
+
+            return lower_bound
+        return lambda genes: predictor.predict(self.space.features(genes))
+
+    def propose(self, iteration: int) -> tuple[np.ndarray, Predictor, dict]:
         """Fit the predictor on records of earlier iterations, run NSGA-II, select a batch."""
         X, y, bits = self.archive.arrays(before_iteration=iteration)
         finite = np.isfinite(y)
@@ -113,15 +127,22 @@ class IterativeSearch:
         t0 = time.perf_counter()
         predictor = self.make_predictor(self.seed * 100_003 + iteration).fit(self.space.features(X), y)
         fit_s = time.perf_counter() - t0
-        score = lambda genes: predictor.predict(self.space.features(genes))  # noqa: E731
-        problem = PredictedQualityProblem(self.space, score, self.settings.bits_window)
+        problem = PredictedQualityProblem(self.space, self._acquisition(predictor), self.settings.bits_window)
         front = X[nondominated(np.column_stack([y, bits]))]
         t1 = time.perf_counter()
-        popX, popF = run_nsga2(problem, self.settings.nsga, front, seed=self.seed * 100_003 + iteration)
+        popX, popF = run_nsga2(problem, self.settings.nsga, front, seed=self.seed * 100_003 + iteration, window=self.settings.bits_window and self.bits_range)
         nsga_s = time.perf_counter() - t1
         seen = {self.space.key(g) for g in X}
         batch = select_batch(popX, popF[:, 0], popF[:, 1], seen, self.space.key, self.settings.batch_size, self.bits_range)
-        return batch, {"predictor/fit_seconds": fit_s, "search/nsga_seconds": nsga_s}
+        return batch, predictor, {"predictor/fit_seconds": fit_s, "search/nsga_seconds": nsga_s, "predictor/n_train": int(len(y))}
+
+    def heldout_accuracy(self, predictor: Predictor, iteration: int) -> dict:
+        """Score the predictor on this iteration's true evaluations, none of which it was fitted on."""
+        recs = [r for r in self.archive.records if r.iteration == iteration]
+        if not recs:
+            return heldout_scores(np.zeros(0), np.zeros(0))
+        genes = np.stack([r.genes for r in recs])
+        return heldout_scores(predictor.predict(self.space.features(genes)), np.array([r.metric for r in recs]))
 
     def iteration_row(self, iteration: int, timings: dict, n_new: int, eval_s: float) -> dict:
         _, y, bits = self.archive.arrays()
@@ -145,17 +166,23 @@ class IterativeSearch:
         rows = []
         for it in range(start_iteration, self.settings.iterations + 1):
             t0 = time.perf_counter()
+            predictor = None
             if it == 0:
                 batch, timings = self.initial_design(), {}
             else:
-                batch, timings = self.propose(it)
+                batch, predictor, timings = self.propose(it)
             n_new, eval_s = self._evaluate_batch(batch, it)
+            if predictor is not None:
+                timings.update(self.heldout_accuracy(predictor, it))
             if self.metric_scale is None:
                 self.metric_scale = self._lowest_uniform_metric()
             row = self.iteration_row(it, timings, n_new, eval_s)
             row["search/iteration_seconds"] = time.perf_counter() - t0
             rows.append(row)
             best = ", ".join(f"{k.split('@')[1]}b: {v:.4g}" for k, v in row.items() if k.startswith("best/") and v is not None)
+            tau = row.get("predictor/kendall_tau")
+            if tau is not None:
+                best += f"; predictor tau on the new batch {tau:.3f}"
             log.info(
                 "iteration %d/%d: %d new, %d in archive, hypervolume %.4f, best %s [%.1fs]",
                 it, self.settings.iterations, n_new, row["n_evaluated"], row["hypervolume"], best or "-", row["search/iteration_seconds"],

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2
 from pymoo.core.problem import Problem
-from pymoo.operators.crossover.sbx import SBX
+from pymoo.operators.crossover.pntx import TwoPointCrossover
 from pymoo.operators.mutation.pm import PM
 from pymoo.operators.repair.rounding import RoundingRepair
 from pymoo.optimize import minimize
@@ -42,14 +42,17 @@ class PredictedQualityProblem(Problem):
 
 @dataclass
 class NSGA2Settings:
-    """The reference: population 200, 20 generations, crossover 0.9, mutation 0.1 (per gene)."""
+    """The reference: population 200, 20 generations, two-point crossover 0.9, mutation 0.1.
+
+    Genes are small integers (2-4 choices), so the polynomial mutation uses a low distribution
+    index (eta 1): with the usual eta 20 a perturbation almost never rounds to another choice.
+    """
 
     pop_size: int = 200
     n_gen: int = 20
     crossover_prob: float = 0.9
-    crossover_eta: float = 15.0
     mutation_prob: float = 0.1
-    mutation_eta: float = 20.0
+    mutation_eta: float = 1.0
 
     def __post_init__(self) -> None:
         if self.pop_size < 4:
@@ -62,18 +65,19 @@ class NSGA2Settings:
 
 
 def run_nsga2(
-    problem: PredictedQualityProblem, settings: NSGA2Settings, initial: np.ndarray, seed: int
+    problem: PredictedQualityProblem, settings: NSGA2Settings, initial: np.ndarray, seed: int, window: tuple[float, float] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run NSGA-II seeded with `initial` (padded with random genes); returns the final population (X, F)."""
+    """Run NSGA-II seeded with `initial` (padded with random genes, inside `window` when given);
+    returns the final population (X, F)."""
     rng = np.random.default_rng(seed)
     init = np.unique(np.asarray(initial, dtype=int), axis=0)[: settings.pop_size]
     if len(init) < settings.pop_size:
-        extra = problem.space.random(rng, settings.pop_size - len(init))
+        extra = problem.space.random(rng, settings.pop_size - len(init), window)
         init = np.vstack([init, extra]) if len(init) else extra
     algorithm = NSGA2(
         pop_size=settings.pop_size,
         sampling=init.astype(float),
-        crossover=SBX(prob=settings.crossover_prob, eta=settings.crossover_eta, vtype=float, repair=RoundingRepair()),
+        crossover=TwoPointCrossover(prob=settings.crossover_prob),
         mutation=PM(prob=1.0, prob_var=settings.mutation_prob, eta=settings.mutation_eta, vtype=float, repair=RoundingRepair()),
         eliminate_duplicates=True,
     )

@@ -149,8 +149,33 @@ class SearchSpace:
         """Every gene at `bits`, or at its lowest allowed width above it where `bits` is pruned."""
         return np.array([int(np.argmax(row[:k] >= bits)) if row[k - 1] >= bits else k - 1 for row, k in zip(self._table, self._sizes)])
 
-    def random(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        return rng.integers(0, self._sizes[None, :], size=(n, self.n_genes))
+    def random(self, rng: np.random.Generator, n: int, window: tuple[float, float] | None = None) -> np.ndarray:
+        """`n` random gene vectors.
+
+        Without a window: every gene uniform over its choices (the reference; averages cluster
+        around the middle of the range). With a window: each configuration first draws its own
+        mix of choices (Dirichlet), so averages spread over the whole range, and only those inside
+        the window (average bits with scale/zero) are kept.
+        """
+        if window is None:
+            return rng.integers(0, self._sizes[None, :], size=(n, self.n_genes))
+        lo, hi = window
+        out: list[np.ndarray] = []
+        for _ in range(200):
+            mix = rng.dirichlet(np.ones(len(self.bit_choices)), size=4 * n)
+            u = rng.random((4 * n, self.n_genes, 1))
+            # choose choice j with probability mix[j] (renormalised over each gene's allowed choices)
+            idx = np.arange(len(self.bit_choices))[None, None, :]
+            w = np.where(idx < self._sizes[None, :, None], mix[:, None, :], 0.0)
+            cdf = np.cumsum(w, axis=2) / w.sum(axis=2, keepdims=True)
+            genes = (u > cdf).sum(axis=2).clip(max=self._sizes[None, :] - 1)
+            bits = self.avg_bits(genes)
+            out.extend(genes[(bits >= lo) & (bits <= hi)])
+            if len(out) >= n:
+                break
+        if len(out) < n:
+            raise ValueError(f"could not sample {n} configurations inside the bits window {window}")
+        return np.stack(out[:n]).astype(int)
 
     def to_bits(self, genes: np.ndarray) -> dict[str, int]:
         """Bits per module name (pinned linears at the highest width)."""

@@ -1,0 +1,178 @@
+"""Predictor accuracy on configurations the predictor was not fitted on, from real search archives.
+
+For each training size n, every predictor is fitted on the first n records of a search archive
+(what the search itself had after n true evaluations) and scored on
+  - `next`: the records that search evaluated next (the batches the predictor would have chosen
+    among: the realistic, hard case, since they sit near the front), and
+  - `random`: truly evaluated random configurations from a separate run (if given),
+with Kendall tau, Spearman rho, RMSE (metric units) and fit time. No held-out record is ever in
+the training set (checked by gene key).
+
+Features are re-derived from each record's per-module `config.bits` in sorted module order,
+scaled by the run's lowest and highest bit widths, as SearchSpace.features does (pinned linears
+become constant columns, which no predictor is affected by).
+
+    python scripts/bench_predictors.py --train-run RUN_DIR [--heldout-run RANDOM_RUN_DIR] \
+        --sizes 50 250 1000 [--predictors rbf mlp gp 'gp:kernel=rbf,encoding=scaled'] [--timing 10000]
+
+`--make-random N` first evaluates N random configurations with the real pipeline
+(`amq.train_search budget.iterations=0 budget.n_initial_random=N`) and uses them as `random`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from amq.predictors.accuracy import heldout_scores  # noqa: E402
+
+
+def load_archive(run_dir: Path, metric: str = "jsd") -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """(module names, bits matrix [n, modules], metric, gene keys) of a run's archive, in archive order."""
+    rows = [json.loads(line) for line in (run_dir / "archive.jsonl").read_text().splitlines() if line.strip()]
+    seen: set[str] = set()
+    uniq = []
+    for r in rows:  # an archive may hold a line twice after a resume: keep the first
+        k = json.dumps(r["config"]["bits"], sort_keys=True)
+        if k not in seen:
+            seen.add(k)
+            uniq.append((k, r))
+    names = sorted(uniq[0][1]["config"]["bits"])
+    bits = np.array([[r["config"]["bits"][n] for n in names] for _, r in uniq], dtype=np.float64)
+    y = np.array([r["metrics"][metric] for _, r in uniq], dtype=np.float64)
+    return names, bits, y, [k for k, _ in uniq]
+
+
+def features(bits: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return (bits - lo) / (hi - lo)
+
+
+def make_predictor(spec: str, seed: int):
+    """`name` or `name:key=value,key=value`: conf/predictor/<name>.yaml with overrides."""
+    name, _, over = spec.partition(":")
+    cfg = OmegaConf.load(ROOT / "conf" / "predictor" / f"{name}.yaml")
+    for kv in filter(None, over.split(",")):
+        k, _, v = kv.partition("=")
+        cfg[k] = yaml.safe_load(v)
+    return instantiate(cfg)(seed=seed)
+
+
+def score(spec: str, Xtr: np.ndarray, ytr: np.ndarray, tests: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> dict:
+    t0 = time.perf_counter()
+    p = make_predictor(spec, seed).fit(Xtr, ytr)
+    out = {"fit_s": time.perf_counter() - t0}
+    for name, (X, y) in tests.items():
+        s = heldout_scores(p.predict(X), y)
+        out[name] = s
+    return out
+
+
+def make_random_run(n: int, seed: int, out_dir: Path) -> Path:
+    """Evaluate n random configurations with the real pipeline; returns the run directory."""
+    env = {**os.environ, "AMQ_OUTPUT_DIR": str(out_dir), "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "amq.train_search", "logger=none", "budget=demo", "budget.iterations=0", f"budget.n_initial_random={n}", f"seed={seed}"]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    return sorted((out_dir / "search" / "runs").iterdir())[-1]
+
+
+def timing_rows(sizes: list[int], genes: int, specs: list[str], seed: int) -> list[str]:
+    """Fit time on synthetic additive data of the paper budget's scale (time does not depend on the values)."""
+    rng = np.random.default_rng(seed)
+    w = rng.lognormal(size=(genes, 3)) * np.array([1.0, 0.1, 0.001])
+    rows = []
+    for n in sizes:
+        G = rng.integers(0, 3, size=(n, genes))
+        X = np.array([0.0, 0.2, 1.0])[G]
+        y = w[np.arange(genes), G].sum(1) * 1e-3
+        for spec in specs:
+            t0 = time.perf_counter()
+            p = make_predictor(spec, seed).fit(X, y)
+            fit_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            p.predict(X[:2000])
+            pred_s = time.perf_counter() - t1
+            rows.append(f"| {spec} | {n} | {genes} | {fit_s:.1f} | {pred_s:.2f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _fmt(x: float | None, nd: int = 3) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train-run", type=Path, required=True, help="run directory whose archive.jsonl is the training pool")
+    ap.add_argument("--heldout-run", type=Path, default=None, help="run directory of random configurations (held out)")
+    ap.add_argument("--make-random", type=int, default=0, help="evaluate this many random configurations first")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[50, 250, 1000])
+    ap.add_argument("--n-next", type=int, default=250, help="how many of the following records to score on")
+    ap.add_argument("--predictors", nargs="+", default=["rbf", "mlp", "gp"])
+    ap.add_argument("--timing", type=int, nargs="*", default=[], help="also time fits on synthetic data of these sizes")
+    ap.add_argument("--timing-genes", type=int, default=220)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None, help="also write all numbers here")
+    args = ap.parse_args()
+
+    names, bits, y, keys = load_archive(args.train_run)
+    lo, hi = float(bits.min()), float(bits.max())
+    X = features(bits, lo, hi)
+    tests_all: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = {}
+    heldout_run = args.heldout_run
+    if args.make_random:
+        heldout_run = make_random_run(args.make_random, args.seed + 1000, ROOT / "outputs" / "predbench")
+    if heldout_run is not None:
+        hn, hb, hy, hk = load_archive(heldout_run)
+        if hn != names:
+            raise SystemExit(f"{heldout_run} has different modules than {args.train_run}")
+        tests_all["random"] = (features(hb, lo, hi), hy, hk)
+
+    print(f"# train pool {args.train_run} ({len(y)} records, {X.shape[1]} modules); held-out random: {heldout_run}; "
+          f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads default", flush=True)
+    lines = ["| n train | predictor | fit s | next: tau | next: rho | next: RMSE | random: tau | random: rho | random: RMSE |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    results = []
+    for n in args.sizes:
+        if n >= len(y):
+            print(f"# skipping n={n}: the archive holds {len(y)} records", flush=True)
+            continue
+        train_keys = set(keys[:n])
+        nxt = slice(n, min(len(y), n + args.n_next))
+        tests = {"next": (X[nxt], y[nxt])}
+        for tname, (tX, ty, tk) in tests_all.items():
+            keep = np.array([k not in train_keys for k in tk])
+            tests[tname] = (tX[keep], ty[keep])
+        assert not train_keys.intersection(keys[nxt]), "held-out records overlap the training set"
+        for spec in args.predictors:
+            r = score(spec, X[:n], y[:n], tests, args.seed)
+            results.append({"n": n, "predictor": spec, **r})
+            nx, rd = r["next"], r.get("random", {})
+            line = (f"| {n} | {spec} | {r['fit_s']:.2f} | {_fmt(nx['predictor/kendall_tau'])} | {_fmt(nx['predictor/spearman'])} | "
+                    f"{_fmt(nx['predictor/rmse'], 4)} | {_fmt(rd.get('predictor/kendall_tau'))} | {_fmt(rd.get('predictor/spearman'))} | "
+                    f"{_fmt(rd.get('predictor/rmse'), 4)} |")
+            lines.append(line)
+            print(line, flush=True)
+    print("\n" + "\n".join(lines))
+    if args.timing:
+        print("\n| predictor | n | genes | fit s | predict 2000 s |\n| --- | --- | --- | --- | --- |")
+        timing_rows(args.timing, args.timing_genes, [s for s in args.predictors], args.seed)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Every config option composes from the real conf/ and instantiates (cheap components only)."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.utils import instantiate
+
+from amq.data.corpora import EmbeddedWikiLee, HubDataset
+from amq.modeling.loading import EmbeddedGGUF, HFModel
+from amq.predictors.base import Predictor
+from amq.proxy.hqq_quantizer import HQQQuantizer
+from amq.search.nsga import NSGA2Settings
+from amq.sensitivity import Pruning
+from amq.tracking.null_logger import NullLogger
+from amq.tracking.wandb_logger import WandbLogger
+
+
+@pytest.mark.parametrize("model, cls", [("smollm2", EmbeddedGGUF), ("gemma3_270m", EmbeddedGGUF), ("hf", HFModel)])
+def test_model_options(compose_cfg, model, cls):
+    overrides = [f"model={model}"] + (["model.source.name_or_path=some/model"] if model == "hf" else [])
+    cfg = compose_cfg(overrides)
+    assert isinstance(instantiate(cfg.model.source), cls)
+    assert cfg.quantizer.group_size == cfg.model.group_size
+    assert list(cfg.search.bits) == list(cfg.model.bits)
+
+
+@pytest.mark.parametrize("data, cls", [("wiki_lee", EmbeddedWikiLee), ("wikitext2", HubDataset), ("c4", HubDataset)])
+def test_data_options(compose_cfg, data, cls):
+    assert isinstance(instantiate(compose_cfg([f"data={data}"]).data), cls)
+
+
+@pytest.mark.parametrize("predictor", ["rbf", "mlp"])
+def test_predictor_options(compose_cfg, predictor):
+    make = instantiate(compose_cfg([f"predictor={predictor}"]).predictor)
+    assert isinstance(make(seed=0), Predictor)
+
+
+@pytest.mark.parametrize("search", ["amq", "amq_fused"])
+def test_search_options(compose_cfg, search):
+    cfg = compose_cfg([f"search={search}"])
+    assert isinstance(instantiate(cfg.search.pruning), Pruning)
+    assert isinstance(instantiate(cfg.search.nsga), NSGA2Settings)
+    assert (cfg.search.share_groups is None) == (search == "amq")
+
+
+@pytest.mark.parametrize("budget", ["smoke", "demo", "paper"])
+def test_budget_options(compose_cfg, budget):
+    cfg = compose_cfg([f"budget={budget}"])
+    assert cfg.budget.iterations >= 1 and cfg.search.nsga.pop_size == cfg.budget.pop_size
+
+
+def test_paper_budget_is_the_reference(compose_cfg):
+    cfg = compose_cfg(["budget=paper", "model=hf", "model.source.name_or_path=x"])
+    b = cfg.budget
+    assert (b.n_samples, b.seq_len, b.n_initial_random + 3, b.iterations, b.batch_size) == (128, 2048, 250, 200, 50)
+    assert (b.pop_size, b.n_gen, cfg.search.nsga.crossover_prob, cfg.search.nsga.mutation_prob) == (200, 20, 0.9, 0.1)
+    assert list(cfg.search.bits) == [2, 3, 4] and cfg.quantizer.group_size == 128
+    assert cfg.search.pruning.threshold == 2.0 and cfg.search.pruning.keep_top == 1
+    assert cfg.predictor._target_.endswith("RBFPredictor") and cfg.predictor.kernel == "cubic"
+
+
+@pytest.mark.parametrize("logger, cls", [("none", NullLogger), ("wandb", WandbLogger)])
+def test_logger_options(compose_cfg, logger, cls, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    obj = instantiate(compose_cfg([f"logger={logger}"]).logger)
+    assert isinstance(obj, cls)
+    if logger == "wandb":
+        assert obj.mode == "offline"  # offline unless the user configures otherwise
+
+
+def test_quantizer_option(compose_cfg):
+    q = instantiate(compose_cfg(["quantizer=hqq"]).quantizer)
+    assert isinstance(q, HQQQuantizer) and q.group_size == 64 and "storage" not in q.settings()
+
+
+def test_experiment_preset(compose_cfg):
+    cfg = compose_cfg(["+experiment=paper_llama2_7b"])
+    assert cfg.model.source.name_or_path == "meta-llama/Llama-2-7b-hf" and cfg.budget.iterations == 200
