@@ -47,6 +47,10 @@ def run(cfg: DictConfig) -> float:
 
     # ---- search components first: bad settings fail before anything expensive
     make_predictor = build(cfg.predictor, "predictor")
+    try:
+        make_predictor(seed=0)  # a partial: construct once now so its settings fail fast
+    except TypeError as exc:
+        raise ConfigError("predictor", str(exc), "the keys documented in conf/predictor/") from None
     pruning = build(cfg.search.pruning, "search")
     settings = SearchSettings(
         n_initial_random=int(cfg.budget.n_initial_random),
@@ -168,7 +172,11 @@ def _remove_fresh_run_dir(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_search")
+# An absolute path: works the same for `python -m amq.train_search` and the `amq-search` script.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_search")
 def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)

@@ -74,5 +74,5 @@ def test_quantizer_option(compose_cfg):
 
 
 def test_experiment_preset(compose_cfg):
-    cfg = compose_cfg(["+experiment=paper_llama2_7b"])
+    cfg = compose_cfg(["experiment=paper_llama2_7b"])
     assert cfg.model.source.name_or_path == "meta-llama/Llama-2-7b-hf" and cfg.budget.iterations == 200

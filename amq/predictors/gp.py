@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 
 import gpytorch
 import numpy as np
@@ -71,7 +72,7 @@ def _kernel(kind: str, d: int) -> gpytorch.kernels.Kernel:
     if stationary in ("rbf", "matern"):
         base = gpytorch.kernels.RBFKernel(ard_num_dims=d) if stationary == "rbf" else gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=d)
         # Start with lengthscales of the order of the typical distance between configurations.
-        base.lengthscale = torch.full((1, d), math.sqrt(d) / 2.0, dtype=torch.float64)
+        base.lengthscale = torch.full((1, d), math.sqrt(d) / 2.0)
         parts.append(gpytorch.kernels.ScaleKernel(base))
     kern = parts[0] if len(parts) == 1 else gpytorch.kernels.AdditiveKernel(*parts)
     return kern.double()
@@ -111,12 +112,13 @@ class GPPredictor:
         method: str = "auto",
         max_exact: int = 2000,
         n_inducing: int = 512,
-        iterations: int = 150,
+        iterations: int = 300,
         lr: float = 0.05,
-        svgp_epochs: int = 30,
+        svgp_steps: int = 600,
         svgp_batch_size: int = 512,
         noise_floor: float = 1e-4,
-        target: str = "log",
+        device: str = "cpu",
+        target: str = "none",
         seed: int = 0,
     ) -> None:
         if method not in METHODS:
@@ -125,8 +127,8 @@ class GPPredictor:
         self.transform = TargetTransform(target)
         self.encoder = _Encoder(encoding)
         self.kernel, self.method, self.max_exact, self.n_inducing = kernel, method, max_exact, n_inducing
-        self.iterations, self.lr, self.svgp_epochs, self.svgp_batch_size = iterations, lr, svgp_epochs, svgp_batch_size
-        self.noise_floor, self.seed = noise_floor, seed
+        self.iterations, self.lr, self.svgp_steps, self.svgp_batch_size = iterations, lr, svgp_steps, svgp_batch_size
+        self.noise_floor, self.seed, self.device = noise_floor, seed, torch.device(device)
         self._model: gpytorch.models.GP | None = None
         self._likelihood: gpytorch.likelihoods.GaussianLikelihood | None = None
         self._mu, self._sd = 0.0, 1.0
@@ -141,10 +143,10 @@ class GPPredictor:
         Z = self.encoder.fit(X)(X)
         t = self.transform.forward(y)
         self._mu, self._sd = float(t.mean()), float(t.std() or 1.0)
-        Xt = torch.tensor(Z, dtype=torch.float64)
-        yt = torch.tensor((t - self._mu) / self._sd, dtype=torch.float64)
-        likelihood = gpytorch.likelihoods.GaussianLikelihood(noise_constraint=gpytorch.constraints.GreaterThan(self.noise_floor)).double()
-        kernel = _kernel(self.kernel, Z.shape[1])
+        Xt = torch.tensor(Z, dtype=torch.float64, device=self.device)
+        yt = torch.tensor((t - self._mu) / self._sd, dtype=torch.float64, device=self.device)
+        likelihood = gpytorch.likelihoods.GaussianLikelihood(noise_constraint=gpytorch.constraints.GreaterThan(self.noise_floor)).double().to(self.device)
+        kernel = _kernel(self.kernel, Z.shape[1]).to(self.device)
         exact = self.method == "exact" or (self.method == "auto" and len(Z) <= self.max_exact)
         if exact:
             model = self._fit_exact(Xt, yt, likelihood, kernel)
@@ -155,11 +157,11 @@ class GPPredictor:
         self._model, self._likelihood = model, likelihood
         self.used_method = "exact" if exact else "svgp"
         self.fit_seconds = time.perf_counter() - t0
-        log.debug("gp (%s, %s, %s): %d points x %d features, noise %.3g, %.2fs", self.used_method, self.kernel, self.encoder.encoding, len(Z), Z.shape[1], float(likelihood.noise), self.fit_seconds)
+        log.debug("gp (%s, %s, %s): %d points x %d features, noise %.3g, %.2fs", self.used_method, self.kernel, self.encoder.encoding, len(Z), Z.shape[1], float(likelihood.noise.detach()), self.fit_seconds)
         return self
 
     def _fit_exact(self, X: torch.Tensor, y: torch.Tensor, likelihood, kernel) -> gpytorch.models.GP:
-        model = _ExactGP(X, y, likelihood, kernel).double()
+        model = _ExactGP(X, y, likelihood, kernel).double().to(self.device)
         model.train()
         likelihood.train()
         opt = torch.optim.Adam(model.parameters(), lr=self.lr)
@@ -176,23 +178,25 @@ class GPPredictor:
     def _fit_svgp(self, X: torch.Tensor, y: torch.Tensor, likelihood, kernel) -> gpytorch.models.GP:
         gen = torch.Generator().manual_seed(self.seed)
         m = min(self.n_inducing, len(X))
-        inducing = X[torch.randperm(len(X), generator=gen)[:m]].clone()
-        model = _SVGP(inducing, kernel).double()
+        inducing = X[torch.randperm(len(X), generator=gen)[:m].to(self.device)].clone()
+        model = _SVGP(inducing, kernel).double().to(self.device)
         model.train()
         likelihood.train()
         opt = torch.optim.Adam([*model.parameters(), *likelihood.parameters()], lr=self.lr)
         mll = gpytorch.mlls.VariationalELBO(likelihood, model, num_data=len(X))
-        steps = self.svgp_epochs * math.ceil(len(X) / self.svgp_batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        for _ in range(self.svgp_epochs):
-            perm = torch.randperm(len(X), generator=gen)
-            for s in range(0, len(X), self.svgp_batch_size):
-                idx = perm[s : s + self.svgp_batch_size]
-                opt.zero_grad()
-                loss = -mll(model(X[idx]), y[idx])
-                loss.backward()
-                opt.step()
-                sched.step()
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.svgp_steps)
+        bs = min(self.svgp_batch_size, len(X))
+        perm, pos = torch.randperm(len(X), generator=gen), 0
+        for _ in range(self.svgp_steps):
+            if pos + bs > len(X):  # a new epoch: reshuffle
+                perm, pos = torch.randperm(len(X), generator=gen), 0
+            idx = perm[pos : pos + bs].to(self.device)
+            pos += bs
+            opt.zero_grad()
+            loss = -mll(model(X[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            sched.step()
         return model
 
     # -------------------------------------------------------------- prediction
@@ -200,13 +204,15 @@ class GPPredictor:
         """Posterior mean and std of the latent function, in transformed-target units."""
         if self._model is None:
             raise RuntimeError("GPPredictor.predict called before fit")
-        Z = torch.tensor(self.encoder(np.atleast_2d(np.asarray(X, dtype=np.float64))), dtype=torch.float64)
+        Z = torch.tensor(self.encoder(np.atleast_2d(np.asarray(X, dtype=np.float64))), dtype=torch.float64, device=self.device)
         means, stds = [], []
-        with torch.no_grad(), gpytorch.settings.fast_pred_var(False), gpytorch.settings.max_cholesky_size(10**9):
+        with torch.no_grad(), gpytorch.settings.max_cholesky_size(10**9), warnings.catch_warnings():
+            # Predicting at training points is legitimate here (e.g. the archive's own front).
+            warnings.simplefilter("ignore", gpytorch.utils.warnings.GPInputWarning)
             for s in range(0, len(Z), 4096):
                 f = self._model(Z[s : s + 4096])
-                means.append(f.mean.numpy())
-                stds.append(f.variance.clamp_min(1e-12).sqrt().numpy())
+                means.append(f.mean.cpu().numpy())
+                stds.append(f.variance.clamp_min(1e-12).sqrt().cpu().numpy())
         mean = np.concatenate(means) * self._sd + self._mu
         std = np.concatenate(stds) * self._sd
         return mean.astype(np.float64), std.astype(np.float64)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amq.io import append_jsonl, read_jsonl
+from amq.io import append_jsonl, read_jsonl, write_jsonl
 from amq.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,16 @@ class Archive:
 
     def load(self, metric_name: str) -> int:
         """Read the archive file (if any); returns how many records were loaded."""
-        if self.path is None:
+        if self.path is None or not self.path.exists():
             return 0
+        raw = self.path.read_text(encoding="utf-8")
+        valid = list(read_jsonl(self.path))
+        if raw and (not raw.endswith("\n") or len(valid) != raw.count("\n")):
+            # A crash tore the last line: keep the intact records so new appends start on a clean line.
+            log.warning("archive: dropping a torn line at the end of %s", self.path.name)
+            write_jsonl(self.path, valid)
         dupes = 0
-        for d in read_jsonl(self.path):
+        for d in valid:
             genes = np.asarray(d["genes"], dtype=int)
             if self.space.key(genes) in self._keys:
                 dupes += 1

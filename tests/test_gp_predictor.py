@@ -1,0 +1,106 @@
+"""The GP predictor ranks unseen configurations, knows where it is unsure, and is scored honestly."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import kendalltau
+
+from amq.errors import ConfigError
+from amq.predictors.accuracy import heldout_scores
+from amq.predictors.archive_data import load_archive
+from amq.predictors.base import Predictor, UncertainPredictor
+from amq.predictors.gp import GPPredictor
+from amq.predictors.rbf import RBFPredictor
+
+LEVELS = np.array([0.0, 0.2, 1.0])  # {3, 4, 8} bits scaled to [0, 1], as the embedded model's space
+
+
+def _synthetic(n: int, genes: int = 30, seed: int = 0):
+    """An additive per-gene damage model (low bits hurt most), JSD-like magnitudes."""
+    rng = np.random.default_rng(seed)
+    w = rng.lognormal(size=(genes, 3)) * np.array([1.0, 0.1, 0.001]) * 1e-3
+    G = rng.integers(0, 3, size=(n, genes))
+    return LEVELS[G], w[np.arange(genes), G].sum(1)
+
+
+def _fast_gp(**kw) -> GPPredictor:
+    return GPPredictor(iterations=60, **kw)
+
+
+def test_gp_ranks_held_out_synthetic_configs():
+    X, y = _synthetic(160)
+    p = _fast_gp().fit(X[:120], y[:120])
+    assert isinstance(p, Predictor) and isinstance(p, UncertainPredictor)
+    pred = p.predict(X[120:])
+    assert pred.shape == (40,) and np.isfinite(pred).all()
+    assert kendalltau(pred, y[120:]).statistic > 0.6
+
+
+def test_gp_std_is_positive_and_shrinks_near_training_points():
+    """The same configurations are less uncertain once they (and nothing else new) are in the training set."""
+    X, y = _synthetic(100)
+    before = _fast_gp().fit(X[:60], y[:60])
+    after = _fast_gp().fit(X, y)
+    m0, s0 = before.predict_dist(X[60:])
+    m1, s1 = after.predict_dist(X[60:])
+    assert (s0 > 0).all() and (s1 > 0).all()
+    # Compare relative (log-space) std: the delta-method std scales with the predicted metric.
+    assert np.median((s1 / m1) / (s0 / m0)) < 0.8
+    assert np.mean(s1 / m1 < s0 / m0) > 0.8
+
+
+def test_gp_on_a_real_looking_archive(tmp_path):
+    """archive.jsonl lines as a run writes them (per-module bits), read back through the loader."""
+    rng = np.random.default_rng(1)
+    modules = [f"model.layers.{b}.{r}" for b in range(6) for r in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
+    damage = {m: {3: rng.lognormal(-5, 1), 4: rng.lognormal(-7, 1), 8: 1e-6} for m in modules}
+    lines = []
+    for i in range(90):
+        bits = {m: int(rng.choice([3, 4, 8])) for m in modules}
+        jsd = sum(damage[m][b] for m, b in bits.items()) * (1 + 0.02 * rng.standard_normal())
+        lines.append(json.dumps({"iteration": i // 30, "genes": [], "metrics": {"jsd": jsd}, "config": {"version": 1, "group_size": 64, "bits": bits}}))
+    lines.append(lines[3])  # written twice (a resume): counts once
+    (tmp_path / "archive.jsonl").write_text("\n".join(lines) + "\n")
+    data = load_archive(tmp_path)
+    assert len(data.metric) == 90 and data.bits.shape == (90, len(modules))
+    X = data.features()
+    assert set(np.unique(X)) <= {0.0, 0.2, 1.0}
+    p = _fast_gp().fit(X[:60], data.metric[:60])
+    s = heldout_scores(p.predict(X[60:]), data.metric[60:])
+    assert s["predictor/kendall_tau"] > 0.6, s
+
+
+def test_heldout_scores_differ_from_in_sample():
+    """An interpolating RBF is perfect on its own training points; the held-out score must not be."""
+    X, y = _synthetic(120, genes=40, seed=2)
+    rbf = RBFPredictor().fit(X[:60], y[:60])
+    in_sample = heldout_scores(rbf.predict(X[:60]), y[:60])
+    held_out = heldout_scores(rbf.predict(X[60:]), y[60:])
+    assert in_sample["predictor/kendall_tau"] == pytest.approx(1.0)
+    assert held_out["predictor/kendall_tau"] < 0.95
+    assert held_out["predictor/rmse"] > 10 * in_sample["predictor/rmse"]
+    assert held_out["predictor/n_heldout"] == 60
+
+
+def test_gp_is_deterministic_for_a_seed():
+    X, y = _synthetic(60)
+    a = _fast_gp(seed=3).fit(X, y).predict_dist(X[:5])
+    b = _fast_gp(seed=3).fit(X, y).predict_dist(X[:5])
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_gp_sparse_variational_path_fits():
+    """The path used above max_exact points (the paper budget's archive size)."""
+    X, y = _synthetic(300)
+    p = GPPredictor(method="auto", max_exact=100, n_inducing=64, svgp_epochs=15, svgp_batch_size=128).fit(X[:250], y[:250])
+    assert p.used_method == "svgp"
+    mean, std = p.predict_dist(X[250:])
+    assert (std > 0).all()
+    assert kendalltau(mean, y[250:]).statistic > 0.5
+
+
+@pytest.mark.parametrize("setting, value", [("kernel", "cosine"), ("encoding", "onehot"), ("method", "kiss"), ("target", "sqrt")])
+def test_gp_rejects_bad_settings(setting, value):
+    with pytest.raises(ConfigError, match=f"predictor.{setting}"):
+        GPPredictor(**{setting: value})
