@@ -59,10 +59,14 @@ def test_uniform_configs_order_by_bits(smoke_run):
     """Real quantization damage: 3-bit everywhere hurts more than 4-bit, which hurts more than 8-bit."""
     run_dir, _ = smoke_run
     uniform = {}
-    for genes, jsd, it in _archive(run_dir):
-        if it == 0 and len(set(genes)) == 1:
-            uniform[genes[0]] = jsd
-    assert uniform[0] > uniform[1] > uniform[2] > 0
+    for r in read_jsonl(run_dir / "archive.jsonl"):
+        widths = set(r["config"]["bits"].values())
+        if r["iteration"] == 0 and len(widths) == 1:
+            uniform[widths.pop()] = r["metrics"]["jsd"]
+    assert set(uniform) == {4, 8}  # uniform 3-bit is not in the space: pruned linears keep {4, 8}
+    assert uniform[4] > uniform[8] > 0
+    lowest = [r for r in read_jsonl(run_dir / "archive.jsonl") if r["iteration"] == 0][0]
+    assert set(lowest["config"]["bits"].values()) == {3, 4} and lowest["metrics"]["jsd"] > uniform[4]
 
 
 def test_same_seed_is_deterministic(smoke_run, tmp_path):
@@ -110,7 +114,7 @@ def test_resume_after_a_torn_batch(smoke_run, tmp_path):
 def test_resume_with_a_different_space_is_refused(smoke_run, tmp_path):
     run_dir, _ = smoke_run
     before = (run_dir / "archive.jsonl").read_text()
-    proc = run_cli([*SMOKE, "seed=3", "search.bits=[3,4]", f"resume={run_dir}"], tmp_path)
+    proc = run_cli([*SMOKE, "seed=3", "search.pruning.threshold=5.0", f"resume={run_dir}"], tmp_path)
     assert proc.returncode == 2
     assert "resume" in proc.stderr and "different model or search space" in proc.stderr
     assert (run_dir / "archive.jsonl").read_text() == before
