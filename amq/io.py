@@ -6,6 +6,8 @@ resumed run) never sees a half-written file.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -45,6 +47,23 @@ def atomic_write_bytes_with(path: str | Path, writer) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `<path>.lock` (fcntl; released if the process dies).
+
+    Atomic publish alone keeps a shared cache uncorrupted; the lock also makes parallel jobs of a
+    sweep wait for the first one to build an entry instead of all computing it at once.
+    """
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

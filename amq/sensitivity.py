@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from amq.errors import ConfigError
-from amq.io import atomic_write_json
+from amq.io import atomic_write_json, file_lock
 from amq.metrics.base import QualityMetric
 from amq.proxy.bank import ProxyBank
 
@@ -92,16 +92,28 @@ def cached_measure(
     payload = {"model": fingerprint, "quantizer": bank.quantizer.settings(), "low": low, "high": high, **key_extra}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"{key}.json"
-    if path.exists():
-        try:
-            table = SensitivityTable.from_dict(json.loads(path.read_text()))
-            if set(table.damage) == set(bank.layout.names):
-                log.info("sensitivity: reused cached table %s", path.name)
-                return table
-        except (json.JSONDecodeError, KeyError, TypeError):
-            log.warning("sensitivity cache %s is unreadable; measuring again", path.name)
+    table = _load_cached_table(path, bank.layout.names)
+    if table is not None:
+        return table
     if low == high:
         raise ConfigError("search.bits", "sensitivity needs a lowest and a highest bit width that differ")
-    table = measure(bank, metric, low, high)
-    atomic_write_json(path, {**table.to_dict(), "key": payload})
+    with file_lock(path):  # parallel jobs of a sweep: one measures, the others wait and reuse it
+        table = _load_cached_table(path, bank.layout.names)
+        if table is None:
+            table = measure(bank, metric, low, high)
+            atomic_write_json(path, {**table.to_dict(), "key": payload})
+    return table
+
+
+def _load_cached_table(path: Path, names: list[str]) -> SensitivityTable | None:
+    if not path.exists():
+        return None
+    try:
+        table = SensitivityTable.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError):
+        log.warning("sensitivity cache %s is unreadable; measuring again", path.name)
+        return None
+    if set(table.damage) != set(names):
+        return None
+    log.info("sensitivity: reused cached table %s", path.name)
     return table

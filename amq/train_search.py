@@ -26,6 +26,7 @@ from amq.search.archive import Archive
 from amq.search.evaluator import ProxyEvaluator
 from amq.search.loop import IterativeSearch, SearchSettings
 from amq.search.pareto import HV_CONVENTION, best_under_target
+from amq.tracking import artifact_paths, summary_values
 
 log = logging.getLogger("amq")
 
@@ -86,9 +87,10 @@ def run(cfg: DictConfig) -> float:
     def on_iteration(row: dict, arch: Archive) -> None:
         rows.append(row)
         outputs.write_metrics(rows)
-        outputs.write_front(arch, metric.name, title)
+        front = outputs.write_front(arch, metric.name, title)
         outputs.write_state({"space_fingerprint": space_fp, "last_completed_iteration": row["iteration"], "seed": int(cfg.seed)})
         tracker.log(row, step=row["iteration"])
+        tracker.log_front(front, metric.name, outputs.path("front.png"), step=row["iteration"])
 
     search = IterativeSearch(
         space=space,
@@ -107,14 +109,16 @@ def run(cfg: DictConfig) -> float:
         t_search = time.perf_counter()
         search.run(start)
         search_s = time.perf_counter() - t_search
+        if not rows:
+            raise ConfigError("resume", f"{run_dir} is already complete (iteration {start - 1} of {settings.iterations})")
+        front = outputs.write_front(archive, metric.name, title)
+        summary = _summary(cfg, lm, layout, space, archive, metric, wb.splits.description, table, bank, rows, front, targets, search_s, time.perf_counter() - t_start)
+        atomic_write_json(outputs.path("summary.json"), summary)
+        tracker.summary(summary_values(summary))
+        tracker.log_artifacts(artifact_paths(run_dir))
         failed = False
     finally:
         tracker.finish(failed=failed)
-    if not rows:
-        raise ConfigError("resume", f"{run_dir} is already complete (iteration {start - 1} of {settings.iterations})")
-    front = outputs.write_front(archive, metric.name, title)
-    summary = _summary(cfg, lm, layout, space, archive, metric, wb.splits.description, table, bank, rows, front, targets, search_s, time.perf_counter() - t_start)
-    atomic_write_json(outputs.path("summary.json"), summary)
     log.info("front: %d configurations in %s (front.json, front.csv, front.png)", len(front), run_dir)
     return float(rows[-1]["hypervolume"])
 

@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from amq.errors import ConfigError
+from amq.io import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,13 @@ class EmbeddedGGUF:
                 raise ConfigError("model", f"embedded model package {self.assembler!r} is not installed; {hint}")
             target = cache_dir / "gguf" / self.gguf_file
             if not target.exists():
-                log.info("assembling %s from its chunk packages", self.gguf_file)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                mod = importlib.import_module(self.assembler)
-                tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
-                mod.assemble(tmp, overwrite=True)
-                os.replace(tmp, target)
+                with file_lock(target):  # parallel jobs: one assembles, the others wait for it
+                    if not target.exists():
+                        log.info("assembling %s from its chunk packages", self.gguf_file)
+                        mod = importlib.import_module(self.assembler)
+                        tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+                        mod.assemble(tmp, overwrite=True)
+                        os.replace(tmp, target)
             return target
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
@@ -202,10 +204,7 @@ class EmbeddedGGUF:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / "amq_source.json").write_text(json.dumps({"gguf": gguf.name, "name": self.name}))
-            if out_dir.exists():  # another process finished first
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, out_dir)
+            os.replace(tmp, out_dir)  # callers hold file_lock(out_dir), so no one else publishes it
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -218,7 +217,13 @@ class EmbeddedGGUF:
         sha = file_sha256(gguf)[:16]
         out_dir = cache_dir / "models" / f"{self.name}-{sha}"
         if not (out_dir / "config.json").is_file():
-            self._convert(gguf, out_dir)
+            # Parallel jobs of a sweep: one converts, the others wait and load its result. (Two
+            # directory renames onto the same name would fail with ENOTEMPTY for the second.)
+            with file_lock(out_dir):
+                if not (out_dir / "config.json").is_file():
+                    if out_dir.exists():  # left incomplete by a crashed conversion
+                        shutil.rmtree(out_dir)
+                    self._convert(gguf, out_dir)
         t0 = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(out_dir)
         model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype)

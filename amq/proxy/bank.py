@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from amq.errors import ConfigError
-from amq.io import atomic_write_bytes_with
+from amq.io import atomic_write_bytes_with, file_lock
 from amq.modeling.discovery import ModelLayout
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,14 @@ class ProxyBank:
             path = cache_dir / f"{_cache_key(fingerprint, self.quantizer, nbits, self.layout)}-{nbits}bit.pt"
             packed = self._load_cached(path)
             if packed is None:
-                packed = self.quantize_all(nbits)
-                atomic_write_bytes_with(path, lambda tmp, p=packed: torch.save(p, tmp))
+                with file_lock(path):  # parallel jobs of a sweep: one quantizes, the others wait
+                    packed = self._load_cached(path)
+                    if packed is None:
+                        packed = self.quantize_all(nbits)
+                        atomic_write_bytes_with(path, lambda tmp, p=packed: torch.save(p, tmp))
+                    else:
+                        self.cache_hits += 1
+                        log.info("proxy %d-bit: loaded from cache %s (built by a parallel job)", nbits, path.name)
             else:
                 self.cache_hits += 1
                 log.info("proxy %d-bit: loaded from cache %s", nbits, path.name)

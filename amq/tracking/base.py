@@ -1,15 +1,31 @@
-"""The MetricLogger interface every tracker implements."""
+"""The MetricLogger interface every tracker implements.
+
+The search talks to trackers only through this protocol, so W&B (or anything else) stays an
+option: `logger=none` swaps in a logger that records nothing, and the run directory remains the
+complete record either way.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, Sequence
 
 
 class MetricLogger(Protocol):
-    def start(self, run_dir: str, config: dict[str, Any], name: str) -> None: ...
+    def start(self, run_dir: str, config: dict[str, Any], name: str) -> None:
+        """Open the run; `config` is the resolved configuration as plain containers."""
 
-    def log(self, metrics: dict[str, Any], step: int) -> None: ...
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """One iteration's metrics row (`/`-separated names), the iteration as step."""
 
-    def summary(self, values: dict[str, Any]) -> None: ...
+    def log_front(self, front: list[dict[str, Any]], metric_name: str, image: Path | None, step: int) -> None:
+        """The current Pareto front (rows of front.json) and its plot (front.png)."""
 
-    def finish(self, failed: bool = False) -> None: ...
+    def summary(self, values: dict[str, Any]) -> None:
+        """Final values shown on the run's overview (hypervolume, best per target, timings)."""
+
+    def log_artifacts(self, paths: Sequence[Path]) -> None:
+        """Attach the run's result files (archive, front, sensitivity, summary)."""
+
+    def finish(self, failed: bool = False) -> None:
+        """Close the run; always called, also when the search raised."""

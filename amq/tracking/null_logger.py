@@ -1,8 +1,9 @@
-"""A MetricLogger that records nothing (logger=none)."""
+"""A MetricLogger that records nothing (logger=none): the run directory is the only record."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 
 class NullLogger:
@@ -12,7 +13,13 @@ class NullLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         pass
 
+    def log_front(self, front: list[dict[str, Any]], metric_name: str, image: Path | None, step: int) -> None:
+        pass
+
     def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def log_artifacts(self, paths: Sequence[Path]) -> None:
         pass
 
     def finish(self, failed: bool = False) -> None:
