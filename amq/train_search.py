@@ -24,8 +24,9 @@ from amq.pipeline import build, prepare, prune
 from amq.run_outputs import RunOutputs
 from amq.search.archive import Archive
 from amq.search.evaluator import ProxyEvaluator
-from amq.search.loop import IterativeSearch, SearchSettings
+from amq.search.loop import IterativeSearch, SearchSettings, search_bits_range
 from amq.search.pareto import HV_CONVENTION, best_under_target
+from amq.search.seeding import sensitivity_seeds
 from amq.tracking import artifact_paths, summary_values
 
 log = logging.getLogger("amq")
@@ -62,6 +63,8 @@ def run(cfg: DictConfig) -> float:
         kappa=float(cfg.search.kappa),
     )
     tracker = build(cfg.logger, "logger")
+    if int(cfg.search.sensitivity_seeds) < 0:
+        raise ConfigError("search.sensitivity_seeds", f"{cfg.search.sensitivity_seeds}", "an integer >= 0 (0: the reference's uniform + random initial design)")
 
     # ---- model, data, proxy, metric; then sensitivity and pruning
     wb = prepare(cfg)
@@ -102,6 +105,7 @@ def run(cfg: DictConfig) -> float:
         targets=targets,
         seed=int(cfg.seed),
         observers=[on_iteration],
+        seeds=sensitivity_seeds(space, table.damage, int(cfg.search.sensitivity_seeds), search_bits_range(space, settings)),
     )
     tracker.start(str(run_dir), OmegaConf.to_container(cfg, resolve=True), name=run_dir.name)
     failed = True

@@ -8,12 +8,11 @@ For each training size n, every predictor is fitted on the first n records of a 
 with Kendall tau, Spearman rho, RMSE (metric units) and fit time. No held-out record is ever in
 the training set (checked by gene key).
 
-Features are re-derived from each record's per-module `config.bits` in sorted module order,
-scaled by the run's lowest and highest bit widths, as SearchSpace.features does (pinned linears
-become constant columns, which no predictor is affected by).
+Features are re-derived from each record's per-module `config.bits` (amq.predictors.archive_data).
 
     python scripts/bench_predictors.py --train-run RUN_DIR [--heldout-run RANDOM_RUN_DIR] \
-        --sizes 50 250 1000 [--predictors rbf mlp gp 'gp:kernel=rbf,encoding=scaled'] [--timing 10000]
+        --sizes 50 250 1000 [--predictors rbf mlp gp 'gp:kernel=rbf,encoding=scaled'] \
+        [--timing 2000 10000 --timing-predictors rbf gp]
 
 `--make-random N` first evaluates N random configurations with the real pipeline
 (`amq.train_search budget.iterations=0 budget.n_initial_random=N`) and uses them as `random`.
@@ -38,27 +37,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from amq.predictors.accuracy import heldout_scores  # noqa: E402
-
-
-def load_archive(run_dir: Path, metric: str = "jsd") -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
-    """(module names, bits matrix [n, modules], metric, gene keys) of a run's archive, in archive order."""
-    rows = [json.loads(line) for line in (run_dir / "archive.jsonl").read_text().splitlines() if line.strip()]
-    seen: set[str] = set()
-    uniq = []
-    for r in rows:  # an archive may hold a line twice after a resume: keep the first
-        k = json.dumps(r["config"]["bits"], sort_keys=True)
-        if k not in seen:
-            seen.add(k)
-            uniq.append((k, r))
-    names = sorted(uniq[0][1]["config"]["bits"])
-    bits = np.array([[r["config"]["bits"][n] for n in names] for _, r in uniq], dtype=np.float64)
-    y = np.array([r["metrics"][metric] for _, r in uniq], dtype=np.float64)
-    return names, bits, y, [k for k, _ in uniq]
-
-
-def features(bits: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    return (bits - lo) / (hi - lo)
+from amq.predictors.accuracy import heldout_scores
+from amq.predictors.archive_data import load_archive
 
 
 def make_predictor(spec: str, seed: int):
@@ -86,7 +66,7 @@ def make_random_run(n: int, seed: int, out_dir: Path) -> Path:
     env = {**os.environ, "AMQ_OUTPUT_DIR": str(out_dir), "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "amq.train_search", "logger=none", "budget=demo", "budget.iterations=0", f"budget.n_initial_random={n}", f"seed={seed}"]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
-    return sorted((out_dir / "search" / "runs").iterdir())[-1]
+    return max((out_dir / "search" / "runs").iterdir())
 
 
 def timing_rows(sizes: list[int], genes: int, specs: list[str], seed: int) -> list[str]:
@@ -124,22 +104,24 @@ def main() -> None:
     ap.add_argument("--predictors", nargs="+", default=["rbf", "mlp", "gp"])
     ap.add_argument("--timing", type=int, nargs="*", default=[], help="also time fits on synthetic data of these sizes")
     ap.add_argument("--timing-genes", type=int, default=220)
+    ap.add_argument("--timing-predictors", nargs="+", default=["rbf", "gp"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write all numbers here")
     args = ap.parse_args()
 
-    names, bits, y, keys = load_archive(args.train_run)
-    lo, hi = float(bits.min()), float(bits.max())
-    X = features(bits, lo, hi)
+    train = load_archive(args.train_run)
+    names, y, keys = train.modules, train.metric, train.keys
+    lo, hi = float(train.bits.min()), float(train.bits.max())
+    X = train.features(lo, hi)
     tests_all: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = {}
     heldout_run = args.heldout_run
     if args.make_random:
         heldout_run = make_random_run(args.make_random, args.seed + 1000, ROOT / "outputs" / "predbench")
     if heldout_run is not None:
-        hn, hb, hy, hk = load_archive(heldout_run)
-        if hn != names:
+        held = load_archive(heldout_run)
+        if held.modules != names:
             raise SystemExit(f"{heldout_run} has different modules than {args.train_run}")
-        tests_all["random"] = (features(hb, lo, hi), hy, hk)
+        tests_all["random"] = (held.features(lo, hi), held.metric, held.keys)
 
     print(f"# train pool {args.train_run} ({len(y)} records, {X.shape[1]} modules); held-out random: {heldout_run}; "
           f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads default", flush=True)
@@ -169,7 +151,7 @@ def main() -> None:
     print("\n" + "\n".join(lines))
     if args.timing:
         print("\n| predictor | n | genes | fit s | predict 2000 s |\n| --- | --- | --- | --- | --- |")
-        timing_rows(args.timing, args.timing_genes, [s for s in args.predictors], args.seed)
+        timing_rows(args.timing, args.timing_genes, args.timing_predictors, args.seed)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

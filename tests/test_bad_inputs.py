@@ -18,6 +18,8 @@ CASES = {
     "unknown predictor key": (["+predictor.nonsense=1"], "predictor"),
     "resume without state": (["resume=/tmp"], "resume"),
     "bad metric": (["metric.kind=mse"], "metric.kind"),
+    "hub dataset offline": (["data=wikitext2"], "data"),
+    "hub model offline": (["model=hf", "model.source.name_or_path=HuggingFaceTB/SmolLM2-135M"], "model.name_or_path"),
     "bad logger mode": (["logger=wandb", "logger.mode=sometimes"], "logger.mode"),
 }
 

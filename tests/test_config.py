@@ -55,7 +55,7 @@ def test_paper_budget_is_the_reference(compose_cfg):
     assert (b.n_samples, b.seq_len, b.n_initial_random + 3, b.iterations, b.batch_size) == (128, 2048, 250, 200, 50)
     assert (b.pop_size, b.n_gen, cfg.search.nsga.crossover_prob, cfg.search.nsga.mutation_prob) == (200, 20, 0.9, 0.1)
     assert list(cfg.search.bits) == [2, 3, 4] and cfg.quantizer.group_size == 128
-    assert cfg.search.pruning.threshold == 2.0 and cfg.search.pruning.keep_top == 1
+    assert cfg.search.pruning.threshold == 2.0 and cfg.search.pruning.keep_top == 1 and cfg.search.sensitivity_seeds == 0
     assert cfg.predictor._target_.endswith("RBFPredictor") and cfg.predictor.kernel == "cubic"
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from amq.errors import ConfigError
+from amq.hub import hub_reachable, offline_mode
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,12 @@ class HubDataset:
     max_docs: int | None = 20000
 
     def _split(self, split: str) -> list[str]:
+        if not offline_mode("dataset") and not hub_reachable():
+            raise ConfigError(
+                "data",
+                f"dataset {self.path!r} needs the Hugging Face hub, which is unreachable from here",
+                "data=wiki_lee (embedded, offline), or HF_DATASETS_OFFLINE=1 to use a copy `datasets` cached earlier",
+            )
         try:
             import datasets
 

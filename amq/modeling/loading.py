@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from amq.errors import ConfigError
+from amq.hub import hub_reachable, offline_mode
 from amq.io import file_lock
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,13 @@ class HFModel:
                 "model.name_or_path",
                 f"{self.name_or_path!r} is not a model directory (no config.json there)",
                 "a hub id such as HuggingFaceTB/SmolLM2-135M, or a directory saved by save_pretrained",
+            )
+        if not looks_local and not offline_mode("model") and not hub_reachable():
+            raise ConfigError(
+                "model.name_or_path",
+                f"{self.name_or_path!r} is a hub id and the Hugging Face hub is unreachable from here",
+                "a local model directory, model=smollm2 / model=gemma3_270m (embedded, offline), "
+                "or HF_HUB_OFFLINE=1 to use a copy cached earlier",
             )
         t0 = time.perf_counter()
         kwargs: dict[str, Any] = {"revision": self.revision, "trust_remote_code": self.trust_remote_code}

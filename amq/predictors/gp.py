@@ -1,23 +1,25 @@
 """Gaussian-process predictor (gpytorch) with a predictive standard deviation.
 
-Why these choices (measured in docs/predictors.md):
+Why these choices (measured on real archives of the embedded model, docs/predictors.md):
 - Genes are ordinal with few levels ({3, 4, 8} bits scaled to {0, 0.2, 1}). The default
   `thermometer` encoding turns each gene into one indicator per step up ("at least 4 bits",
-  "at least 8 bits"), so an ARD kernel learns how much each step of each gene matters instead of
+  "at least 8 bits"), so the kernel learns how much each step of each gene matters instead of
   assuming the scaled distance 4 -> 8 is four times 3 -> 4.
 - JSD is close to additive over linears, so the kernel is a linear part (an additive per-step
-  damage model) plus a stationary ARD part for interactions.
+  damage model) plus an ARD-RBF part for interactions, fitted on the raw metric by default:
+  log(sum of damages) is not additive, and the log target ranked worse.
 - Observation noise is learned (a Gaussian likelihood): the true metric is deterministic, but the
   model is not exact and the fitted noise absorbs the misfit instead of forcing interpolation.
 - Scale: an exact GP (Cholesky) up to `max_exact` points; above that a sparse variational GP
-  (SVGP, `n_inducing` learned inducing points, minibatch ELBO), whose cost is linear in the
-  archive size, so the `paper` budget's ~10,000 points x ~220 genes stay usable on CPU.
+  (SVGP, `n_inducing` learned inducing points, minibatch ELBO for `svgp_steps` steps), whose cost
+  does not grow with the archive, so the `paper` budget's ~10,000 points x ~220 genes stay usable
+  on CPU.
 
-Uncertainty with the log target: the GP's latent posterior is N(m, s^2) over log(metric + eps).
-`predict` returns the lognormal median exp(m) - eps (it ranks like m); `predict_dist` returns that
-median and the delta-method standard deviation exp(m) * s (in metric units, > 0). The latent std
-(not including the fitted noise) is what shrinks near evaluated configurations, which is what an
-optimistic bound (mean - kappa x std) should reward.
+Uncertainty: `predict_dist` returns the posterior mean and the std of the latent function (not
+including the fitted noise), in metric units: that std is what shrinks near evaluated
+configurations, which is what an optimistic bound (mean - kappa x std) should reward. With
+`target=log` the latent posterior is N(m, s^2) over log(metric + eps); `predict` then returns the
+lognormal median exp(m) - eps (it ranks like m) and the std is the delta method's exp(m) * s.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class _Encoder:
         self.encoding = encoding
         self.levels: np.ndarray | None = None
 
-    def fit(self, X: np.ndarray) -> "_Encoder":
+    def fit(self, X: np.ndarray) -> _Encoder:
         # Steps: every distinct value above the lowest, shared by all genes (a gene that cannot
         # reach a level simply never sets that indicator).
         self.levels = np.unique(np.round(X, 6))[1:]
@@ -90,7 +92,7 @@ class _ExactGP(gpytorch.models.ExactGP):
 
 class _SVGP(gpytorch.models.ApproximateGP):
     def __init__(self, inducing: torch.Tensor, kernel: gpytorch.kernels.Kernel) -> None:
-        dist = gpytorch.variational.CholeskyVariationalDistribution(inducing.size(0))
+        dist = gpytorch.variational.NaturalVariationalDistribution(inducing.size(0))
         strategy = gpytorch.variational.VariationalStrategy(self, inducing, dist, learn_inducing_locations=True)
         super().__init__(strategy)
         self.mean_module = gpytorch.means.ConstantMean()
@@ -112,9 +114,10 @@ class GPPredictor:
         method: str = "auto",
         max_exact: int = 2000,
         n_inducing: int = 512,
-        iterations: int = 300,
-        lr: float = 0.05,
+        iterations: int = 150,
+        lr: float = 0.1,
         svgp_steps: int = 600,
+        ngd_lr: float = 0.1,
         svgp_batch_size: int = 512,
         noise_floor: float = 1e-4,
         device: str = "cpu",
@@ -128,6 +131,7 @@ class GPPredictor:
         self.encoder = _Encoder(encoding)
         self.kernel, self.method, self.max_exact, self.n_inducing = kernel, method, max_exact, n_inducing
         self.iterations, self.lr, self.svgp_steps, self.svgp_batch_size = iterations, lr, svgp_steps, svgp_batch_size
+        self.ngd_lr = ngd_lr
         self.noise_floor, self.seed, self.device = noise_floor, seed, torch.device(device)
         self._model: gpytorch.models.GP | None = None
         self._likelihood: gpytorch.likelihoods.GaussianLikelihood | None = None
@@ -136,7 +140,7 @@ class GPPredictor:
         self.used_method = ""
 
     # -------------------------------------------------------------- fitting
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "GPPredictor":
+    def fit(self, X: np.ndarray, y: np.ndarray) -> GPPredictor:
         t0 = time.perf_counter()
         torch.manual_seed(self.seed)
         X = np.atleast_2d(np.asarray(X, dtype=np.float64))
@@ -182,7 +186,10 @@ class GPPredictor:
         model = _SVGP(inducing, kernel).double().to(self.device)
         model.train()
         likelihood.train()
-        opt = torch.optim.Adam([*model.parameters(), *likelihood.parameters()], lr=self.lr)
+        # Natural gradients for the variational distribution (converges in few steps, so the
+        # predictive std is not left at its prior-like initial value), Adam for the rest.
+        ngd = gpytorch.optim.NGD(model.variational_parameters(), num_data=len(X), lr=self.ngd_lr)
+        opt = torch.optim.Adam([*model.hyperparameters(), *likelihood.parameters()], lr=self.lr)
         mll = gpytorch.mlls.VariationalELBO(likelihood, model, num_data=len(X))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.svgp_steps)
         bs = min(self.svgp_batch_size, len(X))
@@ -192,9 +199,11 @@ class GPPredictor:
                 perm, pos = torch.randperm(len(X), generator=gen), 0
             idx = perm[pos : pos + bs].to(self.device)
             pos += bs
+            ngd.zero_grad()
             opt.zero_grad()
             loss = -mll(model(X[idx]), y[idx])
             loss.backward()
+            ngd.step()
             opt.step()
             sched.step()
         return model

@@ -56,6 +56,15 @@ class SearchSettings:
             raise ConfigError("budget", "no iterations and no initial random configurations: nothing to search", "iterations >= 1 or n_initial_random >= 1")
 
 
+def search_bits_range(space: SearchSpace, settings: SearchSettings) -> tuple[float, float]:
+    """Where the search concentrates: the bits window when set, else the whole reachable range."""
+    lo, hi = space.bits_range()
+    if settings.bits_window:
+        wlo, whi = settings.bits_window
+        return max(lo, wlo), min(hi, whi)
+    return lo, hi
+
+
 class IterativeSearch:
     def __init__(
         self,
@@ -68,30 +77,29 @@ class IterativeSearch:
         targets: list[float],
         seed: int,
         observers: list[IterationObserver] | None = None,
+        seeds: np.ndarray | None = None,
     ) -> None:
         self.space, self.evaluate, self.make_predictor = space, evaluate, make_predictor
         self.settings, self.archive, self.metric_name = settings, archive, metric_name
         self.targets, self.seed = targets, seed
         self.observers = observers or []
+        self.seeds = np.zeros((0, space.n_genes), dtype=int) if seeds is None else np.asarray(seeds, dtype=int)
         self.metric_scale: float | None = None
 
     @property
     def bits_range(self) -> tuple[float, float]:
-        """Where the search concentrates: the bits window when set, else the whole reachable range."""
-        lo, hi = self.space.bits_range()
-        if self.settings.bits_window:
-            wlo, whi = self.settings.bits_window
-            return max(lo, wlo), min(hi, whi)
-        return lo, hi
+        return search_bits_range(self.space, self.settings)
 
     # -------------------------------------------------------------- pieces
     def _rng(self, iteration: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, iteration])
 
     def initial_design(self) -> np.ndarray:
-        uniform = [self.space.uniform(b) for b in self.space.bit_choices]
-        rand = self.space.random(self._rng(0), self.settings.n_initial_random, self.settings.bits_window and self.bits_range)
-        return np.vstack([np.stack(uniform), rand]) if len(rand) else np.stack(uniform)
+        """Uniform configurations, then the warm-start seeds, then random ones (seeds take random slots)."""
+        uniform = np.stack([self.space.uniform(b) for b in self.space.bit_choices])
+        n_random = max(self.settings.n_initial_random - len(self.seeds), 0)
+        rand = self.space.random(self._rng(0), n_random, self.settings.bits_window and self.bits_range)
+        return np.vstack([uniform, self.seeds, rand])
 
     def _evaluate_batch(self, batch: np.ndarray, iteration: int) -> tuple[int, float]:
         done, secs = 0, 0.0

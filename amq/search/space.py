@@ -98,6 +98,16 @@ class SearchSpace:
         return self._sizes
 
     @property
+    def choice_bits(self) -> np.ndarray:
+        """[n_genes, n_widths] bit width of each gene's choice j (rows padded past `sizes`)."""
+        return self._table
+
+    @property
+    def gene_numel(self) -> np.ndarray:
+        """Weights controlled by each gene."""
+        return self._gene_numel
+
+    @property
     def meta_bits(self) -> float:
         return meta_overhead(self.group_size)
 
