@@ -113,3 +113,14 @@ def test_gp_sparse_variational_path_fits():
 def test_gp_rejects_bad_settings(setting, value):
     with pytest.raises(ConfigError, match=f"predictor.{setting}"):
         GPPredictor(**{setting: value})
+
+
+def test_gp_config_composes_and_fits(compose_cfg):
+    """`predictor=gp` from the real conf/ instantiates to an uncertain predictor that fits."""
+    from hydra.utils import instantiate
+
+    make = instantiate(compose_cfg(["predictor=gp", "predictor.iterations=30"]).predictor)
+    X, y = _synthetic(40)
+    p = make(seed=0).fit(X, y)
+    assert isinstance(p, UncertainPredictor) and p.name == "gp"
+    assert p.predict(X).shape == (40,)
