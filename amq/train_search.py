@@ -105,7 +105,9 @@ def run(cfg: DictConfig) -> float:
         targets=targets,
         seed=int(cfg.seed),
         observers=[on_iteration],
-        seeds=sensitivity_seeds(space, table.damage, int(cfg.search.sensitivity_seeds), search_bits_range(space, settings)),
+        seeder=lambda uniform_metric: sensitivity_seeds(
+            space, table.damage, int(cfg.search.sensitivity_seeds), search_bits_range(space, settings), targets, uniform_metric
+        ),
     )
     tracker.start(str(run_dir), OmegaConf.to_container(cfg, resolve=True), name=run_dir.name)
     failed = True

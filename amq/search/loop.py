@@ -77,13 +77,13 @@ class IterativeSearch:
         targets: list[float],
         seed: int,
         observers: list[IterationObserver] | None = None,
-        seeds: np.ndarray | None = None,
+        seeder: Callable[[dict[int, float]], np.ndarray] | None = None,
     ) -> None:
         self.space, self.evaluate, self.make_predictor = space, evaluate, make_predictor
         self.settings, self.archive, self.metric_name = settings, archive, metric_name
         self.targets, self.seed = targets, seed
         self.observers = observers or []
-        self.seeds = np.zeros((0, space.n_genes), dtype=int) if seeds is None else np.asarray(seeds, dtype=int)
+        self.seeder = seeder
         self.metric_scale: float | None = None
 
     @property
@@ -94,12 +94,23 @@ class IterativeSearch:
     def _rng(self, iteration: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, iteration])
 
+    def _uniform_design(self) -> np.ndarray:
+        return np.stack([self.space.uniform(b) for b in self.space.bit_choices])
+
     def initial_design(self) -> np.ndarray:
-        """Uniform configurations, then the warm-start seeds, then random ones (seeds take random slots)."""
-        uniform = np.stack([self.space.uniform(b) for b in self.space.bit_choices])
-        n_random = max(self.settings.n_initial_random - len(self.seeds), 0)
+        """Uniform configurations, then warm-start seeds (given the uniform metrics), then random ones.
+
+        Seeds take random slots, so the initial design's size stays `n_initial_random` + uniforms.
+        """
+        uniform = self._uniform_design()
+        seeds = np.zeros((0, self.space.n_genes), dtype=int)
+        if self.seeder is not None:
+            metric_of = {self.space.key(r.genes): r.metric for r in self.archive.records}
+            measured = {b: metric_of.get(self.space.key(g)) for b, g in zip(self.space.bit_choices, uniform)}
+            seeds = self.seeder({b: m for b, m in measured.items() if m is not None})
+        n_random = max(self.settings.n_initial_random - len(seeds), 0)
         rand = self.space.random(self._rng(0), n_random, self.settings.bits_window and self.bits_range)
-        return np.vstack([uniform, self.seeds, rand])
+        return np.vstack([uniform, seeds, rand])
 
     def _evaluate_batch(self, batch: np.ndarray, iteration: int) -> tuple[int, float]:
         done, secs = 0, 0.0
@@ -174,12 +185,14 @@ class IterativeSearch:
         rows = []
         for it in range(start_iteration, self.settings.iterations + 1):
             t0 = time.perf_counter()
-            predictor = None
+            predictor, pre_new, pre_s = None, 0, 0.0
             if it == 0:
+                pre_new, pre_s = self._evaluate_batch(self._uniform_design(), it)  # the seeder reads their metrics
                 batch, timings = self.initial_design(), {}
             else:
                 batch, predictor, timings = self.propose(it)
             n_new, eval_s = self._evaluate_batch(batch, it)
+            n_new, eval_s = n_new + pre_new, eval_s + pre_s
             if predictor is not None:
                 timings.update(self.heldout_accuracy(predictor, it))
             if self.metric_scale is None:

@@ -1,31 +1,46 @@
 """Warm-start configurations from the sensitivity table (an extension beyond the AMQ reference).
 
 The sensitivity stage already measured each linear's damage at the lowest width. Assuming damage
-is additive across linears and shrinks 4x per extra bit (quantization noise power scales as
-2^-2b), the best allocation for a bits budget is a Lagrangian knapsack: for a price lambda per
-bit, every gene independently picks the width minimising damage + lambda x bits. Sweeping lambda
-gives a family of allocations from the lowest to the highest average bits; the initial design
-takes the ones closest under evenly spaced bit levels. They cost a handful of true evaluations
-and give the search a strong start where uniform and random configurations are weak.
+is additive across linears and scales with the width by a common factor (measured from the
+uniform configurations when available, else 4x less per extra bit, since quantization noise power
+scales as 2^-2b), the best allocation for a bits budget is a Lagrangian knapsack: for a price
+lambda per bit, every gene independently picks the width minimising damage + lambda x bits.
+Sweeping lambda gives a family of allocations from the lowest to the highest average bits; the
+initial design takes the best one under each target and under evenly spaced levels. They cost a
+handful of true evaluations and give the search a strong start where uniform and random
+configurations are weak.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from amq.search.space import SearchSpace
 
 
-def allocation_family(space: SearchSpace, damage: Mapping[str, float], n_lambdas: int = 400) -> np.ndarray:
-    """Distinct Lagrangian allocations (gene vectors), ordered by average bits."""
+def width_factors(space: SearchSpace, uniform_metric: Mapping[int, float] | None = None) -> np.ndarray:
+    """Damage of each width relative to the lowest: measured from uniform configs, else 4^-(b - lowest)."""
     low = space.bit_choices[0]
+    default = {b: 4.0 ** -(b - low) for b in space.bit_choices}
+    base = (uniform_metric or {}).get(low)
+    if base and all(np.isfinite(uniform_metric.get(b, np.nan)) and uniform_metric[b] > 0 for b in space.bit_choices):
+        return np.array([uniform_metric[b] / base for b in space.bit_choices])
+    return np.array([default[b] for b in space.bit_choices])
+
+
+def allocation_family(
+    space: SearchSpace, damage: Mapping[str, float], factors: np.ndarray | None = None, n_lambdas: int = 400
+) -> np.ndarray:
+    """Distinct Lagrangian allocations (gene vectors), ordered by average bits."""
+    factors = width_factors(space) if factors is None else np.asarray(factors, dtype=float)
+    index = {b: i for i, b in enumerate(space.bit_choices)}
     gene_damage = np.array([sum(max(damage.get(n, 0.0), 0.0) for n in g) for g in space.groups])
     gene_numel = space.gene_numel
     table = space.choice_bits
     valid = np.arange(table.shape[1])[None, :] < space.sizes[:, None]
-    cost = gene_damage[:, None] * np.power(4.0, -(table - low))
+    cost = gene_damage[:, None] * factors[np.vectorize(index.get)(table.astype(int))]
     cost = np.where(valid, cost, np.inf)
     scale = (gene_damage.max() + 1e-30) / gene_numel.min()
     out, seen = [], set()
@@ -39,15 +54,24 @@ def allocation_family(space: SearchSpace, damage: Mapping[str, float], n_lambdas
     return family[np.argsort(space.avg_bits(family))]
 
 
-def sensitivity_seeds(space: SearchSpace, damage: Mapping[str, float], n: int, bits_range: tuple[float, float]) -> np.ndarray:
-    """Up to `n` allocations, the best under each of `n` evenly spaced levels in `bits_range`."""
+def sensitivity_seeds(
+    space: SearchSpace,
+    damage: Mapping[str, float],
+    n: int,
+    bits_range: tuple[float, float],
+    targets: Sequence[float] = (),
+    uniform_metric: Mapping[int, float] | None = None,
+) -> np.ndarray:
+    """Up to `n` allocations: the best under each target first, then under evenly spaced levels."""
     if n <= 0:
         return np.zeros((0, space.n_genes), dtype=int)
-    family = allocation_family(space, damage)
+    family = allocation_family(space, damage, width_factors(space, uniform_metric))
     fbits = space.avg_bits(family)
     lo, hi = bits_range
+    levels = [t for t in targets if lo <= t <= hi][:n]
+    levels += list(np.linspace(lo, hi, n - len(levels) + 2)[1:-1])
     picks: list[int] = []
-    for level in np.linspace(lo, hi, n + 2)[1:-1]:
+    for level in levels:
         under = np.flatnonzero(fbits <= level + 1e-12)
         if len(under) and int(under[-1]) not in picks:
             picks.append(int(under[-1]))

@@ -1,8 +1,9 @@
 """Where a run sits in a sweep, for the tracker: its W&B group, name and tags.
 
-Registered as an OmegaConf resolver so that conf/logger/wandb.yaml can say
-`group: ${amq_sweep_group:}` next to `name: ${hydra:job.override_dirname}`; the resolved values
-land in config.yaml too, so a run directory records how it was labelled.
+Registered as OmegaConf resolvers so that conf/logger/wandb.yaml can say
+`group: ${amq_sweep_group:}`, `name: ${amq_run_name:}`, `tags: ${amq_run_tags:}`; the resolved
+values land in config.yaml too, so a run directory records how it was labelled. Outside a Hydra
+job (the compose API, a notebook) they resolve to nothing instead of failing.
 """
 
 from __future__ import annotations
@@ -28,4 +29,24 @@ def sweep_group() -> str | None:
     return Path(str(hc.sweep.dir)).name
 
 
+def run_name() -> str | None:
+    """The overridden settings (`hydra.job.override_dirname`, e.g. `predictor=mlp,seed=1`).
+
+    Settings that don't change results are left out by hydra.job.config.override_dirname.exclude_keys;
+    None when nothing is overridden (the logger then uses the run directory's name).
+    """
+    if not HydraConfig.initialized():
+        return None
+    return str(HydraConfig.get().job.override_dirname) or None
+
+
+def run_tags() -> list[str]:
+    """Every command-line override of the job (`hydra.overrides.task`), one tag each."""
+    if not HydraConfig.initialized():
+        return []
+    return [str(o) for o in HydraConfig.get().overrides.task]
+
+
 OmegaConf.register_new_resolver("amq_sweep_group", sweep_group, replace=True)
+OmegaConf.register_new_resolver("amq_run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("amq_run_tags", run_tags, replace=True)
