@@ -273,9 +273,14 @@ def test_launcher_options_compose(compose_cfg, launcher, target):
 
 def test_wandb_logger_config_names_runs_after_overrides(compose_cfg):
     cfg = compose_cfg(["logger=wandb", "predictor=mlp", "seed=3", "num_threads=1"])
+    outside = instantiate(cfg.logger)  # no Hydra job (compose API): no name, tags or group
+    assert (outside.name, outside.tags, outside.group) == (None, [], None)
     HydraConfig.instance().set_config(cfg)
-    logger = instantiate(cfg.logger)
-    assert logger.name == "predictor=mlp,seed=3" and "seed=3" in logger.tags
+    try:
+        logger = instantiate(cfg.logger)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert logger.name == "predictor=mlp,seed=3" and "seed=3" in logger.tags  # num_threads left out of the name
     assert logger.group is None  # a single run joins no sweep group
 
 
