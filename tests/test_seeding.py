@@ -47,3 +47,20 @@ def test_seeds_inside_range_and_beat_random_under_the_model():
 def test_no_seeds_requested():
     space, damage = _space()
     assert sensitivity_seeds(space, damage, 0, (4.0, 5.0)).shape == (0, space.n_genes)
+
+
+def test_batch_selection_serves_targets_and_spreads():
+    from amq.search.selection import select_batch
+
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 3, size=(300, 20))
+    bits = np.linspace(3.5, 5.5, 300)
+    predicted = 1.0 / bits + rng.random(300) * 0.01
+    key = lambda g: "".join(map(str, g))  # noqa: E731
+    seen = {key(X[0])}
+    batch = select_batch(X, predicted, bits, seen, key, 6, (3.5, 5.5), targets=[4.0, 4.5])
+    idx = [int(np.flatnonzero((X == b).all(1))[0]) for b in batch]
+    chosen_bits = bits[idx]
+    assert len(batch) == 6 and 0 not in idx and len(set(idx)) == 6
+    assert any(4.0 - 2 / 6 <= b <= 4.0 for b in chosen_bits) and any(4.5 - 2 / 6 <= b <= 4.5 for b in chosen_bits)
+    assert chosen_bits.max() - chosen_bits.min() > 1.0  # spread along the bits axis, not clustered

@@ -152,7 +152,7 @@ class IterativeSearch:
         popX, popF = run_nsga2(problem, self.settings.nsga, front, seed=self.seed * 100_003 + iteration, window=self.settings.bits_window and self.bits_range)
         nsga_s = time.perf_counter() - t1
         seen = {self.space.key(g) for g in X}
-        batch = select_batch(popX, popF[:, 0], popF[:, 1], seen, self.space.key, self.settings.batch_size, self.bits_range)
+        batch = select_batch(popX, popF[:, 0], popF[:, 1], seen, self.space.key, self.settings.batch_size, self.bits_range, self.targets)
         return batch, predictor, {"predictor/fit_seconds": fit_s, "search/nsga_seconds": nsga_s, "predictor/n_train": int(len(y))}
 
     def heldout_accuracy(self, predictor: Predictor, iteration: int) -> dict:

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from amq.search.pareto import front_ranks
 
 
 def select_batch(
-    X: np.ndarray, predicted: np.ndarray, bits: np.ndarray, seen: set[str], key, batch_size: int, bits_range: tuple[float, float]
+    X: np.ndarray,
+    predicted: np.ndarray,
+    bits: np.ndarray,
+    seen: set[str],
+    key,
+    batch_size: int,
+    bits_range: tuple[float, float],
+    targets: Sequence[float] = (),
 ) -> np.ndarray:
     """Pick up to `batch_size` rows of X.
 
-    The bits range is cut into `batch_size` equal bins; each bin contributes its best candidate
-    (lowest non-dominated rank, then lowest predicted metric). Bins left empty are filled with the
-    remaining candidates farthest (in bits) from those already chosen, best rank first.
+    First, for each target, the best predicted candidate just under it (within one bin width):
+    the budgets users asked about get a fresh candidate every iteration. Then the bits range is
+    cut into equal bins; each bin contributes its best candidate (lowest non-dominated rank, then
+    lowest predicted metric). Slots left are filled with the remaining candidates farthest (in
+    bits) from those already chosen, best rank first.
     """
     keys = [key(x) for x in X]
     keep, uniq = [], set()
@@ -28,12 +39,19 @@ def select_batch(
     ranks = front_ranks(np.column_stack([predicted, bits]))
     order = np.lexsort((predicted, ranks))  # best first
     lo, hi = bits_range
-    edges = np.linspace(lo, hi, batch_size + 1)
-    bins = np.clip(np.searchsorted(edges, bits, side="right") - 1, 0, batch_size - 1)
+    width = (hi - lo) / batch_size
     chosen: list[int] = []
-    for b in range(batch_size):
+    for t in list(targets)[: batch_size // 2]:
         for i in order:
-            if bins[i] == b:
+            if t - width <= bits[i] <= t + 1e-9 and int(i) not in chosen:
+                chosen.append(int(i))
+                break
+    n_bins = batch_size - len(chosen)
+    edges = np.linspace(lo, hi, n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, bits, side="right") - 1, 0, max(n_bins - 1, 0))
+    for b in range(n_bins):
+        for i in order:
+            if bins[i] == b and int(i) not in chosen:
                 chosen.append(int(i))
                 break
     rest = [int(i) for i in order if int(i) not in set(chosen)]
