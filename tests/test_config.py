@@ -29,7 +29,7 @@ def test_data_options(compose_cfg, data, cls):
     assert isinstance(instantiate(compose_cfg([f"data={data}"]).data), cls)
 
 
-@pytest.mark.parametrize("predictor", ["rbf", "mlp"])
+@pytest.mark.parametrize("predictor", ["rbf", "mlp", "gp"])
 def test_predictor_options(compose_cfg, predictor):
     make = instantiate(compose_cfg([f"predictor={predictor}"]).predictor)
     assert isinstance(make(seed=0), Predictor)
@@ -50,13 +50,13 @@ def test_budget_options(compose_cfg, budget):
 
 
 def test_paper_budget_is_the_reference(compose_cfg):
-    cfg = compose_cfg(["budget=paper", "model=hf", "model.source.name_or_path=x"])
+    cfg = compose_cfg(["experiment=paper_llama2_7b"])
     b = cfg.budget
     assert (b.n_samples, b.seq_len, b.n_initial_random + 3, b.iterations, b.batch_size) == (128, 2048, 250, 200, 50)
     assert (b.pop_size, b.n_gen, cfg.search.nsga.crossover_prob, cfg.search.nsga.mutation_prob) == (200, 20, 0.9, 0.1)
     assert list(cfg.search.bits) == [2, 3, 4] and cfg.quantizer.group_size == 128
     assert cfg.search.pruning.threshold == 2.0 and cfg.search.pruning.keep_top == 1 and cfg.search.sensitivity_seeds == 0
-    assert cfg.predictor._target_.endswith("RBFPredictor") and cfg.predictor.kernel == "cubic"
+    assert cfg.predictor._target_.endswith("RBFPredictor") and cfg.predictor.kernel == "cubic" and cfg.search.kappa == 0
 
 
 @pytest.mark.parametrize("logger, cls", [("none", NullLogger), ("wandb", WandbLogger)])
