@@ -1,4 +1,4 @@
-"""Turn documents into token windows: random windows for calibration, contiguous ones for perplexity."""
+"""Turn documents into token windows: seeded random windows of the calibration text."""
 
 from __future__ import annotations
 
@@ -55,21 +55,4 @@ def calibration_windows(
     if add_bos:
         bos = torch.full((spec.n_samples, 1), tokenizer.bos_token_id, dtype=torch.long)
         windows = torch.cat([bos, windows], dim=1)
-    return windows
-
-
-def contiguous_windows(
-    tokenizer: PreTrainedTokenizerBase, docs: list[str], seq_len: int, add_bos: bool, max_windows: int | None = None
-) -> torch.Tensor:
-    """Non-overlapping windows covering the text (for perplexity); the tail shorter than a window is dropped."""
-    stream = token_stream(tokenizer, docs)
-    body = seq_len - 1 if add_bos else seq_len
-    n = len(stream) // body
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise ConfigError("eval.seq_len", f"the text has {len(stream)} tokens, fewer than one window", "a shorter seq_len")
-    windows = stream[: n * body].view(n, body)
-    if add_bos:
-        windows = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long), windows], dim=1)
     return windows
