@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from amq.errors import ConfigError
 from amq.io import atomic_write_json, file_lock
 from amq.metrics.base import QualityMetric
 from amq.proxy.bank import ProxyBank
@@ -95,8 +94,6 @@ def cached_measure(
     table = _load_cached_table(path, bank.layout.names)
     if table is not None:
         return table
-    if low == high:
-        raise ConfigError("search.bits", "sensitivity needs a lowest and a highest bit width that differ")
     with file_lock(path):  # parallel jobs of a sweep: one measures, the others wait and reuse it
         table = _load_cached_table(path, bank.layout.names)
         if table is None:

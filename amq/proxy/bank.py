@@ -75,19 +75,14 @@ class ProxyBank:
         t0 = time.perf_counter()
         for nbits in self.bits:
             path = cache_dir / f"{_cache_key(fingerprint, self.quantizer, nbits, self.layout)}-{nbits}bit.pt"
-            packed = self._load_cached(path)
-            if packed is None:
-                with file_lock(path):  # parallel jobs of a sweep: one quantizes, the others wait
-                    packed = self._load_cached(path)
-                    if packed is None:
-                        packed = self.quantize_all(nbits)
-                        atomic_write_bytes_with(path, lambda tmp, p=packed: torch.save(p, tmp))
-                    else:
-                        self.cache_hits += 1
-                        log.info("proxy %d-bit: loaded from cache %s (built by a parallel job)", nbits, path.name)
-            else:
-                self.cache_hits += 1
-                log.info("proxy %d-bit: loaded from cache %s", nbits, path.name)
+            with file_lock(path):  # parallel jobs of a sweep: one quantizes, the others wait and reuse it
+                packed = self._load_cached(path)
+                if packed is None:
+                    packed = self.quantize_all(nbits)
+                    atomic_write_bytes_with(path, lambda tmp, p=packed: torch.save(p, tmp))
+                else:
+                    self.cache_hits += 1
+                    log.info("proxy %d-bit: loaded from cache %s", nbits, path.name)
             self._bank[nbits] = self._materialize(packed)
         if self.storage == "packed":  # keep the originals off the accelerator; one work buffer per linear
             self._original = {n: nn.Parameter(w.detach().to("cpu"), requires_grad=False) for n, w in self._original.items()}
