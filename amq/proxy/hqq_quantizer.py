@@ -55,8 +55,8 @@ class HQQQuantizer:
                     _divisors_hint(linears, self.axis),
                 )
 
-    def quantize(self, weight: torch.Tensor, nbits: int) -> tuple[torch.Tensor, dict]:
-        """Packed integer weights and HQQ's meta (scale, zero, shape), on the weight's device."""
+    def quantize(self, weight: torch.Tensor, nbits: int, bitpack: bool = True) -> tuple[torch.Tensor, dict]:
+        """Integer weights (HQQ-packed unless `bitpack=False`) and HQQ's meta (scale, zero, shape), on the weight's device."""
         from hqq.core.quantize import Quantizer
 
         w_q, meta = Quantizer.quantize(
@@ -65,7 +65,7 @@ class HQQQuantizer:
             group_size=self.group_size,
             axis=self.axis,
             optimize=self.optimize,
-            bitpack=True,
+            bitpack=bitpack,
             compute_dtype=torch.float32,
             device=str(weight.device),
         )
