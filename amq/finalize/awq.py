@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from amq.errors import ConfigError
-from amq.finalize.base import require_calibration, selected_linears
-from amq.finalize.calibration import InputStats, quantize_blocks
+from amq.finalize.calibration import InputStats, quantize_calibrated
 from amq.finalize.grid import from_codes, grouped, minmax_grid, round_to_nearest, to_codes
 from amq.finalize.packed import GroupQuant
 from amq.modeling.discovery import ModelLayout
@@ -59,13 +58,11 @@ class AWQFinalizer:
     def quantize(
         self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int, calib: torch.Tensor | None
     ) -> dict[str, GroupQuant]:
-        linears = selected_linears(layout, bits, group_size, self.name)
-        calib = require_calibration(calib, self.name)
+        return quantize_calibrated(self, model, layout, bits, group_size, calib)
 
-        def stage(names: list[str], weights: list[torch.Tensor], stats: InputStats) -> list[GroupQuant]:
-            return [awq_quantize(w, stats, bits[n], group_size, self.n_grid, self.clip, self.max_shrink) for n, w in zip(names, weights)]
-
-        return quantize_blocks(model, linears, calib, stage, self.batch_size, self.sequential, label="awq")
+    def quantize_stage(self, weights: list[torch.Tensor], bits: list[int], group_size: int, stats: InputStats) -> list[GroupQuant]:
+        """Each linear gets its own scales (they are not folded, so nothing forces q/k/v to share them)."""
+        return [awq_quantize(w, stats, b, group_size, self.n_grid, self.clip, self.max_shrink) for w, b in zip(weights, bits)]
 
 
 def output_error(E: torch.Tensor, H: torch.Tensor) -> float:

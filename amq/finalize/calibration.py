@@ -19,13 +19,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from torch import nn
 
+from amq.finalize.base import require_calibration, selected_linears
 from amq.finalize.packed import GroupQuant
-from amq.modeling.discovery import LinearInfo, find_decoder_blocks
+from amq.modeling.discovery import LinearInfo, ModelLayout, find_decoder_blocks
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,34 @@ def capture_block_calls(
         for hd in handles:
             hd.remove()
     return hidden, calls
+
+
+class CalibratedFinalizer(Protocol):
+    """A finalizer that quantizes a stage of linears from the statistics of their shared input."""
+
+    name: str
+    batch_size: int
+    sequential: bool
+
+    def quantize_stage(self, weights: list[torch.Tensor], bits: list[int], group_size: int, stats: InputStats) -> list[GroupQuant]: ...
+
+
+def quantize_calibrated(
+    finalizer: CalibratedFinalizer,
+    model: nn.Module,
+    layout: ModelLayout,
+    bits: Mapping[str, int],
+    group_size: int,
+    calib: torch.Tensor | None,
+) -> dict[str, GroupQuant]:
+    """`Finalizer.quantize` for calibrated methods: check the request, then walk the blocks."""
+    linears = selected_linears(layout, bits, group_size, finalizer.name)
+    calib = require_calibration(calib, finalizer.name)
+
+    def stage(names: list[str], weights: list[torch.Tensor], stats: InputStats) -> list[GroupQuant]:
+        return finalizer.quantize_stage(weights, [bits[n] for n in names], group_size, stats)
+
+    return quantize_blocks(model, linears, calib, stage, finalizer.batch_size, finalizer.sequential, label=finalizer.name)
 
 
 StageQuantizer = Callable[[list[str], list[torch.Tensor], InputStats], list[GroupQuant]]

@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from amq.errors import ConfigError
-from amq.finalize.base import require_calibration, selected_linears
-from amq.finalize.calibration import InputStats, quantize_blocks
+from amq.finalize.calibration import InputStats, quantize_calibrated
 from amq.finalize.grid import minmax_grid
 from amq.finalize.packed import GroupQuant
 from amq.modeling.discovery import ModelLayout
@@ -56,13 +55,10 @@ class GPTQFinalizer:
     def quantize(
         self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int, calib: torch.Tensor | None
     ) -> dict[str, GroupQuant]:
-        linears = selected_linears(layout, bits, group_size, self.name)
-        calib = require_calibration(calib, self.name)
+        return quantize_calibrated(self, model, layout, bits, group_size, calib)
 
-        def stage(names: list[str], weights: list[torch.Tensor], stats: InputStats) -> list[GroupQuant]:
-            return gptq_quantize(weights, stats.hessian(), [bits[n] for n in names], group_size, self.damp, self.block_size, self.act_order)
-
-        return quantize_blocks(model, linears, calib, stage, self.batch_size, self.sequential, label="gptq")
+    def quantize_stage(self, weights: list[torch.Tensor], bits: list[int], group_size: int, stats: InputStats) -> list[GroupQuant]:
+        return gptq_quantize(weights, stats.hessian(), bits, group_size, self.damp, self.block_size, self.act_order)
 
 
 def gptq_quantize(
@@ -131,14 +127,14 @@ def gptq_quantize(
 
 def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of H^-1, adding more dampening if H is numerically not positive definite."""
-    eye = torch.eye(H.shape[0], device=H.device)
-    extra = 0.0
+    step = 1e-6 * float(torch.mean(torch.diag(H))) + 1e-12
     for _ in range(6):
-        L, info = torch.linalg.cholesky_ex(H + extra * eye)
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if int(info) == 0:
                 return U
-        extra = max(extra * 10, 1e-6 * float(torch.mean(torch.diag(H))) + 1e-12)
+        H = H.clone()
+        H.diagonal().add_(step)
+        step *= 10
     raise RuntimeError("GPTQ: the Hessian is not positive definite even after extra dampening")

@@ -9,7 +9,7 @@ reload don't depend on which one produced the weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -129,18 +129,9 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if has_bias else None)
 
     @classmethod
-    def empty(
-        cls,
-        in_features: int,
-        out_features: int,
-        bits: int,
-        group_size: int,
-        has_bias: bool,
-        has_input_scale: bool,
-        dtype: torch.dtype,
-    ) -> "PackedLinear":
-        """A zero-filled layer of the right shapes, to be filled by `load_state_dict`."""
-        return cls(in_features, out_features, bits, group_size, has_bias, has_input_scale, dtype)
+    def empty(cls, *args: Any, **kwargs: Any) -> "PackedLinear":
+        """A zero-filled layer (the constructor's arguments), for a loader to fill with `load_state_dict`."""
+        return cls(*args, **kwargs)
 
     @classmethod
     def from_quant(cls, q: GroupQuant, bias: torch.Tensor | None, dtype: torch.dtype) -> "PackedLinear":
