@@ -55,8 +55,12 @@ class HQQQuantizer:
                     _divisors_hint(linears, self.axis),
                 )
 
-    def quantize(self, weight: torch.Tensor, nbits: int) -> tuple[torch.Tensor, dict]:
-        """Packed integer weights and HQQ's meta (scale, zero, shape), on the weight's device."""
+    def quantize(self, weight: torch.Tensor, nbits: int, bitpack: bool = True) -> tuple[torch.Tensor, dict]:
+        """Integer weights (packed by HQQ unless `bitpack=False`) and HQQ's meta (scale, zero, shape).
+
+        Dequantization is `(w_q - zero) * scale` per group; with axis=1 the groups run along the
+        input features, so unpacked codes reshape to the weight's shape.
+        """
         from hqq.core.quantize import Quantizer
 
         w_q, meta = Quantizer.quantize(
@@ -65,7 +69,7 @@ class HQQQuantizer:
             group_size=self.group_size,
             axis=self.axis,
             optimize=self.optimize,
-            bitpack=True,
+            bitpack=bitpack,
             compute_dtype=torch.float32,
             device=str(weight.device),
         )
