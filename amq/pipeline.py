@@ -11,7 +11,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from hydra.errors import InstantiationException
@@ -27,6 +27,10 @@ from amq.modeling.discovery import ModelLayout, discover_layout
 from amq.modeling.loading import LoadedModel
 from amq.proxy.bank import ProxyBank
 from amq.search.space import SearchSpace
+
+if TYPE_CHECKING:
+    from amq.evaluation.suite import EvalSuite
+    from amq.finalize.stage import FinalizeSettings, Finalizer
 
 log = logging.getLogger(__name__)
 
@@ -115,3 +119,41 @@ def prune(wb: Workbench, pruning: sensitivity.Pruning, sensitivity_samples: int,
         if t < lo:
             log.warning("target %.3g bits is below the pruned space's minimum %.3f: nothing will be reported there", t, lo)
     return table, space
+
+
+def finalize_settings(node: DictConfig) -> "FinalizeSettings":
+    """The finalize node as settings (checked before the search spends anything)."""
+    from amq.finalize.stage import FinalizeSettings
+
+    targets = node.targets if node.targets is not None else []
+    if isinstance(targets, (int, float)):
+        targets = [targets]
+    try:
+        values = tuple(float(t) for t in targets)
+    except (TypeError, ValueError):
+        raise ConfigError("finalize.targets", f"{targets!r} is not a list of numbers", "a list of average-bits budgets, e.g. [4.0, 4.5]") from None
+    return FinalizeSettings(values, str(node.bits_convention), bool(node.evaluate), int(node.extra_front_points), bool(node.baselines))
+
+
+def eval_suite(node: DictConfig, splits: TextSplits, add_bos: bool, cache_dir: Path) -> "EvalSuite":
+    """Held-out texts of the run's data plus the finalize node's perplexity protocol and tasks."""
+    from amq.evaluation.perplexity import PerplexityProtocol
+    from amq.evaluation.suite import EvalSuite
+
+    proto = PerplexityProtocol(int(node.window), None if node.max_windows is None else int(node.max_windows), add_bos)
+    limit = None if node.task_limit is None else int(node.task_limit)
+    return EvalSuite(dict(splits.heldout), splits.description, proto, tuple(node.tasks or ()), limit, cache_dir)
+
+
+def finalizer_for(cfg: DictConfig, wb: Workbench, run_dir: Path, metric_name: str) -> "Finalizer":
+    """The finalize stage for a prepared workbench (calibration windows drawn from the calibration split)."""
+    from amq.finalize.stage import Finalizer
+
+    node = cfg.finalize
+    quantizer = build(cfg.finalizer, "finalizer")
+    calib = None
+    if quantizer.needs_calibration:
+        spec = CalibrationSpec(int(node.n_samples), int(node.seq_len), seed=int(cfg.data_seed))
+        calib = calibration_windows(wb.lm.tokenizer, wb.splits.calibration, spec, wb.lm.add_bos)
+    suite = eval_suite(node, wb.splits, wb.lm.add_bos, wb.cache_dir) if node.evaluate else None
+    return Finalizer(run_dir, wb.lm, wb.layout, quantizer, finalize_settings(node), suite, metric_name, calib)

@@ -19,8 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META
 from amq.errors import ConfigError
+from amq.finalize.stage import FinalizeSettings
 from amq.io import atomic_write_json, atomic_write_text
-from amq.pipeline import build, prepare, prune
+from amq.pipeline import build, finalize_settings, finalizer_for, prepare, prune
 from amq.run_outputs import RunOutputs
 from amq.search.archive import Archive
 from amq.search.evaluator import ProxyEvaluator
@@ -63,6 +64,9 @@ def run(cfg: DictConfig) -> float:
         kappa=float(cfg.search.kappa),
     )
     tracker = build(cfg.logger, "logger")
+    finalize = finalize_settings(cfg.finalize) if cfg.finalize.enabled else None
+    if finalize is not None:
+        build(cfg.finalizer, "finalizer")  # bad finalizer settings fail before the search
     if int(cfg.search.sensitivity_seeds) < 0:
         raise ConfigError("search.sensitivity_seeds", f"{cfg.search.sensitivity_seeds}", "an integer >= 0 (0: the reference's uniform + random initial design)")
 
@@ -73,6 +77,9 @@ def run(cfg: DictConfig) -> float:
     space_fp = space.fingerprint(lm.fingerprint)
     if resuming and state.get("space_fingerprint") != space_fp:
         raise ConfigError("resume", f"{run_dir} was searched over a different model or search space", "the same model, bits, group size, data and pruning settings as the original run")
+
+    if finalize is not None:
+        check_finalize_targets(finalize, space)
 
     # ---- run directory
     if not resuming:
@@ -120,6 +127,11 @@ def run(cfg: DictConfig) -> float:
         front = outputs.write_front(archive, metric.name, title)
         summary = _summary(cfg, lm, layout, space, archive, metric, wb.splits.description, table, bank, rows, front, targets, search_s, time.perf_counter() - t_start)
         atomic_write_json(outputs.path("summary.json"), summary)
+        if finalize is not None:
+            bank.restore()
+            report = finalizer_for(cfg, wb, run_dir, metric.name).run(list(space.bit_choices))
+            summary["finalize"] = finalize_summary(report)
+            atomic_write_json(outputs.path("summary.json"), summary)
         tracker.summary(summary_values(summary))
         tracker.log_artifacts(artifact_paths(run_dir))
         failed = False
@@ -127,6 +139,21 @@ def run(cfg: DictConfig) -> float:
         tracker.finish(failed=failed)
     log.info("front: %d configurations in %s (front.json, front.csv, front.png)", len(front), run_dir)
     return float(rows[-1]["hypervolume"])
+
+
+def check_finalize_targets(settings: FinalizeSettings, space) -> None:
+    """A finalize target below the smallest configuration of the space can never be met: fail now."""
+    lo = space.bits_range()[0] - (space.meta_bits if settings.bits_convention == "weights_only" else 0.0)
+    low = [t for t in settings.targets if t < lo - 1e-9]
+    if low:
+        raise ConfigError("finalize.targets", f"{low} below the smallest reachable {lo:.3f} average bits ({settings.bits_convention})", f"targets >= {lo:.3f}")
+
+
+def finalize_summary(report: dict) -> dict:
+    """The finalize stage in summary.json: per exported model, where it is and how it scored."""
+    models = {f"{r['target']:g}": {k: r.get(k) for k in ("dir", "avg_bits", "avg_bits_weights_only", "perplexity", "zero_shot", "bytes_on_disk")}
+              for r in report["rows"] if r["kind"] == "target"}
+    return {"models": models, "proxy_fidelity": report["proxy_fidelity"], "seconds": report["seconds"]}
 
 
 def _summary(cfg, lm, layout, space, archive, metric, data_desc, table, bank, rows, front, targets, search_s, total_s) -> dict:

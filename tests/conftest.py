@@ -43,4 +43,4 @@ def run_dirs(out_dir: Path) -> list[Path]:
     return sorted(p for p in base.iterdir() if p.is_dir()) if base.exists() else []
 
 
-SMOKE = ["budget=smoke", "logger=none", "metric.compile=false", "num_threads=2"]
+SMOKE = ["budget=smoke", "logger=none", "metric.compile=false", "num_threads=2", "finalize.enabled=false"]

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 from torch import nn
 
-from amq.finalize.base import require_calibration, selected_linears
+from amq.finalize.checks import require_calibration, selected_linears
 from amq.finalize.packed import GroupQuant
 from amq.modeling.discovery import LinearInfo, ModelLayout, find_decoder_blocks
 
@@ -78,7 +78,7 @@ class _Recorder:
     modules: Mapping[str, nn.Linear]
     measure: int | None = None
     stages: list[list[str]] = field(default_factory=list)
-    stats: list[InputStats] = field(default_factory=list)
+    stats: list[InputStats | None] = field(default_factory=list)  # None: stage not measured
     _stage_of: dict[str, int] = field(default_factory=dict)
     _last: tuple[torch.Tensor, int] | None = None
 
@@ -93,10 +93,11 @@ class _Recorder:
                 else:
                     k = len(self.stages)
                     self.stages.append([name])
-                    self.stats.append(InputStats.empty(x.shape[-1], x.device))
+                    self.stats.append(InputStats.empty(x.shape[-1], x.device) if self.measure is None or k < self.measure else None)
                 self._stage_of[name] = k
-            if self.stages[k][0] == name and (self.measure is None or k < self.measure):
-                self.stats[k].add(x)
+            stats = self.stats[k]
+            if stats is not None and self.stages[k][0] == name:
+                stats.add(x)
             self._last = (x, k)
 
         return fn

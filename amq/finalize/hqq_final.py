@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from amq.finalize.base import selected_linears
+from amq.finalize.checks import selected_linears
 from amq.finalize.packed import GroupQuant
 from amq.modeling.discovery import ModelLayout
 from amq.proxy.hqq_quantizer import HQQ_PACKABLE_BITS, HQQQuantizer

@@ -1,35 +1,13 @@
-"""What a final quantizer is, and the checks every one of them makes before working."""
+"""The checks every final quantizer makes before working: names, widths, group size, calibration."""
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol
+from typing import Mapping
 
 import torch
-from torch import nn
 
 from amq.errors import ConfigError
-from amq.finalize.packed import GroupQuant
 from amq.modeling.discovery import LinearInfo, ModelLayout
-
-
-class Finalizer(Protocol):
-    """Quantizes the named linears of a model for real, each at its own bit width.
-
-    Returns one GroupQuant per linear named in `bits` and leaves the model's weights unchanged.
-    `calib` holds calibration token windows (n, seq_len); never held-out text.
-    """
-
-    name: str
-    needs_calibration: bool
-
-    def quantize(
-        self,
-        model: nn.Module,
-        layout: ModelLayout,
-        bits: Mapping[str, int],
-        group_size: int,
-        calib: torch.Tensor | None,
-    ) -> dict[str, GroupQuant]: ...
 
 
 def selected_linears(
