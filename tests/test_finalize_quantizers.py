@@ -190,6 +190,25 @@ def test_packed_8bit_model_matches_the_original(smollm2):
     assert kl < 5e-3, kl
 
 
+def test_awq_model_exports_and_reloads_with_identical_outputs(smollm2, tmp_path: Path):
+    """Packed layers with AWQ input scales go through export and a reload unchanged."""
+    import copy
+
+    from amq.bits import BitConfig
+    from amq.finalize.export import load_quantized, write_model_dir
+
+    lm, layout, calib, compose_cfg = smollm2
+    bits = {li.name: (3 if li.block == 0 else 4) for li in layout.linears if li.block < 2}
+    quants = _finalizer(compose_cfg, "awq").quantize(lm.model, layout, bits, GROUP, calib[:2])
+    packed = copy.deepcopy(lm.model)
+    replace_linears(packed, quants, lm.model.dtype)
+    write_model_dir(tmp_path / "m", packed, lm.tokenizer, BitConfig(bits, GROUP), {"name": "awq"})
+    reloaded = load_quantized(tmp_path / "m")
+    assert all(m.input_scale is not None for m in reloaded.modules() if isinstance(m, PackedLinear))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=calib[:2]).logits, packed(input_ids=calib[:2]).logits)
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_inputs_are_clear_config_errors(smollm2):
     lm, layout, calib, compose_cfg = smollm2
