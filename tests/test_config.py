@@ -76,3 +76,10 @@ def test_quantizer_option(compose_cfg):
 def test_experiment_preset(compose_cfg):
     cfg = compose_cfg(["experiment=paper_llama2_7b"])
     assert cfg.model.source.name_or_path == "meta-llama/Llama-2-7b-hf" and cfg.budget.iterations == 200
+
+
+@pytest.mark.parametrize("finalizer", ["hqq", "gptq", "awq"])
+def test_finalizer_options(compose_cfg, finalizer):
+    f = instantiate(compose_cfg([f"finalizer={finalizer}"]).finalizer)
+    assert f.name == finalizer and f.needs_calibration == (finalizer != "hqq")
+    assert callable(f.quantize)
