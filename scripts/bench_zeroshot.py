@@ -1,7 +1,8 @@
 """Zero-shot accuracy (lm-eval, offline BIG-bench tasks) of the unquantized model and uniform HQQ copies.
 
 Shows whether a task has signal at this model size (accuracy against chance) and how much uniform
-low-bit quantization costs on it. The uniform copies are the proxy's fake-quantized weights
+low-bit quantization costs on it. Wall and CPU seconds are both recorded: on a shared machine the
+CPU time (with num_threads=1) is the figure that does not depend on the load. The uniform copies are the proxy's fake-quantized weights
 (HQQ, the configured group size), swapped into the same model object.
 
     python scripts/bench_zeroshot.py                                  # social_iqa, bf16 + uniform 3/4-bit
@@ -50,10 +51,11 @@ def main() -> None:
     for nbits in [None, *args.bits]:
         wb.bank.apply({n: nbits for n in wb.layout.names})
         label = "bf16" if nbits is None else f"uniform {nbits}-bit HQQ g{wb.bank.quantizer.group_size}"
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = zero_shot(wb.lm.model, wb.lm.tokenizer, args.tasks, wb.cache_dir, limit=args.limit, batch_size=args.batch_size, seed=int(cfg.seed))
         bits = None if nbits is None else nbits + meta_overhead(wb.bank.quantizer.group_size)
-        rows.append({"model": label, "avg_bits_with_meta": bits, "seconds": round(time.perf_counter() - t0, 1), "tasks": res})
+        rows.append({"model": label, "avg_bits_with_meta": bits, "seconds": round(time.perf_counter() - t0, 1),
+                     "cpu_seconds": round(time.process_time() - c0, 1), "tasks": res})
         log.info("%s: %s", label, json.dumps(res))
     wb.bank.restore()
     report = {"model": wb.lm.name, "tasks": args.tasks, "limit": args.limit, "num_threads": int(cfg.num_threads), "rows": rows}

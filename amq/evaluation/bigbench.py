@@ -49,10 +49,10 @@ CHOICE_SEED = 42
 # full pass costs seconds to minutes on CPU. At 135M only social_iqa scores clearly above chance
 # (docs/benchmarks.md); the others are there for larger models.
 OFFLINE_TASKS: dict[str, str] = {
-    "bigbench_social_iqa": "social_iqa",  # 1,954 docs, 2-3 choices: social commonsense
+    "bigbench_social_iqa": "social_iqa",  # 1,935 docs, 2-3 choices: social commonsense
     "bigbench_riddle_sense": "riddle_sense",  # 49 docs, 5 choices: commonsense riddles
-    "bigbench_strategyqa": "strategyqa",  # 2,290 docs, yes/no: implicit multi-step reasoning
-    "bigbench_general_knowledge": "general_knowledge",  # 70 docs, 4-6 choices: simple facts
+    "bigbench_strategyqa": "strategyqa",  # 2,289 docs, yes/no: implicit multi-step reasoning
+    "bigbench_general_knowledge": "general_knowledge",  # 70 docs, 4-13 choices: simple facts
 }
 
 
