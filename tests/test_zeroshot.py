@@ -19,7 +19,7 @@ from amq.evaluation.bigbench import OFFLINE_ENV, SDIST_ENV, prepare_tasks
 from amq.evaluation.zeroshot import STANDARD_TASKS, zero_shot
 from amq.hub import hub_reachable
 from amq.pipeline import build
-from tests.conftest import SMOKE
+from conftest import SMOKE
 
 TASK = "bigbench_social_iqa"
 LIMIT = 30
