@@ -67,6 +67,10 @@ def run(cfg: DictConfig) -> float:
     finalize = finalize_settings(cfg.finalize) if cfg.finalize.enabled else None
     if finalize is not None:
         build(cfg.finalizer, "finalizer")  # bad finalizer settings fail before the search
+        if cfg.finalize.evaluate and cfg.finalize.tasks:
+            from amq.evaluation.zeroshot import check_tasks
+
+            check_tasks(list(cfg.finalize.tasks))
     if int(cfg.search.sensitivity_seeds) < 0:
         raise ConfigError("search.sensitivity_seeds", f"{cfg.search.sensitivity_seeds}", "an integer >= 0 (0: the reference's uniform + random initial design)")
 

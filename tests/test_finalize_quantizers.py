@@ -31,7 +31,7 @@ def test_pack_unpack_round_trip(bits, shape):
     codes = torch.randint(0, 2**bits, shape, generator=g).to(torch.uint8)
     packed = pack_codes(codes, bits)
     n = shape[0] * shape[1]
-    assert packed.dtype == torch.uint8 and packed.numel() == -(-n * bits // 8)  # dense: no padding per row
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-n // 8) * bits  # whole 8-code chunks
     assert torch.equal(unpack_codes(packed, bits, shape), codes)
 
 

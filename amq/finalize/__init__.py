@@ -1,1 +1,1 @@
-"""From a searched front to real quantized models: selection, final quantizers, export, reload."""
+"""From a searched bit configuration to a real quantized model: final quantizers and packed layers."""

@@ -129,12 +129,10 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.M
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _swap_in_empty_packed(model, manifest["modules"], dtype)
+    model.tie_weights()  # tied tensors are stored once; tying first lets the loader fill both names
     missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False, device="cpu")
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not (isinstance(tied, dict) and k in tied)]
     if missing or unexpected:
-        raise ConfigError("model_dir", f"{path / WEIGHTS_FILE} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})", "an unmodified directory written by amq finalize")
-    model.tie_weights()
+        raise ConfigError("model_dir", f"{path / WEIGHTS_FILE} does not match its config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})", "an unmodified directory written by amq finalize")
     log.info("loaded quantized model %s (%d packed linears)", path, len(manifest["modules"]))
     return model.to(device).eval()
 

@@ -70,27 +70,22 @@ def dequantize_groups(
 
 
 def packed_numel(n_codes: int, bits: int) -> int:
-    """Bytes of the bit stream for `n_codes` codes: ceil(n_codes * bits / 8)."""
-    return -(-n_codes * bits // 8)
+    """Bytes of the bit stream for `n_codes` codes (padded to whole 8-code chunks)."""
+    return -(-n_codes // CODES_PER_CHUNK) * bits
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """A dense little-endian bit stream (uint8, 1-D) of the codes in row-major order.
-
-    Code i occupies stream bits [i*bits, (i+1)*bits), least significant first. Eight codes fill
-    exactly `bits` bytes, so the work is done on 64-bit words of eight codes each.
-    """
+    """A dense little-endian bit stream (uint8, 1-D) of the codes in row-major order."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits={bits}: codes hold 1 to 8 bits")
-    n = codes.numel()
     flat = codes.reshape(-1).to(torch.int64)
-    pad = (-n) % CODES_PER_CHUNK
+    pad = (-flat.numel()) % CODES_PER_CHUNK
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     shifts = torch.arange(CODES_PER_CHUNK, device=flat.device, dtype=torch.int64) * bits
     word = (flat.view(-1, CODES_PER_CHUNK) << shifts).sum(dim=1, keepdim=True)  # 8*bits <= 64 bits
     byte_shifts = torch.arange(bits, device=flat.device, dtype=torch.int64) * 8
-    return ((word >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)[: packed_numel(n, bits)]
+    return ((word >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -100,9 +95,6 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> tor
         n *= d
     if packed.numel() != packed_numel(n, bits):
         raise ValueError(f"{packed.numel()} packed bytes do not hold {n} codes of {bits} bits")
-    pad = (-packed.numel()) % bits
-    if pad:
-        packed = torch.cat([packed, packed.new_zeros(pad)])
     byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
     word = (packed.view(-1, bits).to(torch.int64) << byte_shifts).sum(dim=1, keepdim=True)
     shifts = torch.arange(CODES_PER_CHUNK, device=packed.device, dtype=torch.int64) * bits
@@ -111,13 +103,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> tor
 
 
 class PackedLinear(nn.Module):
-    """A linear layer whose weight lives as packed group-quantized codes (inference only).
-
-    `forward` dequantizes the codes; with `cache_dequantized` (the default) the dequantized weight
-    is kept after the first call, because unpacking a bit stream in plain torch costs more than
-    the matmul. The cache is not part of the state (files and `state_dict` stay packed) and is
-    dropped on `load_state_dict`; memory-saving inference would need a packed matmul kernel.
-    """
+    """A linear layer whose weight lives as packed group-quantized codes (inference only)."""
 
     def __init__(
         self,
@@ -175,7 +161,9 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Dequantize in float32 (bf16 cannot hold code - zero exactly at 8 bits), then run the
-        # matmul in the activation dtype.
+        # matmul in the activation dtype. Unpacking in plain torch costs more than the matmul, so
+        # the dequantized weight is kept after the first call (not part of the state; dropped on
+        # load_state_dict). Files and buffers stay packed; memory-saving inference needs a packed kernel.
         w = self._dequantized
         if w is None or w.dtype != x.dtype or w.device != x.device:
             w = self.weight_float().to(x.dtype)
@@ -206,9 +194,15 @@ def replace_linears(model: nn.Module, quants: Mapping[str, GroupQuant], dtype: t
             raise ValueError(f"{name!r} is not an nn.Linear of the model (found {type(module).__name__})")
         if q.shape != (module.out_features, module.in_features):
             raise ValueError(f"{name}: quantized shape {q.shape} != weight shape {tuple(module.weight.shape)}")
-        setattr(parent, child, PackedLinear.from_quant(q, module.bias, dtype).to(module.weight.device))
+        setattr(parent, child, PackedLinear.from_quant(q, module.bias, dtype))
 
 
 def packed_bytes(model: nn.Module) -> int:
-    """Bytes held by the packed layers: codes, scales, zeros, input scales and biases."""
-    return sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, PackedLinear) for b in m.buffers())
+    """Bytes of every PackedLinear's codes, scales, zeros and input scales (biases not counted)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            for t in (m.qweight, m.scale, m.zero, m.input_scale):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+    return total

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol
 
@@ -105,10 +105,20 @@ class Finalizer:
     suite: EvalSuite | None
     metric_name: str
     calib: torch.Tensor | None = None
+    _memo: dict[tuple[str, int, int], GroupQuant] = field(default_factory=dict, repr=False)
 
     def _quantize(self, config: BitConfig) -> dict[str, GroupQuant]:
+        """Quantize for real. A calibration-free quantizer's result for a linear depends only on its
+        weight and width, so those are remembered across the configurations of the stage."""
         t0 = time.perf_counter()
-        quants = self.quantizer.quantize(self.lm.model, self.layout, config.bits, config.group_size, self.calib if self.quantizer.needs_calibration else None)
+        if self.quantizer.needs_calibration:
+            quants = self.quantizer.quantize(self.lm.model, self.layout, config.bits, config.group_size, self.calib)
+        else:
+            todo = {n: b for n, b in config.bits.items() if (n, b, config.group_size) not in self._memo}
+            if todo:
+                fresh = self.quantizer.quantize(self.lm.model, self.layout, todo, config.group_size, None)
+                self._memo.update({(n, todo[n], config.group_size): q for n, q in fresh.items()})
+            quants = {n: self._memo[(n, b, config.group_size)] for n, b in config.bits.items()}
         log.info("%s: quantized %d linears in %.1fs", self.quantizer.name, len(quants), time.perf_counter() - t0)
         return quants
 

@@ -56,11 +56,7 @@ class HQQQuantizer:
                 )
 
     def quantize(self, weight: torch.Tensor, nbits: int, bitpack: bool = True) -> tuple[torch.Tensor, dict]:
-        """Integer weights (packed by HQQ unless `bitpack=False`) and HQQ's meta (scale, zero, shape).
-
-        Dequantization is `(w_q - zero) * scale` per group; with axis=1 the groups run along the
-        input features, so unpacked codes reshape to the weight's shape.
-        """
+        """Integer weights (HQQ-packed unless `bitpack=False`) and HQQ's meta (scale, zero, shape), on the weight's device."""
         from hqq.core.quantize import Quantizer
 
         w_q, meta = Quantizer.quantize(
