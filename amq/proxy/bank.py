@@ -4,6 +4,10 @@ Built once per (model, quantizer settings, bit width) and cached on disk in pack
 search, `apply()` changes only the linears whose bit width differs from what is loaded now, so a
 candidate costs one forward pass plus a handful of pointer swaps (`dequantized` storage) or
 dequantizations (`packed` storage, for GPUs where memory matters more than swap time).
+
+`packed` keeps each group's scale and zero in float16 (as HQQ's own quantized layers do), half
+the float32 that the quantizer returns: for {2, 3, 4} bits at group 128 the bank then holds about
+0.60x the bf16 model's size instead of 0.64x. Its originals move to host memory.
 """
 
 from __future__ import annotations
@@ -70,19 +74,14 @@ class ProxyBank:
         self.cache_hits = 0
 
     # ------------------------------------------------------------------ build
-    def build(self, cache_dir: str | Path, fingerprint: str) -> "ProxyBank":
-        cache_dir = Path(cache_dir)
+    def build(self, cache_dir: str | Path | None, fingerprint: str) -> "ProxyBank":
+        """Quantize (or load from `cache_dir`) every width and hold it; `cache_dir=None`: no disk cache."""
         t0 = time.perf_counter()
         for nbits in self.bits:
-            path = cache_dir / f"{_cache_key(fingerprint, self.quantizer, nbits, self.layout)}-{nbits}bit.pt"
-            with file_lock(path):  # parallel jobs of a sweep: one quantizes, the others wait and reuse it
-                packed = self._load_cached(path)
-                if packed is None:
-                    packed = self.quantize_all(nbits)
-                    atomic_write_bytes_with(path, lambda tmp, p=packed: torch.save(p, tmp))
-                else:
-                    self.cache_hits += 1
-                    log.info("proxy %d-bit: loaded from cache %s", nbits, path.name)
+            if cache_dir is None:
+                packed = self.quantize_all(nbits)
+            else:
+                packed = self._cached_or_quantized(Path(cache_dir), fingerprint, nbits)
             self._bank[nbits] = self._materialize(packed)
         if self.storage == "packed":  # keep the originals off the accelerator; one work buffer per linear
             self._original = {n: nn.Parameter(w.detach().to("cpu"), requires_grad=False) for n, w in self._original.items()}
@@ -91,6 +90,18 @@ class ProxyBank:
         self.build_seconds = time.perf_counter() - t0
         log.info("proxy ready: %s bits, %s storage, %.1fs", self.bits, self.storage, self.build_seconds)
         return self
+
+    def _cached_or_quantized(self, cache_dir: Path, fingerprint: str, nbits: int) -> dict:
+        path = cache_dir / f"{_cache_key(fingerprint, self.quantizer, nbits, self.layout)}-{nbits}bit.pt"
+        with file_lock(path):  # parallel jobs of a sweep: one quantizes, the others wait and reuse it
+            packed = self._load_cached(path)
+            if packed is None:
+                packed = self.quantize_all(nbits)
+                atomic_write_bytes_with(path, lambda tmp, p=packed: torch.save(p, tmp))
+            else:
+                self.cache_hits += 1
+                log.info("proxy %d-bit: loaded from cache %s", nbits, path.name)
+        return packed
 
     @staticmethod
     def _load_cached(path: Path) -> dict | None:
@@ -124,6 +135,7 @@ class ProxyBank:
                 w = self.quantizer.dequantize(w_q.to(ref.device), meta).to(ref.dtype)
                 bank[name] = nn.Parameter(w, requires_grad=False)
             else:
+                meta = {k: (v.half() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in meta.items()}
                 bank[name] = (w_q.to(ref.device), meta)
         return bank
 
