@@ -227,7 +227,11 @@ def main() -> None:
 
     space = SearchSpace(layout.linears, bits, quantizer.group_size)
     a, b = (space.to_bits(g) for g in space.random(np.random.default_rng(0), 2))
+    bank.fused_swaps = False  # HQQ's eager dequantization, then the compiled one
+    res["swap_s_eager"] = swap_seconds(bank, a, b, args.repeats, synchronizer(device))
+    bank.fused_swaps = True
     res["swap_s"] = swap_seconds(bank, a, b, args.repeats, synchronizer(device))
+    log.info("swap of a full configuration: %.2f ms eager, %.2f ms fused", res["swap_s_eager"] * 1e3, res["swap_s"] * 1e3)
 
     res["calibration"] = []
     for n in samples:
@@ -281,7 +285,7 @@ def summary(res: dict) -> str:
         f"device {res['device']}; {res['arch']['name']} ({res['n_linears']} linears), bf16 model {model / 2**30:.2f} GiB",
         f"proxy build {p['build_s']:.1f}s; bank {p['bank_bytes'] / 2**30:.2f} GiB = {p['bank_over_model']:.3f}x the model"
         + (f"; model + bank on the device {p['model_and_bank_over_model']:.3f}x" if "model_and_bank_over_model" in p else ""),
-        f"swap of a full configuration {res['swap_s'] * 1e3:.1f} ms",
+        f"swap of a full configuration {res['swap_s'] * 1e3:.1f} ms ({res['swap_s_eager'] * 1e3:.1f} ms with HQQ's eager dequantization)",
     ]
     for cal in res["calibration"]:
         lines.append(f"{cal['n_samples']}x{cal['seq_len']} tokens: floor {cal['forward_floor_s']:.3f}s; sensitivity {cal['sensitivity']['per_linear_s']:.3f}s/linear")

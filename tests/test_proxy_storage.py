@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from amq.modeling.discovery import discover_layout
@@ -10,9 +11,9 @@ from amq.proxy.bank import ProxyBank
 from amq.proxy.hqq_quantizer import HQQQuantizer
 
 
-def _bank(storage: str) -> ProxyBank:
+def _bank(storage: str, device: str = "cpu") -> ProxyBank:
     torch.manual_seed(0)
-    model = random_llama("tiny", "cpu")
+    model = random_llama("tiny", device)
     quantizer = HQQQuantizer(group_size=128, storage=storage)
     return ProxyBank(model, discover_layout(model), quantizer, [2, 3, 4], storage=storage).build(None, "tiny")
 
@@ -32,3 +33,18 @@ def test_packed_and_dequantized_swap_in_the_same_weights():
     packed.restore(), dense.restore()
     for n in names:
         assert torch.equal(packed.modules[n].weight, dense.modules[n].weight), n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_swaps_match_eager_dequantization_on_cuda():
+    fused, eager = _bank("packed", "cuda"), _bank("packed", "cuda")
+    eager.fused_swaps = False
+    names = fused.layout.names
+    for shift in range(3):
+        config = {n: (2, 3, 4)[(i + shift) % 3] for i, n in enumerate(names)}
+        fused.apply(config), eager.apply(config)
+        for n in names:
+            a, b = fused.modules[n].weight.float(), eager.modules[n].weight.float()
+            assert torch.allclose(a, b, rtol=2**-7, atol=2**-10 * float(b.abs().max())), n
+    assert fused.fused_swaps, "the compiled path fell back to eager"
