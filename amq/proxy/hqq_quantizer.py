@@ -77,6 +77,16 @@ class HQQQuantizer:
 
         return Quantizer.dequantize(w_q, meta).reshape(meta["shape"])
 
+    @staticmethod
+    def dequantize_into(out: torch.Tensor, w_q: torch.Tensor, meta: dict) -> None:
+        """`out.copy_(dequantize(w_q, meta))` as one pure tensor expression (HQQ's unpacking, then
+        (codes - zero) * scale, cast into `out`): written so torch.compile fuses it into few kernels."""
+        from hqq.core.quantize import Quantizer
+
+        rows = meta["group_size"] if meta["axis"] == 0 else out.numel() // meta["group_size"]  # 3-bit packing pads rows
+        codes = Quantizer.unpack[meta["packing"]](w_q, dtype=meta["scale"].dtype)[:rows]
+        out.copy_(((codes - meta["zero"]) * meta["scale"]).view(out.shape))
+
 
 def _divisors_hint(linears: Iterable[LinearInfo], axis: int) -> str:
     dims = {li.in_features if axis == 1 else li.out_features for li in linears}
