@@ -66,6 +66,20 @@ def file_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def remove_stale_temps(path: str | Path) -> int:
+    """Remove temporary siblings of `path` left by a writer that was killed mid-write.
+
+    Only the sole writer of `path` may call this (the run for its own files, the holder of the
+    entry's `file_lock` for a shared cache entry). Returns how many were removed.
+    """
+    path = Path(path)
+    removed = 0
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one record and flush it to disk, so a crash loses at most the line being written."""
     with open(path, "a", encoding="utf-8") as fh:
