@@ -75,6 +75,7 @@ def declared(conf_dir: str) -> Declared:
     out = Declared()
     primary = yaml.safe_load((root / PRIMARY).read_text()) or {}
     out.add("", primary)
+    out.keys[""].add("hydra")  # Hydra's own node (present when composed with it): not ours to check
     for entry in primary.get("defaults", []):
         if isinstance(entry, dict):
             (group, choice), = entry.items()
@@ -118,6 +119,8 @@ def _check_node(node: DictConfig, path: str, decl: Declared) -> None:
         valid = known
     for key in node:
         sub = f"{path}.{key}" if path else str(key)
+        if sub == "hydra":
+            continue
         if valid is not None and key not in valid:
             hint = difflib.get_close_matches(str(key), sorted(valid), n=1)
             choices = ", ".join(sorted(k for k in valid if not k.startswith("_")))
