@@ -55,7 +55,10 @@ def comparable_settings(cfg: DictConfig) -> dict[str, Any]:
             path = f"{prefix}{key}"
             if _may_differ(path):
                 continue
-            value = node[key]
+            try:
+                value = node[key]
+            except Exception:  # a mandatory value left unset (???): compared as such
+                value = "???"
             if isinstance(value, DictConfig):
                 walk(value, path + ".")
             else:
