@@ -61,6 +61,21 @@ def tokens_hash(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16]
 
 
+def evaluation_context(wb: "Workbench") -> dict:
+    """What a true evaluation's value depends on besides the configuration (the evaluation cache key)."""
+    import transformers
+
+    return {
+        "model": wb.lm.fingerprint,
+        "dtype": str(wb.lm.model.dtype),
+        "device": wb.lm.device.type,
+        "quantizer": wb.bank.quantizer.settings(),
+        "metric": wb.metric.settings(),
+        "tokens": tokens_hash(wb.metric.tokens),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
 @dataclass
 class Workbench:
     """Everything a true evaluation needs: the model, its layout, data, proxy bank and metric."""
@@ -80,7 +95,9 @@ def prepare(cfg: DictConfig) -> Workbench:
     """Model, layout, data, proxy and metric, with every setting checked before the expensive work."""
     quiet_libraries()
     torch.manual_seed(int(cfg.seed))
-    if cfg.num_threads:
+    if cfg.num_threads is not None:
+        if int(cfg.num_threads) < 1:
+            raise ConfigError("num_threads", f"{cfg.num_threads}", "an integer >= 1, or null (torch's default)")
         torch.set_num_threads(int(cfg.num_threads))
     cache_dir = Path(cfg.paths.cache_dir)
     source = build(cfg.model.source, "model")
@@ -97,8 +114,9 @@ def prepare(cfg: DictConfig) -> Workbench:
     splits = corpus.load()
     tokens = calibration_windows(lm.tokenizer, splits.calibration, calib, lm.add_bos)
 
-    bank = ProxyBank(lm.model, layout, quantizer, bits, storage=quantizer.storage).build(cache_dir / "proxy", lm.fingerprint)
+    # the metric's reference distributions come from the unquantized model, before the bank swaps anything
     metric = build(cfg.metric, "metric", _partial_=False, model=lm.model, tokens=tokens)
+    bank = ProxyBank(lm.model, layout, quantizer, bits, storage=quantizer.storage).build(cache_dir / "proxy", lm.fingerprint)
     return Workbench(lm, layout, splits, tokens, bank, metric, bits, targets, cache_dir)
 
 

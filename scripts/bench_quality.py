@@ -79,12 +79,12 @@ def main() -> None:
         for b in wb.bits:
             g = full.uniform(b)
             u_bits.append(full.avg_bits(g))
-            u_jsd.append(evaluate(g)[0])
+            u_jsd.append(evaluate(g).value)
         scale = u_jsd[0]  # all-lowest: the common normalisation of every method's hypervolume
         rng = np.random.default_rng(10_000 + seed)
         r_genes = full.random(rng, len(archive), window)
         t0 = time.perf_counter()
-        r_jsd = np.array([evaluate(g)[0] for g in r_genes])
+        r_jsd = np.array([evaluate(g).value for g in r_genes])
         random_s = time.perf_counter() - t0
         rows = {
             "amq": {**_summarise(a_bits, a_jsd, wb.targets, scale, brange), "seconds": search_s},

@@ -151,6 +151,9 @@ class OutputDivergence:
         n, t = self.tokens.shape
         return f"mean per-token {self.kind.upper()} (nats, float32) vs the unquantized model on {n}x{t} calibration tokens"
 
+    def settings(self) -> dict:
+        return {"kind": self.kind, "batch_size": int(self.batch_size), "chunk_tokens": int(self.chunk_tokens), "compile": bool(self.compile)}
+
     def subset(self, n_samples: int) -> "OutputDivergence":
         """The same metric on the first `n_samples` windows, sharing the reference (no recompute)."""
         n_batches = max(1, -(-n_samples // self.batch_size))

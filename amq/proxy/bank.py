@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from amq.errors import ConfigError
-from amq.io import atomic_write_bytes_with, file_lock
+from amq.io import atomic_write_bytes_with, file_lock, remove_stale_temps
 from amq.modeling.discovery import ModelLayout
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class ProxyBank:
         with file_lock(path):  # parallel jobs of a sweep: one quantizes, the others wait and reuse it
             packed = self._load_cached(path)
             if packed is None:
+                remove_stale_temps(path)  # a job killed mid-write left its partial file
                 packed = self.quantize_all(nbits)
                 atomic_write_bytes_with(path, lambda tmp, p=packed: torch.save(p, tmp))
             else:

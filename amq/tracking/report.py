@@ -16,6 +16,8 @@ def summary_values(summary: dict[str, Any]) -> dict[str, Any]:
         "final_hypervolume": summary["final_hypervolume"],
         "true_evaluations": summary["true_evaluations"],
         "front_size": summary["front_size"],
+        "evaluations_reused": summary.get("evaluations", {}).get("reused_from_cache"),
+        "evaluations_failed": summary.get("evaluations", {}).get("failed"),
         "search_seconds": summary["seconds"]["search"],
         "total_seconds": summary["seconds"]["total"],
         "peak_rss_mb": summary.get("peak_rss_mb"),
