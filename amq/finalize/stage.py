@@ -27,7 +27,7 @@ from amq.finalize import llamacpp
 from amq.finalize.export import directory_bytes, packed_modules, write_model_dir, WEIGHTS_FILE
 from amq.finalize.model_card import render
 from amq.finalize.packed import GroupQuant, replace_linears
-from amq.finalize.selection import Candidate, front_extras, read_candidates, select_for_targets
+from amq.finalize.selection import CONVENTIONS, Candidate, front_extras, read_candidates, select_for_targets
 from amq.io import atomic_write_json, atomic_write_text
 from amq.modeling.discovery import ModelLayout
 from amq.modeling.loading import LoadedModel
@@ -54,6 +54,8 @@ class FinalizeSettings:
     baselines: bool = True  # the unquantized model and uniform widths fitting the targets
 
     def __post_init__(self) -> None:
+        if self.bits_convention not in CONVENTIONS:
+            raise ConfigError("finalize.bits_convention", f"{self.bits_convention!r}", ", ".join(CONVENTIONS))
         if self.extra_front_points < 0:
             raise ConfigError("finalize.extra_front_points", f"{self.extra_front_points}", "an integer >= 0")
 
