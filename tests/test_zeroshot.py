@@ -85,14 +85,14 @@ def test_accuracy_is_the_argmax_of_choice_likelihoods(smollm2, social_iqa):
     assert abs(social_iqa[TASK]["acc"] * LIMIT - hits) <= 1
 
 
-def test_first_document_follows_bigbench_formatting(smollm2):
+def test_first_document_is_the_task_files_first_example(smollm2):
     _, cache = smollm2
     (task,) = prepare_tasks([TASK], cache)
-    doc = task.docs()[0]
-    assert doc["prompt"].startswith("\nQ: Tracy didn't go home that evening")
-    assert doc["prompt"].endswith("\nA: ")
-    assert all(f"\n  choice: {c}" in doc["prompt"] for c in doc["choices"])
-    assert doc["choices"][doc["label"]] == "Find somewhere to go"
+    docs = task.docs()
+    assert len(docs) == 1935  # 1,954 examples, 19 of them duplicates
+    assert docs[0]["prompt"] == "\nQ: Tracy didn't go home that evening and resisted Riley's attacks. What does Tracy need to do before this? \nA: "
+    assert docs[0]["choices"] == ["Make a new plan", "Go home and see Riley", "Find somewhere to go"]
+    assert docs[0]["label"] == 2
 
 
 class _PackedLinear(nn.Module):

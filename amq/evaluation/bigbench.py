@@ -6,10 +6,10 @@ The dataset hubs are unreachable here, but PyPI is not: the `bigbench==1.0.0` so
 files of the tasks below are converted to JSON lines plus an lm-eval task YAML each, and nothing
 of it enters the repository (the files carry BIG-bench's do-not-train canary).
 
-Prompts follow BIG-bench's own JSON-task formatting (task prefix, input prefix, the choices listed
-when the task asks for it, output prefix), and each choice is scored as the continuation, as
-BIG-bench's multiple_choice_grade does. Set `AMQ_OFFLINE=1` to forbid the download (then a missing
-package is an error that says how to fetch it by hand).
+Prompts use BIG-bench's own prefixes (task prefix, input prefix, output prefix) in lm-eval's
+cloze style (the choices are not listed in the prompt), and each choice is scored as the
+continuation, as BIG-bench's multiple_choice_grade does. Set `AMQ_OFFLINE=1` to forbid the
+download (then a missing package is an error that says how to fetch it by hand).
 """
 
 from __future__ import annotations
@@ -41,9 +41,7 @@ SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2
 SDIST_ENV = "AMQ_BIGBENCH_SDIST"
 OFFLINE_ENV = "AMQ_OFFLINE"
 # Bump when the conversion below changes, so caches built by an older one are not reused.
-FORMAT = "lm_eval-v1"
-# BIG-bench permutes the listed choices with one fixed seed (json_task.py's default random_seed).
-CHOICE_SEED = 42
+FORMAT = "lm_eval-v2"
 
 # Offline task name -> BIG-bench task directory: multiple-choice tasks with short prompts, so a
 # full pass costs seconds to minutes on CPU. At 135M only social_iqa scores clearly above chance
@@ -144,17 +142,19 @@ def sdist_path(cache_dir: str | Path) -> Path:
 
 
 def format_docs(task: dict[str, Any]) -> list[dict[str, Any]]:
-    """BIG-bench's JSON-task formatting (bigbench/api/json_task.py), one document per example.
+    """One cloze-style document per distinct example, with BIG-bench's prefixes.
 
-    Each document has the full `prompt` (ending with the output prefix, e.g. "\\nA: "), the
-    `choices` in the task file's order, and `label`, the index of the first highest-scoring
-    choice. Duplicate examples are dropped, as BIG-bench does.
+    The prompt is BIG-bench's (bigbench/api/json_task.py): task prefix, input prefix (default
+    "\\nQ: "), input, output prefix (default "\\nA: "), and each choice is scored as the
+    continuation, as its multiple_choice_grade does. The choices are not listed in the prompt,
+    even where the task file asks for it (`append_choices_to_input`): that is how lm-eval's own
+    multiple-choice tasks (piqa, siqa, arc) prompt, and with the list a 135M model scores at
+    chance on social_iqa (docs/zeroshot.md). `label` is the first highest-scoring choice;
+    duplicate examples are dropped, as BIG-bench does.
     """
     task_prefix = str(task.get("task_prefix", ""))
     input_prefix = task.get("example_input_prefix", "\nQ: ")
     output_prefix = task.get("example_output_prefix", "\nA: ")
-    choice_prefix = task.get("choice_prefix", "\n  choice: ")
-    list_choices = task.get("append_choices_to_input", True)
     seen: set[str] = set()
     docs = []
     for ex in task["examples"]:
@@ -163,13 +163,9 @@ def format_docs(task: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         seen.add(key)
         scores: dict[str, float] = ex["target_scores"]
-        text = ex["input"]
-        if list_choices:
-            permuted = np.random.RandomState(seed=CHOICE_SEED).permutation(sorted(scores))
-            text = text + choice_prefix + choice_prefix.join(permuted)
         choices = list(scores)
         best = max(scores.values())
-        docs.append({"prompt": task_prefix + input_prefix + text + output_prefix, "choices": choices,
+        docs.append({"prompt": task_prefix + input_prefix + ex["input"] + output_prefix, "choices": choices,
                      "label": choices.index(next(c for c in choices if scores[c] == best))})
     return docs
 
