@@ -20,11 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META
 from amq.errors import ConfigError
 from amq.io import atomic_write_json, atomic_write_text
-from amq.pipeline import build, prepare, prune
+from amq.pipeline import build, prepare, prune, search_settings
 from amq.run_outputs import RunOutputs
 from amq.search.archive import Archive
 from amq.search.evaluator import ProxyEvaluator
-from amq.search.loop import IterativeSearch, SearchSettings, search_bits_range
+from amq.search.loop import IterativeSearch, search_bits_range
 from amq.search.pareto import HV_CONVENTION, best_under_target
 from amq.search.seeding import sensitivity_seeds
 from amq.tracking import artifact_paths, summary_values
@@ -54,14 +54,7 @@ def run(cfg: DictConfig) -> float:
     except TypeError as exc:
         raise ConfigError("predictor", str(exc), "the keys documented in conf/predictor/") from None
     pruning = build(cfg.search.pruning, "search")
-    settings = SearchSettings(
-        n_initial_random=int(cfg.budget.n_initial_random),
-        iterations=int(cfg.budget.iterations),
-        batch_size=int(cfg.budget.batch_size),
-        nsga=build(cfg.search.nsga, "search"),
-        bits_window=tuple(cfg.search.bits_window) if cfg.search.bits_window else None,
-        kappa=float(cfg.search.kappa),
-    )
+    settings = search_settings(cfg)
     tracker = build(cfg.logger, "logger")
     if int(cfg.search.sensitivity_seeds) < 0:
         raise ConfigError("search.sensitivity_seeds", f"{cfg.search.sensitivity_seeds}", "an integer >= 0 (0: the reference's uniform + random initial design)")
