@@ -1,0 +1,1 @@
+"""Evaluation of (quantized) models: held-out perplexity and zero-shot accuracy."""
