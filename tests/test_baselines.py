@@ -9,6 +9,7 @@ import pytest
 from amq.baselines.greedy import greedy_allocation, greedy_allocations
 from amq.baselines.knapsack import knapsack_allocations
 from amq.modeling.discovery import LinearInfo
+from amq.search.pareto import normalized_hypervolume
 from amq.search.seeding import additive_damage, budget_levels
 from amq.search.space import SearchSpace
 
@@ -80,3 +81,33 @@ def test_greedy_below_the_space_gives_the_lowest_allocation():
     genes = greedy_allocation(space, cost, space.bits_range()[0] - 0.1)
     assert np.all(genes == 0)
     assert np.all(knapsack_allocations(space, cost, [space.bits_range()[0] - 0.1]) == 0)
+
+
+def test_true_evaluation_nsga2_spends_at_most_the_budget_inside_the_window():
+    from amq.baselines.evolution import true_evaluation_nsga2
+    from amq.search.archive import Archive
+    from amq.search.loop import SearchSettings
+    from amq.search.nsga import NSGA2Settings
+
+    space, damage = _space(10, seed=2, pruned_top=4)
+    cost = additive_damage(space, damage)
+    calls = []
+
+    def evaluate(genes):  # the additive model stands in for the true metric: cheap and deterministic
+        calls.append(space.key(genes))
+        return float(cost[np.arange(space.n_genes), genes].sum()), 0.0
+
+    settings = SearchSettings(n_initial_random=10, iterations=5, batch_size=6, nsga=NSGA2Settings(pop_size=10, n_gen=1), bits_window=(3.8, 5.5))
+    archive = Archive(space)
+    for g in space.random(np.random.default_rng(0), 10, (3.8, 5.5)):
+        archive.add(g, evaluate(g)[0], 0, 0.0, "jsd")
+    calls.clear()
+    true_evaluation_nsga2(archive, evaluate, settings, "jsd", seed=0)
+    new = [r for r in archive.records if r.iteration > 0]
+    assert 0 < len(calls) <= settings.iterations * settings.batch_size
+    assert len(calls) == len(set(calls)) == len(new)  # nothing evaluated twice, everything archived
+    assert all(3.8 - 1e-9 <= r.avg_bits <= 5.5 + 1e-9 for r in new)
+    assert max(r.iteration for r in new) <= settings.iterations
+    _, y, bits = archive.arrays()
+    hv_initial = normalized_hypervolume(y[:10], bits[:10], y.max(), (3.8, 5.5))
+    assert normalized_hypervolume(y, bits, y.max(), (3.8, 5.5)) > hv_initial  # the evolution found better trade-offs
