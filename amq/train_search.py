@@ -26,7 +26,7 @@ from amq.search.archive import Archive
 from amq.search.evaluator import ProxyEvaluator
 from amq.search.loop import IterativeSearch, search_bits_range
 from amq.search.pareto import HV_CONVENTION, best_under_target
-from amq.search.seeding import sensitivity_seeds
+from amq.search.seeding import SEED_ALLOCATORS, sensitivity_seeds
 from amq.tracking import artifact_paths, summary_values
 
 log = logging.getLogger("amq")
@@ -58,6 +58,8 @@ def run(cfg: DictConfig) -> float:
     tracker = build(cfg.logger, "logger")
     if int(cfg.search.sensitivity_seeds) < 0:
         raise ConfigError("search.sensitivity_seeds", f"{cfg.search.sensitivity_seeds}", "an integer >= 0 (0: the reference's uniform + random initial design)")
+    if cfg.search.seed_allocator not in SEED_ALLOCATORS:
+        raise ConfigError("search.seed_allocator", f"{cfg.search.seed_allocator!r}", " or ".join(SEED_ALLOCATORS))
 
     # ---- model, data, proxy, metric; then sensitivity and pruning
     wb = prepare(cfg)
@@ -99,7 +101,7 @@ def run(cfg: DictConfig) -> float:
         seed=int(cfg.seed),
         observers=[on_iteration],
         seeder=lambda uniform_metric: sensitivity_seeds(
-            space, table.damage, int(cfg.search.sensitivity_seeds), search_bits_range(space, settings), targets, uniform_metric
+            space, table.damage, int(cfg.search.sensitivity_seeds), search_bits_range(space, settings), targets, uniform_metric, cfg.search.seed_allocator
         ),
     )
     tracker.start(str(run_dir), OmegaConf.to_container(cfg, resolve=True), name=run_dir.name)

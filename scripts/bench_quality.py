@@ -3,7 +3,7 @@
 On the configured model, per seed, N = the true evaluations the AMQ search spends (its archive):
 
 - amq:               the default search (`amq.train_search.run`, as `amq-search` runs it);
-- amq, no pruning:   the same with `search.pruning.threshold=0`;
+- amq, no pruning:   the same with `search.pruning.threshold=0` (more such arms: --variant);
 - amq, no predictor: the same initial design (the search's own iteration 0), then NSGA-II whose
                      objective is the true evaluation, `batch_size` offspring per generation for
                      `iterations` generations (`amq.baselines.evolution`);
@@ -21,6 +21,7 @@ Greedy, knapsack and uniform do not depend on the seed and are computed once.
 
     python scripts/bench_quality.py num_threads=1                       # demo budget, seeds 0 1 2
     python scripts/bench_quality.py budget=smoke --seeds 0 --ppl-windows 2   # quick look
+    python scripts/bench_quality.py num_threads=1 --variant "amq, knapsack seeds" search.seed_allocator=knapsack
 
 Any Hydra override of conf/train_search.yaml may be given. Results go to --out (results.json,
 results.md, the AMQ run directories); rerunning with the same --out reuses what is finished.
@@ -32,6 +33,7 @@ import argparse
 import gc
 import json
 import logging
+import re
 import shutil
 import statistics
 import sys
@@ -192,10 +194,11 @@ def _cell(values: list[float], fmt: str) -> str:
 
 
 def markdown_table(results: dict[str, dict[str, dict]], targets: Sequence[float]) -> str:
+    """One row per method (the fixed ones first, then any variants), mean ± std over seeds."""
     ts = [f"{t:g}" for t in targets]
     head = ["method", "true evals", "wall s", "hypervolume", *[f"JSD @ {t}" for t in ts], *[f"PPL @ {t}" for t in ts]]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for method in METHODS:
+    for method in [*METHODS, *(m for m in results if m not in METHODS)]:
         rows = list(results.get(method, {}).values())
         if not rows:
             continue
@@ -220,7 +223,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_quality")
     ap.add_argument("--ppl-window", type=int, default=512, help="held-out perplexity window (tokens)")
     ap.add_argument("--ppl-windows", type=int, default=16, help="how many held-out windows")
+    ap.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
+                    help="one more AMQ arm: a name, then the overrides that make it (repeatable)")
     args = ap.parse_args()
+    variants = {"amq, no pruning": ["search.pruning.threshold=0"], **{v[0]: v[1:] for v in args.variant}}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     base = ["logger=none", *args.overrides]
@@ -264,9 +270,10 @@ def main() -> None:
         if s not in results.get("amq", {}):
             record("amq", s, amq)
         n = len(amq.configs)
-        if s not in results.get("amq, no pruning", {}):
-            record("amq, no pruning", s, run_amq(_compose([*base, f"seed={seed}", "search.pruning.threshold=0",
-                                                            f"paths.output_dir={args.out / f'seed{seed}' / 'amq_no_pruning'}"])))
+        for name, extra in variants.items():
+            if s not in results.get(name, {}):
+                run_dir = args.out / f"seed{seed}" / re.sub(r"\W+", "_", name).strip("_")
+                record(name, s, run_amq(_compose([*base, f"seed={seed}", *extra, f"paths.output_dir={run_dir}"])))
         if s not in results.get("amq, no predictor", {}):
             record("amq, no predictor", s, run_no_predictor(cfg, wb, Path(cfg.paths.output_dir)))
         if s not in results.get("random", {}):

@@ -17,6 +17,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from amq.baselines.knapsack import knapsack_allocations
+from amq.errors import ConfigError
 from amq.search.space import SearchSpace
 
 
@@ -74,6 +76,9 @@ def budget_levels(n: int, bits_range: tuple[float, float], targets: Sequence[flo
     return levels + [float(x) for x in np.linspace(lo, hi, n - len(levels) + 2)[1:-1]]
 
 
+SEED_ALLOCATORS = ("lagrangian", "knapsack")
+
+
 def sensitivity_seeds(
     space: SearchSpace,
     damage: Mapping[str, float],
@@ -81,14 +86,28 @@ def sensitivity_seeds(
     bits_range: tuple[float, float],
     targets: Sequence[float] = (),
     uniform_metric: Mapping[int, float] | None = None,
+    allocator: str = "lagrangian",
 ) -> np.ndarray:
-    """Up to `n` allocations: the best under each target first, then under evenly spaced levels."""
+    """Up to `n` allocations: the best under each target first, then under evenly spaced levels.
+
+    `lagrangian` picks, under each level, the best allocation of the Lagrangian family (the convex
+    hull of the additive model, which can leave part of a level's bits unspent); `knapsack` solves
+    the additive model exactly at each level (`amq.baselines.knapsack`).
+    """
+    if allocator not in SEED_ALLOCATORS:
+        raise ConfigError("search.seed_allocator", f"{allocator!r}", " or ".join(SEED_ALLOCATORS))
     if n <= 0:
         return np.zeros((0, space.n_genes), dtype=int)
-    family = allocation_family(space, damage, width_factors(space, uniform_metric))
+    factors = width_factors(space, uniform_metric)
+    levels = budget_levels(n, bits_range, targets)
+    if allocator == "knapsack":
+        genes = knapsack_allocations(space, additive_damage(space, damage, factors), levels)
+        _, first = np.unique(genes, axis=0, return_index=True)
+        return genes[np.sort(first)]
+    family = allocation_family(space, damage, factors)
     fbits = space.avg_bits(family)
     picks: list[int] = []
-    for level in budget_levels(n, bits_range, targets):
+    for level in levels:
         under = np.flatnonzero(fbits <= level + 1e-12)
         if len(under) and int(under[-1]) not in picks:
             picks.append(int(under[-1]))
