@@ -26,6 +26,7 @@ from amq.metrics.base import QualityMetric
 from amq.modeling.discovery import ModelLayout, discover_layout
 from amq.modeling.loading import LoadedModel
 from amq.proxy.bank import ProxyBank
+from amq.search.loop import SearchSettings
 from amq.search.space import SearchSpace
 
 if TYPE_CHECKING:
@@ -118,6 +119,18 @@ def prepare(cfg: DictConfig) -> Workbench:
     metric = build(cfg.metric, "metric", _partial_=False, model=lm.model, tokens=tokens)
     bank = ProxyBank(lm.model, layout, quantizer, bits, storage=quantizer.storage).build(cache_dir / "proxy", lm.fingerprint)
     return Workbench(lm, layout, splits, tokens, bank, metric, bits, targets, cache_dir)
+
+
+def search_settings(cfg: DictConfig) -> SearchSettings:
+    """The loop's amount of work and operators, from the budget and search groups."""
+    return SearchSettings(
+        n_initial_random=int(cfg.budget.n_initial_random),
+        iterations=int(cfg.budget.iterations),
+        batch_size=int(cfg.budget.batch_size),
+        nsga=build(cfg.search.nsga, "search"),
+        bits_window=tuple(cfg.search.bits_window) if cfg.search.bits_window else None,
+        kappa=float(cfg.search.kappa),
+    )
 
 
 def prune(wb: Workbench, pruning: sensitivity.Pruning, sensitivity_samples: int, share_groups) -> tuple[sensitivity.SensitivityTable, SearchSpace]:

@@ -26,15 +26,15 @@ from amq.faults import resource_errors
 from amq.finalize.stage import FinalizeSettings
 from amq.interrupts import GracefulStop, Interrupted
 from amq.io import atomic_write_json, atomic_write_text
-from amq.pipeline import build, evaluation_context, finalize_settings, finalizer_for, prepare, prune
+from amq.pipeline import build, evaluation_context, finalize_settings, finalizer_for, prepare, prune, search_settings
 from amq.resume import check_resumable, resume_command
 from amq.run_outputs import ARCHIVE_FILE, CONFIG_FILE, STATE_FILE, SUMMARY_FILE, RunOutputs
 from amq.search.archive import Archive
 from amq.search.eval_cache import with_cache
 from amq.search.evaluator import ProxyEvaluator
-from amq.search.loop import IterativeSearch, SearchSettings, search_bits_range
+from amq.search.loop import IterativeSearch, search_bits_range
 from amq.search.pareto import HV_CONVENTION, best_under_target
-from amq.search.seeding import sensitivity_seeds
+from amq.search.seeding import SEED_ALLOCATORS, sensitivity_seeds
 from amq.tracking import artifact_paths, summary_values
 
 log = logging.getLogger("amq")
@@ -93,14 +93,7 @@ def _run(cfg: DictConfig, outputs: RunOutputs, resuming: bool, stop: GracefulSto
     except TypeError as exc:
         raise ConfigError("predictor", str(exc), "the keys documented in conf/predictor/") from None
     pruning = build(cfg.search.pruning, "search")
-    settings = SearchSettings(
-        n_initial_random=int(cfg.budget.n_initial_random),
-        iterations=int(cfg.budget.iterations),
-        batch_size=int(cfg.budget.batch_size),
-        nsga=build(cfg.search.nsga, "search"),
-        bits_window=tuple(cfg.search.bits_window) if cfg.search.bits_window else None,
-        kappa=float(cfg.search.kappa),
-    )
+    settings = search_settings(cfg)
     tracker = build(cfg.logger, "logger")
     finalize = finalize_settings(cfg.finalize) if cfg.finalize.enabled else None
     if finalize is not None:
@@ -115,6 +108,8 @@ def _run(cfg: DictConfig, outputs: RunOutputs, resuming: bool, stop: GracefulSto
             raise ConfigError(key, f"{cfg[key]}", "an integer >= 0")
     if int(cfg.search.sensitivity_seeds) < 0:
         raise ConfigError("search.sensitivity_seeds", f"{cfg.search.sensitivity_seeds}", "an integer >= 0 (0: the reference's uniform + random initial design)")
+    if cfg.search.seed_allocator not in SEED_ALLOCATORS:
+        raise ConfigError("search.seed_allocator", f"{cfg.search.seed_allocator!r}", " or ".join(SEED_ALLOCATORS))
 
     # ---- model, data, proxy, metric; then sensitivity and pruning
     wb = prepare(cfg)
@@ -163,7 +158,7 @@ def _run(cfg: DictConfig, outputs: RunOutputs, resuming: bool, stop: GracefulSto
         seed=int(cfg.seed),
         observers=[on_iteration],
         seeder=lambda uniform_metric: sensitivity_seeds(
-            space, table.damage, int(cfg.search.sensitivity_seeds), search_bits_range(space, settings), targets, uniform_metric
+            space, table.damage, int(cfg.search.sensitivity_seeds), search_bits_range(space, settings), targets, uniform_metric, cfg.search.seed_allocator
         ),
         evaluation_guard=stop.deferred,
     )
