@@ -110,7 +110,10 @@ def prepare(cfg: DictConfig) -> Workbench:
     lm = source.load(cache_dir)
     layout = discover_layout(lm.model)
     quantizer.validate(bits, layout.linears)
-    targets = SearchSpace(layout.linears, bits, quantizer.group_size).check_targets(cfg.search.targets)
+    full_space = SearchSpace(layout.linears, bits, quantizer.group_size)
+    targets = full_space.check_targets(cfg.search.targets)
+    if cfg.finalize.enabled:  # before the proxy and sensitivity: budgets below every configuration fail now
+        finalize_settings(cfg.finalize).check_reachable(full_space)
     log.info("model %s: %d decoder blocks (%s), %d linears", lm.name, layout.n_blocks, layout.blocks_name, len(layout.linears))
     splits = corpus.load()
     tokens = calibration_windows(lm.tokenizer, splits.calibration, calib, lm.add_bos)

@@ -23,7 +23,6 @@ from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META
 from amq.config_check import check_settings
 from amq.errors import ConfigError, ResourceError
 from amq.faults import resource_errors
-from amq.finalize.stage import FinalizeSettings
 from amq.interrupts import GracefulStop, Interrupted
 from amq.io import atomic_write_json, atomic_write_text
 from amq.pipeline import build, evaluation_context, finalize_settings, finalizer_for, prepare, prune, search_settings
@@ -123,7 +122,7 @@ def _run(cfg: DictConfig, outputs: RunOutputs, resuming: bool, stop: GracefulSto
         raise ConfigError("resume", f"{run_dir} has an archive but no {STATE_FILE}", "restore it, or start a new run")
 
     if finalize is not None:
-        check_finalize_targets(finalize, space)
+        finalize.check_reachable(space)  # after pruning: the smallest configuration may have grown
 
     # ---- run directory: the search's checkpoint exists from here on
     atomic_write_json(outputs.path("sensitivity.json"), {**table.to_dict(), "threshold": pruning.threshold, "keep_top": pruning.keep_top, "pruned": space.pruned})
@@ -186,14 +185,6 @@ def _run(cfg: DictConfig, outputs: RunOutputs, resuming: bool, stop: GracefulSto
         log.info("evaluation cache: reused %d of %d evaluations", evals["reused_from_cache"], evals["archived"])
     log.info("front: %d configurations in %s (front.json, front.csv, front.png)", len(front), run_dir)
     return float(rows[-1]["hypervolume"])
-
-
-def check_finalize_targets(settings: FinalizeSettings, space) -> None:
-    """A finalize target below the smallest configuration of the space can never be met: fail now."""
-    lo = space.bits_range()[0] - (space.meta_bits if settings.bits_convention == "weights_only" else 0.0)
-    low = [t for t in settings.targets if t < lo - 1e-9]
-    if low:
-        raise ConfigError("finalize.targets", f"{low} below the smallest reachable {lo:.3f} average bits ({settings.bits_convention})", f"targets >= {lo:.3f}")
 
 
 def finalize_summary(report: dict) -> dict:

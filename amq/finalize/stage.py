@@ -31,6 +31,7 @@ from amq.finalize.selection import CONVENTIONS, Candidate, front_extras, read_ca
 from amq.io import atomic_write_json, atomic_write_text
 from amq.modeling.discovery import ModelLayout
 from amq.modeling.loading import LoadedModel
+from amq.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,14 @@ class FinalizeSettings:
             raise ConfigError("finalize.bits_convention", f"{self.bits_convention!r}", ", ".join(CONVENTIONS))
         if self.extra_front_points < 0:
             raise ConfigError("finalize.extra_front_points", f"{self.extra_front_points}", "an integer >= 0")
+
+
+    def check_reachable(self, space: SearchSpace) -> None:
+        """A target below the space's smallest configuration can never be met: say so before the search."""
+        lo = space.bits_range()[0] - (space.meta_bits if self.bits_convention == "weights_only" else 0.0)
+        low = [t for t in self.targets if t < lo - 1e-9]
+        if low:
+            raise ConfigError("finalize.targets", f"{low} below the smallest reachable {lo:.3f} average bits ({self.bits_convention})", f"targets >= {lo:.3f}")
 
 
 def quantizer_info(q: FinalQuantizer) -> dict[str, Any]:
