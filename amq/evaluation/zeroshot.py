@@ -130,6 +130,7 @@ def zero_shot(
         else:
             row["source"] = f"lm-eval {task}"
         results[task] = row
-        log.info("zero-shot %s: acc %.4f +- %.4f on %d documents (%s) in %.0fs",
-                 task, row["acc"], row["acc_stderr"] or float("nan"), n, row["source"], time.perf_counter() - t0)
+        shown = [float("nan") if row.get(k) is None else row[k] for k in ("acc", "acc_stderr", "acc_norm")]
+        log.info("zero-shot %s: acc %.4f +- %.4f, acc_norm %.4f on %d documents (%s) in %.0fs",
+                 task, *shown, n, row["source"], time.perf_counter() - t0)
     return results
