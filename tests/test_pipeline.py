@@ -42,6 +42,7 @@ def test_run_directory_contract(smoke_run):
     assert np.all(np.diff(bits) >= 0) and np.all(np.diff(jsd) <= 0), "front is not monotone"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["true_evaluations"] == len(archive)
+    assert (summary["evaluations"]["archived"], summary["evaluations"]["reused_from_cache"], summary["evaluations"]["failed"]) == (len(archive), 0, 0)
     assert summary["protocol"]["bits_convention"].startswith("searchable linears")
     assert (run_dir / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
