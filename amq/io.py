@@ -129,3 +129,16 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def repair_jsonl(path: str | Path) -> list[dict]:
+    """The records of an append-only file; a torn last line (a killed writer) is cut off, so the
+    next append starts on a line of its own."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = list(read_jsonl(path))
+    text = path.read_bytes()
+    if text and not text.endswith(b"\n"):
+        write_jsonl(path, records)
+    return records

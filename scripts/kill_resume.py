@@ -66,7 +66,11 @@ class Process:
         return self.proc.poll() is None
 
     def wait(self, timeout: float) -> int:
-        rc = self.proc.wait(timeout=timeout)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()  # leave no search running behind a failed check
+            raise
         self._reader.join(timeout=5)
         return rc
 
