@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.amq-installed
 ARGS ?=
 
-.PHONY: setup search test test-fast bench clean-venv
+.PHONY: setup search test test-all test-fast bench clean-venv
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ search: $(STAMP)
 	$(PY) -m amq.train_search $(ARGS)
 
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not heavy" $(ARGS)
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 test-fast: $(STAMP)

@@ -15,6 +15,7 @@ METHODS = ["amq", "amq, no pruning", "amq, no predictor", "random", "greedy", "k
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_bench_quality_smoke(tmp_path):
     out = tmp_path / "bench"
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}

@@ -232,6 +232,7 @@ def test_bad_inputs_are_clear_config_errors(smollm2):
 
 # ---------------------------------------------------------------- another architecture
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_gemma3_blocks_get_their_own_arguments(compose_cfg):
     """Gemma3 passes per-layer rotary tables (sliding vs full attention); GPTQ must use each block's own."""
     cfg = compose_cfg(["model=gemma3_270m", "logger=none"])
