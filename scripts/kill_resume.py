@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OVERRIDES = ["budget=smoke", "logger=none", "metric.compile=false", "num_threads=2", "seed=3"]
+DEFAULT_OVERRIDES = ["budget=smoke", "logger=none", "metric.compile=false", "num_threads=2", "seed=3", "finalize.enabled=false"]
 USER_CACHE = Path(os.environ.get("AMQ_CACHE_DIR", Path.home() / ".cache" / "amq"))
 
 
