@@ -1,3 +1,14 @@
 """amq: automated layer-wise mixed-precision weight-only quantization search (AMQ)."""
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+
+
+def load_quantized(path: Any, device: Any = "cpu") -> Any:
+    """Reload a model exported by the finalize stage (see amq.finalize.export.load_quantized)."""
+    from amq.finalize.export import load_quantized as _load
+
+    return _load(path, device)

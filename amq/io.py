@@ -26,9 +26,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        _name_file(exc, path)
         raise
+
+
+def _name_file(exc: BaseException, path: str | Path) -> None:
+    """Say which file a failed write was for (write() and flush() errors don't)."""
+    if isinstance(exc, OSError) and exc.filename is None:
+        exc.filename = str(path)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -44,8 +51,9 @@ def atomic_write_bytes_with(path: str | Path, writer) -> None:
     try:
         writer(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        _name_file(exc, path)
         raise
 
 
@@ -66,12 +74,41 @@ def file_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def remove_stale_temps(path: str | Path) -> int:
+    """Remove temporary siblings of `path` left by a writer that was killed mid-write.
+
+    Only the sole writer of `path` may call this (the run for its own files, the holder of the
+    entry's `file_lock` for a shared cache entry). Returns how many were removed.
+    """
+    path = Path(path)
+    removed = 0
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
-    """Append one record and flush it to disk, so a crash loses at most the line being written."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Append one record and flush it to disk, so a crash loses at most the line being written.
+
+    A write that fails part-way (disk full, file size limit, an exception between writes) is cut
+    back off, so the file never keeps half a line; only a killed process can leave one.
+    """
+    data = memoryview((json.dumps(record) + "\n").encode("utf-8"))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            _name_file(exc, path)
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:
@@ -92,3 +129,16 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def repair_jsonl(path: str | Path) -> list[dict]:
+    """The records of an append-only file; a torn last line (a killed writer) is cut off, so the
+    next append starts on a line of its own."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = list(read_jsonl(path))
+    text = path.read_bytes()
+    if text and not text.endswith(b"\n"):
+        write_jsonl(path, records)
+    return records

@@ -11,7 +11,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from hydra.errors import InstantiationException
@@ -26,7 +26,12 @@ from amq.metrics.base import QualityMetric
 from amq.modeling.discovery import ModelLayout, discover_layout
 from amq.modeling.loading import LoadedModel
 from amq.proxy.bank import ProxyBank
+from amq.search.loop import SearchSettings
 from amq.search.space import SearchSpace
+
+if TYPE_CHECKING:
+    from amq.evaluation.suite import EvalSuite
+    from amq.finalize.stage import FinalizeSettings, Finalizer
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,21 @@ def tokens_hash(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16]
 
 
+def evaluation_context(wb: "Workbench") -> dict:
+    """What a true evaluation's value depends on besides the configuration (the evaluation cache key)."""
+    import transformers
+
+    return {
+        "model": wb.lm.fingerprint,
+        "dtype": str(wb.lm.model.dtype),
+        "device": wb.lm.device.type,
+        "quantizer": wb.bank.quantizer.settings(),
+        "metric": wb.metric.settings(),
+        "tokens": tokens_hash(wb.metric.tokens),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
 @dataclass
 class Workbench:
     """Everything a true evaluation needs: the model, its layout, data, proxy bank and metric."""
@@ -76,7 +96,9 @@ def prepare(cfg: DictConfig) -> Workbench:
     """Model, layout, data, proxy and metric, with every setting checked before the expensive work."""
     quiet_libraries()
     torch.manual_seed(int(cfg.seed))
-    if cfg.num_threads:
+    if cfg.num_threads is not None:
+        if int(cfg.num_threads) < 1:
+            raise ConfigError("num_threads", f"{cfg.num_threads}", "an integer >= 1, or null (torch's default)")
         torch.set_num_threads(int(cfg.num_threads))
     cache_dir = Path(cfg.paths.cache_dir)
     source = build(cfg.model.source, "model")
@@ -88,14 +110,30 @@ def prepare(cfg: DictConfig) -> Workbench:
     lm = source.load(cache_dir)
     layout = discover_layout(lm.model)
     quantizer.validate(bits, layout.linears)
-    targets = SearchSpace(layout.linears, bits, quantizer.group_size).check_targets(cfg.search.targets)
+    full_space = SearchSpace(layout.linears, bits, quantizer.group_size)
+    targets = full_space.check_targets(cfg.search.targets)
+    if cfg.finalize.enabled:  # before the proxy and sensitivity: budgets below every configuration fail now
+        finalize_settings(cfg.finalize).check_reachable(full_space)
     log.info("model %s: %d decoder blocks (%s), %d linears", lm.name, layout.n_blocks, layout.blocks_name, len(layout.linears))
     splits = corpus.load()
     tokens = calibration_windows(lm.tokenizer, splits.calibration, calib, lm.add_bos)
 
-    bank = ProxyBank(lm.model, layout, quantizer, bits, storage=quantizer.storage).build(cache_dir / "proxy", lm.fingerprint)
+    # the metric's reference distributions come from the unquantized model, before the bank swaps anything
     metric = build(cfg.metric, "metric", _partial_=False, model=lm.model, tokens=tokens)
+    bank = ProxyBank(lm.model, layout, quantizer, bits, storage=quantizer.storage).build(cache_dir / "proxy", lm.fingerprint)
     return Workbench(lm, layout, splits, tokens, bank, metric, bits, targets, cache_dir)
+
+
+def search_settings(cfg: DictConfig) -> SearchSettings:
+    """The loop's amount of work and operators, from the budget and search groups."""
+    return SearchSettings(
+        n_initial_random=int(cfg.budget.n_initial_random),
+        iterations=int(cfg.budget.iterations),
+        batch_size=int(cfg.budget.batch_size),
+        nsga=build(cfg.search.nsga, "search"),
+        bits_window=tuple(cfg.search.bits_window) if cfg.search.bits_window else None,
+        kappa=float(cfg.search.kappa),
+    )
 
 
 def prune(wb: Workbench, pruning: sensitivity.Pruning, sensitivity_samples: int, share_groups) -> tuple[sensitivity.SensitivityTable, SearchSpace]:
@@ -115,3 +153,41 @@ def prune(wb: Workbench, pruning: sensitivity.Pruning, sensitivity_samples: int,
         if t < lo:
             log.warning("target %.3g bits is below the pruned space's minimum %.3f: nothing will be reported there", t, lo)
     return table, space
+
+
+def finalize_settings(node: DictConfig) -> "FinalizeSettings":
+    """The finalize node as settings (checked before the search spends anything)."""
+    from amq.finalize.stage import FinalizeSettings
+
+    targets = node.targets if node.targets is not None else []
+    if isinstance(targets, (int, float)):
+        targets = [targets]
+    try:
+        values = tuple(float(t) for t in targets)
+    except (TypeError, ValueError):
+        raise ConfigError("finalize.targets", f"{targets!r} is not a list of numbers", "a list of average-bits budgets, e.g. [4.0, 4.5]") from None
+    return FinalizeSettings(values, str(node.bits_convention), bool(node.evaluate), int(node.extra_front_points), bool(node.baselines))
+
+
+def eval_suite(node: DictConfig, splits: TextSplits, add_bos: bool, cache_dir: Path) -> "EvalSuite":
+    """Held-out texts of the run's data plus the finalize node's perplexity protocol and tasks."""
+    from amq.evaluation.perplexity import PerplexityProtocol
+    from amq.evaluation.suite import EvalSuite
+
+    proto = PerplexityProtocol(int(node.window), None if node.max_windows is None else int(node.max_windows), add_bos)
+    limit = None if node.task_limit is None else int(node.task_limit)
+    return EvalSuite(dict(splits.heldout), splits.description, proto, tuple(node.tasks or ()), limit, cache_dir)
+
+
+def finalizer_for(cfg: DictConfig, wb: Workbench, run_dir: Path, metric_name: str) -> "Finalizer":
+    """The finalize stage for a prepared workbench (calibration windows drawn from the calibration split)."""
+    from amq.finalize.stage import Finalizer
+
+    node = cfg.finalize
+    quantizer = build(cfg.finalizer, "finalizer")
+    calib = None
+    if quantizer.needs_calibration:
+        spec = CalibrationSpec(int(node.n_samples), int(node.seq_len), seed=int(cfg.data_seed))
+        calib = calibration_windows(wb.lm.tokenizer, wb.splits.calibration, spec, wb.lm.add_bos)
+    suite = eval_suite(node, wb.splits, wb.lm.add_bos, wb.cache_dir) if node.evaluate else None
+    return Finalizer(run_dir, wb.lm, wb.layout, quantizer, finalize_settings(node), suite, metric_name, calib)

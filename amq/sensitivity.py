@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amq.io import atomic_write_json, file_lock
+from amq.io import append_jsonl, atomic_write_json, file_lock, repair_jsonl
 from amq.metrics.base import QualityMetric
 from amq.proxy.bank import ProxyBank
 
@@ -65,16 +65,35 @@ class Pruning:
         return sorted(n for n, d in table.damage.items() if d > self.threshold * med)
 
 
-def measure(bank: ProxyBank, metric: QualityMetric, low_bits: int, high_bits: int) -> SensitivityTable:
+BASELINE = ""  # the progress file's name for the all-high measurement
+
+
+def measure(bank: ProxyBank, metric: QualityMetric, low_bits: int, high_bits: int, progress: Path | None = None) -> SensitivityTable:
+    """Damage of each linear at `low_bits` with all others at `high_bits`.
+
+    With `progress`, every measurement is appended to that file as it is made and read back on
+    the next call, so a stage stopped half-way continues where it stopped instead of starting over.
+    """
     names = bank.layout.names
     t0 = last = time.perf_counter()
-    all_high = {n: high_bits for n in names}
-    bank.apply(all_high)
-    baseline = metric.evaluate(bank.model)
+    done = {d["name"]: float(d["value"]) for d in repair_jsonl(progress)} if progress else {}
+    if done:
+        log.info("sensitivity: continuing after %d of %d linears measured earlier", max(len(done) - 1, 0), len(names))
+
+    def measured(name: str) -> float:
+        if name not in done:
+            done[name] = metric.evaluate(bank.model)
+            if progress:
+                append_jsonl(progress, {"name": name, "value": done[name]})
+        return done[name]
+
+    bank.apply({n: high_bits for n in names})
+    baseline = measured(BASELINE)
     damage: dict[str, float] = {}
     for i, name in enumerate(names):
-        bank.apply({name: low_bits})
-        damage[name] = metric.evaluate(bank.model) - baseline
+        if name not in done:
+            bank.apply({name: low_bits})
+        damage[name] = measured(name) - baseline
         bank.apply({name: high_bits})
         if time.perf_counter() - last > 10 or i + 1 == len(names):
             el = time.perf_counter() - t0
@@ -97,8 +116,10 @@ def cached_measure(
     with file_lock(path):  # parallel jobs of a sweep: one measures, the others wait and reuse it
         table = _load_cached_table(path, bank.layout.names)
         if table is None:
-            table = measure(bank, metric, low, high)
+            progress = path.with_suffix(".progress.jsonl")  # what a stopped measurement got done
+            table = measure(bank, metric, low, high, progress)
             atomic_write_json(path, {**table.to_dict(), "key": payload})
+            progress.unlink(missing_ok=True)
     return table
 
 

@@ -2,6 +2,8 @@
 
 `run(cfg)` reads top to bottom: load the model and data, build the proxy, measure sensitivity and
 prune, search, write the front. It returns the final hypervolume (what a Hydra sweeper optimises).
+A run can be stopped at any moment and continued with `resume=<run dir>` or `resume=auto`
+(amq/resume.py); SIGINT/SIGTERM stop it after the evaluation in flight (amq/interrupts.py).
 """
 
 from __future__ import annotations
@@ -18,34 +20,70 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META
-from amq.errors import ConfigError
+from amq.config_check import check_settings
+from amq.errors import ConfigError, ResourceError
+from amq.faults import resource_errors
+from amq.interrupts import GracefulStop, Interrupted
 from amq.io import atomic_write_json, atomic_write_text
-from amq.pipeline import build, prepare, prune
-from amq.run_outputs import RunOutputs
+from amq.pipeline import build, evaluation_context, finalize_settings, finalizer_for, prepare, prune, search_settings
+from amq.resume import check_resumable, resume_command
+from amq.run_outputs import ARCHIVE_FILE, CONFIG_FILE, STATE_FILE, SUMMARY_FILE, RunOutputs
 from amq.search.archive import Archive
+from amq.search.eval_cache import with_cache
 from amq.search.evaluator import ProxyEvaluator
-from amq.search.loop import IterativeSearch, SearchSettings, search_bits_range
+from amq.search.loop import IterativeSearch, search_bits_range
 from amq.search.pareto import HV_CONVENTION, best_under_target
-from amq.search.seeding import sensitivity_seeds
+from amq.search.seeding import SEED_ALLOCATORS, sensitivity_seeds
 from amq.tracking import artifact_paths, summary_values
 
 log = logging.getLogger("amq")
 
-OmegaConf.register_new_resolver("amq_run_dir", lambda resume, default: str(resume) if resume else default, replace=True)
+# An absolute path: works the same for `python -m amq.train_search` and the `amq-search` script.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _continues(cfg: DictConfig, run_dir: Path) -> bool:
+    """Whether this run continues an earlier one in `run_dir` (checked: same settings, unfinished)."""
+    if not cfg.resume:
+        return False
+    if cfg.resume == "auto":
+        if not (run_dir / CONFIG_FILE).is_file():
+            return False  # no unfinished run with these settings: a new one
+    elif Path(str(cfg.resume)).expanduser().absolute() != run_dir.absolute():
+        check_resumable(Path(str(cfg.resume)), cfg)  # the reason it wasn't chosen as the run directory
+        raise ConfigError("resume", f"continues in its own directory, but paths.output_dir is {run_dir}", "leave paths.output_dir unset when resuming")
+    check_resumable(run_dir, cfg)
+    return True
+
+
 def run(cfg: DictConfig) -> float:
-    t_start = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
-    resuming = bool(cfg.resume)
-    outputs = RunOutputs(run_dir)
-    state = outputs.read_state() if resuming else None
-    if resuming and state is None:
-        raise ConfigError("resume", f"{run_dir} holds no state.json of an earlier run", "the directory of an earlier amq-search run")
+    new_dir = not (run_dir / CONFIG_FILE).is_file()  # Hydra just made it: remove it again on a user error
+    try:
+        check_settings(cfg, CONF_DIR)
+        resuming = _continues(cfg, run_dir)
+        with GracefulStop() as stop, resource_errors(cfg, run_dir):
+            return _run(cfg, RunOutputs(run_dir), resuming, stop)
+    except ConfigError:
+        if new_dir:
+            _remove_fresh_run_dir(run_dir)
+        raise
+    except Interrupted as exc:
+        log.warning("%s; every finished evaluation is saved in %s. Continue with:\n  %s", exc, run_dir, resume_command(run_dir))
+        raise
+
+
+def _run(cfg: DictConfig, outputs: RunOutputs, resuming: bool, stop: GracefulStop) -> float:
+    t_start = time.perf_counter()
+    run_dir = outputs.dir
+    if resuming:
+        outputs.remove_stale_temps()
+    else:
+        atomic_write_text(outputs.path(CONFIG_FILE), OmegaConf.to_yaml(cfg, resolve=True))
 
     # ---- search components first: bad settings fail before anything expensive
     make_predictor = build(cfg.predictor, "predictor")
@@ -54,33 +92,46 @@ def run(cfg: DictConfig) -> float:
     except TypeError as exc:
         raise ConfigError("predictor", str(exc), "the keys documented in conf/predictor/") from None
     pruning = build(cfg.search.pruning, "search")
-    settings = SearchSettings(
-        n_initial_random=int(cfg.budget.n_initial_random),
-        iterations=int(cfg.budget.iterations),
-        batch_size=int(cfg.budget.batch_size),
-        nsga=build(cfg.search.nsga, "search"),
-        bits_window=tuple(cfg.search.bits_window) if cfg.search.bits_window else None,
-        kappa=float(cfg.search.kappa),
-    )
+    settings = search_settings(cfg)
     tracker = build(cfg.logger, "logger")
+    finalize = finalize_settings(cfg.finalize) if cfg.finalize.enabled else None
+    if finalize is not None:
+        build(cfg.finalizer, "finalizer")  # bad finalizer settings fail before the search
+        if cfg.finalize.evaluate and cfg.finalize.tasks:
+            from amq.evaluation.zeroshot import check_tasks
+
+            check_tasks(list(cfg.finalize.tasks))
+    eval_cache = build(cfg.eval_cache, "eval_cache")
+    for key in ("seed", "data_seed"):
+        if int(cfg[key]) < 0:
+            raise ConfigError(key, f"{cfg[key]}", "an integer >= 0")
     if int(cfg.search.sensitivity_seeds) < 0:
         raise ConfigError("search.sensitivity_seeds", f"{cfg.search.sensitivity_seeds}", "an integer >= 0 (0: the reference's uniform + random initial design)")
+    if cfg.search.seed_allocator not in SEED_ALLOCATORS:
+        raise ConfigError("search.seed_allocator", f"{cfg.search.seed_allocator!r}", " or ".join(SEED_ALLOCATORS))
 
     # ---- model, data, proxy, metric; then sensitivity and pruning
     wb = prepare(cfg)
     lm, layout, metric, bank, targets = wb.lm, wb.layout, wb.metric, wb.bank, wb.targets
     table, space = prune(wb, pruning, int(cfg.budget.sensitivity_samples), cfg.search.share_groups)
     space_fp = space.fingerprint(lm.fingerprint)
-    if resuming and state.get("space_fingerprint") != space_fp:
+    state = outputs.read_state()
+    if state is not None and state["space_fingerprint"] != space_fp:
         raise ConfigError("resume", f"{run_dir} was searched over a different model or search space", "the same model, bits, group size, data and pruning settings as the original run")
+    if state is None and outputs.archive_path.exists():
+        raise ConfigError("resume", f"{run_dir} has an archive but no {STATE_FILE}", "restore it, or start a new run")
 
-    # ---- run directory
-    if not resuming:
-        atomic_write_text(outputs.path("config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+    if finalize is not None:
+        finalize.check_reachable(space)  # after pruning: the smallest configuration may have grown
+
+    # ---- run directory: the search's checkpoint exists from here on
     atomic_write_json(outputs.path("sensitivity.json"), {**table.to_dict(), "threshold": pruning.threshold, "keep_top": pruning.keep_top, "pruned": space.pruned})
+    start = int(state["last_completed_iteration"]) + 1 if state else 0
+    if state is None:
+        outputs.write_state({"space_fingerprint": space_fp, "last_completed_iteration": -1, "seed": int(cfg.seed)})
+    outputs.path(SUMMARY_FILE).unlink(missing_ok=True)  # a continued run is not finished until it writes it again
     archive = Archive(space, outputs.archive_path)
     n_loaded = archive.load(metric.name)
-    start = int(state["last_completed_iteration"]) + 1 if resuming else 0
     rows = outputs.read_metrics(start - 1)
     if resuming:
         log.info("resuming %s at iteration %d with %d archived configurations", run_dir, start, n_loaded)
@@ -97,7 +148,7 @@ def run(cfg: DictConfig) -> float:
 
     search = IterativeSearch(
         space=space,
-        evaluate=ProxyEvaluator(bank, metric, space),
+        evaluate=with_cache(ProxyEvaluator(bank, metric, space), eval_cache, evaluation_context(wb), space),
         make_predictor=lambda seed: make_predictor(seed=seed),
         settings=settings,
         archive=archive,
@@ -106,8 +157,9 @@ def run(cfg: DictConfig) -> float:
         seed=int(cfg.seed),
         observers=[on_iteration],
         seeder=lambda uniform_metric: sensitivity_seeds(
-            space, table.damage, int(cfg.search.sensitivity_seeds), search_bits_range(space, settings), targets, uniform_metric
+            space, table.damage, int(cfg.search.sensitivity_seeds), search_bits_range(space, settings), targets, uniform_metric, cfg.search.seed_allocator
         ),
+        evaluation_guard=stop.deferred,
     )
     tracker.start(str(run_dir), OmegaConf.to_container(cfg, resolve=True), name=run_dir.name)
     failed = True
@@ -115,18 +167,31 @@ def run(cfg: DictConfig) -> float:
         t_search = time.perf_counter()
         search.run(start)
         search_s = time.perf_counter() - t_search
-        if not rows:
-            raise ConfigError("resume", f"{run_dir} is already complete (iteration {start - 1} of {settings.iterations})")
         front = outputs.write_front(archive, metric.name, title)
         summary = _summary(cfg, lm, layout, space, archive, metric, wb.splits.description, table, bank, rows, front, targets, search_s, time.perf_counter() - t_start)
         atomic_write_json(outputs.path("summary.json"), summary)
+        if finalize is not None:
+            bank.restore()
+            report = finalizer_for(cfg, wb, run_dir, metric.name).run(list(space.bit_choices))
+            summary["finalize"] = finalize_summary(report)
+            atomic_write_json(outputs.path("summary.json"), summary)
         tracker.summary(summary_values(summary))
         tracker.log_artifacts(artifact_paths(run_dir))
         failed = False
     finally:
         tracker.finish(failed=failed)
+    evals = summary["evaluations"]
+    if evals["reused_from_cache"]:
+        log.info("evaluation cache: reused %d of %d evaluations", evals["reused_from_cache"], evals["archived"])
     log.info("front: %d configurations in %s (front.json, front.csv, front.png)", len(front), run_dir)
     return float(rows[-1]["hypervolume"])
+
+
+def finalize_summary(report: dict) -> dict:
+    """The finalize stage in summary.json: per exported model, where it is and how it scored."""
+    models = {f"{r['target']:g}": {k: r.get(k) for k in ("dir", "avg_bits", "avg_bits_weights_only", "perplexity", "zero_shot", "bytes_on_disk")}
+              for r in report["rows"] if r["kind"] == "target"}
+    return {"models": models, "proxy_fidelity": report["proxy_fidelity"], "seconds": report["seconds"]}
 
 
 def _summary(cfg, lm, layout, space, archive, metric, data_desc, table, bank, rows, front, targets, search_s, total_s) -> dict:
@@ -137,7 +202,7 @@ def _summary(cfg, lm, layout, space, archive, metric, data_desc, table, bank, ro
         if idx is not None:
             rec = archive.records[idx]
             best[f"{t:g}"] = {"avg_bits": rec.avg_bits, "avg_bits_weights_only": rec.avg_bits_weights_only, metric.name: rec.metric, "iteration": rec.iteration}
-    evals = [r.seconds for r in archive.records]
+    evals = [r.seconds for r in archive.records if not r.reused]
     return {
         "model": {"name": lm.name, "fingerprint": lm.fingerprint, "blocks": layout.n_blocks, "linears": len(layout.linears)},
         "protocol": {
@@ -161,6 +226,12 @@ def _summary(cfg, lm, layout, space, archive, metric, data_desc, table, bank, ro
         },
         "final_hypervolume": rows[-1]["hypervolume"],
         "true_evaluations": len(archive),
+        "evaluations": {
+            "archived": len(archive),
+            "reused_from_cache": sum(r.reused for r in archive.records),
+            "failed": sum(r.failure is not None for r in archive.records),
+            "cache": OmegaConf.to_container(cfg.eval_cache, resolve=True),
+        },
         "front_size": len(front),
         "best_at_target": best,
         "seconds": {
@@ -176,25 +247,20 @@ def _summary(cfg, lm, layout, space, archive, metric, data_desc, table, bank, ro
 
 
 def _remove_fresh_run_dir(run_dir: Path) -> None:
-    """After a user error before any result was written, remove the run dir Hydra just created."""
-    ours = {"config.yaml", "archive.jsonl", "state.json", "metrics.jsonl", "front.json", "sensitivity.json"}
-    if run_dir.is_dir() and not any((run_dir / n).exists() for n in ours):
+    """After a user error in a new run, before its checkpoint existed, remove the directory Hydra made."""
+    if run_dir.is_dir() and not any((run_dir / n).exists() for n in (STATE_FILE, ARCHIVE_FILE)):
         shutil.rmtree(run_dir, ignore_errors=True)
-
-
-# An absolute path: works the same for `python -m amq.train_search` and the `amq-search` script.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_search")
 def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
-    except ConfigError as exc:
+    except (ConfigError, ResourceError) as exc:
         log.error("%s", exc)
-        if not cfg.resume:
-            _remove_fresh_run_dir(Path(cfg.paths.output_dir))
-        sys.exit(2)
+        sys.exit(exc.exit_code)
+    except Interrupted as exc:
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

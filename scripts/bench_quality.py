@@ -1,124 +1,291 @@
-"""Search quality against baselines at equal true evaluations, on the configured model.
+"""Search quality against the alternatives a user would pick, at equal true evaluations.
 
-For each seed: run the AMQ search (as `amq-search` would, outputs under --out), then spend the
-same number of true evaluations on random configurations, and evaluate the uniform
-configurations. Report, per method, the best calibration JSD at or under each target (average bits
-with scale/zero) and the hypervolume, all normalised the same way.
+On the configured model, per seed, N = the true evaluations the AMQ search spends (its archive):
 
-    python scripts/bench_quality.py                              # demo budget, seeds 0 1 2
-    python scripts/bench_quality.py budget=smoke --seeds 0       # quick look
+- amq:               the default search (`amq.train_search.run`, as `amq-search` runs it);
+- amq, no pruning:   the same with `search.pruning.threshold=0` (more such arms: --variant);
+- amq, no predictor: the same initial design (the search's own iteration 0), then NSGA-II whose
+                     objective is the true evaluation, `batch_size` offspring per generation for
+                     `iterations` generations (`amq.baselines.evolution`);
+- random:            N random configurations drawn in the bits window;
+- greedy / knapsack: the uniform configurations (they calibrate the width factors), then one
+                     allocation per budget from the sensitivity table, budgets = the targets plus
+                     evenly spaced levels across the bits window, N in all (fewer where two
+                     budgets give the same allocation); `amq.baselines.greedy` / `.knapsack`;
+- uniform:           every linear at each bit width.
 
-Any Hydra override of conf/train_search.yaml may be given.
+Per method: hypervolume (one normalisation for all: metric over uniform lowest-width's, bits over
+the bits window), and at each target the configuration with the lowest calibration metric at or
+under it, with its held-out perplexity (proxy weights applied; `amq.evaluation.perplexity`).
+Greedy, knapsack and uniform do not depend on the seed and are computed once.
+
+    python scripts/bench_quality.py num_threads=1                       # demo budget, seeds 0 1 2
+    python scripts/bench_quality.py budget=smoke --seeds 0 --ppl-windows 2   # quick look
+    python scripts/bench_quality.py num_threads=1 --variant "amq, knapsack seeds" search.seed_allocator=knapsack
+
+Any Hydra override of conf/train_search.yaml may be given. Results go to --out (results.json,
+results.md, the AMQ run directories); rerunning with the same --out reuses what is finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
+import re
+import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from amq.io import read_jsonl  # noqa: E402
-from amq.pipeline import prepare  # noqa: E402
-from amq.search.evaluator import ProxyEvaluator  # noqa: E402
-from amq.search.pareto import best_under_target, normalized_hypervolume  # noqa: E402
+from amq.baselines.evolution import true_evaluation_nsga2  # noqa: E402
+from amq.baselines.greedy import greedy_allocations  # noqa: E402
+from amq.baselines.knapsack import knapsack_allocations  # noqa: E402
+from amq.bits import CONVENTION_WITH_META  # noqa: E402
+from amq.evaluation.perplexity import PerplexityProtocol, perplexity, perplexity_windows  # noqa: E402
+from amq.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
+from amq.pipeline import Workbench, build, prepare, prune, search_settings  # noqa: E402
+from amq.search.archive import Archive  # noqa: E402
+from amq.search.evaluator import ProxyEvaluator, measured  # noqa: E402
+from amq.search.loop import search_bits_range  # noqa: E402
+from amq.search.pareto import HV_CONVENTION, best_under_target, normalized_hypervolume  # noqa: E402
+from amq.search.seeding import additive_damage, budget_levels, width_factors  # noqa: E402
 from amq.search.space import SearchSpace  # noqa: E402
-from amq.train_search import run  # noqa: E402
+from amq.train_search import run as run_search  # noqa: E402
 
-log = logging.getLogger("bench_quality")
+log = logging.getLogger("amq.bench_quality")
+
+METHODS = ["amq", "amq, no pruning", "amq, no predictor", "random", "greedy", "knapsack", "uniform"]
 
 
-def _compose(overrides: list[str]):
+@dataclass
+class Evaluated:
+    """Every configuration one method truly evaluated: bits per linear, average bits, calibration metric."""
+
+    configs: list[dict[str, int]]
+    avg_bits: np.ndarray
+    metric: np.ndarray
+    seconds: float
+
+    @classmethod
+    def from_archive(cls, archive: Archive, seconds: float) -> "Evaluated":
+        _, metric, bits = archive.arrays()
+        return cls([archive.space.to_bits(r.genes) for r in archive.records], bits, metric, seconds)
+
+    def __add__(self, other: "Evaluated") -> "Evaluated":
+        return Evaluated(self.configs + other.configs, np.concatenate([self.avg_bits, other.avg_bits]),
+                         np.concatenate([self.metric, other.metric]), self.seconds + other.seconds)
+
+
+def evaluate_distinct(space: SearchSpace, evaluate: ProxyEvaluator, genes: np.ndarray, skip: Sequence[np.ndarray] = ()) -> Evaluated:
+    """True evaluation of each distinct row of `genes`, leaving out rows equal to one in `skip`."""
+    skipped = {space.key(g) for g in skip}
+    archive = Archive(space)
+    t0 = time.perf_counter()
+    for g in genes:
+        if space.key(g) not in skipped and g not in archive:
+            archive.add(g, evaluate(g), 0, "metric")
+    return Evaluated.from_archive(archive, time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------ methods
+def run_amq(cfg: DictConfig) -> Evaluated:
+    """The search as `amq-search` runs it; its search time excludes model loading, proxy and sensitivity."""
+    run_dir = Path(cfg.paths.output_dir)
+    if not (run_dir / "summary.json").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier attempt: start it over
+        run_search(cfg)
+        gc.collect()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    recs = list(read_jsonl(run_dir / "archive.jsonl"))
+    return Evaluated(
+        [r["config"]["bits"] for r in recs],
+        np.array([r["avg_bits"] for r in recs]),
+        np.array([r["metrics"][cfg.metric.kind] for r in recs]),
+        float(summary["seconds"]["search"]),
+    )
+
+
+def run_no_predictor(cfg: DictConfig, wb: Workbench, amq_dir: Path) -> Evaluated:
+    """The search's own initial design (read from its archive), then NSGA-II on true evaluations."""
+    settings = search_settings(cfg)
+    _, space = prune(wb, build(cfg.search.pruning, "search"), int(cfg.budget.sensitivity_samples), cfg.search.share_groups)
+    archive = Archive(space)
+    initial_s = 0.0
+    for r in read_jsonl(amq_dir / "archive.jsonl"):
+        if r["iteration"] == 0:
+            archive.add(space.from_bits(r["config"]["bits"]), measured(r["metrics"][cfg.metric.kind], r["eval_seconds"], cfg.metric.kind), 0, cfg.metric.kind)
+            initial_s += r["eval_seconds"]
+    t0 = time.perf_counter()
+    true_evaluation_nsga2(archive, ProxyEvaluator(wb.bank, wb.metric, space), settings, cfg.metric.kind, seed=int(cfg.seed))
+    return Evaluated.from_archive(archive, initial_s + time.perf_counter() - t0)
+
+
+def run_allocator(
+    full: SearchSpace, evaluate: ProxyEvaluator, uniform: Evaluated, allocate: Callable[[Sequence[float]], np.ndarray],
+    n: int, brange: tuple[float, float], targets: Sequence[float],
+) -> Evaluated:
+    """The uniform configurations, then one allocation per budget: `n` true evaluations at most."""
+    t0 = time.perf_counter()
+    genes = allocate(budget_levels(n - len(uniform.configs), brange, targets))
+    alloc_s = time.perf_counter() - t0
+    ev = evaluate_distinct(full, evaluate, genes, skip=[full.from_bits(c) for c in uniform.configs])
+    ev.seconds += alloc_s
+    return uniform + ev
+
+
+# ------------------------------------------------------------------ reporting
+class HeldoutPerplexity:
+    """Held-out perplexity of a bit configuration with the proxy weights applied (cached per configuration)."""
+
+    def __init__(self, wb: Workbench, protocol: PerplexityProtocol) -> None:
+        self.wb, self.protocol = wb, protocol.fit_to(wb.lm.model)
+        self.windows = perplexity_windows(wb.lm.tokenizer, wb.splits.heldout[next(iter(wb.splits.heldout))], self.protocol)
+        self._cache: dict[tuple, float] = {}
+
+    def __call__(self, bits: dict[str, int] | None) -> float:
+        key = tuple(sorted(bits.items())) if bits is not None else ()
+        if key not in self._cache:
+            if bits is None:
+                self.wb.bank.restore()
+            else:
+                self.wb.bank.apply(bits)
+            self._cache[key] = perplexity(self.wb.lm.model, self.windows)["perplexity"]
+        return self._cache[key]
+
+    def describe(self) -> dict:
+        return {"text": f"held-out {next(iter(self.wb.splits.heldout))} of {self.wb.splits.description}",
+                "tokens": int(self.windows.numel()), **self.protocol.describe()}
+
+
+def summarise(ev: Evaluated, targets: Sequence[float], scale: float, brange: tuple[float, float], ppl: HeldoutPerplexity) -> dict:
+    finite = np.isfinite(ev.metric)
+    row = {
+        "true_evaluations": len(ev.configs),
+        "seconds": round(ev.seconds, 1),
+        "hypervolume": normalized_hypervolume(ev.metric[finite], ev.avg_bits[finite], scale, brange),
+        "at_target": {},
+    }
+    for t in targets:
+        i = best_under_target(np.where(finite, ev.metric, np.inf), ev.avg_bits, t)
+        if i is not None:
+            row["at_target"][f"{t:g}"] = {"avg_bits": float(ev.avg_bits[i]), "jsd": float(ev.metric[i]), "perplexity": ppl(ev.configs[i])}
+    return row
+
+
+def _cell(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1 or max(values) - min(values) < 1e-12:
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} ± {statistics.stdev(values):.2g}"
+
+
+def markdown_table(results: dict[str, dict[str, dict]], targets: Sequence[float]) -> str:
+    """One row per method (the fixed ones first, then any variants), mean ± std over seeds."""
+    ts = [f"{t:g}" for t in targets]
+    head = ["method", "true evals", "wall s", "hypervolume", *[f"JSD @ {t}" for t in ts], *[f"PPL @ {t}" for t in ts]]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for method in [*METHODS, *(m for m in results if m not in METHODS)]:
+        rows = list(results.get(method, {}).values())
+        if not rows:
+            continue
+        cells = [method, _cell([r["true_evaluations"] for r in rows], ".0f"), _cell([r["seconds"] for r in rows], ".0f"),
+                 _cell([r["hypervolume"] for r in rows], ".3f")]
+        for key, fmt in (("jsd", ".4f"), ("perplexity", ".1f")):
+            cells += [_cell([r["at_target"][t][key] for r in rows if t in r["at_target"]], fmt) for t in ts]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ driver
+def _compose(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(config_name="train_search", overrides=overrides)
 
 
-def _summarise(bits: np.ndarray, jsd: np.ndarray, targets: list[float], scale: float, brange: tuple[float, float]) -> dict:
-    out = {"hypervolume": normalized_hypervolume(jsd, bits, scale, brange), "n": int(len(jsd))}
-    for t in targets:
-        i = best_under_target(jsd, bits, t)
-        out[f"jsd@{t:g}"] = None if i is None else float(jsd[i])
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train_search.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_quality")
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--ppl-window", type=int, default=512, help="held-out perplexity window (tokens)")
+    ap.add_argument("--ppl-windows", type=int, default=16, help="how many held-out windows")
+    ap.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
+                    help="one more AMQ arm: a name, then the overrides that make it (repeatable)")
     args = ap.parse_args()
+    variants = {"amq, no pruning": ["search.pruning.threshold=0"], **{v[0]: v[1:] for v in args.variant}}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    results: dict[str, list[dict]] = {}
+    base = ["logger=none", *args.overrides]
+    cfg0 = _compose([*base, f"seed={args.seeds[0]}", f"paths.output_dir={args.out}"])
+    wb = prepare(cfg0)
+    settings = search_settings(cfg0)
+    full = SearchSpace(wb.layout.linears, wb.bits, wb.bank.quantizer.group_size, share_patterns=cfg0.search.share_groups)
+    evaluate = ProxyEvaluator(wb.bank, wb.metric, full)
+    brange = search_bits_range(full, settings)
+    ppl = HeldoutPerplexity(wb, PerplexityProtocol(args.ppl_window, args.ppl_windows, wb.lm.add_bos))
+    table, _ = prune(wb, build(cfg0.search.pruning, "search"), int(cfg0.budget.sensitivity_samples), cfg0.search.share_groups)
+
+    out_json = args.out / "results.json"
+    state = json.loads(out_json.read_text()) if out_json.exists() else {}
+    results: dict[str, dict[str, dict]] = state.get("methods", {})
+
+    def record(method: str, seed: str, ev: Evaluated) -> None:
+        results.setdefault(method, {})[seed] = summarise(ev, wb.targets, scale, brange, ppl)
+        log.info("%s (seed %s): %s", method, seed, json.dumps(results[method][seed]))
+        atomic_write_json(out_json, {"protocol": protocol, "methods": results})
+
+    t0 = time.perf_counter()
+    uniform = evaluate_distinct(full, evaluate, np.stack([full.uniform(b) for b in wb.bits]))
+    scale = float(uniform.metric[0])  # all-lowest: the common normalisation of every method's hypervolume
+    protocol = {
+        "model": wb.lm.name, "overrides": args.overrides, "seeds": args.seeds, "calibration": wb.metric.description,
+        "data": wb.splits.description, "bits_convention": CONVENTION_WITH_META, "hypervolume": HV_CONVENTION,
+        "hypervolume_scale": {"metric": scale, "bits_range": list(brange)}, "perplexity": ppl.describe(),
+        "unquantized_perplexity": ppl(None), "sensitivity_seconds": table.seconds,
+    }
+    if "uniform" not in results:
+        record("uniform", "all", uniform)
+    factors = width_factors(full, dict(zip(wb.bits, uniform.metric)))
+    damage = additive_damage(full, table.damage, factors)
+    log.info("uniform configurations and reference perplexity: %.0fs; width factors %s", time.perf_counter() - t0, np.round(factors, 4).tolist())
+
     for seed in args.seeds:
-        run_dir = args.out / time.strftime("%Y%m%d-%H%M%S") / f"seed{seed}"
-        cfg = _compose(["logger=none", f"seed={seed}", f"paths.output_dir={run_dir}", *args.overrides])
-        t0 = time.perf_counter()
-        run(cfg)
-        search_s = time.perf_counter() - t0
-        archive = list(read_jsonl(run_dir / "archive.jsonl"))
-        a_bits = np.array([r["avg_bits"] for r in archive])
-        a_jsd = np.array([r["metrics"]["jsd"] for r in archive])
+        s = str(seed)
+        cfg = _compose([*base, f"seed={seed}", f"paths.output_dir={args.out / f'seed{seed}' / 'amq'}"])
+        amq = run_amq(cfg)
+        if s not in results.get("amq", {}):
+            record("amq", s, amq)
+        n = len(amq.configs)
+        for name, extra in variants.items():
+            if s not in results.get(name, {}):
+                run_dir = args.out / f"seed{seed}" / re.sub(r"\W+", "_", name).strip("_")
+                record(name, s, run_amq(_compose([*base, f"seed={seed}", *extra, f"paths.output_dir={run_dir}"])))
+        if s not in results.get("amq, no predictor", {}):
+            record("amq, no predictor", s, run_no_predictor(cfg, wb, Path(cfg.paths.output_dir)))
+        if s not in results.get("random", {}):
+            genes = full.random(np.random.default_rng(10_000 + seed), n, settings.bits_window and brange)
+            record("random", s, evaluate_distinct(full, evaluate, genes))
+        for method, allocate in (("greedy", lambda b: greedy_allocations(full, damage, b)), ("knapsack", lambda b: knapsack_allocations(full, damage, b))):
+            if "all" not in results.get(method, {}):
+                record(method, "all", run_allocator(full, evaluate, uniform, allocate, n, brange, wb.targets))
 
-        wb = prepare(cfg)
-        full = SearchSpace(wb.layout.linears, wb.bits, wb.bank.quantizer.group_size)
-        evaluate = ProxyEvaluator(wb.bank, wb.metric, full)
-        window = tuple(cfg.search.bits_window) if cfg.search.bits_window else None
-        brange = window or full.bits_range()
-        u_bits, u_jsd = [], []
-        for b in wb.bits:
-            g = full.uniform(b)
-            u_bits.append(full.avg_bits(g))
-            u_jsd.append(evaluate(g)[0])
-        scale = u_jsd[0]  # all-lowest: the common normalisation of every method's hypervolume
-        rng = np.random.default_rng(10_000 + seed)
-        r_genes = full.random(rng, len(archive), window)
-        t0 = time.perf_counter()
-        r_jsd = np.array([evaluate(g)[0] for g in r_genes])
-        random_s = time.perf_counter() - t0
-        rows = {
-            "amq": {**_summarise(a_bits, a_jsd, wb.targets, scale, brange), "seconds": search_s},
-            "uniform": {**_summarise(np.array(u_bits), np.array(u_jsd), wb.targets, scale, brange), "seconds": None,
-                        **{f"uniform{b}": {"avg_bits": float(x), "jsd": float(y)} for b, x, y in zip(wb.bits, u_bits, u_jsd)}},
-            "random": {**_summarise(full.avg_bits(r_genes), r_jsd, wb.targets, scale, brange), "seconds": random_s},
-        }
-        # the front at each uniform configuration's own bits: equal-bits comparison
-        for b, x, y in zip(wb.bits, u_bits, u_jsd):
-            i = best_under_target(a_jsd, a_bits, x)
-            j = best_under_target(r_jsd, full.avg_bits(r_genes), x)
-            rows["amq"][f"jsd@uniform{b}"] = None if i is None else float(a_jsd[i])
-            rows["random"][f"jsd@uniform{b}"] = None if j is None else float(r_jsd[j])
-            rows["uniform"][f"jsd@uniform{b}"] = float(y)
-        for k, v in rows.items():
-            results.setdefault(k, []).append(v)
-        log.info("seed %d: %s", seed, json.dumps(rows, default=str))
-
-    keys = [k for k in results["amq"][0] if k.startswith("jsd@") or k == "hypervolume"]
-    print(f"| method | {' | '.join(keys)} |")
-    print("|---" * (len(keys) + 1) + "|")
-    for method, rows in results.items():
-        cells = []
-        for k in keys:
-            vals = [r[k] for r in rows if r.get(k) is not None]
-            if not vals:
-                cells.append("-")
-            elif len(vals) == 1:
-                cells.append(f"{vals[0]:.4g}")
-            else:
-                cells.append(f"{statistics.mean(vals):.4g} ± {statistics.stdev(vals):.2g}")
-        print(f"| {method} | {' | '.join(cells)} |")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    md = markdown_table(results, wb.targets)
+    md += f"\n\nunquantized held-out perplexity: {protocol['unquantized_perplexity']:.2f}\n"
+    atomic_write_text(args.out / "results.md", md)
+    print(md)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,19 +30,17 @@ sys.path.insert(0, str(ROOT))
 
 from amq.metrics.divergence import OutputDivergence  # noqa: E402
 from amq.pipeline import build, prepare  # noqa: E402
-from amq.search.nsga import PredictedQualityProblem, run_nsga2  # noqa: E402
 from amq.search.space import SearchSpace  # noqa: E402
+from amq.timing import (  # noqa: E402
+    forward_floor_seconds,
+    search_step_seconds,
+    sensitivity_seconds_per_linear,
+    swap_seconds,
+    synchronizer,
+    true_eval_seconds,
+)
 
 log = logging.getLogger("bench_speed")
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -62,7 +59,7 @@ def main() -> None:
 
     wb = prepare(cfg)
     model, bank, layout = wb.lm.model, wb.bank, wb.layout
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     res["model"] = wb.lm.name
     res["tokens"] = list(wb.tokens.shape)
     res["bf16_model_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
@@ -78,16 +75,7 @@ def main() -> None:
 
     # floor: the unquantized forward over the same calibration windows, same batching
     bank.restore()
-    batches = list(torch.split(wb.tokens, int(cfg.metric.batch_size)))
-
-    def forward_only() -> None:
-        with torch.inference_mode():
-            for ids in batches:
-                model(input_ids=ids.to(model.device))
-        sync()
-
-    forward_only()
-    floor = _median_time(forward_only, args.repeats)
+    floor = forward_floor_seconds(model, wb.tokens, int(cfg.metric.batch_size), args.repeats, sync)
     res["forward_floor_s"] = floor
 
     # true evaluation: swap a random configuration in, then the metric (eager and compiled)
@@ -97,46 +85,21 @@ def main() -> None:
     for label, compiled in (("eager", False), ("compiled", True)):
         bank.restore()
         metric = OutputDivergence(model, wb.tokens, kind=cfg.metric.kind, batch_size=int(cfg.metric.batch_size), compile=compiled)
-        it = iter(configs)
-
-        def one_eval() -> None:
-            bank.apply(next(it))
-            metric.evaluate(model)
-            sync()
-
-        one_eval()  # warm-up (and compilation)
-        t = _median_time(one_eval, args.repeats)
-        swap = _median_time(lambda: (bank.apply(configs[0]), bank.apply(configs[1]), sync()), args.repeats) / 2
+        t = true_eval_seconds(bank, metric, configs, args.repeats, sync)
         res[f"true_eval_{label}_s"] = t
         res[f"true_eval_{label}_ratio"] = t / floor
-    res["swap_s"] = swap
+    res["swap_s"] = swap_seconds(bank, configs[0], configs[1], args.repeats, sync)
 
     # sensitivity: per-linear cost measured on a few linears, extrapolated to all
     sens = wb.metric.subset(int(cfg.budget.sensitivity_samples))
-    names = layout.names[: args.sensitivity_linears]
-    hi, lo = wb.bits[-1], wb.bits[0]
-    bank.apply({n: hi for n in layout.names})
-    t0 = time.perf_counter()
-    for n in names:
-        bank.apply({n: lo})
-        sens.evaluate(model)
-        bank.apply({n: hi})
-    per = (time.perf_counter() - t0) / len(names)
+    per = sensitivity_seconds_per_linear(bank, sens, layout.names[: args.sensitivity_linears], wb.bits[0], wb.bits[-1], sync)
     res["sensitivity_s"] = {"per_linear": per, "all_linears_estimate": per * len(layout.names)}
 
     # predictor fit and NSGA-II on a realistic archive size
-    make_predictor = build(cfg.predictor, "predictor")
     n_archive = int(cfg.budget.n_initial_random) + 3 + int(cfg.budget.batch_size) * int(cfg.budget.iterations)
-    X = space.random(rng, n_archive)
-    y = np.exp(-space.avg_bits(X)) * (1 + 0.1 * rng.random(len(X)))  # fit time does not depend on the values
-    t0 = time.perf_counter()
-    pred = make_predictor(seed=0).fit(space.features(X), y)
-    res["predictor_fit_s"] = {"n_points": n_archive, "seconds": time.perf_counter() - t0}
-    problem = PredictedQualityProblem(space, lambda g: pred.predict(space.features(g)))
-    nsga = build(cfg.search.nsga, "search")
-    t0 = time.perf_counter()
-    run_nsga2(problem, nsga, X[:10], seed=0)
-    res["nsga_s_per_iteration"] = time.perf_counter() - t0
+    step = search_step_seconds(space, build(cfg.predictor, "predictor"), build(cfg.search.nsga, "search"), n_archive)
+    res["predictor_fit_s"] = {"n_points": n_archive, "seconds": step["fit_s"]}
+    res["nsga_s_per_iteration"] = step["nsga_s"]
 
     if device == "cuda":
         res["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20

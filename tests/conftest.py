@@ -43,4 +43,17 @@ def run_dirs(out_dir: Path) -> list[Path]:
     return sorted(p for p in base.iterdir() if p.is_dir()) if base.exists() else []
 
 
-SMOKE = ["budget=smoke", "logger=none", "metric.compile=false", "num_threads=2"]
+# Seconds of work, bit-identical metrics across processes (fixed threads, eager arithmetic), and
+# every configuration measured (no evaluation cache), so runs can be compared with each other;
+# no finalize stage (tests/test_finalize.py turns it on).
+SMOKE = ["budget=smoke", "logger=none", "metric.compile=false", "num_threads=2", "eval_cache=none", "finalize.enabled=false"]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One uninterrupted smoke search (seed 3): the reference that resumed runs must reproduce."""
+    out = tmp_path_factory.mktemp("smoke")
+    proc = run_cli([*SMOKE, "seed=3"], out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = run_dirs(out)
+    return run_dir, proc

@@ -5,14 +5,18 @@ from __future__ import annotations
 import pytest
 from hydra.utils import instantiate
 
+from amq.config_check import check_settings
 from amq.data.corpora import EmbeddedWikiLee, HubDataset
+from amq.errors import ConfigError
 from amq.modeling.loading import EmbeddedGGUF, HFModel
 from amq.predictors.base import Predictor
 from amq.proxy.hqq_quantizer import HQQQuantizer
+from amq.search.eval_cache import DiskEvaluationCache, NoEvaluationCache
 from amq.search.nsga import NSGA2Settings
 from amq.sensitivity import Pruning
 from amq.tracking.null_logger import NullLogger
 from amq.tracking.wandb_logger import WandbLogger
+from conftest import CONF
 
 
 @pytest.mark.parametrize("model, cls", [("smollm2", EmbeddedGGUF), ("gemma3_270m", EmbeddedGGUF), ("hf", HFModel)])
@@ -76,3 +80,42 @@ def test_quantizer_option(compose_cfg):
 def test_experiment_preset(compose_cfg):
     cfg = compose_cfg(["experiment=paper_llama2_7b"])
     assert cfg.model.source.name_or_path == "meta-llama/Llama-2-7b-hf" and cfg.budget.iterations == 200
+
+
+@pytest.mark.parametrize("finalizer", ["hqq", "gptq", "awq"])
+def test_finalizer_options(compose_cfg, finalizer):
+    f = instantiate(compose_cfg([f"finalizer={finalizer}"]).finalizer)
+    assert f.name == finalizer and f.needs_calibration == (finalizer != "hqq")
+    assert callable(f.quantize)
+
+
+@pytest.mark.parametrize("cache, cls", [("disk", DiskEvaluationCache), ("none", NoEvaluationCache)])
+def test_eval_cache_options(compose_cfg, cache, cls, tmp_path):
+    obj = instantiate(compose_cfg([f"eval_cache={cache}", f"paths.cache_dir={tmp_path}"]).eval_cache)
+    assert isinstance(obj, cls)
+    if cache == "disk":
+        assert obj.dir == f"{tmp_path}/evaluations"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["model=gemma3_270m"], ["model=hf", "model.source.name_or_path=x"], ["experiment=paper_llama2_7b"], ["experiment=paper_mistral_7b"],
+     ["experiment=paper_qwen25_7b"], ["metric=kl"], ["predictor=rbf"], ["predictor=mlp"], ["search=amq_fused"], ["budget=paper"],
+     ["data=c4"], ["data=wikitext2"], ["logger=none"], ["eval_cache=none"], ["+sweep=seeds"], ["+sweep=budget_scaling"],
+     ["+model.source.revision=main", "model=hf", "model.source.name_or_path=x"], ["model.bits_window=null"]],
+    ids=lambda o: " ".join(o) or "defaults",
+)
+def test_every_shipped_setting_passes_the_settings_check(compose_cfg, overrides):
+    """conf/ as shipped (and the documented overrides) must never be refused by the unknown-key and type check."""
+    check_settings(compose_cfg(overrides), CONF)
+
+
+@pytest.mark.parametrize(
+    "override, setting",
+    [("+budget.iteratons=3", "budget.iteratons"), ("+predictor.kernl=rbf", "predictor.kernl"), ("+model.source.revison=x", "model.source.revison"),
+     ("budget.iterations=many", "budget.iterations"), ("search.targets=[4,x]", "search.targets"), ("seed=1.5", "seed"), ("+foo=1", "foo")],
+)
+def test_settings_check_refuses_unknown_keys_and_wrong_types(compose_cfg, override, setting):
+    with pytest.raises(ConfigError) as info:
+        check_settings(compose_cfg([override]), CONF)
+    assert info.value.setting == setting and "valid:" in str(info.value)

@@ -19,15 +19,6 @@ def _archive(run_dir):
     return [(tuple(r["genes"]), r["metrics"]["jsd"], r["iteration"]) for r in read_jsonl(run_dir / "archive.jsonl")]
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke")
-    proc = run_cli([*SMOKE, "seed=3"], out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = run_dirs(out)
-    return run_dir, proc
-
-
 def test_run_directory_contract(smoke_run):
     run_dir, _ = smoke_run
     for name in RUN_FILES:
@@ -51,6 +42,7 @@ def test_run_directory_contract(smoke_run):
     assert np.all(np.diff(bits) >= 0) and np.all(np.diff(jsd) <= 0), "front is not monotone"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["true_evaluations"] == len(archive)
+    assert (summary["evaluations"]["archived"], summary["evaluations"]["reused_from_cache"], summary["evaluations"]["failed"]) == (len(archive), 0, 0)
     assert summary["protocol"]["bits_convention"].startswith("searchable linears")
     assert (run_dir / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -74,9 +66,8 @@ def test_same_seed_is_deterministic(smoke_run, tmp_path):
     proc = run_cli([*SMOKE, "seed=3"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (again,) = run_dirs(tmp_path)
-    a, b = _archive(run_dir), _archive(again)
-    assert [x[0] for x in a] == [x[0] for x in b]
-    assert np.allclose([x[1] for x in a], [x[1] for x in b], rtol=1e-5, atol=1e-9)
+    # bit-identical, not close: exact resume and the evaluation cache rely on it
+    assert _archive(run_dir) == _archive(again)
 
 
 def test_resume_continues_without_duplicates(smoke_run, tmp_path):
@@ -95,26 +86,10 @@ def test_resume_continues_without_duplicates(smoke_run, tmp_path):
     assert [m["iteration"] for m in read_jsonl(partial / "metrics.jsonl")] == [0, 1, 2]
 
 
-def test_resume_after_a_torn_batch(smoke_run, tmp_path):
-    """A crash mid-batch (archive lines beyond the last completed iteration) resumes to the same archive."""
-    run_dir, _ = smoke_run
-    proc = run_cli([*SMOKE, "seed=3"], tmp_path)
-    assert proc.returncode == 0
-    (crashed,) = run_dirs(tmp_path)
-    lines = (crashed / "archive.jsonl").read_text().splitlines(keepends=True)
-    n_keep = len([x for x in _archive(crashed) if x[2] < 2]) + 1  # one evaluation of iteration 2 survived
-    (crashed / "archive.jsonl").write_text("".join(lines[:n_keep]) + lines[n_keep][:25])  # plus a torn line
-    state = json.loads((crashed / "state.json").read_text())
-    (crashed / "state.json").write_text(json.dumps({**state, "last_completed_iteration": 1}))
-    proc = run_cli([*SMOKE, "seed=3", f"resume={crashed}"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [x[0] for x in _archive(crashed)] == [x[0] for x in _archive(run_dir)]
-
-
 def test_resume_with_a_different_space_is_refused(smoke_run, tmp_path):
     run_dir, _ = smoke_run
     before = (run_dir / "archive.jsonl").read_text()
     proc = run_cli([*SMOKE, "seed=3", "search.pruning.threshold=5.0", f"resume={run_dir}"], tmp_path)
     assert proc.returncode == 2
-    assert "resume" in proc.stderr and "different model or search space" in proc.stderr
+    assert "resume" in proc.stderr and "other settings: search.pruning.threshold=5.0" in proc.stderr
     assert (run_dir / "archive.jsonl").read_text() == before

@@ -64,3 +64,24 @@ def test_batch_selection_serves_targets_and_spreads():
     assert len(batch) == 6 and 0 not in idx and len(set(idx)) == 6
     assert any(4.0 - 2 / 6 <= b <= 4.0 for b in chosen_bits) and any(4.5 - 2 / 6 <= b <= 4.5 for b in chosen_bits)
     assert chosen_bits.max() - chosen_bits.min() > 1.0  # spread along the bits axis, not clustered
+
+
+def test_knapsack_seeds_spend_each_target_at_least_as_well_as_the_lagrangian_ones():
+    space, damage = _space()
+    targets = [4.0, 4.5, 5.0]
+    lag = sensitivity_seeds(space, damage, 5, (3.8, 5.5), targets)
+    dp = sensitivity_seeds(space, damage, 5, (3.8, 5.5), targets, allocator="knapsack")
+    assert len(dp) == len({space.key(g) for g in dp}) and 3 <= len(dp) <= 5
+    for t, a, b in zip(targets, lag, dp):  # the first seeds serve the targets, in order
+        assert space.avg_bits(b) <= t + 1e-9 and space.avg_bits(a) <= t + 1e-9
+        assert _additive(space, damage, b[None])[0] <= _additive(space, damage, a[None])[0] + 1e-15
+
+
+def test_unknown_seed_allocator_is_a_config_error():
+    import pytest
+
+    from amq.errors import ConfigError
+
+    space, damage = _space()
+    with pytest.raises(ConfigError, match="search.seed_allocator"):
+        sensitivity_seeds(space, damage, 3, (3.8, 5.5), allocator="simplex")

@@ -226,10 +226,11 @@ def test_summary_values_flatten_summary_json():
         "final_hypervolume": 0.6, "true_evaluations": 16, "front_size": 9, "peak_rss_mb": 900.0,
         "seconds": {"search": 12.5, "total": 30.0},
         "best_at_target": {"4.5": {"avg_bits": 4.5, "avg_bits_weights_only": 4.0, "jsd": 0.05, "iteration": 1}},
+        "evaluations": {"archived": 16, "reused_from_cache": 3, "failed": 0},
     }
     assert summary_values(summary) == {
         "final_hypervolume": 0.6, "true_evaluations": 16, "front_size": 9, "peak_rss_mb": 900.0,
-        "search_seconds": 12.5, "total_seconds": 30.0,
+        "search_seconds": 12.5, "total_seconds": 30.0, "evaluations_reused": 3, "evaluations_failed": 0,
         "best/jsd@4.5": 0.05, "best_bits/avg_bits@4.5": 4.5, "best_bits/avg_bits_weights_only@4.5": 4.0,
     }
     assert artifact_paths("/nonexistent") == []

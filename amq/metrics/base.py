@@ -11,6 +11,10 @@ class QualityMetric(Protocol):
     name: str
     description: str
 
+    def settings(self) -> dict:
+        """What determines its values besides the model and the data (the evaluation cache key)."""
+        ...
+
     def evaluate(self, model: nn.Module) -> float:
         """Score `model` with whatever weights are swapped in right now."""
         ...

@@ -55,8 +55,8 @@ class HQQQuantizer:
                     _divisors_hint(linears, self.axis),
                 )
 
-    def quantize(self, weight: torch.Tensor, nbits: int) -> tuple[torch.Tensor, dict]:
-        """Packed integer weights and HQQ's meta (scale, zero, shape), on the weight's device."""
+    def quantize(self, weight: torch.Tensor, nbits: int, bitpack: bool = True) -> tuple[torch.Tensor, dict]:
+        """Integer weights (HQQ-packed unless `bitpack=False`) and HQQ's meta (scale, zero, shape), on the weight's device."""
         from hqq.core.quantize import Quantizer
 
         w_q, meta = Quantizer.quantize(
@@ -65,7 +65,7 @@ class HQQQuantizer:
             group_size=self.group_size,
             axis=self.axis,
             optimize=self.optimize,
-            bitpack=True,
+            bitpack=bitpack,
             compute_dtype=torch.float32,
             device=str(weight.device),
         )
@@ -76,6 +76,16 @@ class HQQQuantizer:
         from hqq.core.quantize import Quantizer
 
         return Quantizer.dequantize(w_q, meta).reshape(meta["shape"])
+
+    @staticmethod
+    def dequantize_into(out: torch.Tensor, w_q: torch.Tensor, meta: dict) -> None:
+        """`out.copy_(dequantize(w_q, meta))` as one pure tensor expression (HQQ's unpacking, then
+        (codes - zero) * scale, cast into `out`): written so torch.compile fuses it into few kernels."""
+        from hqq.core.quantize import Quantizer
+
+        rows = meta["group_size"] if meta["axis"] == 0 else out.numel() // meta["group_size"]  # 3-bit packing pads rows
+        codes = Quantizer.unpack[meta["packing"]](w_q, dtype=meta["scale"].dtype)[:rows]
+        out.copy_(((codes - meta["zero"]) * meta["scale"]).view(out.shape))
 
 
 def _divisors_hint(linears: Iterable[LinearInfo], axis: int) -> str:

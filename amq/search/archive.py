@@ -1,18 +1,25 @@
 """The archive of truly evaluated configurations, persisted one JSON line per evaluation.
 
-Appends are flushed per evaluation, so a crash loses at most the evaluation in flight; loading
-de-duplicates by gene key, so a line written twice never counts twice.
+Appends are flushed per evaluation, so a crash loses at most the evaluation in flight. Loading
+drops a torn last line (a crash mid-append), refuses a damaged line anywhere else (it can't be
+trusted, and dropping it would lose a result silently), and de-duplicates by gene key, so a line
+written twice never counts twice. A failed evaluation (non-finite metric) is kept with its reason
+and a null metric, so it is never proposed again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from amq.io import append_jsonl, read_jsonl, write_jsonl
+from amq.errors import ConfigError
+from amq.io import append_jsonl, write_jsonl
+from amq.search.evaluator import Evaluation
 from amq.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -26,6 +33,8 @@ class Record:
     avg_bits_weights_only: float
     iteration: int
     seconds: float
+    failure: str | None = None  # why the evaluation failed (metric is then inf)
+    reused: bool = False  # taken from the evaluation cache
 
 
 class Archive:
@@ -40,15 +49,17 @@ class Archive:
     def __contains__(self, genes: np.ndarray) -> bool:
         return self.space.key(genes) in self._keys
 
-    def add(self, genes: np.ndarray, metric: float, iteration: int, seconds: float, metric_name: str) -> Record:
+    def add(self, genes: np.ndarray, result: Evaluation, iteration: int, metric_name: str) -> Record:
         genes = np.asarray(genes, dtype=int)
         rec = Record(
             genes=genes,
-            metric=float(metric),
+            metric=float(result.value) if result.ok else math.inf,
             avg_bits=float(self.space.avg_bits(genes)),
             avg_bits_weights_only=float(self.space.avg_bits(genes, with_meta=False)),
             iteration=iteration,
-            seconds=seconds,
+            seconds=result.seconds,
+            failure=result.failure,
+            reused=result.reused,
         )
         if self.path is not None:
             append_jsonl(self.path, self._to_json(rec, metric_name))
@@ -60,38 +71,69 @@ class Archive:
         self._keys.add(self.space.key(rec.genes))
 
     def _to_json(self, rec: Record, metric_name: str) -> dict:
-        return {
+        out = {
             "iteration": rec.iteration,
             "genes": rec.genes.tolist(),
             "avg_bits": rec.avg_bits,
             "avg_bits_weights_only": rec.avg_bits_weights_only,
-            "metrics": {metric_name: rec.metric},
+            "metrics": {metric_name: rec.metric if rec.failure is None else None},
             "eval_seconds": round(rec.seconds, 4),
             "config": self.space.to_config(rec.genes).to_dict(),
         }
+        if rec.failure is not None:
+            out["failed"] = rec.failure
+        if rec.reused:
+            out["reused"] = True
+        return out
+
+    def _from_json(self, d: dict, metric_name: str) -> Record:
+        value = d["metrics"][metric_name]
+        return Record(
+            genes=np.asarray(d["genes"], dtype=int),
+            metric=math.inf if value is None else float(value),
+            avg_bits=float(d["avg_bits"]),
+            avg_bits_weights_only=float(d["avg_bits_weights_only"]),
+            iteration=int(d["iteration"]),
+            seconds=float(d.get("eval_seconds", 0.0)),
+            failure=d.get("failed"),
+            reused=bool(d.get("reused", False)),
+        )
 
     def load(self, metric_name: str) -> int:
         """Read the archive file (if any); returns how many records were loaded."""
         if self.path is None or not self.path.exists():
             return 0
-        raw = self.path.read_text(encoding="utf-8")
-        valid = list(read_jsonl(self.path))
-        if raw and (not raw.endswith("\n") or len(valid) != raw.count("\n")):
+        lines = self.path.read_text(encoding="utf-8").split("\n")
+        complete, tail = lines[:-1], lines[-1]  # text after the last newline: a torn append
+        records: list[dict] = []
+        for i, line in enumerate(complete, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                rec = self._from_json(d, metric_name)
+            except (ValueError, KeyError, TypeError) as exc:
+                if i == len(complete) and not tail:  # a crash can also leave the last line complete but cut
+                    tail = line
+                    break
+                raise ConfigError(
+                    "resume", f"{self.path} line {i} is damaged ({type(exc).__name__})", "restore the file, or start a new run"
+                ) from None
+            if len(rec.genes) != self.space.n_genes:
+                raise ConfigError("resume", f"{self.path} line {i} has {len(rec.genes)} genes, this search space {self.space.n_genes}", "the run's own archive")
+            records.append(d)
+            self._add_loaded(rec)
+        if tail.strip():
             # A crash tore the last line: keep the intact records so new appends start on a clean line.
             log.warning("archive: dropping a torn line at the end of %s", self.path.name)
-            write_jsonl(self.path, valid)
-        dupes = 0
-        for d in valid:
-            genes = np.asarray(d["genes"], dtype=int)
-            if self.space.key(genes) in self._keys:
-                dupes += 1
-                continue
-            self._insert(
-                Record(genes, float(d["metrics"][metric_name]), d["avg_bits"], d["avg_bits_weights_only"], int(d["iteration"]), float(d.get("eval_seconds", 0.0)))
-            )
-        if dupes:
-            log.warning("archive: ignored %d duplicate lines", dupes)
+            write_jsonl(self.path, records)
         return len(self.records)
+
+    def _add_loaded(self, rec: Record) -> None:
+        if self.space.key(rec.genes) in self._keys:
+            log.warning("archive: ignored a duplicate line (iteration %d)", rec.iteration)
+            return
+        self._insert(rec)
 
     # -------------------------------------------------------------- views
     def arrays(self, before_iteration: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

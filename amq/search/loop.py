@@ -6,15 +6,17 @@ batch of unseen candidates spread along the bits axis, evaluates them for real a
 
 Every iteration's randomness comes from (seed, iteration) and its predictor sees only records
 from earlier iterations, so an interrupted iteration re-runs to the same batch; configurations
-already in the archive are never evaluated again.
+already in the archive are never evaluated again. A failed evaluation (non-finite metric) stays
+in the archive with its reason, out of the predictor's training data, and the search goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, ContextManager, Protocol
 
 import numpy as np
 
@@ -22,6 +24,7 @@ from amq.errors import ConfigError
 from amq.predictors.accuracy import heldout_scores
 from amq.predictors.base import Predictor, UncertainPredictor
 from amq.search.archive import Archive
+from amq.search.evaluator import Evaluate
 from amq.search.nsga import NSGA2Settings, PredictedQualityProblem, run_nsga2
 from amq.search.pareto import best_under_target, nondominated, normalized_hypervolume
 from amq.search.selection import select_batch
@@ -52,6 +55,8 @@ class SearchSettings:
             raise ConfigError("budget.n_initial_random", f"{self.n_initial_random}", "an integer >= 0")
         if self.batch_size < 1:
             raise ConfigError("budget.batch_size", f"{self.batch_size}", "an integer >= 1")
+        if self.bits_window is not None and not (len(self.bits_window) == 2 and self.bits_window[0] < self.bits_window[1]):
+            raise ConfigError("search.bits_window", f"{list(self.bits_window)}", "[low, high] average bits with low < high, or null")
         if self.iterations == 0 and self.n_initial_random == 0:
             raise ConfigError("budget", "no iterations and no initial random configurations: nothing to search", "iterations >= 1 or n_initial_random >= 1")
 
@@ -69,7 +74,7 @@ class IterativeSearch:
     def __init__(
         self,
         space: SearchSpace,
-        evaluate: Callable[[np.ndarray], tuple[float, float]],
+        evaluate: Evaluate,
         make_predictor: Callable[[int], Predictor],
         settings: SearchSettings,
         archive: Archive,
@@ -78,12 +83,14 @@ class IterativeSearch:
         seed: int,
         observers: list[IterationObserver] | None = None,
         seeder: Callable[[dict[int, float]], np.ndarray] | None = None,
+        evaluation_guard: Callable[[], ContextManager] = contextlib.nullcontext,
     ) -> None:
         self.space, self.evaluate, self.make_predictor = space, evaluate, make_predictor
         self.settings, self.archive, self.metric_name = settings, archive, metric_name
         self.targets, self.seed = targets, seed
         self.observers = observers or []
         self.seeder = seeder
+        self.evaluation_guard = evaluation_guard  # wraps each evaluation + archive line (graceful stop)
         self.metric_scale: float | None = None
 
     @property
@@ -107,7 +114,7 @@ class IterativeSearch:
         if self.seeder is not None:
             metric_of = {self.space.key(r.genes): r.metric for r in self.archive.records}
             measured = {b: metric_of.get(self.space.key(g)) for b, g in zip(self.space.bit_choices, uniform)}
-            seeds = self.seeder({b: m for b, m in measured.items() if m is not None})
+            seeds = self.seeder({b: m for b, m in measured.items() if m is not None and np.isfinite(m)})
         n_random = max(self.settings.n_initial_random - len(seeds), 0)
         rand = self.space.random(self._rng(0), n_random, self.settings.bits_window and self.bits_range)
         return np.vstack([uniform, seeds, rand])
@@ -118,9 +125,12 @@ class IterativeSearch:
         for genes in batch:
             if genes in self.archive:
                 continue
-            value, seconds = self.evaluate(genes)
-            self.archive.add(genes, value, iteration, seconds, self.metric_name)
-            done, secs = done + 1, secs + seconds
+            with self.evaluation_guard():
+                result = self.evaluate(genes)
+                self.archive.add(genes, result, iteration, self.metric_name)
+            if not result.ok:
+                log.warning("iteration %d: evaluation failed (%s); recorded, the search goes on", iteration, result.failure)
+            done, secs = done + 1, secs + result.seconds
             if time.perf_counter() - t_last > 15:
                 log.info("iteration %d: evaluated %d/%d", iteration, done, len(batch))
                 t_last = time.perf_counter()
@@ -140,9 +150,10 @@ class IterativeSearch:
 
     def propose(self, iteration: int) -> tuple[np.ndarray, Predictor, dict]:
         """Fit the predictor on records of earlier iterations, run NSGA-II, select a batch."""
-        X, y, bits = self.archive.arrays(before_iteration=iteration)
+        X_all, y, bits = self.archive.arrays(before_iteration=iteration)
+        seen = {self.space.key(g) for g in X_all}  # failed ones too: never proposed again
         finite = np.isfinite(y)
-        X, y, bits = X[finite], y[finite], bits[finite]
+        X, y, bits = X_all[finite], y[finite], bits[finite]
         t0 = time.perf_counter()
         predictor = self.make_predictor(self.seed * 100_003 + iteration).fit(self.space.features(X), y)
         fit_s = time.perf_counter() - t0
@@ -151,13 +162,12 @@ class IterativeSearch:
         t1 = time.perf_counter()
         popX, popF = run_nsga2(problem, self.settings.nsga, front, seed=self.seed * 100_003 + iteration, window=self.settings.bits_window and self.bits_range)
         nsga_s = time.perf_counter() - t1
-        seen = {self.space.key(g) for g in X}
         batch = select_batch(popX, popF[:, 0], popF[:, 1], seen, self.space.key, self.settings.batch_size, self.bits_range, self.targets)
         return batch, predictor, {"predictor/fit_seconds": fit_s, "search/nsga_seconds": nsga_s, "predictor/n_train": int(len(y))}
 
     def heldout_accuracy(self, predictor: Predictor, iteration: int) -> dict:
         """Score the predictor on this iteration's true evaluations, none of which it was fitted on."""
-        recs = [r for r in self.archive.records if r.iteration == iteration]
+        recs = [r for r in self.archive.records if r.iteration == iteration and r.failure is None]
         if not recs:
             return heldout_scores(np.zeros(0), np.zeros(0))
         genes = np.stack([r.genes for r in recs])
@@ -170,6 +180,8 @@ class IterativeSearch:
             "iteration": iteration,
             "n_evaluated": len(self.archive),
             "n_new": n_new,
+            "n_reused": sum(r.reused for r in self.archive.records if r.iteration == iteration),
+            "n_failed": sum(r.failure is not None for r in self.archive.records if r.iteration == iteration),
             "hypervolume": normalized_hypervolume(y[finite], bits[finite], self.metric_scale or 1.0, self.bits_range),
             "search/eval_seconds": eval_s,
             **timings,
@@ -204,9 +216,10 @@ class IterativeSearch:
             tau = row.get("predictor/kendall_tau")
             if tau is not None:
                 best += f"; predictor tau on the new batch {tau:.3f}"
+            extra = "".join(f", {row[k]} {word}" for k, word in (("n_reused", "reused from the cache"), ("n_failed", "failed")) if row[k])
             log.info(
-                "iteration %d/%d: %d new, %d in archive, hypervolume %.4f, best %s [%.1fs]",
-                it, self.settings.iterations, n_new, row["n_evaluated"], row["hypervolume"], best or "-", row["search/iteration_seconds"],
+                "iteration %d/%d: %d new%s, %d in archive, hypervolume %.4f, best %s [%.1fs]",
+                it, self.settings.iterations, n_new, extra, row["n_evaluated"], row["hypervolume"], best or "-", row["search/iteration_seconds"],
             )
             for obs in self.observers:
                 obs(row, self.archive)

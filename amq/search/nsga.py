@@ -65,10 +65,15 @@ class NSGA2Settings:
 
 
 def run_nsga2(
-    problem: PredictedQualityProblem, settings: NSGA2Settings, initial: np.ndarray, seed: int, window: tuple[float, float] | None = None
+    problem: PredictedQualityProblem,
+    settings: NSGA2Settings,
+    initial: np.ndarray,
+    seed: int,
+    window: tuple[float, float] | None = None,
+    n_offsprings: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run NSGA-II seeded with `initial` (padded with random genes, inside `window` when given);
-    returns the final population (X, F)."""
+    returns the final population (X, F). `n_offsprings` per generation defaults to the population size."""
     rng = np.random.default_rng(seed)
     init = np.unique(np.asarray(initial, dtype=int), axis=0)[: settings.pop_size]
     if len(init) < settings.pop_size:
@@ -76,6 +81,7 @@ def run_nsga2(
         init = np.vstack([init, extra]) if len(init) else extra
     algorithm = NSGA2(
         pop_size=settings.pop_size,
+        n_offsprings=n_offsprings,
         sampling=init.astype(float),
         crossover=TwoPointCrossover(prob=settings.crossover_prob),
         mutation=PM(prob=1.0, prob_var=settings.mutation_prob, eta=settings.mutation_eta, vtype=float, repair=RoundingRepair()),

@@ -17,6 +17,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from amq.baselines.knapsack import knapsack_allocations
+from amq.errors import ConfigError
 from amq.search.space import SearchSpace
 
 
@@ -30,28 +32,51 @@ def width_factors(space: SearchSpace, uniform_metric: Mapping[int, float] | None
     return np.array([default[b] for b in space.bit_choices])
 
 
+def gene_damage(space: SearchSpace, damage: Mapping[str, float]) -> np.ndarray:
+    """Measured damage of each gene at the lowest width: the sum over its linears (negative noise clipped to 0)."""
+    return np.array([sum(max(damage.get(n, 0.0), 0.0) for n in g) for g in space.groups])
+
+
+def additive_damage(space: SearchSpace, damage: Mapping[str, float], factors: np.ndarray | None = None) -> np.ndarray:
+    """[n_genes, n_widths] predicted damage of each gene at each of its choices (inf past `sizes`).
+
+    The model every sensitivity-based allocator here shares: damage adds up over genes, and a
+    gene's damage at a width is its lowest-width damage times that width's factor.
+    """
+    factors = width_factors(space) if factors is None else np.asarray(factors, dtype=float)
+    index = {b: i for i, b in enumerate(space.bit_choices)}
+    table = space.choice_bits
+    valid = np.arange(table.shape[1])[None, :] < space.sizes[:, None]
+    cost = gene_damage(space, damage)[:, None] * factors[np.vectorize(index.get)(table.astype(int))]
+    return np.where(valid, cost, np.inf)
+
+
 def allocation_family(
     space: SearchSpace, damage: Mapping[str, float], factors: np.ndarray | None = None, n_lambdas: int = 400
 ) -> np.ndarray:
     """Distinct Lagrangian allocations (gene vectors), ordered by average bits."""
-    factors = width_factors(space) if factors is None else np.asarray(factors, dtype=float)
-    index = {b: i for i, b in enumerate(space.bit_choices)}
-    gene_damage = np.array([sum(max(damage.get(n, 0.0), 0.0) for n in g) for g in space.groups])
+    cost = additive_damage(space, damage, factors)
     gene_numel = space.gene_numel
-    table = space.choice_bits
-    valid = np.arange(table.shape[1])[None, :] < space.sizes[:, None]
-    cost = gene_damage[:, None] * factors[np.vectorize(index.get)(table.astype(int))]
-    cost = np.where(valid, cost, np.inf)
-    scale = (gene_damage.max() + 1e-30) / gene_numel.min()
+    scale = (gene_damage(space, damage).max() + 1e-30) / gene_numel.min()
     out, seen = [], set()
     for lam in np.geomspace(scale * 1e-9, scale * 10, n_lambdas):
-        genes = np.argmin(cost + lam * gene_numel[:, None] * table, axis=1)
+        genes = np.argmin(cost + lam * gene_numel[:, None] * space.choice_bits, axis=1)
         key = space.key(genes)
         if key not in seen:
             seen.add(key)
             out.append(genes)
     family = np.stack(out)
     return family[np.argsort(space.avg_bits(family))]
+
+
+def budget_levels(n: int, bits_range: tuple[float, float], targets: Sequence[float] = ()) -> list[float]:
+    """`n` average-bits levels: the targets inside `bits_range` first, then evenly spaced ones strictly inside it."""
+    lo, hi = bits_range
+    levels = [float(t) for t in targets if lo <= t <= hi][:n]
+    return levels + [float(x) for x in np.linspace(lo, hi, n - len(levels) + 2)[1:-1]]
+
+
+SEED_ALLOCATORS = ("lagrangian", "knapsack")
 
 
 def sensitivity_seeds(
@@ -61,15 +86,26 @@ def sensitivity_seeds(
     bits_range: tuple[float, float],
     targets: Sequence[float] = (),
     uniform_metric: Mapping[int, float] | None = None,
+    allocator: str = "lagrangian",
 ) -> np.ndarray:
-    """Up to `n` allocations: the best under each target first, then under evenly spaced levels."""
+    """Up to `n` allocations: the best under each target first, then under evenly spaced levels.
+
+    `lagrangian` picks, under each level, the best allocation of the Lagrangian family (the convex
+    hull of the additive model, which can leave part of a level's bits unspent); `knapsack` solves
+    the additive model exactly at each level (`amq.baselines.knapsack`).
+    """
+    if allocator not in SEED_ALLOCATORS:
+        raise ConfigError("search.seed_allocator", f"{allocator!r}", " or ".join(SEED_ALLOCATORS))
     if n <= 0:
         return np.zeros((0, space.n_genes), dtype=int)
-    family = allocation_family(space, damage, width_factors(space, uniform_metric))
+    factors = width_factors(space, uniform_metric)
+    levels = budget_levels(n, bits_range, targets)
+    if allocator == "knapsack":
+        genes = knapsack_allocations(space, additive_damage(space, damage, factors), levels)
+        _, first = np.unique(genes, axis=0, return_index=True)
+        return genes[np.sort(first)]
+    family = allocation_family(space, damage, factors)
     fbits = space.avg_bits(family)
-    lo, hi = bits_range
-    levels = [t for t in targets if lo <= t <= hi][:n]
-    levels += list(np.linspace(lo, hi, n - len(levels) + 2)[1:-1])
     picks: list[int] = []
     for level in levels:
         under = np.flatnonzero(fbits <= level + 1e-12)

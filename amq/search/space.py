@@ -108,6 +108,11 @@ class SearchSpace:
         return self._gene_numel
 
     @property
+    def gene_share(self) -> np.ndarray:
+        """Each gene's share of all counted weights: one more bit on gene i adds gene_share[i] to the average."""
+        return self._gene_numel / self._total
+
+    @property
     def meta_bits(self) -> float:
         return meta_overhead(self.group_size)
 

@@ -1,0 +1,125 @@
+"""`amq-evaluate PATH`: evaluate exported quantized models in a fresh process.
+
+PATH is a model directory (`<run>/models/<target>/`) or a run directory (every model under its
+`models/`). Each model is reloaded with `amq.load_quantized`, measured on held-out text (and
+zero-shot tasks with --tasks), and the results go to its `eval.json`. When the model directory
+already holds an `eval.json` (written before saving), the same protocol is reused by default and
+the new perplexities are compared with the recorded ones, so a reload is verified, not assumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from amq.errors import ConfigError
+from amq.evaluation.perplexity import PerplexityProtocol
+from amq.evaluation.suite import EvalSuite
+from amq.finalize.export import QUANT_FILE, load_quantized, read_manifest
+from amq.io import atomic_write_json
+from amq.pipeline import quiet_libraries
+
+log = logging.getLogger("amq.evaluate")
+CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
+REPRODUCE_RTOL = 1e-3
+
+
+def model_dirs(path: Path) -> list[Path]:
+    """The model directories PATH stands for (itself, or those under its models/)."""
+    if (path / QUANT_FILE).is_file():
+        return [path]
+    found = sorted(p.parent for p in (path / "models").glob(f"*/{QUANT_FILE}")) if path.is_dir() else []
+    if not found:
+        read_manifest(path)  # raises the clear "no bit configuration" error
+    return found
+
+
+def load_corpus(name: str):
+    options = sorted(p.stem for p in CONF_DATA.glob("*.yaml"))
+    if name not in options:
+        raise ConfigError("--data", f"unknown data config {name!r}", ", ".join(options))
+    return instantiate(OmegaConf.load(CONF_DATA / f"{name}.yaml"))
+
+
+def reproduction(recorded: dict, measured: dict) -> dict:
+    """Relative perplexity difference per held-out text between a recorded and a new evaluation."""
+    out = {}
+    for text, r in recorded.get("perplexity", {}).items():
+        if text in measured["perplexity"]:
+            a, b = r["perplexity"], measured["perplexity"][text]["perplexity"]
+            out[text] = {"recorded": a, "measured": b, "rel_diff": abs(b - a) / abs(a)}
+    return out
+
+
+def evaluate_dir(model_dir: Path, args: argparse.Namespace, corpus_cache: dict) -> dict:
+    recorded = json.loads((model_dir / "eval.json").read_text()) if (model_dir / "eval.json").is_file() else {}
+    rec_proto = (recorded.get("protocol") or {}).get("perplexity", {})
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_quantized(model_dir, args.device)
+    add_bos = rec_proto.get("add_bos", tokenizer.bos_token_id is not None and bool(getattr(tokenizer, "add_bos_token", False)))
+    window = args.window or rec_proto.get("window", 2048)
+    max_windows = args.max_windows if args.max_windows is not None else rec_proto.get("max_windows", 4)
+    if args.data not in corpus_cache:
+        corpus_cache[args.data] = load_corpus(args.data).load()
+    splits = corpus_cache[args.data]
+    suite = EvalSuite(dict(splits.heldout), splits.description, PerplexityProtocol(int(window), None if max_windows in (None, 0) else int(max_windows), bool(add_bos)),
+                      tuple(args.tasks), args.task_limit, Path(args.cache_dir))
+    result = {"model_dir": str(model_dir), **suite.run(model, tokenizer, model_dir.name)}
+    if recorded and recorded.get("protocol", {}).get("perplexity") == result["protocol"]["perplexity"]:
+        result["reproduction"] = reproduction(recorded, result)
+        for text, r in result["reproduction"].items():
+            ok = r["rel_diff"] < REPRODUCE_RTOL
+            (log.info if ok else log.warning)("%s %s: perplexity %.6g, recorded %.6g (relative difference %.2e%s)",
+                                             model_dir.name, text, r["measured"], r["recorded"], r["rel_diff"], "" if ok else ": NOT reproduced")
+    atomic_write_json(args.output or model_dir / "eval.json", result)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    ap = argparse.ArgumentParser(prog="amq-evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("path", type=Path, help="a model directory (models/<target>) or a run directory")
+    ap.add_argument("--data", default="wiki_lee", help="held-out text: a config name under conf/data (default wiki_lee)")
+    ap.add_argument("--window", type=int, default=None, help="perplexity window in tokens (default: as recorded, else 2048)")
+    ap.add_argument("--max-windows", type=int, default=None, help="windows per held-out text (0: all; default: as recorded, else 4)")
+    ap.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks through lm-eval, e.g. bigbench_social_iqa")
+    ap.add_argument("--task-limit", type=int, default=None, help="documents per zero-shot task (default: all)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--output", type=Path, default=None, help="write the result here instead of <model dir>/eval.json (one model only)")
+    ap.add_argument("--cache-dir", default=os.environ.get("AMQ_CACHE_DIR", str(Path.home() / ".cache" / "amq")))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(name)s: %(message)s", stream=sys.stderr)
+    quiet_libraries()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if not args.path.exists():
+            raise ConfigError("path", f"{args.path} does not exist", "a model directory (<run>/models/<target>) or a run directory")
+        dirs = model_dirs(args.path)
+        if args.output and len(dirs) > 1:
+            raise ConfigError("--output", f"{args.path} holds {len(dirs)} models", "omit --output for a run directory")
+        cache: dict = {}
+        results = [evaluate_dir(d, args, cache) for d in dirs]
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    failed = [r["model_dir"] for r in results for x in r.get("reproduction", {}).values() if x["rel_diff"] >= REPRODUCE_RTOL]
+    print(json.dumps([{"model_dir": r["model_dir"], "perplexity": {k: v["perplexity"] for k, v in r["perplexity"].items()},
+                       **({"zero_shot": {k: v.get("acc") for k, v in r["zero_shot"].items()}} if r.get("zero_shot") else {})} for r in results], indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

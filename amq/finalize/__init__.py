@@ -1,0 +1,1 @@
+"""From a searched bit configuration to a real quantized model: final quantizers and packed layers."""

@@ -1,0 +1,114 @@
+"""AWQ (Lin et al., 2024, "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration"), implemented in torch from the paper.
+
+Input channels that see large activations matter most, so each linear's weight is scaled up per
+input channel by s = mean|x|^alpha before round-to-nearest and scaled back afterwards; alpha is
+grid-searched in [0, 1] (alpha = 0 is plain round-to-nearest, so the search never does worse than
+it on the calibration data). Then, optionally, each group's range is shrunk (clipped) where that
+lowers the output error. Both searches minimise the layer's output error on the calibration
+inputs, computed exactly from H = 2 X X^T as trace(E H E^T) for a weight error E, which costs the
+same whatever the number of calibration tokens. Blocks are walked in order and each sees the
+quantized outputs of the previous one (`amq.finalize.calibration`).
+
+The scale is kept as the layer's `input_scale` (the packed layer computes `dequant @ (x / s)`)
+instead of being folded into the preceding norm or linear as the reference does: folding needs
+per-architecture knowledge of which module feeds which, and keeping it costs only one float16 per
+input feature. Scales are per linear (not shared by q/k/v), which folding would force.
+
+Why not a library: AutoAWQ 0.2.9 (archived) imports here but packs 4-bit only ("Only 4-bit are
+supported for now") and one width for the whole model; llm-compressor 0.14 pins transformers
+<= 5.17, below the 5.23 this project uses. See `amq.finalize.gptq` for the GPTQ libraries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from amq.errors import ConfigError
+from amq.finalize.calibration import InputStats, quantize_calibrated
+from amq.finalize.grid import from_codes, grouped, minmax_grid, round_to_nearest, to_codes
+from amq.finalize.packed import GroupQuant
+from amq.modeling.discovery import ModelLayout
+
+
+@dataclass(frozen=True)
+class AWQFinalizer:
+    """AWQ with per-layer bits: `n_grid` points for alpha in [0, 1] and for the clipping ratio in [max_shrink, 1]."""
+
+    n_grid: int = 20
+    clip: bool = True
+    max_shrink: float = 0.5
+    sequential: bool = True
+    batch_size: int = 8
+    name: str = "awq"
+    needs_calibration: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_grid < 2:
+            raise ConfigError("finalizer.n_grid", f"{self.n_grid}", "an integer >= 2 (the reference uses 20)")
+        if not 0.0 < self.max_shrink <= 1.0:
+            raise ConfigError("finalizer.max_shrink", f"{self.max_shrink}", "0 < max_shrink <= 1 (the reference uses 0.5)")
+        if self.batch_size < 1:
+            raise ConfigError("finalizer.batch_size", f"{self.batch_size}", "a positive integer")
+
+    def quantize(
+        self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int, calib: torch.Tensor | None
+    ) -> dict[str, GroupQuant]:
+        return quantize_calibrated(self, model, layout, bits, group_size, calib)
+
+    def quantize_stage(self, weights: list[torch.Tensor], bits: list[int], group_size: int, stats: InputStats) -> list[GroupQuant]:
+        """Each linear gets its own scales (they are not folded, so nothing forces q/k/v to share them)."""
+        return [awq_quantize(w, stats, b, group_size, self.n_grid, self.clip, self.max_shrink) for w, b in zip(weights, bits)]
+
+
+def output_error(E: torch.Tensor, H: torch.Tensor) -> float:
+    """trace(E H E^T): the summed squared output error of weight error E on inputs with Hessian H."""
+    return float(((E @ H) * E).sum())
+
+
+def awq_quantize(
+    weight: torch.Tensor, stats: InputStats, bits: int, group_size: int, n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5
+) -> GroupQuant:
+    """AWQ of one (out, in) weight from the statistics of its inputs."""
+    W = weight.detach().float()
+    H = stats.hessian()
+    x_mean = stats.mean_abs()
+    best_err, best_s = float("inf"), torch.ones_like(x_mean)
+    for alpha in torch.linspace(0.0, 1.0, n_grid).tolist():
+        s = x_mean.pow(alpha).clamp(min=1e-4)
+        s = (s / (s.max() * s.min()).sqrt()).half().float()  # exactly what the layer stores
+        codes, scale, zero = round_to_nearest(W * s, bits, group_size)
+        W_eff = from_codes(grouped(codes, group_size), scale, zero).reshape(W.shape) / s
+        err = output_error(W_eff - W, H)
+        if err < best_err:
+            best_err, best_s = err, s
+    W_s = W * best_s
+    shrink = clip_ratios(W_s, H / torch.outer(best_s, best_s), bits, group_size, n_grid, max_shrink) if clip else 1.0
+    codes, scale, zero = round_to_nearest(W_s, bits, group_size, shrink)
+    return GroupQuant(codes.to(torch.uint8), scale.half(), zero.half(), bits, group_size, input_scale=best_s.half())
+
+
+def clip_ratios(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, n_grid: int, max_shrink: float) -> torch.Tensor:
+    """Per (row, group) range shrink in [max_shrink, 1] minimising that group's output error.
+
+    A group's own error is e H_gg e^T with H_gg the group's diagonal block of H (cross-group terms
+    are left out, as in the reference's per-group clipping search).
+    """
+    out_f, in_f = W.shape
+    n_groups = in_f // group_size
+    Wg = grouped(W, group_size)  # (out, groups, G)
+    Hb = H.reshape(n_groups, group_size, n_groups, group_size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (groups, G, G)
+    best_err = torch.full((out_f, n_groups), float("inf"), device=W.device)
+    best = torch.ones(out_f, n_groups, device=W.device)
+    for r in torch.linspace(1.0, max_shrink, n_grid).tolist():
+        scale, zero = minmax_grid(Wg, bits, r)
+        e = (from_codes(to_codes(Wg, scale, zero, bits), scale, zero) - Wg).transpose(0, 1)  # (groups, out, G)
+        err = (torch.bmm(e, Hb) * e).sum(-1).transpose(0, 1)  # (out, groups)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, r), best)
+    return best

@@ -1,0 +1,141 @@
+"""Save a quantized model as a self-contained directory, and load it back.
+
+Layout of `models/<target>/` (written to a temporary sibling and renamed into place):
+  model.safetensors        packed weights (PackedLinear buffers) and every other tensor
+  config.json, tokenizer   as transformers writes them
+  amq_quant.json           what the loader needs: format version, dtype, per-module packing
+  bit_config.json          the bit configuration by module name (amq.bits.BitConfig, versioned)
+  llama_cpp_tensor_types.txt   (llama layouts) per-tensor types for llama.cpp's quantize tool
+  README.md                the model card
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from amq.bits import BitConfig
+from amq.errors import ConfigError
+from amq.finalize.packed import PackedLinear
+from amq.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+QUANT_FILE = "amq_quant.json"
+BITCONFIG_FILE = "bit_config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "amq-packed"
+FORMAT_VERSION = 1
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def packed_modules(model: nn.Module) -> dict[str, PackedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
+def quant_manifest(model: nn.Module, config: BitConfig, quantizer: dict[str, Any]) -> dict:
+    """What the loader needs to rebuild the module tree before reading the tensors."""
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    modules = {
+        n: {"bits": m.bits, "group_size": m.group_size, "in_features": m.in_features, "out_features": m.out_features,
+            "has_bias": m.bias is not None, "has_input_scale": m.input_scale is not None}
+        for n, m in packed_modules(model).items()
+    }
+    return {"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype, "quantizer": quantizer, "group_size": config.group_size, "modules": modules}
+
+
+def write_model_dir(
+    out_dir: Path, model: nn.Module, tokenizer: Any, config: BitConfig, quantizer: dict[str, Any],
+    extras: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write the model directory atomically: into a temporary sibling, then one rename.
+
+    `extras(tmp_dir)` writes further files (model card, llama.cpp types) before the rename.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / QUANT_FILE, quant_manifest(model, config, quantizer))
+        atomic_write_json(tmp / BITCONFIG_FILE, config.to_dict())
+        if extras is not None:
+            extras(tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    if not (path / QUANT_FILE).is_file():
+        raise ConfigError(
+            "model_dir", f"{path} holds no {QUANT_FILE} (the bit configuration of a quantized model)",
+            "a directory written by amq finalize, e.g. <run dir>/models/<target>",
+        )
+    manifest = json.loads((path / QUANT_FILE).read_text())
+    if manifest.get("format") != FORMAT or int(manifest.get("version", 0)) != FORMAT_VERSION:
+        raise ConfigError("model_dir", f"{path / QUANT_FILE} is format {manifest.get('format')} v{manifest.get('version')}", f"{FORMAT} v{FORMAT_VERSION}")
+    return manifest
+
+
+def read_bit_config(path: str | Path) -> BitConfig:
+    return BitConfig.from_dict(json.loads((Path(path) / BITCONFIG_FILE).read_text()))
+
+
+def _swap_in_empty_packed(model: nn.Module, modules: Mapping[str, dict], dtype: torch.dtype) -> None:
+    for name, spec in modules.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if not isinstance(getattr(parent, child, None), nn.Linear):
+            raise ConfigError("model_dir", f"module {name} of the bit configuration is not a Linear of this architecture", "a model directory written by amq finalize, unmodified")
+        setattr(parent, child, PackedLinear.empty(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
+                                                  spec["has_bias"], spec["has_input_scale"], dtype))
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a saved quantized model: a transformers causal LM whose linears are PackedLinear.
+
+    The tokenizer sits next to it: `transformers.AutoTokenizer.from_pretrained(path)`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    dtype = _DTYPES[manifest["dtype"]]
+    config = AutoConfig.from_pretrained(path)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _swap_in_empty_packed(model, manifest["modules"], dtype)
+    model.tie_weights()  # tied tensors are stored once; tying first lets the loader fill both names
+    missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False, device="cpu")
+    if missing or unexpected:
+        raise ConfigError("model_dir", f"{path / WEIGHTS_FILE} does not match its config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})", "an unmodified directory written by amq finalize")
+    log.info("loaded quantized model %s (%d packed linears)", path, len(manifest["modules"]))
+    return model.to(device).eval()
+
+
+def directory_bytes(path: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

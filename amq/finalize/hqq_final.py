@@ -1,0 +1,50 @@
+"""HQQ as a final quantizer: the proxy's own quantizer, its results stored as packed GroupQuants.
+
+Calibration-free, so the deployed model is quantized exactly as the search's proxy was (up to the
+float16 rounding of HQQ's float32 scale and zero). Groups run along the input features (HQQ
+axis 1), the layout `PackedLinear` stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from amq.finalize.checks import selected_linears
+from amq.finalize.packed import GroupQuant
+from amq.modeling.discovery import ModelLayout
+from amq.proxy.hqq_quantizer import HQQ_PACKABLE_BITS, HQQQuantizer
+
+
+@dataclass(frozen=True)
+class HQQFinalizer:
+    """HQQ with the proxy's settings (`optimize`), per-layer bits."""
+
+    optimize: bool = True
+    name: str = "hqq"
+    needs_calibration: bool = False
+
+    @torch.no_grad()
+    def quantize(
+        self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int, calib: torch.Tensor | None = None
+    ) -> dict[str, GroupQuant]:
+        linears = selected_linears(layout, bits, group_size, self.name, HQQ_PACKABLE_BITS)
+        hqq = HQQQuantizer(group_size=group_size, axis=1, optimize=self.optimize)
+        return {li.name: hqq_group_quant(hqq, model.get_submodule(li.name).weight, bits[li.name]) for li in linears}
+
+
+def hqq_group_quant(hqq: HQQQuantizer, weight: torch.Tensor, bits: int) -> GroupQuant:
+    """One weight through HQQ (axis 1), as codes with float16 scale and zero per group."""
+    out_f, in_f = weight.shape
+    codes, meta = hqq.quantize(weight.detach(), bits, bitpack=False)
+    groups = (out_f, in_f // hqq.group_size)
+    return GroupQuant(
+        codes.reshape(out_f, in_f).to(torch.uint8),
+        meta["scale"].reshape(groups).half(),
+        meta["zero"].reshape(groups).half(),
+        bits,
+        hqq.group_size,
+    )

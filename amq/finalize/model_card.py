@@ -1,0 +1,61 @@
+"""The model card (README.md) written next to every exported model."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META, BitConfig
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def render(info: dict[str, Any], config: BitConfig, evaluation: dict | None) -> str:
+    """Markdown: what the model is, how it was quantized, its size and its measured quality."""
+    widths = Counter(config.bits.values())
+    lines = [
+        f"# {info['model']} quantized by amq: {info['avg_bits']:.3f} average bits",
+        "",
+        f"Mixed-precision weight-only quantization of `{info['model']}` (fingerprint `{info['fingerprint']}`), "
+        f"selected by the amq search for a budget of {info['target']:g} average bits ({info['bits_convention']}) "
+        f"and quantized with {info['quantizer']['name']} (group size {config.group_size}).",
+        "",
+        "## Bits",
+        f"- {info['avg_bits']:.4f} average bits: {CONVENTION_WITH_META}",
+        f"- {info['avg_bits_weights_only']:.4f} average bits: {CONVENTION_WEIGHTS_ONLY}",
+        "- linears per width: " + ", ".join(f"{b}-bit: {widths[b]}" for b in sorted(widths)),
+        f"- proxy {info['metric_name']} during the search: {info['proxy_metric']:.6g}",
+        "",
+        "## Size",
+        f"- on disk (this directory): {_mb(info['bytes_on_disk'])}; weights file {_mb(info['bytes_weights_file'])}",
+        f"- the same model in bf16: {_mb(info['bytes_bf16'])}",
+        f"- quantized linears: {_mb(info['bytes_packed_linears'])} packed, against {_mb(info['bytes_linears_bf16'])} in bf16",
+        "",
+        "## Quantizer",
+        "```json",
+        json.dumps(info["quantizer"], indent=2),
+        "```",
+    ]
+    if evaluation:
+        lines += ["", "## Evaluation", "", "| held-out text | perplexity | tokens |", "| --- | --- | --- |"]
+        for name, r in evaluation["perplexity"].items():
+            lines.append(f"| {name} | {r['perplexity']:.4f} | {r['tokens']} |")
+        for task, r in (evaluation.get("zero_shot") or {}).items():
+            lines.append(f"| {task} (zero-shot accuracy) | {r.get('acc', float('nan')):.4f} | n={r.get('n')} |")
+        lines += ["", "Protocol:", "```json", json.dumps(evaluation["protocol"], indent=2), "```"]
+    lines += [
+        "",
+        "## Use",
+        "```python",
+        "import amq, transformers",
+        f"model = amq.load_quantized(\"{info['dir_name']}\")",
+        f"tokenizer = transformers.AutoTokenizer.from_pretrained(\"{info['dir_name']}\")",
+        "```",
+        "`bit_config.json` holds the bits of every linear by module name"
+        + ("; `llama_cpp_tensor_types.txt` the same as llama.cpp quantize types." if info.get("llama_cpp") else "."),
+        "",
+    ]
+    return "\n".join(lines)

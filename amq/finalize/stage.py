@@ -1,0 +1,225 @@
+"""Stage: turn a searched run into real quantized models, evaluate them, and check the proxy.
+
+For each budget in `finalize.targets`: pick the archived configuration (selection.py), quantize
+the model for real with the chosen final quantizer, evaluate it on held-out text, and save it
+under `<run>/models/<target>/`. Then measure the baselines (the unquantized model, uniform widths
+that fit the same budgets) and a few extra front points, and report how well the proxy's ranking
+carries over to the deployed models (`evaluation.json`, `evaluation.md`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Protocol
+
+import torch
+from torch import nn
+
+from amq.bits import BitConfig, average_bits, meta_overhead
+from amq.errors import ConfigError
+from amq.evaluation.report import fidelity, write_report
+from amq.evaluation.suite import EvalSuite
+from amq.finalize import llamacpp
+from amq.finalize.export import directory_bytes, packed_modules, write_model_dir, WEIGHTS_FILE
+from amq.finalize.model_card import render
+from amq.finalize.packed import GroupQuant, replace_linears
+from amq.finalize.selection import CONVENTIONS, Candidate, front_extras, read_candidates, select_for_targets
+from amq.io import atomic_write_json, atomic_write_text
+from amq.modeling.discovery import ModelLayout
+from amq.modeling.loading import LoadedModel
+from amq.search.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+class FinalQuantizer(Protocol):
+    name: str
+    needs_calibration: bool
+
+    def quantize(self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int,
+                 calib: torch.Tensor | None) -> dict[str, GroupQuant]: ...
+
+
+@dataclass(frozen=True)
+class FinalizeSettings:
+    """Which budgets to export and what to measure besides them."""
+
+    targets: tuple[float, ...]
+    bits_convention: str = "with_meta"  # or "weights_only": which average-bits figure the targets bound
+    evaluate: bool = True
+    extra_front_points: int = 2  # more front configs quantized and evaluated (not saved) for the fidelity check
+    baselines: bool = True  # the unquantized model and uniform widths fitting the targets
+
+    def __post_init__(self) -> None:
+        if self.bits_convention not in CONVENTIONS:
+            raise ConfigError("finalize.bits_convention", f"{self.bits_convention!r}", ", ".join(CONVENTIONS))
+        if self.extra_front_points < 0:
+            raise ConfigError("finalize.extra_front_points", f"{self.extra_front_points}", "an integer >= 0")
+
+
+    def check_reachable(self, space: SearchSpace) -> None:
+        """A target below the space's smallest configuration can never be met: say so before the search."""
+        lo = space.bits_range()[0] - (space.meta_bits if self.bits_convention == "weights_only" else 0.0)
+        low = [t for t in self.targets if t < lo - 1e-9]
+        if low:
+            raise ConfigError("finalize.targets", f"{low} below the smallest reachable {lo:.3f} average bits ({self.bits_convention})", f"targets >= {lo:.3f}")
+
+
+def quantizer_info(q: FinalQuantizer) -> dict[str, Any]:
+    return {"name": q.name, **(asdict(q) if is_dataclass(q) else {})}
+
+
+@contextlib.contextmanager
+def packed_swap(model: nn.Module, quants: Mapping[str, GroupQuant]) -> Iterator[nn.Module]:
+    """Swap PackedLinear modules in for the duration, then put the original linears back."""
+    originals = {n: model.get_submodule(n) for n in quants}
+    replace_linears(model, quants, next(model.parameters()).dtype)
+    try:
+        yield model
+    finally:
+        for name, module in originals.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def bf16_bytes(model: nn.Module, names: Mapping[str, Any] | None = None) -> int:
+    """Bytes at 2 per parameter: the whole model (tied weights once) or the named modules' weights."""
+    if names is None:
+        return 2 * sum(p.numel() for p in model.parameters())
+    return 2 * sum(model.get_submodule(n).weight.numel() for n in names)
+
+
+def uniform_baselines(layout: ModelLayout, widths: list[int], group_size: int, targets: list[float], convention: str) -> list[BitConfig]:
+    """For each target, the widest uniform width that fits it (each width once)."""
+    extra = meta_overhead(group_size) if convention == "with_meta" else 0.0
+    chosen = []
+    for t in targets:
+        fit = [b for b in widths if b + extra <= t + 1e-9]
+        if fit and max(fit) not in chosen:
+            chosen.append(max(fit))
+    return [BitConfig({n: b for n in layout.names}, group_size) for b in sorted(chosen)]
+
+
+@dataclass
+class Finalizer:
+    """Runs the stage for one loaded model and run directory."""
+
+    run_dir: Path
+    lm: LoadedModel
+    layout: ModelLayout
+    quantizer: FinalQuantizer
+    settings: FinalizeSettings
+    suite: EvalSuite | None
+    metric_name: str
+    calib: torch.Tensor | None = None
+    _memo: dict[tuple[str, int, int], GroupQuant] = field(default_factory=dict, repr=False)
+
+    def _quantize(self, config: BitConfig) -> dict[str, GroupQuant]:
+        """Quantize for real. A calibration-free quantizer's result for a linear depends only on its
+        weight and width, so those are remembered across the configurations of the stage."""
+        t0 = time.perf_counter()
+        if self.quantizer.needs_calibration:
+            quants = self.quantizer.quantize(self.lm.model, self.layout, config.bits, config.group_size, self.calib)
+        else:
+            todo = {n: b for n, b in config.bits.items() if (n, b, config.group_size) not in self._memo}
+            if todo:
+                fresh = self.quantizer.quantize(self.lm.model, self.layout, todo, config.group_size, None)
+                self._memo.update({(n, todo[n], config.group_size): q for n, q in fresh.items()})
+            quants = {n: self._memo[(n, b, config.group_size)] for n, b in config.bits.items()}
+        log.info("%s: quantized %d linears in %.1fs", self.quantizer.name, len(quants), time.perf_counter() - t0)
+        return quants
+
+    def _evaluate(self, label: str) -> dict | None:
+        return self.suite.run(self.lm.model, self.lm.tokenizer, label) if self.suite is not None and self.settings.evaluate else None
+
+    def _bits(self, config: BitConfig) -> tuple[float, float]:
+        numels = self.layout.numels
+        return (average_bits(config.bits, numels, config.group_size),
+                average_bits(config.bits, numels, config.group_size, with_meta=False))
+
+    def _row(self, kind: str, bits: tuple[float, float], proxy: float | None, evaluation: dict | None, **extra: Any) -> dict:
+        row = {"kind": kind, "avg_bits": bits[0], "avg_bits_weights_only": bits[1], "proxy_" + self.metric_name: proxy, **extra}
+        if evaluation:
+            row["perplexity"] = {k: v["perplexity"] for k, v in evaluation["perplexity"].items()}
+            if evaluation.get("zero_shot"):
+                row["zero_shot"] = {k: v.get("acc") for k, v in evaluation["zero_shot"].items()}
+        return row
+
+    def export(self, target: float, cand: Candidate) -> dict:
+        """Quantize, evaluate and save one selected configuration under models/<target>/."""
+        out_dir = self.run_dir / "models" / f"{target:g}"
+        model, config = self.lm.model, cand.config
+        linears_bf16 = bf16_bytes(model, config.bits)
+        total_bf16 = bf16_bytes(model)
+        with packed_swap(model, self._quantize(config)):
+            evaluation = self._evaluate(f"{target:g} bits")
+            packed = sum(b.numel() * b.element_size() for m in packed_modules(model).values() for b in m.buffers())
+            info = {
+                "model": self.lm.name, "fingerprint": self.lm.fingerprint, "target": target,
+                "bits_convention": self.settings.bits_convention, "avg_bits": cand.avg_bits,
+                "avg_bits_weights_only": cand.avg_bits_weights_only, "metric_name": self.metric_name,
+                "proxy_metric": cand.metric, "quantizer": quantizer_info(self.quantizer),
+                "bytes_bf16": total_bf16, "bytes_linears_bf16": linears_bf16, "bytes_packed_linears": packed,
+                "dir_name": str(out_dir), "llama_cpp": False,
+            }
+
+            def extras(tmp: Path) -> None:
+                types = self._llama_cpp_types(config)
+                if types is not None:
+                    atomic_write_text(tmp / "llama_cpp_tensor_types.txt", llamacpp.tensor_type_file(types))
+                    info["llama_cpp"] = True
+                info["bytes_weights_file"] = (tmp / WEIGHTS_FILE).stat().st_size
+                info["bytes_on_disk"] = directory_bytes(tmp)
+                if evaluation is not None:
+                    atomic_write_json(tmp / "eval.json", {"model_dir": str(out_dir), **evaluation})
+                atomic_write_text(tmp / "README.md", render(info, config, evaluation))
+
+            write_model_dir(out_dir, model, self.lm.tokenizer, config, info["quantizer"], extras)
+        log.info("saved %s (%.1f MiB on disk, bf16 %.1f MiB)", out_dir, info["bytes_on_disk"] / 2**20, total_bf16 / 2**20)
+        return self._row("target", self._bits(config), cand.metric, evaluation, target=target, dir=str(out_dir),
+                         bytes_on_disk=info["bytes_on_disk"], bytes_bf16=total_bf16)
+
+    def measure(self, kind: str, config: BitConfig, proxy: float | None, label: str) -> dict:
+        """Quantize and evaluate without saving (front points and uniform baselines)."""
+        with packed_swap(self.lm.model, self._quantize(config)):
+            return self._row(kind, self._bits(config), proxy, self._evaluate(label))
+
+    def _llama_cpp_types(self, config: BitConfig) -> dict[str, str] | None:
+        if getattr(self.lm.model.config, "model_type", None) not in llamacpp.LLAMA_CPP_ARCHITECTURES:
+            return None
+        try:
+            return llamacpp.tensor_types(config)
+        except ValueError as exc:
+            log.warning("no llama.cpp tensor types: %s", exc)
+            return None
+
+    def run(self, widths: list[int]) -> dict:
+        t0 = time.perf_counter()
+        candidates = read_candidates(self.run_dir / "archive.jsonl", self.metric_name)
+        selections = select_for_targets(candidates, self.settings.targets, self.settings.bits_convention)
+        rows = [self.export(s.target, s.candidate) for s in selections]
+        chosen = [s.candidate for s in selections]
+        for c in front_extras(candidates, chosen, self.settings.extra_front_points, self.settings.bits_convention):
+            rows.append(self.measure("front", c.config, c.metric, f"front {c.avg_bits:.3f} bits"))
+        if self.settings.baselines and self.settings.evaluate and self.suite is not None:
+            proxy_of = {tuple(sorted(c.config.bits.items())): c.metric for c in candidates}
+            rows.append(self._row("unquantized", (16.0, 16.0), 0.0, self._evaluate("unquantized")))
+            group = chosen[0].config.group_size
+            for cfg in uniform_baselines(self.layout, widths, group, list(self.settings.targets), self.settings.bits_convention):
+                b = next(iter(cfg.bits.values()))
+                rows.append(self.measure("uniform", cfg, proxy_of.get(tuple(sorted(cfg.bits.items()))), f"uniform {b}-bit"))
+        report = {
+            "model": self.lm.name,
+            "quantizer": quantizer_info(self.quantizer),
+            "bits_convention": self.settings.bits_convention,
+            "protocol": self.suite.describe(self.lm.model) if self.suite is not None and self.settings.evaluate else None,
+            "rows": rows,
+            "proxy_fidelity": fidelity(rows, "proxy_" + self.metric_name),
+            "seconds": time.perf_counter() - t0,
+        }
+        write_report(self.run_dir, report)
+        return report

@@ -1,0 +1,194 @@
+"""Continuing an interrupted run: which directory (`resume=<dir>` or `resume=auto`), whether it may
+be continued, and the command that continues it.
+
+A run directory can be continued when it holds an unfinished run whose settings equal the current
+ones, except those that change how fast a run goes or where it reports, not what it finds
+(`RESUME_MAY_DIFFER`). `budget.iterations` may grow, which extends a finished search.
+
+`resume=auto` makes a command safe to rerun as is (a preempted job, a requeue): it continues the
+newest unfinished run with the same settings under the same runs folder, or starts a new one.
+
+`RunDirCallback` (a Hydra callback, conf/hydra/default.yaml) applies this before Hydra creates or
+writes anything: it points the run at the resumed directory, keeps the original run's `.hydra/`
+record (what was asked for first), and refuses a bad `resume=` or an unwritable output folder with
+one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
+
+from amq.errors import ConfigError
+from amq.run_outputs import CONFIG_FILE, SUMMARY_FILE, read_state
+
+log = logging.getLogger(__name__)
+
+# Settings that may differ between an interrupted run and its continuation: where outputs and
+# caches go, tracking, CPU threads, and how the metric is batched (same values up to float rounding).
+RESUME_MAY_DIFFER = (
+    "resume", "paths", "hydra", "task_name", "sweep_name", "num_threads", "logger", "eval_cache",
+    "budget.iterations", "metric.compile", "metric.batch_size", "metric.chunk_tokens", "quantizer.storage",
+)
+HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+VALID_DIR = "the directory of an unfinished amq-search run (outputs/search/runs/<time>), or auto"
+
+
+def _may_differ(path: str) -> bool:
+    return any(path == k or path.startswith(k + ".") for k in RESUME_MAY_DIFFER)
+
+
+def comparable_settings(cfg: DictConfig) -> dict[str, Any]:
+    """Every setting that decides a search's results, as {dotted key: resolved value}."""
+    out: dict[str, Any] = {}
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for key in node:
+            path = f"{prefix}{key}"
+            if _may_differ(path):
+                continue
+            try:
+                value = node[key]
+            except Exception:  # a mandatory value left unset (???): compared as such
+                value = "???"
+            if isinstance(value, DictConfig):
+                walk(value, path + ".")
+            else:
+                out[path] = OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
+
+    walk(cfg, "")
+    return out
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}={current.get(k)!r} (the run has {saved.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
+
+
+def task_overrides(run_dir: Path) -> list[str] | None:
+    """The command-line overrides a run was started with (Hydra's record), without `resume=`."""
+    path = run_dir / HYDRA_OVERRIDES
+    if not path.is_file():
+        return None
+    try:
+        overrides = yaml.safe_load(path.read_text()) or []
+    except yaml.YAMLError:
+        return None
+    return [str(o) for o in overrides if not str(o).lstrip("+~").startswith("resume=")]
+
+
+def resume_command(run_dir: Path, overrides: list[str] | None = None) -> str:
+    """The command line that continues `run_dir`."""
+    overrides = task_overrides(run_dir) if overrides is None else overrides
+    args = [*(overrides or []), f"resume={run_dir}"]
+    return "amq-search " + " ".join(shlex.quote(a) for a in args)
+
+
+def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
+    """Raise ConfigError unless `run_dir` holds an unfinished run `cfg` may continue."""
+    if not run_dir.is_dir():
+        raise ConfigError("resume", f"{run_dir} is not a directory", VALID_DIR)
+    config = run_dir / CONFIG_FILE
+    if not config.is_file():
+        raise ConfigError("resume", f"{run_dir} holds no amq-search run (no {CONFIG_FILE})", VALID_DIR)
+    try:
+        saved = comparable_settings(OmegaConf.load(config))
+    except Exception as exc:  # any YAML or OmegaConf error: the file is damaged
+        raise ConfigError("resume", f"{config} is damaged ({type(exc).__name__})", "restore it, or start a new run") from None
+    diff = differences(saved, comparable_settings(cfg))
+    if diff:
+        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+        raise ConfigError("resume", f"{run_dir} was searched with other settings: {shown}", f"its own settings: {resume_command(run_dir)}")
+    state = read_state(run_dir)
+    if state is not None and (run_dir / SUMMARY_FILE).is_file() and int(state["last_completed_iteration"]) >= int(cfg.budget.iterations):
+        raise ConfigError(
+            "resume", f"{run_dir} is already complete ({state['last_completed_iteration']} iterations)",
+            "a larger budget.iterations to search further, or resume=auto to start a new run",
+        )
+
+
+def find_unfinished(runs_dir: Path, cfg: DictConfig) -> Path | None:
+    """The newest run under `runs_dir` that `cfg` may continue (same settings, no summary.json)."""
+    if not runs_dir.is_dir():
+        return None
+    for run_dir in sorted((p for p in runs_dir.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True):
+        if (run_dir / SUMMARY_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
+            continue  # finished, or stopped before it wrote anything (nothing to continue)
+        try:
+            check_resumable(run_dir, cfg)
+        except ConfigError:
+            continue
+        return run_dir
+    return None
+
+
+def probe_writable(directory: Path, setting: str) -> None:
+    """Create `directory` and a file in it, or raise ConfigError naming `setting`."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            setting, f"cannot write the run directory {directory} ({exc.strerror or exc})",
+            "a writable folder: AMQ_OUTPUT_DIR=<dir> or paths.log_dir=<dir>",
+        ) from None
+
+
+def _set_hydra(config: DictConfig, key: str, value: Any) -> None:
+    with read_write(config.hydra), open_dict(config.hydra):
+        OmegaConf.update(config.hydra, key, value, merge=False)
+
+
+class RunDirCallback(Callback):
+    """Chooses the run directory before Hydra creates it (see the module docstring)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._choose(config)
+        except ConfigError as exc:
+            log.error("%s", exc)
+            sys.exit(exc.exit_code)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        resume = config.get("resume")
+        if resume and resume != "auto":
+            log.error("%s", ConfigError("resume", f"{resume!r} continues one run, not a multirun", "auto (each job continues its own unfinished run), or a single run"))
+            sys.exit(2)
+        try:
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+            _set_hydra(config, "sweep.dir", str(sweep_dir))  # freeze the time stamp it was probed with
+            probe_writable(sweep_dir, "paths.log_dir")
+        except ConfigError as exc:
+            log.error("%s", exc)
+            sys.exit(exc.exit_code)
+
+    @staticmethod
+    def _choose(config: DictConfig) -> None:
+        resume = config.get("resume")
+        fresh = Path(str(config.hydra.run.dir))
+        target = None
+        if resume == "auto":
+            target = find_unfinished(fresh.parent, config)
+            if target is None:
+                log.info("resume=auto: no unfinished run with these settings in %s; starting a new one", fresh.parent)
+            else:
+                log.info("resume=auto: continuing %s", target)
+        elif resume:
+            target = Path(str(resume)).expanduser().absolute()
+            check_resumable(target, config)
+        if target is None:
+            _set_hydra(config, "run.dir", str(fresh))  # freeze the time stamp it was probed with
+            probe_writable(fresh, "paths.log_dir")
+            return
+        probe_writable(target, "resume")
+        _set_hydra(config, "run.dir", str(target))
+        _set_hydra(config, "output_subdir", None)  # keep the original run's .hydra/ record

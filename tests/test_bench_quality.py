@@ -1,0 +1,49 @@
+"""The quality benchmark end to end on the real SmolLM2 with the smoke budget: every method runs,
+spends at most the search's true evaluations, and reports bits, JSD and held-out perplexity."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SMOKE
+
+METHODS = ["amq", "amq, no pruning", "amq, no predictor", "random", "greedy", "knapsack", "uniform"]
+
+
+@pytest.mark.slow
+def test_bench_quality_smoke(tmp_path):
+    out = tmp_path / "bench"
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_quality.py", *SMOKE, "--seeds", "0", "--ppl-window", "128", "--ppl-windows", "2", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    methods = res["methods"]
+    assert set(methods) == set(METHODS)
+    n = methods["amq"]["0"]["true_evaluations"]
+    assert n == 3 + 5 + 2 * 4  # smoke: uniform configs + initial design + iterations x batch
+    assert methods["random"]["0"]["true_evaluations"] == n
+    assert methods["uniform"]["all"]["true_evaluations"] == 3
+    for m in ("amq, no predictor", "greedy", "knapsack"):
+        key = "all" if m in ("greedy", "knapsack") else "0"
+        assert 3 < methods[m][key]["true_evaluations"] <= n
+    ppl0 = res["protocol"]["unquantized_perplexity"]
+    assert 1 < ppl0 < 1e3
+    for m, rows in methods.items():
+        for row in rows.values():
+            assert 0 < row["hypervolume"] <= 1.1 * 1.1
+            assert row["at_target"], m
+            for t, sel in row["at_target"].items():
+                assert sel["avg_bits"] <= float(t) + 1e-9
+                assert math.isfinite(sel["jsd"]) and sel["jsd"] > 0
+                assert math.isfinite(sel["perplexity"]) and sel["perplexity"] > ppl0 * 0.9
+    # uniform 4-bit (4.5 bits with scale/zero) is the best uniform config at or under 4.5 and 5.0 bits
+    assert methods["uniform"]["all"]["at_target"]["4.5"]["avg_bits"] == pytest.approx(4.5)
+    table = (out / "results.md").read_text()
+    assert all(f"| {m} |" in table for m in METHODS) and table in proc.stdout

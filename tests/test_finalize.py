@@ -1,0 +1,89 @@
+"""The finalize stage: selection never exceeds a budget, exports reload and reproduce, bad dirs fail."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from amq.bits import BitConfig
+from amq.errors import ConfigError
+from amq.finalize import llamacpp
+from amq.finalize.selection import Candidate, front_extras, select_for_targets
+from conftest import ROOT, SMOKE, run_cli, run_dirs
+
+
+def _cand(bits: float, metric: float, meta: float = 0.5) -> Candidate:
+    return Candidate(BitConfig({"a": int(bits)}, 64), bits + meta, bits, metric, 0)
+
+
+def test_selection_never_exceeds_the_budget_and_takes_the_best_metric():
+    cands = [_cand(3.2, 0.30), _cand(3.6, 0.10), _cand(3.9, 0.20), _cand(4.4, 0.05)]
+    sel = select_for_targets(cands, [4.1, 4.5, 5.0], "with_meta")
+    assert [s.candidate.metric for s in sel] == [0.10, 0.10, 0.05]
+    assert all(s.candidate.avg_bits <= s.target + 1e-9 for s in sel)
+    assert select_for_targets(cands, [4.0], "with_meta")[0].candidate.metric == 0.30
+    sel = select_for_targets(cands, [4.0], "weights_only")  # the weights-only figure bounds it now
+    assert sel[0].candidate.avg_bits_weights_only == 3.6 and sel[0].candidate.metric == 0.10
+
+
+def test_unreachable_target_names_the_smallest_configuration():
+    with pytest.raises(ConfigError, match=r"finalize.targets.*smallest has 3.700"):
+        select_for_targets([_cand(3.2, 0.3)], [3.0], "with_meta")
+    with pytest.raises(ConfigError, match="finalize.bits_convention"):
+        select_for_targets([_cand(3.2, 0.3)], [4.0], "per_weight")
+
+
+def test_front_extras_are_nondominated_and_not_already_chosen():
+    cands = [_cand(3.0 + 0.1 * i, 1.0 - 0.05 * i) for i in range(10)] + [_cand(3.5, 0.99)]
+    extra = front_extras(cands, [cands[9]], 3, "with_meta")
+    assert len(extra) == 3 and cands[9] not in extra and all(c.metric < 0.99 or c.avg_bits != 4.0 for c in extra)
+
+
+def test_llama_cpp_types_cover_every_llama_linear():
+    names = [f"model.layers.{i}.{r}" for i in range(2) for r in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")]
+    types = llamacpp.tensor_types(BitConfig({n: b for n, b in zip(names, [2, 3, 4, 5, 6, 8])}, 64))
+    assert types["blk.0.attn_q.weight"] == "q2_K" and types["blk.1.ffn_down.weight"] == "q8_0"
+    text = llamacpp.tensor_type_file(types)
+    assert "blk\\.1\\.attn_output\\.weight=q6_K" in text
+    with pytest.raises(ValueError):
+        llamacpp.tensor_types(BitConfig({"model.layers.0.mlp.down_proj": 7}, 64))
+
+
+def _evaluate_cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "amq.evaluate_cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+
+
+def test_evaluate_refuses_a_directory_without_a_bit_configuration(tmp_path):
+    proc = _evaluate_cli([str(tmp_path)])
+    assert proc.returncode == 2
+    assert "amq_quant.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_search_exports_models_that_reload_and_reproduce(tmp_path):
+    proc = run_cli([*SMOKE, "finalize.enabled=true", "finalize.extra_front_points=1"], tmp_path, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = run_dirs(tmp_path)[0]
+    summary = json.loads((run / "summary.json").read_text())
+    report = json.loads((run / "evaluation.json").read_text())
+    targets = [r for r in report["rows"] if r["kind"] == "target"]
+    assert {f"{r['target']:g}" for r in targets} == set(summary["finalize"]["models"]) == {"4", "4.5", "5"}
+    kinds = {r["kind"] for r in report["rows"]}
+    assert {"unquantized", "uniform", "front"} <= kinds
+    for r in targets:
+        assert r["avg_bits"] <= r["target"] + 1e-9  # a budget is never exceeded
+        d = run / "models" / f"{r['target']:g}"
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "bit_config.json", "amq_quant.json", "README.md", "eval.json", "llama_cpp_tensor_types.txt"):
+            assert (d / name).is_file(), name
+        assert 0 < r["bytes_on_disk"] < r["bytes_bf16"]
+        assert json.loads((d / "bit_config.json").read_text())["version"] == 1
+    assert report["proxy_fidelity"]["n"] >= 3
+    # a fresh process reloads every exported model and reproduces its recorded perplexity
+    proc = _evaluate_cli([str(run), "--threads", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in targets:
+        rep = json.loads((run / "models" / f"{r['target']:g}" / "eval.json").read_text())["reproduction"]
+        assert rep and all(x["rel_diff"] < 1e-3 for x in rep.values())

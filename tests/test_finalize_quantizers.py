@@ -1,0 +1,251 @@
+"""Final quantizers (HQQ, GPTQ, AWQ) and packed layers, on the real SmolLM2 and real calibration text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from amq.data.tokens import CalibrationSpec, calibration_windows
+from amq.errors import ConfigError
+from amq.finalize.calibration import capture_block_calls
+from amq.finalize.grid import rtn_quant
+from amq.finalize.hqq_final import HQQFinalizer
+from amq.finalize.packed import GroupQuant, PackedLinear, pack_codes, packed_bytes, replace_linears, unpack_codes
+from amq.modeling.discovery import discover_layout, find_decoder_blocks
+from amq.pipeline import build
+from amq.proxy.hqq_quantizer import HQQQuantizer
+
+GROUP = 64
+FINALIZERS = ("hqq", "gptq", "awq")
+
+
+# ---------------------------------------------------------------- packing (no model needed)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("shape", [(7, 13), (3, 64), (1, 1)])
+def test_pack_unpack_round_trip(bits, shape):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, shape, generator=g).to(torch.uint8)
+    packed = pack_codes(codes, bits)
+    n = shape[0] * shape[1]
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-n // 8) * bits  # whole 8-code chunks
+    assert torch.equal(unpack_codes(packed, bits, shape), codes)
+
+
+def test_packed_linear_state_dict_round_trips_through_safetensors(tmp_path: Path):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 3 * GROUP, generator=g)
+    q = rtn_quant(weight, 3, GROUP)
+    q.input_scale = (torch.rand(3 * GROUP, generator=g) + 0.5).half()
+    bias = torch.randn(37, generator=g).to(torch.bfloat16)
+    layer = PackedLinear.from_quant(q, bias, torch.bfloat16)
+    save_file(layer.state_dict(), tmp_path / "layer.safetensors")
+
+    loaded = PackedLinear.empty(3 * GROUP, 37, 3, GROUP, has_bias=True, has_input_scale=True, dtype=torch.bfloat16)
+    loaded.load_state_dict(load_file(tmp_path / "layer.safetensors"))
+    x = torch.randn(2, 5, 3 * GROUP, generator=g).to(torch.bfloat16)
+    assert torch.equal(loaded(x), layer(x))
+    exact = F.linear(x.float(), q.dequantize(), bias.float())
+    assert float((layer(x).float() - exact).norm() / exact.norm()) < 1e-2  # bf16 matmul of the same weight
+    assert "bits=3" in repr(loaded) and "group_size=64" in repr(loaded)
+
+
+# ---------------------------------------------------------------- the real model
+@pytest.fixture(scope="module")
+def smollm2(compose_cfg):
+    cfg = compose_cfg(["model=smollm2", "logger=none"])
+    lm = build(cfg.model.source, "model").load(Path(cfg.paths.cache_dir))
+    splits = build(cfg.data, "data").load()
+    calib = calibration_windows(lm.tokenizer, splits.calibration, CalibrationSpec(8, 128, seed=0), lm.add_bos)
+    return lm, discover_layout(lm.model), calib, compose_cfg
+
+
+def _finalizer(compose_cfg, name: str, *overrides: str):
+    return build(compose_cfg(["logger=none", f"finalizer={name}", *overrides]).finalizer, "finalizer")
+
+
+def _block_output(model, calib: torch.Tensor, block: int) -> torch.Tensor:
+    """Hidden states leaving decoder block `block` on the calibration windows (float32)."""
+    _, blocks = find_decoder_blocks(model)
+    out = []
+    hook = blocks[block].register_forward_hook(lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            model(input_ids=calib, use_cache=False)
+    finally:
+        hook.remove()
+    return out[0].float()
+
+
+def _reconstruction_error(model, quants: dict[str, GroupQuant], calib: torch.Tensor, block: int) -> float:
+    """Mean squared error of block `block`'s output with `quants` swapped in, against the original."""
+    ref = _block_output(model, calib, block)
+    originals = {}
+    try:
+        for n, q in quants.items():
+            m = model.get_submodule(n)
+            originals[n] = m.weight
+            m.weight = torch.nn.Parameter(q.dequantize().to(m.weight.dtype), requires_grad=False)
+        return float((_block_output(model, calib, block) - ref).pow(2).mean())
+    finally:
+        for n, w in originals.items():
+            model.get_submodule(n).weight = w
+
+
+@pytest.fixture(scope="module")
+def two_blocks_4bit(smollm2):
+    """Every quantizer (and RTN) on the first two blocks at uniform 4-bit, plus the weights before."""
+    lm, layout, calib, compose_cfg = smollm2
+    bits = {li.name: 4 for li in layout.linears if li.block < 2}
+    before = {n: lm.model.get_submodule(n).weight.detach().clone() for n in bits}
+    quants = {name: _finalizer(compose_cfg, name).quantize(lm.model, layout, bits, GROUP, calib) for name in FINALIZERS}
+    quants["rtn"] = {n: rtn_quant(w, 4, GROUP) for n, w in before.items()}
+    return bits, before, quants
+
+
+def test_quantizers_leave_the_model_unchanged(smollm2, two_blocks_4bit):
+    lm = smollm2[0]
+    _, before, _ = two_blocks_4bit
+    for n, w in before.items():
+        assert torch.equal(lm.model.get_submodule(n).weight, w), n
+
+
+def test_gptq_and_awq_reconstruct_block_outputs_better_than_calibration_free(smollm2, two_blocks_4bit):
+    lm, _, calib, _ = smollm2
+    _, _, quants = two_blocks_4bit
+    err = {name: _reconstruction_error(lm.model, q, calib, block=1) for name, q in quants.items()}
+    assert err["gptq"] < err["hqq"] and err["gptq"] < err["rtn"], err
+    assert err["awq"] < err["rtn"], err
+
+
+@pytest.mark.parametrize("name", FINALIZERS)
+def test_group_quants_lie_on_their_grid(smollm2, two_blocks_4bit, name):
+    lm = smollm2[0]
+    bits, before, quants = two_blocks_4bit
+    for n, q in quants[name].items():
+        out_f, in_f = before[n].shape
+        assert q.codes.dtype == torch.uint8 and q.codes.shape == (out_f, in_f) and q.bits == bits[n]
+        assert int(q.codes.max()) <= 2**q.bits - 1
+        assert q.scale.dtype == q.zero.dtype == torch.float16 and q.scale.shape == (out_f, in_f // GROUP)
+        assert bool((q.scale > 0).all())
+        deq = (q.codes.float().view(out_f, -1, GROUP) - q.zero.float()[..., None]) * q.scale.float()[..., None]
+        deq = deq.view(out_f, in_f)
+        if q.input_scale is not None:
+            assert name == "awq" and q.input_scale.shape == (in_f,)
+            deq = deq / q.input_scale.float()
+        assert torch.equal(q.dequantize(), deq)
+        # close to the weight it quantizes: within a few grid steps on average
+        step = (q.scale.float() / (q.input_scale.float().view(-1, GROUP).amax(-1) if q.input_scale is not None else 1)).mean()
+        assert float((q.dequantize() - before[n].float()).abs().mean()) < 2 * float(step), n
+
+
+def test_hqq_final_matches_the_proxy(smollm2):
+    lm, layout, _, _ = smollm2
+    name = layout.linears[0].name
+    w = lm.model.get_submodule(name).weight
+    q = HQQFinalizer().quantize(lm.model, layout, {name: 3}, GROUP, None)[name]
+    proxy = HQQQuantizer(group_size=GROUP)
+    expected = proxy.dequantize(*proxy.quantize(w, 3)).float()
+    # only difference: HQQ's float32 scale and zero are stored as float16
+    assert float((q.dequantize() - expected).abs().max()) < 1e-2 * float(expected.abs().max())
+
+
+def test_mixed_bits_per_layer(smollm2):
+    lm, layout, calib, compose_cfg = smollm2
+    block0 = [li.name for li in layout.linears if li.block == 0]
+    bits = {n: (3 if i % 2 else 8) for i, n in enumerate(block0)}
+    quants = _finalizer(compose_cfg, "gptq").quantize(lm.model, layout, bits, GROUP, calib[:2])
+    assert {n: q.bits for n, q in quants.items()} == bits
+    for n, q in quants.items():
+        assert int(q.codes.max()) <= 2 ** bits[n] - 1
+
+
+def test_packed_bytes_of_a_3bit_layer(smollm2):
+    lm, layout, _, _ = smollm2
+    name = layout.linears[0].name
+    w = lm.model.get_submodule(name).weight
+    layer = PackedLinear.from_quant(rtn_quant(w, 3, GROUP), None, torch.bfloat16)
+    meta = 2 * 2 * w.shape[0] * (w.shape[1] // GROUP)  # fp16 scale + zero per group
+    assert layer.qweight.numel() == w.numel() * 3 // 8
+    assert packed_bytes(torch.nn.Sequential(layer)) == w.numel() * 3 // 8 + meta
+
+
+def test_packed_8bit_model_matches_the_original(smollm2):
+    """Real packed layers in the real model: at 8 bits its logits stay close to the bf16 model's."""
+    import copy
+
+    lm, layout, calib, _ = smollm2
+    bits = {li.name: 8 for li in layout.linears if li.block < 4}
+    quants = HQQFinalizer().quantize(lm.model, layout, bits, GROUP, None)
+    packed = copy.deepcopy(lm.model)
+    replace_linears(packed, quants, lm.model.dtype)
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == len(bits)
+    with torch.no_grad():
+        ref = lm.model(input_ids=calib[:2]).logits.float().log_softmax(-1)
+        got = packed(input_ids=calib[:2]).logits.float().log_softmax(-1)
+    kl = float((ref.exp() * (ref - got)).sum(-1).mean())
+    assert kl < 5e-3, kl
+
+
+def test_awq_model_exports_and_reloads_with_identical_outputs(smollm2, tmp_path: Path):
+    """Packed layers with AWQ input scales go through export and a reload unchanged."""
+    import copy
+
+    from amq.bits import BitConfig
+    from amq.finalize.export import load_quantized, write_model_dir
+
+    lm, layout, calib, compose_cfg = smollm2
+    bits = {li.name: (3 if li.block == 0 else 4) for li in layout.linears if li.block < 2}
+    quants = _finalizer(compose_cfg, "awq").quantize(lm.model, layout, bits, GROUP, calib[:2])
+    packed = copy.deepcopy(lm.model)
+    replace_linears(packed, quants, lm.model.dtype)
+    write_model_dir(tmp_path / "m", packed, lm.tokenizer, BitConfig(bits, GROUP), {"name": "awq"})
+    reloaded = load_quantized(tmp_path / "m")
+    assert all(m.input_scale is not None for m in reloaded.modules() if isinstance(m, PackedLinear))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=calib[:2]).logits, packed(input_ids=calib[:2]).logits)
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_inputs_are_clear_config_errors(smollm2):
+    lm, layout, calib, compose_cfg = smollm2
+    name = layout.linears[0].name
+    gptq = _finalizer(compose_cfg, "gptq")
+    with pytest.raises(ConfigError, match="needs calibration"):
+        gptq.quantize(lm.model, layout, {name: 4}, GROUP, None)
+    with pytest.raises(ConfigError, match="not decoder linears"):
+        gptq.quantize(lm.model, layout, {"lm_head": 4}, GROUP, calib)
+    with pytest.raises(ConfigError, match="model.group_size"):
+        gptq.quantize(lm.model, layout, {name: 4}, 100, calib)
+    with pytest.raises(ConfigError, match="9-bit"):
+        gptq.quantize(lm.model, layout, {name: 9}, GROUP, calib)
+    with pytest.raises(ConfigError, match="7-bit"):
+        HQQFinalizer().quantize(lm.model, layout, {name: 7}, GROUP, None)
+    with pytest.raises(ConfigError, match="finalizer.damp"):
+        _finalizer(compose_cfg, "gptq", "finalizer.damp=0")
+    with pytest.raises(ConfigError, match="finalizer.n_grid"):
+        _finalizer(compose_cfg, "awq", "finalizer.n_grid=1")
+
+
+# ---------------------------------------------------------------- another architecture
+@pytest.mark.slow
+def test_gemma3_blocks_get_their_own_arguments(compose_cfg):
+    """Gemma3 passes per-layer rotary tables (sliding vs full attention); GPTQ must use each block's own."""
+    cfg = compose_cfg(["model=gemma3_270m", "logger=none"])
+    lm = build(cfg.model.source, "model").load(Path(cfg.paths.cache_dir))
+    layout = discover_layout(lm.model)
+    full = lm.model.config.layer_types.index("full_attention")
+    calib = calibration_windows(lm.tokenizer, build(cfg.data, "data").load().calibration, CalibrationSpec(4, 64, seed=0), lm.add_bos)
+    _, blocks = find_decoder_blocks(lm.model)
+    _, calls = capture_block_calls(lm.model, blocks, calib, len(calib), full)
+    cos0, cos_full = calls[0][0].kwargs["position_embeddings"][0], calls[full][0].kwargs["position_embeddings"][0]
+    assert not torch.equal(cos0, cos_full)
+
+    bits = {li.name: 4 for li in layout.linears if li.block <= full}
+    gptq = build(compose_cfg(["model=gemma3_270m", "logger=none", "finalizer=gptq"]).finalizer, "finalizer")
+    quants = gptq.quantize(lm.model, layout, bits, GROUP, calib)
+    rtn = {n: rtn_quant(lm.model.get_submodule(n).weight, 4, GROUP) for n in bits}
+    assert _reconstruction_error(lm.model, quants, calib, full) < _reconstruction_error(lm.model, rtn, calib, full)
