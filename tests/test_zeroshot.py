@@ -22,7 +22,7 @@ from amq.pipeline import build
 from conftest import SMOKE
 
 TASK = "bigbench_social_iqa"
-LIMIT = 30
+LIMIT = 20
 
 
 @pytest.fixture(scope="module")
