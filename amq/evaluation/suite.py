@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from amq.errors import ConfigError
 from amq.evaluation.perplexity import PerplexityProtocol, perplexity, perplexity_windows
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class EvalSuite:
         if self.tasks:
             from amq.evaluation.zeroshot import zero_shot
 
-            out["zero_shot"] = zero_shot(model, tokenizer, list(self.tasks), self.cache_dir, limit=self.task_limit)
+            if self.cache_dir is None:
+                raise ConfigError("paths.cache_dir", "zero-shot tasks need a cache folder for their task files", "a writable folder")
+            out["zero_shot"] = zero_shot(model, tokenizer, list(self.tasks), self.cache_dir, limit=self.task_limit, add_bos_token=self.protocol.add_bos)
         out["protocol"] = self.describe(model)
         return out

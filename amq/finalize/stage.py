@@ -147,6 +147,7 @@ class Finalizer:
             row["perplexity"] = {k: v["perplexity"] for k, v in evaluation["perplexity"].items()}
             if evaluation.get("zero_shot"):
                 row["zero_shot"] = {k: v.get("acc") for k, v in evaluation["zero_shot"].items()}
+                row["zero_shot_norm"] = {k: v.get("acc_norm") for k, v in evaluation["zero_shot"].items()}
         return row
 
     def export(self, target: float, cand: Candidate) -> dict:
