@@ -189,7 +189,7 @@ def _cell(values: list[float], fmt: str) -> str:
         return "-"
     if len(values) == 1 or max(values) - min(values) < 1e-12:
         return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {statistics.stdev(values):.2g}"
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
 def markdown_table(results: dict[str, dict[str, dict]], targets: Sequence[float]) -> str:

@@ -20,15 +20,15 @@ def test_bench_quality_smoke(tmp_path):
     out = tmp_path / "bench"
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "scripts/bench_quality.py", *SMOKE, "--seeds", "0", "--ppl-window", "128", "--ppl-windows", "2", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+        [sys.executable, "scripts/bench_quality.py", *SMOKE, "budget.iterations=1", "--seeds", "0", "--ppl-window", "128", "--ppl-windows", "2", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400,  # minutes alone; far longer on busy cores
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     methods = res["methods"]
     assert set(methods) == set(METHODS)
     n = methods["amq"]["0"]["true_evaluations"]
-    assert n == 3 + 5 + 2 * 4  # smoke: uniform configs + initial design + iterations x batch
+    assert n == 3 + 5 + 1 * 4  # smoke: uniform configs + initial design + 1 iteration x batch
     assert methods["random"]["0"]["true_evaluations"] == n
     assert methods["uniform"]["all"]["true_evaluations"] == 3
     for m in ("amq, no predictor", "greedy", "knapsack"):
