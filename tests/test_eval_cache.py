@@ -123,7 +123,7 @@ def test_another_seed_reuses_what_the_first_measured(compose_cfg, tmp_path):
     shared = [r for r in second.records if space.key(r.genes) in measured]
     assert len(reused) == len(shared) >= len(space.bit_choices)  # at least the uniform configurations
     assert all(r.metric == measured[space.key(r.genes)] for r in reused)
-    assert all(json.loads(line).get("reused") == (space.key(np.array(json.loads(line)["genes"])) in measured) for line in (tmp_path / "archive1.jsonl").read_text().splitlines())
+    assert all(json.loads(line).get("reused", False) == (space.key(np.array(json.loads(line)["genes"])) in measured) for line in (tmp_path / "archive1.jsonl").read_text().splitlines())
 
     store = cache.store(evaluation_context(wb))
     victim = first.records[0]
