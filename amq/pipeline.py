@@ -8,6 +8,7 @@ build the proxy bank and the metric. `prune()` runs the sensitivity stage and re
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from amq.metrics.base import QualityMetric
 from amq.modeling.discovery import ModelLayout, discover_layout
 from amq.modeling.loading import LoadedModel
 from amq.proxy.bank import ProxyBank
+from amq.search.evaluator import ProxyEvaluator
 from amq.search.loop import SearchSettings
 from amq.search.space import SearchSpace
 
@@ -62,6 +64,14 @@ def tokens_hash(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16]
 
 
+def code_hash(*objects: Any) -> str:
+    """Hash of the source files defining `objects`: a cached value computed by other code is not reused."""
+    h = hashlib.sha256()
+    for path in sorted({inspect.getsourcefile(o) for o in objects}):
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def evaluation_context(wb: "Workbench") -> dict:
     """What a true evaluation's value depends on besides the configuration (the evaluation cache key)."""
     import transformers
@@ -74,6 +84,7 @@ def evaluation_context(wb: "Workbench") -> dict:
         "metric": wb.metric.settings(),
         "tokens": tokens_hash(wb.metric.tokens),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "code": code_hash(type(wb.metric), type(wb.bank.quantizer), ProxyBank, ProxyEvaluator),
     }
 
 
@@ -141,7 +152,7 @@ def prune(wb: Workbench, pruning: sensitivity.Pruning, sensitivity_samples: int,
     sens_metric = wb.metric.subset(sensitivity_samples)
     table = sensitivity.cached_measure(
         wb.bank, sens_metric, wb.cache_dir / "sensitivity", wb.lm.fingerprint,
-        {"metric": sens_metric.description, "tokens": tokens_hash(sens_metric.tokens)},
+        {"metric": sens_metric.description, "tokens": tokens_hash(sens_metric.tokens), "code": code_hash(type(sens_metric), type(wb.bank.quantizer), ProxyBank, sensitivity.measure)},
     )
     space = SearchSpace(wb.layout.linears, wb.bits, wb.bank.quantizer.group_size, pruning.pruned(table), share_groups, pruning.keep_top)
     log.info(
