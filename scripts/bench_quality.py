@@ -259,7 +259,7 @@ def main() -> None:
     }
     if "uniform" not in results:
         record("uniform", "all", uniform)
-    factors = width_factors(full, dict(zip(wb.bits, uniform.metric)))
+    factors = width_factors(full, dict(zip(wb.bits, uniform.metric)), table.damage)
     damage = additive_damage(full, table.damage, factors)
     log.info("uniform configurations and reference perplexity: %.0fs; width factors %s", time.perf_counter() - t0, np.round(factors, 4).tolist())
 
