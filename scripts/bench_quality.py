@@ -252,7 +252,7 @@ def main() -> None:
     uniform = evaluate_distinct(full, evaluate, np.stack([full.uniform(b) for b in wb.bits]))
     scale = float(uniform.metric[0])  # all-lowest: the common normalisation of every method's hypervolume
     protocol = {
-        "model": wb.lm.name, "overrides": args.overrides, "seeds": args.seeds, "calibration": wb.metric.description,
+        "model": wb.lm.name, "overrides": args.overrides, "variants": variants, "seeds": args.seeds, "calibration": wb.metric.description,
         "data": wb.splits.description, "bits_convention": CONVENTION_WITH_META, "hypervolume": HV_CONVENTION,
         "hypervolume_scale": {"metric": scale, "bits_range": list(brange)}, "perplexity": ppl.describe(),
         "unquantized_perplexity": ppl(None), "sensitivity_seconds": table.seconds,
