@@ -251,14 +251,14 @@ def main() -> None:
     uniform = evaluate_distinct(full, evaluate, np.stack([full.uniform(b) for b in wb.bits]))
     scale = float(uniform.metric[0])  # all-lowest: the common normalisation of every method's hypervolume
     protocol = {
-        "model": wb.lm.name, "overrides": args.overrides, "seeds": args.seeds, "calibration": wb.metric.description,
+        "model": wb.lm.name, "overrides": args.overrides, "variants": variants, "seeds": args.seeds, "calibration": wb.metric.description,
         "data": wb.splits.description, "bits_convention": CONVENTION_WITH_META, "hypervolume": HV_CONVENTION,
         "hypervolume_scale": {"metric": scale, "bits_range": list(brange)}, "perplexity": ppl.describe(),
         "unquantized_perplexity": ppl(None), "sensitivity_seconds": table.seconds,
     }
     if "uniform" not in results:
         record("uniform", "all", uniform)
-    factors = width_factors(full, dict(zip(wb.bits, uniform.metric)))
+    factors = width_factors(full, dict(zip(wb.bits, uniform.metric)), table.damage)
     damage = additive_damage(full, table.damage, factors)
     log.info("uniform configurations and reference perplexity: %.0fs; width factors %s", time.perf_counter() - t0, np.round(factors, 4).tolist())
 

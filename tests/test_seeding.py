@@ -85,3 +85,28 @@ def test_unknown_seed_allocator_is_a_config_error():
     space, damage = _space()
     with pytest.raises(ConfigError, match="search.seed_allocator"):
         sensitivity_seeds(space, damage, 3, (3.8, 5.5), allocator="simplex")
+
+
+def test_width_factors_see_through_pruned_uniform_configs():
+    """In a pruned space uniform-3 keeps the most sensitive linears at 4 bits; the factors must still be the true ones."""
+    from amq.search.seeding import width_factors
+
+    space, damage = _space(keep_top=2)
+    true = np.array([1.0, 0.15, 0.002])
+
+    def metric(sp: SearchSpace, bits: int) -> float:  # the additive model, at an arbitrary scale
+        return 3.0 * sum(damage[n] * true[[3, 4, 8].index(w)] for n, w in sp.to_bits(sp.uniform(bits)).items())
+
+    uniform = {b: metric(space, b) for b in (3, 4, 8)}
+    assert np.allclose(width_factors(space, uniform, damage), true)
+    assert not np.allclose(width_factors(space, uniform), true)  # plain ratios are biased by the pruned linears
+    full = SearchSpace(space.linears, [3, 4, 8], 64)
+    plain = {b: metric(full, b) for b in (3, 4, 8)}
+    assert np.allclose(width_factors(full, plain, damage), true)
+    assert np.allclose(width_factors(full, plain), true)  # no pruning: the plain ratios are already right
+
+
+def test_random_draws_nothing_when_asked_for_nothing():
+    space, _ = _space()
+    for window in (None, (4.0, 5.0)):
+        assert space.random(np.random.default_rng(0), 0, window).shape == (0, space.n_genes)

@@ -22,14 +22,31 @@ from amq.errors import ConfigError
 from amq.search.space import SearchSpace
 
 
-def width_factors(space: SearchSpace, uniform_metric: Mapping[int, float] | None = None) -> np.ndarray:
-    """Damage of each width relative to the lowest: measured from uniform configs, else 4^-(b - lowest)."""
+def width_factors(
+    space: SearchSpace, uniform_metric: Mapping[int, float] | None = None, damage: Mapping[str, float] | None = None
+) -> np.ndarray:
+    """Damage of each width relative to the lowest: measured from the uniform configurations, else 4^-(b - lowest).
+
+    In a pruned space the "uniform" configurations are not uniform (pruned linears sit at a higher
+    width), so their plain ratios understate how much the lowest width hurts. Given the sensitivity
+    `damage`, the factors solve the additive model instead: uniform config r's metric is
+    sum_w c_w x (measured damage of the linears it holds at width w), and the factors are c / c_lowest.
+    Without pruning this is the plain ratio.
+    """
     low = space.bit_choices[0]
-    default = {b: 4.0 ** -(b - low) for b in space.bit_choices}
-    base = (uniform_metric or {}).get(low)
-    if base and all(np.isfinite(uniform_metric.get(b, np.nan)) and uniform_metric[b] > 0 for b in space.bit_choices):
-        return np.array([uniform_metric[b] / base for b in space.bit_choices])
-    return np.array([default[b] for b in space.bit_choices])
+    um = uniform_metric or {}
+    if not all(np.isfinite(um.get(b, np.nan)) and um[b] > 0 for b in space.bit_choices):
+        return np.array([4.0 ** -(b - low) for b in space.bit_choices])
+    u = np.array([um[b] for b in space.bit_choices])
+    if damage is None:
+        return u / u[0]
+    index = {b: i for i, b in enumerate(space.bit_choices)}
+    held = np.zeros((len(u), len(u)))  # held[r, w]: measured damage of the linears uniform config r holds at width w
+    for r, b in enumerate(space.bit_choices):
+        for name, w in space.to_bits(space.uniform(b)).items():
+            held[r, index[w]] += max(damage.get(name, 0.0), 0.0)
+    c = np.linalg.lstsq(held, u, rcond=None)[0]
+    return c / c[0] if np.all(np.isfinite(c)) and np.all(c > 0) else u / u[0]
 
 
 def gene_damage(space: SearchSpace, damage: Mapping[str, float]) -> np.ndarray:
@@ -98,7 +115,7 @@ def sensitivity_seeds(
         raise ConfigError("search.seed_allocator", f"{allocator!r}", " or ".join(SEED_ALLOCATORS))
     if n <= 0:
         return np.zeros((0, space.n_genes), dtype=int)
-    factors = width_factors(space, uniform_metric)
+    factors = width_factors(space, uniform_metric, damage)
     levels = budget_levels(n, bits_range, targets)
     if allocator == "knapsack":
         genes = knapsack_allocations(space, additive_damage(space, damage, factors), levels)

@@ -172,7 +172,7 @@ class SearchSpace:
         mix of choices (Dirichlet), so averages spread over the whole range, and only those inside
         the window (average bits with scale/zero) are kept.
         """
-        if window is None:
+        if window is None or n == 0:
             return rng.integers(0, self._sizes[None, :], size=(n, self.n_genes))
         lo, hi = window
         out: list[np.ndarray] = []
