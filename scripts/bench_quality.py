@@ -228,7 +228,8 @@ def main() -> None:
     variants = {"amq, no pruning": ["search.pruning.threshold=0"], **{v[0]: v[1:] for v in args.variant}}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    base = ["logger=none", *args.overrides]
+    # every method measures its own evaluations (no shared cache), and the search stops at the front
+    base = ["logger=none", "eval_cache=none", "finalize.enabled=false", *args.overrides]
     cfg0 = _compose([*base, f"seed={args.seeds[0]}", f"paths.output_dir={args.out}"])
     wb = prepare(cfg0)
     settings = search_settings(cfg0)
