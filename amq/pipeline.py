@@ -25,15 +25,16 @@ from amq.data.tokens import CalibrationSpec, calibration_windows
 from amq.errors import ConfigError
 from amq.metrics.base import QualityMetric
 from amq.modeling.discovery import ModelLayout, discover_layout
-from amq.modeling.loading import LoadedModel
 from amq.proxy.bank import ProxyBank
 from amq.search.evaluator import ProxyEvaluator
 from amq.search.loop import SearchSettings
 from amq.search.space import SearchSpace
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # transformers is slow to import: settings errors come before it
     from amq.evaluation.suite import EvalSuite
-    from amq.finalize.stage import FinalizeSettings, Finalizer
+    from amq.modeling.loading import LoadedModel
+    from amq.finalize.settings import FinalizeSettings
+    from amq.finalize.stage import Finalizer
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def prune(wb: Workbench, pruning: sensitivity.Pruning, sensitivity_samples: int,
 
 def finalize_settings(node: DictConfig) -> "FinalizeSettings":
     """The finalize node as settings (checked before the search spends anything)."""
-    from amq.finalize.stage import FinalizeSettings
+    from amq.finalize.settings import FinalizeSettings
 
     targets = node.targets if node.targets is not None else []
     if isinstance(targets, (int, float)):

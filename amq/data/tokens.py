@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from amq.errors import ConfigError
+
+if TYPE_CHECKING:  # transformers is slow to import: settings errors come before it
+    from transformers import PreTrainedTokenizerBase
 
 DOC_SEPARATOR = "\n\n"
 

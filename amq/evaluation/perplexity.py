@@ -10,13 +10,16 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from amq.data.tokens import token_stream
 from amq.errors import ConfigError
+
+if TYPE_CHECKING:  # transformers is slow to import: settings errors come before it
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 

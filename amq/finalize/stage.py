@@ -27,7 +27,8 @@ from amq.finalize import llamacpp
 from amq.finalize.export import directory_bytes, packed_modules, write_model_dir, WEIGHTS_FILE
 from amq.finalize.model_card import render
 from amq.finalize.packed import GroupQuant, replace_linears
-from amq.finalize.selection import CONVENTIONS, Candidate, front_extras, read_candidates, select_for_targets
+from amq.finalize.settings import FinalizeSettings
+from amq.finalize.selection import Candidate, front_extras, read_candidates, select_for_targets
 from amq.io import atomic_write_json, atomic_write_text
 from amq.modeling.discovery import ModelLayout
 from amq.modeling.loading import LoadedModel
@@ -42,31 +43,6 @@ class FinalQuantizer(Protocol):
 
     def quantize(self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int,
                  calib: torch.Tensor | None) -> dict[str, GroupQuant]: ...
-
-
-@dataclass(frozen=True)
-class FinalizeSettings:
-    """Which budgets to export and what to measure besides them."""
-
-    targets: tuple[float, ...]
-    bits_convention: str = "with_meta"  # or "weights_only": which average-bits figure the targets bound
-    evaluate: bool = True
-    extra_front_points: int = 2  # more front configs quantized and evaluated (not saved) for the fidelity check
-    baselines: bool = True  # the unquantized model and uniform widths fitting the targets
-
-    def __post_init__(self) -> None:
-        if self.bits_convention not in CONVENTIONS:
-            raise ConfigError("finalize.bits_convention", f"{self.bits_convention!r}", ", ".join(CONVENTIONS))
-        if self.extra_front_points < 0:
-            raise ConfigError("finalize.extra_front_points", f"{self.extra_front_points}", "an integer >= 0")
-
-
-    def check_reachable(self, space: SearchSpace) -> None:
-        """A target below the space's smallest configuration can never be met: say so before the search."""
-        lo = space.bits_range()[0] - (space.meta_bits if self.bits_convention == "weights_only" else 0.0)
-        low = [t for t in self.targets if t < lo - 1e-9]
-        if low:
-            raise ConfigError("finalize.targets", f"{low} below the smallest reachable {lo:.3f} average bits ({self.bits_convention})", f"targets >= {lo:.3f}")
 
 
 def quantizer_info(q: FinalQuantizer) -> dict[str, Any]:

@@ -1,0 +1,40 @@
+"""What the finalize stage exports and measures, checked before the search spends anything.
+
+Kept apart from the stage itself (amq/finalize/stage.py), which needs transformers: a bad setting
+here fails in the time it takes to read the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from amq.errors import ConfigError
+from amq.finalize.selection import CONVENTIONS
+
+if TYPE_CHECKING:
+    from amq.search.space import SearchSpace
+
+
+@dataclass(frozen=True)
+class FinalizeSettings:
+    """Which budgets to export and what to measure besides them."""
+
+    targets: tuple[float, ...]
+    bits_convention: str = "with_meta"  # or "weights_only": which average-bits figure the targets bound
+    evaluate: bool = True
+    extra_front_points: int = 2  # more front configs quantized and evaluated (not saved) for the fidelity check
+    baselines: bool = True  # the unquantized model and uniform widths fitting the targets
+
+    def __post_init__(self) -> None:
+        if self.bits_convention not in CONVENTIONS:
+            raise ConfigError("finalize.bits_convention", f"{self.bits_convention!r}", ", ".join(CONVENTIONS))
+        if self.extra_front_points < 0:
+            raise ConfigError("finalize.extra_front_points", f"{self.extra_front_points}", "an integer >= 0")
+
+    def check_reachable(self, space: SearchSpace) -> None:
+        """A target below the space's smallest configuration can never be met: say so before the search."""
+        lo = space.bits_range()[0] - (space.meta_bits if self.bits_convention == "weights_only" else 0.0)
+        low = [t for t in self.targets if t < lo - 1e-9]
+        if low:
+            raise ConfigError("finalize.targets", f"{low} below the smallest reachable {lo:.3f} average bits ({self.bits_convention})", f"targets >= {lo:.3f}")
