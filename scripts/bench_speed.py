@@ -2,10 +2,14 @@
 
 Reports proxy build time and memory, time per true evaluation next to the unquantized forward
 pass over the same calibration tokens (the floor), eager against compiled divergence arithmetic,
-sensitivity time, predictor fit time, NSGA-II time per iteration, and peak memory.
+sensitivity time, predictor fit time, NSGA-II time per iteration, and peak memory; then the
+projected end-to-end time of a search at each budget preset (`--budgets`, amq.cost_model) from
+those costs, with the true evaluation and sensitivity costs scaled linearly in calibration tokens
+and the predictor fit and NSGA-II measured at the preset's archive sizes (up to `--max-fit-size`).
 
     python scripts/bench_speed.py                       # defaults (conf/, budget=demo)
     python scripts/bench_speed.py budget.n_samples=16 --repeats 5 --json out.json
+    python scripts/bench_speed.py model=gemma3_270m --budgets smoke demo
 
 Any Hydra override of conf/train_search.yaml may be given. Absolute times are only meaningful on
 a quiet machine; the ratios are what to compare.
@@ -28,6 +32,7 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from amq.cost_model import MeasuredCurve, SearchWork, StageCosts, project  # noqa: E402
 from amq.metrics.divergence import OutputDivergence  # noqa: E402
 from amq.pipeline import build, prepare  # noqa: E402
 from amq.search.space import SearchSpace  # noqa: E402
@@ -49,6 +54,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sensitivity-linears", type=int, default=20, help="linears timed for the sensitivity estimate")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--budgets", nargs="*", default=["smoke", "demo", "paper"], help="budget presets to project end to end")
+    ap.add_argument("--max-fit-size", type=int, default=1000, help="largest archive the predictor fit is timed at (held constant beyond)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -101,6 +108,11 @@ def main() -> None:
     res["predictor_fit_s"] = {"n_points": n_archive, "seconds": step["fit_s"]}
     res["nsga_s_per_iteration"] = step["nsga_s"]
 
+    res["projection"] = {
+        b: project_preset(b, args.overrides, res, space, len(layout.linears), len(wb.bits), int(wb.tokens.numel()), int(cfg.budget.sensitivity_samples) * int(cfg.budget.seq_len), args.max_fit_size)
+        for b in args.budgets
+    }
+
     if device == "cuda":
         res["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -108,6 +120,36 @@ def main() -> None:
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
+
+
+def project_preset(
+    budget: str, overrides: list[str], res: dict, space: SearchSpace, n_linears: int, n_uniform: int,
+    eval_tokens: int, sensitivity_tokens: int, max_fit: int,
+) -> dict:
+    """End-to-end seconds of a search at `budget`, from this run's measured stage costs.
+
+    True evaluations and sensitivity scale with the preset's calibration tokens (linearly: the
+    forward pass dominates both); the predictor fit and NSGA-II are measured at three of the
+    preset's archive sizes with its own NSGA-II settings.
+    """
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        pcfg = compose(config_name="train_search", overrides=["logger=none", *overrides, f"budget={budget}"])
+    b = pcfg.budget
+    work = SearchWork(n_uniform, int(b.n_initial_random), int(b.iterations), int(b.batch_size), n_linears)
+    sizes = work.archive_sizes() or [work.initial_design]
+    timed = sorted({min(n, max_fit) for n in (sizes[0], sizes[len(sizes) // 2], sizes[-1])})
+    steps = [search_step_seconds(space, build(pcfg.predictor, "predictor"), build(pcfg.search.nsga, "search"), n) for n in timed]
+    tokens = int(b.n_samples) * int(b.seq_len)
+    costs = StageCosts(
+        proxy_build_s=res["proxy_build_s"]["total"],
+        reference_s=res["forward_floor_s"] * tokens / eval_tokens,
+        true_eval_s=res["true_eval_compiled_s" if pcfg.metric.compile else "true_eval_eager_s"] * tokens / eval_tokens,
+        sensitivity_eval_s=res["sensitivity_s"]["per_linear"] * int(b.sensitivity_samples) * int(b.seq_len) / sensitivity_tokens,
+        predictor_fit=MeasuredCurve.measured([s["n_points"] for s in steps], [s["fit_s"] for s in steps]),
+        nsga_iteration=MeasuredCurve.measured([s["n_points"] for s in steps], [s["nsga_s"] for s in steps]),
+    )
+    log.info("projected %s budget: %d true evaluations of %d x %d tokens", budget, work.true_evaluations, int(b.n_samples), int(b.seq_len))
+    return {"true_evaluations": work.true_evaluations, "calibration": [int(b.n_samples), int(b.seq_len)], "fit_timed_at": timed, **project(work, costs)}
 
 
 if __name__ == "__main__":
