@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -49,6 +50,12 @@ def build(node: DictConfig, setting: str, **kwargs: Any) -> Any:
             raise cause from None
         msg = str(cause or exc).splitlines()[0]
         raise ConfigError(setting, msg, f"the keys documented in conf/{setting}/") from None
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """`key=value,key=value` (values read as YAML) -> keyword overrides of a component's settings."""
+    pairs = (kv.partition("=") for kv in text.split(",") if kv.strip())
+    return {k.strip(): yaml.safe_load(v) for k, _, v in pairs}
 
 
 def quiet_libraries() -> None:

@@ -10,12 +10,14 @@ configured metric (JSD). Measured, per calibration amount:
 - the forward floor (the unquantized forward over the calibration tokens) and the time of a true
   evaluation (swap a random configuration in, then the metric), for each metric variant;
 - the sensitivity stage's cost per linear;
-- the predictor's fit and one NSGA-II run at several archive sizes (CPU);
+- the predictor's fit and one NSGA-II run at several archive sizes, for one or more variants of
+  the configured predictor side by side (e.g. the RBF's scipy and torch backends);
 
 and from these the projected wall time of the whole search (amq.cost_model).
 
     python scripts/bench_gpu.py --json gpu.json                       # Llama-2-7B shape, cuda
     python scripts/bench_gpu.py --samples 128 8 --variants probs:64 hidden:1024
+    python scripts/bench_gpu.py --calibration-from gpu.json --predictors backend=scipy backend=torch,device=cuda
     python scripts/bench_gpu.py budget.seq_len=32 --arch tiny --device cpu   # seconds, on the CPU
 
 Hydra overrides of conf/train_search.yaml (applied after the preset above) go before the options.
@@ -44,7 +46,7 @@ from amq.cost_model import MeasuredCurve, SearchWork, StageCosts, project  # noq
 from amq.io import atomic_write_json  # noqa: E402
 from amq.modeling.discovery import discover_layout  # noqa: E402
 from amq.modeling.random_init import ARCHS, random_llama  # noqa: E402
-from amq.pipeline import build  # noqa: E402
+from amq.pipeline import build, parse_overrides  # noqa: E402
 from amq.proxy.bank import ProxyBank  # noqa: E402
 from amq.search.space import SearchSpace  # noqa: E402
 from amq.timing import (  # noqa: E402
@@ -162,41 +164,17 @@ def run_calibration(cfg: DictConfig, args, model, bank: ProxyBank, space: Search
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides applied after the paper preset")
-    ap.add_argument("--arch", choices=sorted(ARCHS), default="llama2-7b")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--samples", type=int, nargs="+", default=None, help="calibration windows to measure (default: the budget's n_samples, then 8)")
-    ap.add_argument("--variants", nargs="+", default=None, help="metric variants reference:chunk_tokens (default: probs:64 and the configured one)")
-    ap.add_argument("--baseline-divergence", type=Path, default=None, help="also time OutputDivergence from this file (another revision's)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sensitivity-linears", type=int, default=2, help="linears timed for the sensitivity estimate")
-    ap.add_argument("--fit-sizes", type=int, nargs="+", default=None, help="archive sizes for the predictor fit and NSGA-II (default: 5 spread over the budget's)")
-    ap.add_argument("--search-step-from", type=Path, default=None, help="reuse the predictor/NSGA-II timings of an earlier run's --json (same machine)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    device = torch.device(args.device)
+MEASURED_ON_THE_DEVICE = ("device", "torch", "model_init_s", "bf16_model_bytes", "n_linears", "proxy", "swap_s_eager", "swap_s", "calibration")
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train_search", overrides=[*PRESET, *args.overrides])
-    torch.manual_seed(int(cfg.seed))
-    if cfg.num_threads:
-        torch.set_num_threads(int(cfg.num_threads))
-    if args.variants is None:
-        args.variants = list(dict.fromkeys(["probs:64", f"{cfg.metric.reference}:{int(cfg.metric.chunk_tokens)}"]))
-    samples = args.samples or list(dict.fromkeys([int(cfg.budget.n_samples), 8]))
-    bits = [int(b) for b in cfg.search.bits]
-    res: dict = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "arch": {"name": args.arch, **ARCHS[args.arch]},
-        "overrides": [*PRESET, *args.overrides],
-        "bits": bits,
-        "group_size": int(cfg.quantizer.group_size),
-    }
 
+def shapes_only_space(arch: str, bits: list[int], group_size: int) -> SearchSpace:
+    """The search space of `arch` from its shapes alone (the model on the meta device: no memory)."""
+    return SearchSpace(discover_layout(random_llama(arch, "meta")).linears, bits, group_size)
+
+
+def measure_on_device(cfg: DictConfig, args: argparse.Namespace, device: torch.device, bits: list[int], samples: list[int], res: dict) -> SearchSpace:
+    """Model, proxy, swaps, and for each calibration amount the floor, true evaluations and
+    sensitivity (the MEASURED_ON_THE_DEVICE entries of `res`); returns the search space."""
     # model and proxy
     t0 = time.perf_counter()
     model = random_llama(args.arch, device)
@@ -238,22 +216,67 @@ def main() -> None:
         res["calibration"].append(run_calibration(cfg, args, model, bank, space, n, device))
         save(res, args.json)
 
+    return space
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides applied after the paper preset")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="llama2-7b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--samples", type=int, nargs="+", default=None, help="calibration windows to measure (default: the budget's n_samples, then 8)")
+    ap.add_argument("--variants", nargs="+", default=None, help="metric variants reference:chunk_tokens (default: probs:64 and the configured one)")
+    ap.add_argument("--baseline-divergence", type=Path, default=None, help="also time OutputDivergence from this file (another revision's)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sensitivity-linears", type=int, default=2, help="linears timed for the sensitivity estimate")
+    ap.add_argument("--fit-sizes", type=int, nargs="+", default=None, help="archive sizes for the predictor fit and NSGA-II (default: 5 spread over the budget's)")
+    ap.add_argument("--predictors", nargs="+", default=[""], metavar="KEY=VALUE[,KEY=VALUE]", help="predictor variants timed side by side in the search step: overrides of the configured predictor (default: it as configured)")
+    ap.add_argument("--search-step-from", type=Path, default=None, help="reuse the predictor/NSGA-II timings of an earlier run's --json (same machine)")
+    ap.add_argument("--calibration-from", type=Path, default=None, help="reuse the model, proxy and calibration measurements of an earlier run's --json and build no model (with --search-step-from too: only the projection is computed)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    device = torch.device(args.device)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train_search", overrides=[*PRESET, *args.overrides])
+    torch.manual_seed(int(cfg.seed))
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    if args.variants is None:
+        args.variants = list(dict.fromkeys(["probs:64", f"{cfg.metric.reference}:{int(cfg.metric.chunk_tokens)}"]))
+    samples = args.samples or list(dict.fromkeys([int(cfg.budget.n_samples), 8]))
+    bits = [int(b) for b in cfg.search.bits]
+    res: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "arch": {"name": args.arch, **ARCHS[args.arch]},
+        "overrides": [*PRESET, *args.overrides],
+        "bits": bits,
+        "group_size": int(cfg.quantizer.group_size),
+    }
+
+    if args.calibration_from:  # earlier measurements of the model's side; no model is built
+        earlier = json.loads(args.calibration_from.read_text())
+        res.update({k: earlier[k] for k in MEASURED_ON_THE_DEVICE if k in earlier}, calibration_from=str(args.calibration_from))
+        space = None if args.search_step_from else shapes_only_space(args.arch, bits, int(cfg.quantizer.group_size))
+    else:
+        space = measure_on_device(cfg, args, device, bits, samples, res)
+
     # the CPU side of an iteration: predictor fit and NSGA-II (the budget's predictor and settings)
-    work = SearchWork(len(bits), int(cfg.budget.n_initial_random), int(cfg.budget.iterations), int(cfg.budget.batch_size), len(layout.linears))
+    work = SearchWork(len(bits), int(cfg.budget.n_initial_random), int(cfg.budget.iterations), int(cfg.budget.batch_size), res["n_linears"])
     if args.search_step_from:
-        res["search_step"] = {**json.loads(args.search_step_from.read_text())["search_step"], "from": str(args.search_step_from)}
+        res["search_step"] = {**search_step_of(json.loads(args.search_step_from.read_text())), "from": str(args.search_step_from)}
     else:
         all_sizes = work.archive_sizes()
         sizes = args.fit_sizes or sorted({all_sizes[round(q * (len(all_sizes) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)})
-        make_predictor, nsga = build(cfg.predictor, "predictor"), build(cfg.search.nsga, "search")
-        res["search_step"] = {"predictor": cfg.predictor._target_, "cpu_threads": torch.get_num_threads(), "by_archive_size": []}
-        for n in sizes:
-            res["search_step"]["by_archive_size"].append(search_step_seconds(space, make_predictor, nsga, n))
-            log.info("search step at %d archived configurations: %s", n, res["search_step"]["by_archive_size"][-1])
-            save(res, args.json)
-    steps = res["search_step"]["by_archive_size"]
-    fit_curve = MeasuredCurve.measured([s["n_points"] for s in steps], [s["fit_s"] for s in steps])
-    nsga_curve = MeasuredCurve.measured([s["n_points"] for s in steps], [s["nsga_s"] for s in steps])
+        res["search_step"] = {"predictor": cfg.predictor._target_, "cpu_threads": torch.get_num_threads(), "variants": {}}
+        for spec in args.predictors:
+            res["search_step"]["variants"][spec or "configured"] = measure_search_step(cfg, space, spec, sizes, res, args.json)
+    curves = {
+        name: tuple(MeasuredCurve.measured([s["n_points"] for s in v["by_archive_size"]], [s[key] for s in v["by_archive_size"]]) for key in ("fit_s", "nsga_s"))
+        for name, v in res["search_step"]["variants"].items()
+    }
 
     res["work"] = {"true_evaluations": work.true_evaluations, "iterations": work.iterations, "sensitivity_evaluations": work.n_linears + 1}
     res["projection"] = {}
@@ -261,14 +284,38 @@ def main() -> None:
         chosen = cal["variants"].get(cal["configured_variant"], {})
         if "true_eval_s" not in chosen:
             continue
-        costs = StageCosts(res["proxy"]["build_s"], chosen["reference_s"], chosen["true_eval_s"], cal["sensitivity"]["per_linear_s"], fit_curve, nsga_curve)
-        res["projection"][f"{cal['n_samples']}x{cal['seq_len']}"] = project(work, costs)
+        res["projection"][f"{cal['n_samples']}x{cal['seq_len']}"] = {
+            name: project(work, StageCosts(res["proxy"]["build_s"], chosen["reference_s"], chosen["true_eval_s"], cal["sensitivity"]["per_linear_s"], fit, nsga))
+            for name, (fit, nsga) in curves.items()
+        }
 
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.calibration_from:
         res["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
     save(res, args.json)
     print(json.dumps(res, indent=2, default=str))
     print(summary(res))
+
+
+def search_step_of(earlier: dict) -> dict:
+    """The search-step timings of an earlier run's JSON (runs before predictor variants had one, unnamed)."""
+    step = earlier["search_step"]
+    if "variants" in step:
+        return step
+    return {**{k: v for k, v in step.items() if k != "by_archive_size"}, "variants": {"configured": {"overrides": {}, "by_archive_size": step["by_archive_size"]}}}
+
+
+def measure_search_step(cfg: DictConfig, space: SearchSpace, spec: str, sizes: list[int], res: dict, path: Path | None) -> dict:
+    """Fit and NSGA-II time of one predictor variant at each archive size, after one warm-up step
+    (CUDA context, solver handles and compiled kernels are set up once per search, not per step)."""
+    overrides = parse_overrides(spec)
+    make_predictor, nsga = build(cfg.predictor, "predictor", **overrides), build(cfg.search.nsga, "search")
+    search_step_seconds(space, make_predictor, nsga, min(sizes))
+    out = {"overrides": overrides, "by_archive_size": []}
+    for n in sizes:
+        out["by_archive_size"].append(search_step_seconds(space, make_predictor, nsga, n))
+        log.info("search step (%s) at %d archived configurations: %s", spec or "configured predictor", n, out["by_archive_size"][-1])
+        save(res, path)
+    return out
 
 
 def save(res: dict, path: Path | None) -> None:
@@ -296,9 +343,13 @@ def summary(res: dict) -> str:
                 lines.append(
                     f"  {name:>12}: true eval {v['true_eval_s']:.3f}s = {v['ratio_to_floor']:.3f}x floor; reference {v['reference_bytes'] / 2**30:.2f} GiB in {v['reference_s']:.2f}s; value {v['value_of_first_config']:.6g}"
                 )
-    for key, proj in res["projection"].items():
-        parts = ", ".join(f"{k[:-2]} {v / 60:.1f}" for k, v in proj.items() if k != "total_s")
-        lines.append(f"projected {res['work']['true_evaluations']}-evaluation search at {key}: {proj['total_s'] / 3600:.2f} h ({parts} min)")
+    for name, v in res["search_step"]["variants"].items():
+        steps = "; ".join(f"{s['n_points']}: fit {s['fit_s']:.2f}s, NSGA-II {s['nsga_s']:.2f}s" for s in v["by_archive_size"])
+        lines.append(f"search step, predictor {name}: {steps}")
+    for key, by_predictor in res["projection"].items():
+        for name, proj in by_predictor.items():
+            parts = ", ".join(f"{k[:-2]} {v / 60:.1f}" for k, v in proj.items() if k != "total_s")
+            lines.append(f"projected {res['work']['true_evaluations']}-evaluation search at {key}, predictor {name}: {proj['total_s'] / 3600:.2f} h ({parts} min)")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ Features are re-derived from each record's per-module `config.bits` (amq.predict
     python scripts/bench_predictors.py --train-run RUN_DIR [--heldout-run RANDOM_RUN_DIR] \
         --sizes 50 250 1000 [--predictors rbf mlp gp 'gp:kernel=rbf,encoding=scaled'] \
         [--timing 2000 10000 --timing-predictors rbf gp]
+    python scripts/bench_predictors.py --timing 1000 4000 --timing-predictors rbf:backend=scipy rbf:backend=torch
 
 `--make-random N` first evaluates N random configurations with the real pipeline
 (`amq.train_search budget.iterations=0 budget.n_initial_random=N`) and uses them as `random`.
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from amq.predictors.accuracy import heldout_scores
+from amq.pipeline import parse_overrides
 from amq.predictors.archive_data import load_archive
 
 
@@ -45,10 +47,7 @@ def make_predictor(spec: str, seed: int):
     """`name` or `name:key=value,key=value`: conf/predictor/<name>.yaml with overrides."""
     name, _, over = spec.partition(":")
     cfg = OmegaConf.load(ROOT / "conf" / "predictor" / f"{name}.yaml")
-    for kv in filter(None, over.split(",")):
-        k, _, v = kv.partition("=")
-        cfg[k] = yaml.safe_load(v)
-    return instantiate(cfg)(seed=seed)
+    return instantiate(cfg, **parse_overrides(over))(seed=seed)
 
 
 def score(spec: str, Xtr: np.ndarray, ytr: np.ndarray, tests: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> dict:
@@ -69,24 +68,35 @@ def make_random_run(n: int, seed: int, out_dir: Path) -> Path:
     return max((out_dir / "search" / "runs").iterdir())
 
 
-def timing_rows(sizes: list[int], genes: int, specs: list[str], seed: int) -> list[str]:
-    """Fit time on synthetic additive data of the paper budget's scale (time does not depend on the values)."""
+def timing_rows(sizes: list[int], genes: int, specs: list[str], seed: int, n_predict: int = 2000) -> list[dict]:
+    """Fit and predict time on synthetic additive data of the paper budget's scale (time does not
+    depend on the values), each spec side by side with the first: time ratio and largest relative
+    difference of the predictions on `n_predict` fresh configurations."""
     rng = np.random.default_rng(seed)
     w = rng.lognormal(size=(genes, 3)) * np.array([1.0, 0.1, 0.001])
-    rows = []
+    levels = np.array([0.0, 0.2, 1.0])
+    print(f"\n| predictor | n | genes | fit s | predict {n_predict} s | fit / first's | predict / first's | max rel. diff to first |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    for spec in specs:  # warm-up: library initialisation (thread pools, GPU context) stays out of the numbers
+        G = rng.integers(0, 3, size=(50, genes))
+        make_predictor(spec, seed).fit(levels[G], w[np.arange(genes), G].sum(1)).predict(levels[G])
+    rows: list[dict] = []
     for n in sizes:
-        G = rng.integers(0, 3, size=(n, genes))
-        X = np.array([0.0, 0.2, 1.0])[G]
-        y = w[np.arange(genes), G].sum(1) * 1e-3
+        G = rng.integers(0, 3, size=(n + n_predict, genes))
+        X, y = levels[G[:n]], w[np.arange(genes), G[:n]].sum(1) * 1e-3
+        first: dict | None = None
         for spec in specs:
             t0 = time.perf_counter()
             p = make_predictor(spec, seed).fit(X, y)
-            fit_s = time.perf_counter() - t0
             t1 = time.perf_counter()
-            p.predict(X[:2000])
-            pred_s = time.perf_counter() - t1
-            rows.append(f"| {spec} | {n} | {genes} | {fit_s:.1f} | {pred_s:.2f} |")
-            print(rows[-1], flush=True)
+            pred = p.predict(levels[G[n:]])
+            row = {"predictor": spec, "n": n, "genes": genes, "fit_s": t1 - t0, "predict_s": time.perf_counter() - t1}
+            first = first or {**row, "pred": pred}
+            row.update(fit_ratio=row["fit_s"] / first["fit_s"], predict_ratio=row["predict_s"] / first["predict_s"],
+                       max_rel_diff=float(np.max(np.abs(pred / first["pred"] - 1))))
+            rows.append(row)
+            print(f"| {spec} | {n} | {genes} | {row['fit_s']:.2f} | {row['predict_s']:.3f} | {row['fit_ratio']:.3f} | "
+                  f"{row['predict_ratio']:.3f} | {row['max_rel_diff']:.1e} |", flush=True)
     return rows
 
 
@@ -96,7 +106,7 @@ def _fmt(x: float | None, nd: int = 3) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train-run", type=Path, required=True, help="run directory whose archive.jsonl is the training pool")
+    ap.add_argument("--train-run", type=Path, default=None, help="run directory whose archive.jsonl is the training pool (needed unless --timing only)")
     ap.add_argument("--heldout-run", type=Path, default=None, help="run directory of random configurations (held out)")
     ap.add_argument("--make-random", type=int, default=0, help="evaluate this many random configurations first")
     ap.add_argument("--sizes", type=int, nargs="+", default=[50, 250, 1000])
@@ -109,6 +119,18 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write all numbers here")
     args = ap.parse_args()
 
+    if args.train_run is None and not args.timing:
+        ap.error("give --train-run (accuracy) or --timing (fit and predict time), or both")
+    print(f"# machine: {platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads", flush=True)
+    out = {"accuracy": accuracy_rows(args) if args.train_run else []}
+    if args.timing:
+        out["timing"] = timing_rows(args.timing, args.timing_genes, args.timing_predictors, args.seed)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+def accuracy_rows(args: argparse.Namespace) -> list[dict]:
+    """Each predictor fitted on the first n records of the training archive, scored on held-out ones."""
     train = load_archive(args.train_run)
     names, y, keys = train.modules, train.metric, train.keys
     lo, hi = float(train.bits.min()), float(train.bits.max())
@@ -123,8 +145,7 @@ def main() -> None:
             raise SystemExit(f"{heldout_run} has different modules than {args.train_run}")
         tests_all["random"] = (held.features(lo, hi), held.metric, held.keys)
 
-    print(f"# train pool {args.train_run} ({len(y)} records, {X.shape[1]} modules); held-out random: {heldout_run}; "
-          f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads default", flush=True)
+    print(f"# train pool {args.train_run} ({len(y)} records, {X.shape[1]} modules); held-out random: {heldout_run}", flush=True)
     lines = ["| n train | predictor | fit s | next: tau | next: rho | next: RMSE | random: tau | random: rho | random: RMSE |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     results = []
@@ -149,11 +170,7 @@ def main() -> None:
             lines.append(line)
             print(line, flush=True)
     print("\n" + "\n".join(lines))
-    if args.timing:
-        print("\n| predictor | n | genes | fit s | predict 2000 s |\n| --- | --- | --- | --- | --- |")
-        timing_rows(args.timing, args.timing_genes, args.timing_predictors, args.seed)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":

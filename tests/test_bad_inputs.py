@@ -70,6 +70,7 @@ CASES = {
     "zero threads": Case(["num_threads=0"], "num_threads"),
     "unknown metric": Case(["metric.kind=mse"], "metric.kind"),
     "bad predictor option": Case(["predictor.target=sqrt"], "predictor.target"),
+    "RBF neighbours without scipy": Case(["predictor=rbf", "predictor.neighbors=50"], "predictor.neighbors"),
     "empty calibration text": Case(
         ["data=c4", "data.path=text", "data.name=null", "data.data_files={train:'{tmp}/calib.txt',validation:'{tmp}/held.txt'}"],
         "data", env={"HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": "{home}/hf"}, setup=empty_calibration_text,

@@ -22,11 +22,11 @@ def _run_bench(tmp_path, device: str) -> dict:
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
         [sys.executable, "scripts/bench_gpu.py", *TINY, "--arch", "tiny", "--device", device, "--samples", "4", "2",
-         "--fit-sizes", "20", "40", "--baseline-divergence", "amq/metrics/divergence.py", "--json", str(out)],
+         "--fit-sizes", "20", "40", "--predictors", "backend=scipy", "backend=torch", "--baseline-divergence", "amq/metrics/divergence.py", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "projected 25-evaluation search at 4x32" in proc.stdout
+    assert "projected 25-evaluation search at 4x32, predictor backend=torch" in proc.stdout
     return json.loads(out.read_text())
 
 
@@ -42,9 +42,13 @@ def _check(res: dict) -> None:
         # three implementations of one metric agree
         assert max(values.values()) - min(values.values()) < 1e-4 * max(values.values())
         assert cal["variants"]["hidden:1024"]["reference_bytes"] < cal["variants"]["probs:64"]["reference_bytes"]
-        proj = res["projection"][f"{n}x32"]
-        assert proj["total_s"] == pytest.approx(sum(v for k, v in proj.items() if k != "total_s"))
-        assert proj["true_evaluations_s"] == pytest.approx(25 * cal["variants"]["hidden:1024"]["true_eval_s"])
+        by_predictor = res["projection"][f"{n}x32"]
+        assert set(by_predictor) == {"backend=scipy", "backend=torch"}  # the RBF's two backends, side by side
+        for proj in by_predictor.values():
+            assert proj["total_s"] == pytest.approx(sum(v for k, v in proj.items() if k != "total_s"))
+            assert proj["true_evaluations_s"] == pytest.approx(25 * cal["variants"]["hidden:1024"]["true_eval_s"])
+    for v in res["search_step"]["variants"].values():
+        assert [s["n_points"] for s in v["by_archive_size"]] == [20, 40] and all(s["fit_s"] > 0 and s["nsga_s"] > 0 for s in v["by_archive_size"])
 
 
 def test_bench_gpu_runs_end_to_end_on_cpu(tmp_path):

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from amq.devices import resolve_device
 from amq.errors import ConfigError
 from amq.hub import hub_reachable, offline_mode
 from amq.io import file_lock
@@ -48,14 +49,6 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ConfigError("model.dtype", f"unknown dtype {dtype!r}", ", ".join(_DTYPES))
     return _DTYPES[dtype]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("model.device", f"{device!r} requested but no CUDA device is available", "auto, cpu")
-    return torch.device(device)
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -107,7 +100,7 @@ class HFModel:
     trust_remote_code: bool = False
 
     def load(self, cache_dir: str | Path) -> LoadedModel:
-        dtype, device = resolve_dtype(self.dtype), resolve_device(self.device)
+        dtype, device = resolve_dtype(self.dtype), resolve_device(self.device, "model.device")
         local = Path(self.name_or_path).expanduser()
         looks_local = self.name_or_path.startswith((".", "/", "~")) or local.exists()
         if looks_local and not (local / "config.json").is_file():
@@ -220,7 +213,7 @@ class EmbeddedGGUF:
 
     def load(self, cache_dir: str | Path) -> LoadedModel:
         cache_dir = Path(cache_dir)
-        dtype, device = resolve_dtype(self.dtype), resolve_device(self.device)
+        dtype, device = resolve_dtype(self.dtype), resolve_device(self.device, "model.device")
         gguf = self._gguf_path(cache_dir)
         sha = file_sha256(gguf)[:16]
         out_dir = cache_dir / "models" / f"{self.name}-{sha}"
