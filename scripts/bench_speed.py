@@ -62,9 +62,8 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train_search", overrides=["logger=none", *args.overrides])
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    wb = prepare(cfg)  # sets the thread count: describe the device after it
     res: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads", "overrides": args.overrides}
-
-    wb = prepare(cfg)
     model, bank, layout = wb.lm.model, wb.bank, wb.layout
     sync = synchronizer(device)
     res["model"] = wb.lm.name
