@@ -10,7 +10,7 @@ over the iterations by interpolating between those measurements.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -32,6 +32,11 @@ class MeasuredCurve:
         order = np.argsort(sizes)
         return cls(tuple(float(sizes[i]) for i in order), tuple(max(float(seconds[i]), 1e-9) for i in order))
 
+    @classmethod
+    def from_steps(cls, steps: Sequence[Mapping[str, float]], key: str) -> "MeasuredCurve":
+        """From `amq.timing.search_step_seconds` results: `key` ("fit_s" or "nsga_s") against "n_points"."""
+        return cls.measured([int(s["n_points"]) for s in steps], [float(s[key]) for s in steps])
+
     def __call__(self, n: float) -> float:
         return float(np.exp(np.interp(np.log(n), np.log(self.sizes), np.log(self.seconds))))
 
@@ -45,6 +50,11 @@ class SearchWork:
     iterations: int
     batch_size: int
     n_linears: int
+
+    @classmethod
+    def from_budget(cls, budget: Any, n_uniform: int, n_linears: int) -> "SearchWork":
+        """The amounts of a budget config node (conf/budget/*.yaml)."""
+        return cls(n_uniform, int(budget.n_initial_random), int(budget.iterations), int(budget.batch_size), n_linears)
 
     @property
     def initial_design(self) -> int:

@@ -264,7 +264,7 @@ def main() -> None:
         space = measure_on_device(cfg, args, device, bits, samples, res)
 
     # the CPU side of an iteration: predictor fit and NSGA-II (the budget's predictor and settings)
-    work = SearchWork(len(bits), int(cfg.budget.n_initial_random), int(cfg.budget.iterations), int(cfg.budget.batch_size), res["n_linears"])
+    work = SearchWork.from_budget(cfg.budget, len(bits), res["n_linears"])
     if args.search_step_from:
         res["search_step"] = {**search_step_of(json.loads(args.search_step_from.read_text())), "from": str(args.search_step_from)}
     else:
@@ -274,7 +274,7 @@ def main() -> None:
         for spec in args.predictors:
             res["search_step"]["variants"][spec or "configured"] = measure_search_step(cfg, space, spec, sizes, res, args.json)
     curves = {
-        name: tuple(MeasuredCurve.measured([s["n_points"] for s in v["by_archive_size"]], [s[key] for s in v["by_archive_size"]]) for key in ("fit_s", "nsga_s"))
+        name: tuple(MeasuredCurve.from_steps(v["by_archive_size"], key) for key in ("fit_s", "nsga_s"))
         for name, v in res["search_step"]["variants"].items()
     }
 

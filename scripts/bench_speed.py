@@ -134,7 +134,7 @@ def project_preset(
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         pcfg = compose(config_name="train_search", overrides=["logger=none", *overrides, f"budget={budget}"])
     b = pcfg.budget
-    work = SearchWork(n_uniform, int(b.n_initial_random), int(b.iterations), int(b.batch_size), n_linears)
+    work = SearchWork.from_budget(b, n_uniform, n_linears)
     sizes = work.archive_sizes() or [work.initial_design]
     timed = sorted({min(n, max_fit) for n in (sizes[0], sizes[len(sizes) // 2], sizes[-1])})
     steps = [search_step_seconds(space, build(pcfg.predictor, "predictor"), build(pcfg.search.nsga, "search"), n) for n in timed]
@@ -144,8 +144,8 @@ def project_preset(
         reference_s=res["forward_floor_s"] * tokens / eval_tokens,
         true_eval_s=res["true_eval_compiled_s" if pcfg.metric.compile else "true_eval_eager_s"] * tokens / eval_tokens,
         sensitivity_eval_s=res["sensitivity_s"]["per_linear"] * int(b.sensitivity_samples) * int(b.seq_len) / sensitivity_tokens,
-        predictor_fit=MeasuredCurve.measured([s["n_points"] for s in steps], [s["fit_s"] for s in steps]),
-        nsga_iteration=MeasuredCurve.measured([s["n_points"] for s in steps], [s["nsga_s"] for s in steps]),
+        predictor_fit=MeasuredCurve.from_steps(steps, "fit_s"),
+        nsga_iteration=MeasuredCurve.from_steps(steps, "nsga_s"),
     )
     log.info("projected %s budget: %d true evaluations of %d x %d tokens", budget, work.true_evaluations, int(b.n_samples), int(b.seq_len))
     return {"true_evaluations": work.true_evaluations, "calibration": [int(b.n_samples), int(b.seq_len)], "fit_timed_at": timed, **project(work, costs)}

@@ -38,6 +38,14 @@ def run_cli(args: list[str], out_dir: Path, timeout: int = 600, env_extra: dict 
     )
 
 
+def run_script(script: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run one of scripts/ as its docstring shows, with W&B off."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, f"scripts/{script}", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
 def run_dirs(out_dir: Path) -> list[Path]:
     base = out_dir / "search" / "runs"
     return sorted(p for p in base.iterdir() if p.is_dir()) if base.exists() else []

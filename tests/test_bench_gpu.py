@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from amq.cost_model import MeasuredCurve, SearchWork, StageCosts, project
-from conftest import ROOT
+from conftest import run_script
 
 TINY = [
     "budget.seq_len=32", "budget.n_initial_random=10", "budget.iterations=3", "budget.batch_size=4",
@@ -20,10 +18,10 @@ TINY = [
 
 def _run_bench(tmp_path, device: str) -> dict:
     out = tmp_path / "gpu.json"
-    proc = subprocess.run(
-        [sys.executable, "scripts/bench_gpu.py", *TINY, "--arch", "tiny", "--device", device, "--samples", "4", "2",
-         "--fit-sizes", "20", "40", "--predictors", "backend=scipy", "backend=torch", "--baseline-divergence", "amq/metrics/divergence.py", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    proc = run_script(
+        "bench_gpu.py",
+        [*TINY, "--arch", "tiny", "--device", device, "--samples", "4", "2", "--fit-sizes", "20", "40",
+         "--predictors", "backend=scipy", "backend=torch", "--baseline-divergence", "amq/metrics/divergence.py", "--json", str(out)],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "projected 25-evaluation search at 4x32, predictor backend=torch" in proc.stdout

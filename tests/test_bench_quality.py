@@ -3,13 +3,10 @@ spends at most the search's true evaluations, and reports bits, JSD and held-out
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, SMOKE
+from conftest import SMOKE, run_script
 
 METHODS = ["amq", "amq, no pruning", "amq, no predictor", "random", "greedy", "knapsack", "uniform"]
 
@@ -18,10 +15,9 @@ METHODS = ["amq", "amq, no pruning", "amq, no predictor", "random", "greedy", "k
 @pytest.mark.heavy
 def test_bench_quality_smoke(tmp_path):
     out = tmp_path / "bench"
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "scripts/bench_quality.py", *SMOKE, "budget.iterations=1", "--seeds", "0", "--ppl-window", "128", "--ppl-windows", "2", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400,  # minutes alone; far longer on busy cores
+    proc = run_script(
+        "bench_quality.py", [*SMOKE, "budget.iterations=1", "--seeds", "0", "--ppl-window", "128", "--ppl-windows", "2", "--out", str(out)],
+        timeout=2400,  # minutes alone; far longer on busy cores
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())

@@ -2,23 +2,18 @@
 and the end-to-end projection of a preset adds up from them."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, SMOKE
+from conftest import SMOKE, run_script
 
 
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_bench_speed_smoke(tmp_path):
     out = tmp_path / "speed.json"
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "scripts/bench_speed.py", *SMOKE, "--repeats", "1", "--sensitivity-linears", "2", "--budgets", "smoke", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400,
+    proc = run_script(
+        "bench_speed.py", [*SMOKE, "--repeats", "1", "--sensitivity-linears", "2", "--budgets", "smoke", "--json", str(out)], timeout=2400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
