@@ -30,7 +30,7 @@ from torch import nn
 
 from amq.errors import ConfigError
 from amq.finalize.calibration import InputStats, quantize_calibrated
-from amq.finalize.grid import from_codes, grouped, minmax_grid, round_to_nearest, to_codes
+from amq.finalize.grid import from_codes, grouped, round_to_nearest, search_shrink, shrink_ratios
 from amq.finalize.packed import GroupQuant
 from amq.modeling.discovery import ModelLayout
 
@@ -98,17 +98,10 @@ def clip_ratios(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, n_
     A group's own error is e H_gg e^T with H_gg the group's diagonal block of H (cross-group terms
     are left out, as in the reference's per-group clipping search).
     """
-    out_f, in_f = W.shape
-    n_groups = in_f // group_size
-    Wg = grouped(W, group_size)  # (out, groups, G)
+    n_groups = W.shape[1] // group_size
     Hb = H.reshape(n_groups, group_size, n_groups, group_size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (groups, G, G)
-    best_err = torch.full((out_f, n_groups), float("inf"), device=W.device)
-    best = torch.ones(out_f, n_groups, device=W.device)
-    for r in torch.linspace(1.0, max_shrink, n_grid).tolist():
-        scale, zero = minmax_grid(Wg, bits, r)
-        e = (from_codes(to_codes(Wg, scale, zero, bits), scale, zero) - Wg).transpose(0, 1)  # (groups, out, G)
-        err = (torch.bmm(e, Hb) * e).sum(-1).transpose(0, 1)  # (out, groups)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, r), best)
-    return best
+
+    def group_output_error(e: torch.Tensor) -> torch.Tensor:  # (C, out, groups, G) -> (C, out, groups)
+        return (torch.einsum("...gi,gij->...gj", e, Hb) * e).sum(-1)
+
+    return search_shrink(grouped(W, group_size), bits, shrink_ratios(n_grid, max_shrink), group_output_error)

@@ -8,8 +8,15 @@ Columns are processed in blocks with lazy batch updates; a group's min-max scale
 fixed when the column block holding the group's first column comes up (from the weights as
 updated by the earlier blocks, as in the reference), and `act_order` visits columns by
 decreasing Hessian diagonal while groups stay contiguous in the original order (so the packed
-format needs no column permutation). Blocks are walked in order and each block sees the quantized outputs of the
-previous one (`amq.finalize.calibration`).
+format needs no column permutation). With `clip_search` a group's range is not plain min-max but
+the narrowing, among `clip_grid` factors from 1.0 down to `clip_max_shrink`, with the least
+sum |w - q(w)|^clip_norm per row (the reference's `mse` option; `amq.finalize.grid.ClipSearch`).
+With `clip_weighted` column j's term is weighted by 1 / [H_F^-1]_jj (F: the columns not yet
+quantized when j is; the squared diagonal of GPTQ's Cholesky factor), the loss GPTQ's Optimal
+Brain Surgeon step incurs per squared rounding error of that column, instead of counting every
+column alike.
+Blocks are walked in order and each block sees the quantized outputs of the previous one
+(`amq.finalize.calibration`).
 
 Why not a library: on this stack (CPU, torch 2.13, transformers 5.23) none installs and runs.
 llm-compressor 0.14 pins transformers <= 5.17; gptqmodel 7.x needs torch >= 2.14.1 and is a
@@ -29,18 +36,30 @@ from torch import nn
 
 from amq.errors import ConfigError
 from amq.finalize.calibration import InputStats, quantize_calibrated
-from amq.finalize.grid import minmax_grid
+from amq.finalize.grid import ClipSearch, minmax_grid
 from amq.finalize.packed import GroupQuant
 from amq.modeling.discovery import ModelLayout
 
 
 @dataclass(frozen=True)
 class GPTQFinalizer:
-    """GPTQ with per-layer bits; `damp` is the dampening as a fraction of the mean Hessian diagonal."""
+    """GPTQ with per-layer bits; `damp` is the dampening as a fraction of the mean Hessian diagonal.
+
+    `clip_search` picks each group's range among `clip_grid` factors of its min-max range, evenly
+    spaced from 1.0 down to `clip_max_shrink`, by the least sum |w - q(w)|^clip_norm per row. The
+    reference's `mse` option (grid 100, maxshrink 0.8, norm 2.4) tries the factors 1.00, 0.99,
+    ..., 0.21: here `clip_grid=81, clip_max_shrink=0.2`. `clip_weighted` weights each column's
+    term by GPTQ's loss per unit of its rounding error (see the module docstring).
+    """
 
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
+    clip_search: bool = True
+    clip_grid: int = 81
+    clip_max_shrink: float = 0.2
+    clip_norm: float = 2.4
+    clip_weighted: bool = False
     sequential: bool = True
     batch_size: int = 8
     name: str = "gptq"
@@ -51,6 +70,15 @@ class GPTQFinalizer:
             raise ConfigError("finalizer.damp", f"{self.damp}", "a fraction of the mean Hessian diagonal, 0 < damp < 1 (the reference uses 0.01)")
         if self.block_size < 1 or self.batch_size < 1:
             raise ConfigError("finalizer", f"block_size={self.block_size}, batch_size={self.batch_size}", "positive integers")
+        if self.clip_grid < 2:
+            raise ConfigError("finalizer.clip_grid", f"{self.clip_grid}", "an integer >= 2: range factors tried from 1.0 down to clip_max_shrink (81: steps of 0.01 as in the reference)")
+        if not 0.0 < self.clip_max_shrink <= 1.0:
+            raise ConfigError("finalizer.clip_max_shrink", f"{self.clip_max_shrink}", "the smallest range factor tried, 0 < clip_max_shrink <= 1 (0.2 as in the reference)")
+        if not 0.0 < self.clip_norm <= 8.0:  # larger exponents underflow float32 on small errors
+            raise ConfigError("finalizer.clip_norm", f"{self.clip_norm}", "the exponent p of sum |w - q(w)|^p, 0 < clip_norm <= 8 (the reference uses 2.4)")
+
+    def clip(self) -> ClipSearch | None:
+        return ClipSearch(self.clip_grid, self.clip_max_shrink, self.clip_norm) if self.clip_search else None
 
     def quantize(
         self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int, calib: torch.Tensor | None
@@ -58,7 +86,7 @@ class GPTQFinalizer:
         return quantize_calibrated(self, model, layout, bits, group_size, calib)
 
     def quantize_stage(self, weights: list[torch.Tensor], bits: list[int], group_size: int, stats: InputStats) -> list[GroupQuant]:
-        return gptq_quantize(weights, stats.hessian(), bits, group_size, self.damp, self.block_size, self.act_order)
+        return gptq_quantize(weights, stats.hessian(), bits, group_size, self.damp, self.block_size, self.act_order, self.clip(), self.clip_weighted)
 
 
 def gptq_quantize(
@@ -69,11 +97,15 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = True,
+    clip: ClipSearch | None = None,
+    clip_weighted: bool = False,
 ) -> list[GroupQuant]:
     """GPTQ of (out_i, in) weights that read the same inputs, given H (in, in) of those inputs.
 
     GPTQ treats every output row independently under the same H, so linears sharing an input
     (q/k/v, gate/up) are stacked and solved in one pass, each row with its own layer's width.
+    A group's grid is plain min-max, or the range `clip` finds (weighting each column's error by
+    1 / [H_F^-1]_jj with `clip_weighted`).
     """
     rows = [w.shape[0] for w in weights]
     W = torch.cat([w.detach().float() for w in weights]).clone()
@@ -102,7 +134,12 @@ def gptq_quantize(
         i2 = min(i1 + block_size, in_f)
         for g in dict.fromkeys(group_of[i1:i2]):  # grids of the groups starting in this block, from
             if not ready[g]:  # the weights as updated so far (the reference's timing)
-                scale[:, g], zero[:, g] = minmax_grid(W[:, position[g * group_size : (g + 1) * group_size]], row_bits)
+                members = position[g * group_size : (g + 1) * group_size]
+                if clip is None:
+                    scale[:, g], zero[:, g] = minmax_grid(W[:, members], row_bits)
+                else:
+                    loss_per_error = Hinv.diagonal()[members].pow(-2) if clip_weighted else None
+                    scale[:, g], zero[:, g] = clip.grid(W[:, members], row_bits, loss_per_error)
                 ready[g] = True
         cols = torch.tensor(group_of[i1:i2], device=W.device)
         S1, Z1 = scale[:, cols], zero[:, cols]
