@@ -54,7 +54,12 @@ def main() -> None:
     bits = {li.name: args.bits for li in layout.linears}
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}", "shape": "Llama-2-7B", **vars(args)}
     res.pop("json")
-    for fz in (GPTQFinalizer(batch_size=args.batch_size), AWQFinalizer(batch_size=args.batch_size)):
+    finalizers = {  # GPTQ as configured (with its range search) and with plain min-max grids
+        "gptq": GPTQFinalizer(batch_size=args.batch_size),
+        "gptq_minmax": GPTQFinalizer(batch_size=args.batch_size, clip_search=False),
+        "awq": AWQFinalizer(batch_size=args.batch_size),
+    }
+    for label, fz in finalizers.items():
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -62,8 +67,8 @@ def main() -> None:
         fz.quantize(model, layout, bits, args.group_size, calib)
         if device.type == "cuda":
             torch.cuda.synchronize()
-            res[f"{fz.name}_peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        res[f"{fz.name}_s_per_block"] = round((time.perf_counter() - t0) / args.layers, 2)
+            res[f"{label}_peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        res[f"{label}_s_per_block"] = round((time.perf_counter() - t0) / args.layers, 2)
     print(json.dumps(res, indent=2))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")

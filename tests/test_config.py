@@ -102,7 +102,8 @@ def test_eval_cache_options(compose_cfg, cache, cls, tmp_path):
     [[], ["model=gemma3_270m"], ["model=hf", "model.source.name_or_path=x"], ["experiment=paper_llama2_7b"], ["experiment=paper_mistral_7b"],
      ["experiment=paper_qwen25_7b"], ["metric=kl"], ["predictor=rbf"], ["predictor=mlp"], ["search=amq_fused"], ["budget=paper"],
      ["data=c4"], ["data=wikitext2"], ["logger=none"], ["eval_cache=none"], ["+sweep=seeds"], ["+sweep=budget_scaling"],
-     ["+model.source.revision=main", "model=hf", "model.source.name_or_path=x"], ["model.bits_window=null"]],
+     ["+model.source.revision=main", "model=hf", "model.source.name_or_path=x"], ["model.bits_window=null"],
+     ["finalizer=gptq"], ["finalizer=awq"], ["finalizer=gptq", "finalizer.clip_search=false", "finalizer.clip_norm=2", "finalizer.clip_weighted=true"]],
     ids=lambda o: " ".join(o) or "defaults",
 )
 def test_every_shipped_setting_passes_the_settings_check(compose_cfg, overrides):
@@ -119,3 +120,10 @@ def test_settings_check_refuses_unknown_keys_and_wrong_types(compose_cfg, overri
     with pytest.raises(ConfigError) as info:
         check_settings(compose_cfg([override]), CONF)
     assert info.value.setting == setting and "valid:" in str(info.value)
+
+
+@pytest.mark.parametrize("override", ["finalizer.clip_grid=many", "finalizer.clip_search=3", "+finalizer.clip_serach=true"])
+def test_settings_check_covers_the_gptq_range_search(compose_cfg, override):
+    with pytest.raises(ConfigError) as info:
+        check_settings(compose_cfg(["finalizer=gptq", override]), CONF)
+    assert info.value.setting == override.lstrip("+").split("=")[0]

@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from amq.data.tokens import CalibrationSpec, calibration_windows
 from amq.errors import ConfigError
-from amq.finalize.calibration import capture_block_calls
-from amq.finalize.grid import rtn_quant
+from amq.finalize.awq import output_error
+from amq.finalize.calibration import InputStats, capture_block_calls
+from amq.finalize.grid import ClipSearch, from_codes, grouped, lp_error, minmax_grid, rtn_quant, search_shrink, shrink_ratios, to_codes
 from amq.finalize.hqq_final import HQQFinalizer
 from amq.finalize.packed import GroupQuant, PackedLinear, pack_codes, packed_bytes, replace_linears, unpack_codes
 from amq.modeling.discovery import discover_layout, find_decoder_blocks
@@ -209,6 +210,69 @@ def test_awq_model_exports_and_reloads_with_identical_outputs(smollm2, tmp_path:
         assert torch.equal(reloaded(input_ids=calib[:2]).logits, packed(input_ids=calib[:2]).logits)
 
 
+# ---------------------------------------------------------------- range (clipping) search
+def _stacked_qkv(lm, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block `block`'s q/k/v weights stacked as GPTQ solves them, grouped (out, groups, G), with
+    mixed widths per row (q and v at 3 bits, k at 4) as a mixed configuration gives them."""
+    attn = lm.model.model.layers[block].self_attn
+    ws = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    bits = torch.cat([torch.full((w.shape[0],), b) for w, b in zip(ws, (3, 4, 3))])
+    return grouped(torch.cat(ws).float(), GROUP), bits[:, None]
+
+
+@pytest.mark.parametrize("norm, weighted", [(2.4, False), (2.0, True)])
+def test_range_search_never_rounds_worse_than_min_max(smollm2, norm, weighted):
+    lm = smollm2[0]
+    w, bits = _stacked_qkv(lm, block=2)
+    col_weight = torch.linspace(0.1, 3.0, GROUP) if weighted else None  # e.g. GPTQ's loss per squared error
+
+    def error(scale, zero):
+        codes = to_codes(w, scale, zero, bits)
+        assert int(codes.min()) >= 0 and bool((codes <= 2**bits[..., None] - 1).all())
+        return lp_error(from_codes(codes, scale, zero) - w, norm, col_weight)
+
+    plain = error(*minmax_grid(w, bits))
+    searched = error(*ClipSearch(81, 0.2, norm).grid(w, bits, col_weight))
+    assert bool((searched <= plain * (1 + 1e-6)).all())  # 1.0 is a candidate: never worse, row by row
+    assert float(searched.sum()) < 0.95 * float(plain.sum())  # and on real weights clipping pays
+    ratios = search_shrink(w, bits, shrink_ratios(81, 0.2), lambda e: lp_error(e, norm, col_weight))
+    assert float(ratios.min()) >= 0.2 - 1e-6 and float(ratios.max()) == 1.0
+    # scoring the candidates a few at a time chooses the same factors as scoring all at once
+    few = search_shrink(w, bits, shrink_ratios(81, 0.2), lambda e: lp_error(e, norm, col_weight), max_elements=3 * w.numel())
+    assert torch.equal(few, ratios)
+
+
+def test_gptq_range_search_lowers_the_output_error_of_every_stage_at_3_bits(smollm2):
+    """Each stage of a middle block (q/k/v, o, gate/up, down) on its real calibration inputs.
+
+    Measured (scripts/bench_finalizers.py, docs/benchmarks.md): the search lowers held-out
+    perplexity at 3 and 4 bits, but not every layer's own output error: at 4 bits and in block 0
+    some stages come out up to a few percent worse, so the test pins 3 bits on block 15.
+    """
+    lm, _, calib, compose_cfg = smollm2
+    block = lm.model.model.layers[15]
+    stages = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
+    stats = {s[0]: InputStats.empty(block.get_submodule(s[0]).in_features, calib.device) for s in stages}
+    hooks = [block.get_submodule(n).register_forward_hook(lambda m, a, o, st=st: st.add(a[0])) for n, st in stats.items()]
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=calib, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    searched = _finalizer(compose_cfg, "gptq", "finalizer.clip_search=true")
+    plain = _finalizer(compose_cfg, "gptq", "finalizer.clip_search=false")
+    for stage in stages:
+        weights, H = [block.get_submodule(n).weight for n in stage], stats[stage[0]].hessian()
+        W = torch.cat(weights).float()
+        err = {}
+        for name, f in (("searched", searched), ("plain", plain)):
+            quants = f.quantize_stage(weights, [3] * len(weights), GROUP, stats[stage[0]])
+            assert all(int(q.codes.max()) <= 7 for q in quants)
+            err[name] = output_error(torch.cat([q.dequantize() for q in quants]) - W, H)  # ||X W^T - X Q^T||^2 * 2 / n
+        assert err["searched"] < 0.98 * err["plain"], (stage, err)
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_inputs_are_clear_config_errors(smollm2):
     lm, layout, calib, compose_cfg = smollm2
@@ -228,6 +292,16 @@ def test_bad_inputs_are_clear_config_errors(smollm2):
         _finalizer(compose_cfg, "gptq", "finalizer.damp=0")
     with pytest.raises(ConfigError, match="finalizer.n_grid"):
         _finalizer(compose_cfg, "awq", "finalizer.n_grid=1")
+
+
+@pytest.mark.parametrize(
+    "override", ["finalizer.clip_grid=1", "finalizer.clip_max_shrink=0", "finalizer.clip_max_shrink=1.5", "finalizer.clip_norm=0", "finalizer.clip_norm=9"]
+)
+def test_bad_range_search_settings_are_config_errors(compose_cfg, override):
+    setting = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{setting}: .*\(valid: ") as info:
+        _finalizer(compose_cfg, "gptq", override)
+    assert info.value.setting == setting
 
 
 # ---------------------------------------------------------------- another architecture

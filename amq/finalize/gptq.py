@@ -10,11 +10,11 @@ updated by the earlier blocks, as in the reference), and `act_order` visits colu
 decreasing Hessian diagonal while groups stay contiguous in the original order (so the packed
 format needs no column permutation). With `clip_search` a group's range is not plain min-max but
 the narrowing, among `clip_grid` factors from 1.0 down to `clip_max_shrink`, with the least
-sum |w - q(w)|^clip_norm per row (the reference's `mse` option; `amq.finalize.grid.ClipSearch`).
-With `clip_weighted` column j's term is weighted by 1 / [H_F^-1]_jj (F: the columns not yet
+sum_j c_j |w_j - q(w_j)|^clip_norm per row (`amq.finalize.grid.ClipSearch`). c_j = 1 is the
+reference's `mse` option; with `clip_weighted`, c_j = 1 / [H_F^-1]_jj (F: the columns not yet
 quantized when j is; the squared diagonal of GPTQ's Cholesky factor), the loss GPTQ's Optimal
-Brain Surgeon step incurs per squared rounding error of that column, instead of counting every
-column alike.
+Brain Surgeon step incurs per squared rounding error of column j, so that columns whose errors
+GPTQ cannot compensate count more.
 Blocks are walked in order and each block sees the quantized outputs of the previous one
 (`amq.finalize.calibration`).
 
@@ -48,8 +48,11 @@ class GPTQFinalizer:
     `clip_search` picks each group's range among `clip_grid` factors of its min-max range, evenly
     spaced from 1.0 down to `clip_max_shrink`, by the least sum |w - q(w)|^clip_norm per row. The
     reference's `mse` option (grid 100, maxshrink 0.8, norm 2.4) tries the factors 1.00, 0.99,
-    ..., 0.21: here `clip_grid=81, clip_max_shrink=0.2`. `clip_weighted` weights each column's
-    term by GPTQ's loss per unit of its rounding error (see the module docstring).
+    ..., 0.21: here `clip_grid=81, clip_max_shrink=0.2, clip_norm=2.4, clip_weighted=false`.
+    `clip_weighted` weights each column's term by GPTQ's loss per squared rounding error of that
+    column (see the module docstring); with `clip_norm=2` (the default) a factor is then scored by
+    the loss GPTQ's own update rule assigns its rounding errors. The defaults were measured best of
+    the three on SmolLM2 (docs/benchmarks.md, "Final quantizers").
     """
 
     damp: float = 0.01
@@ -58,8 +61,8 @@ class GPTQFinalizer:
     clip_search: bool = True
     clip_grid: int = 81
     clip_max_shrink: float = 0.2
-    clip_norm: float = 2.4
-    clip_weighted: bool = False
+    clip_norm: float = 2.0
+    clip_weighted: bool = True
     sequential: bool = True
     batch_size: int = 8
     name: str = "gptq"

@@ -21,6 +21,8 @@ import torch
 from amq.finalize.packed import GroupQuant
 
 MIN_SCALE = 2.0**-20  # keeps 1/scale finite once the scale is rounded to float16
+CPU_CHUNK = 2**18  # weight copies a range search scores at once on a CPU: stays in a core's cache
+GPU_CHUNK = 2**24  # on an accelerator: few, large kernels (64 MiB per float32 intermediate)
 
 
 def minmax_grid(w: torch.Tensor, bits: int | torch.Tensor, shrink: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,13 +44,15 @@ def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
 
     `bits` may be a tensor of one width per row (broadcast against the rows).
     """
-    codes = torch.round(w / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp_(min=0)
+    codes = torch.div(w, scale.unsqueeze(-1)).add_(zero.unsqueeze(-1)).round_().clamp_(min=0)
     maxq = 2**bits - 1
     return torch.minimum(codes, maxq.unsqueeze(-1)) if isinstance(maxq, torch.Tensor) else codes.clamp_(max=maxq)
 
 
-def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return (codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """The values of float `codes` (..., G); `inplace` overwrites the codes (saves a copy in searches)."""
+    out = codes if inplace else codes.clone()
+    return out.sub_(zero.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
 
 
 def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -88,24 +92,26 @@ def search_shrink(
     bits: int | torch.Tensor,
     ratios: torch.Tensor,
     error: Callable[[torch.Tensor], torch.Tensor],
-    max_elements: int = 2**18,
+    max_elements: int | None = None,
 ) -> torch.Tensor:
     """Per row of `w` (..., G), the range factor among `ratios` whose grid rounds the row with the least `error`.
 
     `error` maps rounding errors (C, ..., G) of C candidates to scores (C, ...). Candidates are
-    scored together, `max_elements` weight copies at a time (at least one candidate). Ties keep
-    the earlier candidate, so with `ratios[0] == 1.0` a row is clipped only where that strictly
-    lowers its error, and the search never does worse than plain min-max.
+    scored together, `max_elements` weight copies at a time (at least one candidate; by default
+    `CPU_CHUNK` or `GPU_CHUNK` after the device of `w`). Ties keep the earlier candidate, so with
+    `ratios[0] == 1.0` a row is clipped only where that strictly lowers its error, and the search
+    never does worse than plain min-max.
     """
     ratios = ratios.to(device=w.device, dtype=w.dtype)
     rows = w.shape[:-1]
+    max_elements = max_elements or (CPU_CHUNK if w.device.type == "cpu" else GPU_CHUNK)
     chunk = max(1, max_elements // max(1, w.numel()))
     best_err = torch.full(rows, float("inf"), device=w.device)
     best = torch.ones(rows, device=w.device, dtype=w.dtype)
     for c0 in range(0, len(ratios), chunk):
         r = ratios[c0 : c0 + chunk].view(-1, *([1] * len(rows)))  # (C, 1, ...) against the rows
         scale, zero = minmax_grid(w, bits, r)  # (C, ...)
-        err = error(from_codes(to_codes(w, scale, zero, bits), scale, zero) - w)
+        err = error(from_codes(to_codes(w, scale, zero, bits), scale, zero, inplace=True).sub_(w))
         err, i = err.min(dim=0)  # the first minimum among this chunk's candidates
         better = err < best_err
         best_err = torch.where(better, err, best_err)
