@@ -46,13 +46,14 @@ class GPTQFinalizer:
     """GPTQ with per-layer bits; `damp` is the dampening as a fraction of the mean Hessian diagonal.
 
     `clip_search` picks each group's range among `clip_grid` factors of its min-max range, evenly
-    spaced from 1.0 down to `clip_max_shrink`, by the least sum |w - q(w)|^clip_norm per row. The
-    reference's `mse` option (grid 100, maxshrink 0.8, norm 2.4) tries the factors 1.00, 0.99,
-    ..., 0.21: here `clip_grid=81, clip_max_shrink=0.2, clip_norm=2.4, clip_weighted=false`.
-    `clip_weighted` weights each column's term by GPTQ's loss per squared rounding error of that
-    column (see the module docstring); with `clip_norm=2` (the default) a factor is then scored by
-    the loss GPTQ's own update rule assigns its rounding errors. The defaults were measured best of
-    the three on SmolLM2 (docs/benchmarks.md, "Final quantizers").
+    spaced from 1.0 down to `clip_max_shrink`, by the least sum_j c_j |w_j - q(w_j)|^clip_norm per
+    row. The reference's `mse` option (grid 100, maxshrink 0.8, norm 2.4, c_j = 1) tries the
+    factors 1.00, 0.99, ..., 0.21: here `clip_grid=81, clip_max_shrink=0.2, clip_norm=2.4,
+    clip_weighted=false`. `clip_weighted` sets c_j to GPTQ's loss per squared rounding error of
+    column j (see the module docstring), so with `clip_norm=2` (the default) a factor is scored by
+    the loss GPTQ's own update rule assigns its rounding errors. The defaults measured best of
+    min-max, the reference's search and this one on SmolLM2 (docs/benchmarks.md, "Final
+    quantizers").
     """
 
     damp: float = 0.01
@@ -76,7 +77,7 @@ class GPTQFinalizer:
         if self.clip_grid < 2:
             raise ConfigError("finalizer.clip_grid", f"{self.clip_grid}", "an integer >= 2: range factors tried from 1.0 down to clip_max_shrink (81: steps of 0.01 as in the reference)")
         if not 0.0 < self.clip_max_shrink <= 1.0:
-            raise ConfigError("finalizer.clip_max_shrink", f"{self.clip_max_shrink}", "the smallest range factor tried, 0 < clip_max_shrink <= 1 (0.2 as in the reference)")
+            raise ConfigError("finalizer.clip_max_shrink", f"{self.clip_max_shrink}", "the smallest range factor tried, 0 < clip_max_shrink <= 1 (the reference reaches 0.21)")
         if not 0.0 < self.clip_norm <= 8.0:  # larger exponents underflow float32 on small errors
             raise ConfigError("finalizer.clip_norm", f"{self.clip_norm}", "the exponent p of sum |w - q(w)|^p, 0 < clip_norm <= 8 (the reference uses 2.4)")
 
