@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from amq.bits import BitConfig, average_bits, meta_overhead
-from amq.errors import ConfigError
 from amq.evaluation.report import fidelity, write_report
 from amq.evaluation.suite import EvalSuite
 from amq.finalize import llamacpp
@@ -32,7 +31,6 @@ from amq.finalize.selection import Candidate, front_extras, read_candidates, sel
 from amq.io import atomic_write_json, atomic_write_text
 from amq.modeling.discovery import ModelLayout
 from amq.modeling.loading import LoadedModel
-from amq.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
