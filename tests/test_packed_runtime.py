@@ -59,15 +59,34 @@ def test_unknown_runtime_is_a_config_error(model_dir):
         load_quantized(model_dir, runtime="int4")
 
 
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.slow
-def test_reevaluation_keeps_zero_shot_results_it_did_not_remeasure(model_dir, capsys):
-    common = ["--window", "128", "--max-windows", "1", "--threads", "2"]
-    assert evaluate_main([str(model_dir), *common, "--tasks", "bigbench_social_iqa", "--task-limit", "4"]) == 0
+def test_reevaluation_keeps_zero_shot_results_and_recorded_threads(model_dir, keep_threads):
+    common = ["--window", "128", "--max-windows", "1"]
+    assert evaluate_main([str(model_dir), *common, "--threads", "1", "--tasks", "bigbench_social_iqa", "--task-limit", "4"]) == 0
     first = json.loads((model_dir / "eval.json").read_text())
     assert first["zero_shot"]["bigbench_social_iqa"]["n"] == 4
     assert first["zero_shot"]["bigbench_social_iqa"]["limit"] == 4
-    # perplexity again, now with the packed runtime: reproduced exactly, zero-shot row carried over
+    assert first["environment"]["threads"] == 1
+    # perplexity again, packed runtime, no --threads: the recorded thread count is used, so the
+    # bf16 sums round as before and the perplexity is reproduced exactly; zero-shot is carried over
+    torch.set_num_threads(2)
     assert evaluate_main([str(model_dir), *common, "--runtime", "packed"]) == 0
     second = json.loads((model_dir / "eval.json").read_text())
     assert second["zero_shot"] == first["zero_shot"]
+    assert second["environment"]["threads"] == 1
     assert all(r["rel_diff"] == 0.0 for r in second["reproduction"].values())
+
+
+def test_a_changed_environment_is_named_when_numbers_move():
+    from amq.evaluate_cli import environment_change
+
+    recorded = {"device": "cpu", "threads": 2, "torch": "2.13.0"}
+    assert environment_change(recorded, dict(recorded)) == ""
+    assert "threads 2 -> 8" in environment_change(recorded, {**recorded, "threads": 8})

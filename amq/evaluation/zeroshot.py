@@ -61,6 +61,16 @@ def check_tasks(tasks: Sequence[str]) -> None:
         )
 
 
+def prepare_zero_shot(tasks: Sequence[str], cache_dir: str | Path) -> None:
+    """Check the task names and fetch/convert the offline ones now.
+
+    Called before the minutes of work that precede zero-shot scoring (a search, perplexity), so a
+    bad name, an unreachable hub or a missing BIG-bench cache without downloads fails at once.
+    """
+    check_tasks(tasks)
+    prepare_tasks([t for t in tasks if t in OFFLINE_TASKS], cache_dir)
+
+
 def _hflm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int, add_bos_token: bool | None):
     """HFLM over the model object, without tqdm bars (lm-eval does not pass its switch through)."""
     from lm_eval.models.huggingface import HFLM
