@@ -118,6 +118,7 @@ class Workbench(ModelAndData):
 
 
 def set_threads(num_threads: Any) -> None:
+    """torch's CPU threads (None: its default), refusing non-positive counts."""
     if num_threads is not None:
         if int(num_threads) < 1:
             raise ConfigError("num_threads", f"{num_threads}", "an integer >= 1, or null (torch's default)")
@@ -139,7 +140,6 @@ def load_model_and_data(cfg: DictConfig) -> ModelAndData:
 def prepare(cfg: DictConfig) -> Workbench:
     """Model, layout, data, proxy and metric, with every setting checked before the expensive work."""
     torch.manual_seed(int(cfg.seed))
-    set_threads(cfg.num_threads)
     quantizer = build(cfg.quantizer, "quantizer")
     calib = CalibrationSpec(int(cfg.budget.n_samples), int(cfg.budget.seq_len), seed=int(cfg.data_seed))
     bits = [int(b) for b in cfg.search.bits]
