@@ -7,8 +7,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def load_quantized(path: Any, device: Any = "cpu") -> Any:
-    """Reload a model exported by the finalize stage (see amq.finalize.export.load_quantized)."""
+def load_quantized(path: Any, device: Any = "cpu", runtime: str = "dequantized") -> Any:
+    """Reload a model exported by the finalize stage (see amq.finalize.export.load_quantized).
+
+    `runtime="packed"` keeps the linears packed in memory (smaller, slower forwards).
+    """
     from amq.finalize.export import load_quantized as _load
 
-    return _load(path, device)
+    return _load(path, device, runtime)

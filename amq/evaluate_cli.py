@@ -24,6 +24,7 @@ from amq.errors import ConfigError
 from amq.evaluation.perplexity import PerplexityProtocol
 from amq.evaluation.suite import EvalSuite
 from amq.finalize.export import QUANT_FILE, load_quantized, read_manifest
+from amq.finalize.packed import RUNTIMES
 from amq.io import atomic_write_json
 from amq.pipeline import quiet_libraries
 
@@ -59,13 +60,38 @@ def reproduction(recorded: dict, measured: dict) -> dict:
     return out
 
 
+def environment_change(recorded: dict, measured: dict) -> str:
+    """Why a re-measurement may differ in the last digits: what changed since the recorded one."""
+    changed = [f"{k} {recorded[k]} -> {measured[k]}" for k in ("device", "threads", "torch") if k in recorded and recorded[k] != measured.get(k)]
+    return f"; computed differently ({', '.join(changed)}), and bf16 sums round differently" if changed else ""
+
+
+def carried_zero_shot(recorded: dict, result: dict) -> list[str]:
+    """Carry recorded zero-shot results of tasks this evaluation did not measure into `result`.
+
+    Zero-shot tasks take minutes, so re-checking perplexity (or adding another task) must not drop
+    them from eval.json; each carried row keeps its own document count and limit.
+    """
+    old = recorded.get("zero_shot") or {}
+    new = result.setdefault("zero_shot", {})
+    kept = [task for task in old if task not in new]
+    for task in kept:
+        new[task] = old[task]
+    if not new:
+        del result["zero_shot"]
+    return kept
+
+
 def evaluate_dir(model_dir: Path, args: argparse.Namespace, corpus_cache: dict) -> dict:
     recorded = json.loads((model_dir / "eval.json").read_text()) if (model_dir / "eval.json").is_file() else {}
     rec_proto = (recorded.get("protocol") or {}).get("perplexity", {})
     from transformers import AutoTokenizer
 
+    recorded_env = recorded.get("environment") or {}
+    if args.threads is None and recorded_env.get("threads"):
+        torch.set_num_threads(int(recorded_env["threads"]))  # bf16 sums depend on it: re-check like for like
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_quantized(model_dir, args.device)
+    model = load_quantized(model_dir, args.device, args.runtime)
     add_bos = rec_proto.get("add_bos", tokenizer.bos_token_id is not None and bool(getattr(tokenizer, "add_bos_token", False)))
     window = args.window or rec_proto.get("window", 2048)
     max_windows = args.max_windows if args.max_windows is not None else rec_proto.get("max_windows", 4)
@@ -75,12 +101,17 @@ def evaluate_dir(model_dir: Path, args: argparse.Namespace, corpus_cache: dict) 
     suite = EvalSuite(dict(splits.heldout), splits.description, PerplexityProtocol(int(window), None if max_windows in (None, 0) else int(max_windows), bool(add_bos)),
                       tuple(args.tasks), args.task_limit, Path(args.cache_dir))
     result = {"model_dir": str(model_dir), **suite.run(model, tokenizer, model_dir.name)}
+    kept = carried_zero_shot(recorded, result)
+    if kept:
+        log.info("%s: kept the recorded zero-shot results of %s (not re-measured)", model_dir.name, ", ".join(sorted(kept)))
     if recorded and recorded.get("protocol", {}).get("perplexity") == result["protocol"]["perplexity"]:
         result["reproduction"] = reproduction(recorded, result)
+        moved = environment_change(recorded_env, result["environment"])
         for text, r in result["reproduction"].items():
             ok = r["rel_diff"] < REPRODUCE_RTOL
             (log.info if ok else log.warning)("%s %s: perplexity %.6g, recorded %.6g (relative difference %.2e%s)",
-                                             model_dir.name, text, r["measured"], r["recorded"], r["rel_diff"], "" if ok else ": NOT reproduced")
+                                             model_dir.name, text, r["measured"], r["recorded"], r["rel_diff"],
+                                             "" if ok else f": NOT reproduced{moved}")
     atomic_write_json(args.output or model_dir / "eval.json", result)
     return result
 
@@ -96,7 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks through lm-eval, e.g. bigbench_social_iqa")
     ap.add_argument("--task-limit", type=int, default=None, help="documents per zero-shot task (default: all)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--runtime", choices=RUNTIMES, default="dequantized",
+                    help="dequantized: keep each dequantized weight (fast); packed: keep linears packed, dequantize per call (small memory)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as recorded in eval.json, else torch's default)")
     ap.add_argument("--output", type=Path, default=None, help="write the result here instead of <model dir>/eval.json (one model only)")
     ap.add_argument("--cache-dir", default=os.environ.get("AMQ_CACHE_DIR", str(Path.home() / ".cache" / "amq")))
     args = ap.parse_args(argv)
@@ -108,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.path.exists():
             raise ConfigError("path", f"{args.path} does not exist", "a model directory (<run>/models/<target>) or a run directory")
         dirs = model_dirs(args.path)
+        if args.tasks:
+            from amq.evaluation.zeroshot import prepare_zero_shot
+
+            prepare_zero_shot(args.tasks, args.cache_dir)
         if args.output and len(dirs) > 1:
             raise ConfigError("--output", f"{args.path} holds {len(dirs)} models", "omit --output for a run directory")
         cache: dict = {}

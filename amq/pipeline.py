@@ -97,50 +97,66 @@ def evaluation_context(wb: "Workbench") -> dict:
 
 
 @dataclass
-class Workbench:
-    """Everything a true evaluation needs: the model, its layout, data, proxy bank and metric."""
+class ModelAndData:
+    """What the finalize stage needs: the model, its layout and the run's text splits."""
 
     lm: LoadedModel
     layout: ModelLayout
     splits: TextSplits
+    cache_dir: Path
+
+
+@dataclass
+class Workbench(ModelAndData):
+    """Everything a true evaluation needs besides: calibration tokens, proxy bank and metric."""
+
     tokens: torch.Tensor
     bank: ProxyBank
     metric: QualityMetric
     bits: list[int]
     targets: list[float]
-    cache_dir: Path
+
+
+def set_threads(num_threads: Any) -> None:
+    """torch's CPU threads (None: its default), refusing non-positive counts."""
+    if num_threads is not None:
+        if int(num_threads) < 1:
+            raise ConfigError("num_threads", f"{num_threads}", "an integer >= 1, or null (torch's default)")
+        torch.set_num_threads(int(num_threads))
+
+
+def load_model_and_data(cfg: DictConfig) -> ModelAndData:
+    """Load the model, discover its linears and read the data (no proxy, no metric)."""
+    quiet_libraries()
+    set_threads(cfg.num_threads)
+    cache_dir = Path(cfg.paths.cache_dir)
+    source, corpus = build(cfg.model.source, "model"), build(cfg.data, "data")
+    lm = source.load(cache_dir)
+    layout = discover_layout(lm.model)
+    log.info("model %s: %d decoder blocks (%s), %d linears", lm.name, layout.n_blocks, layout.blocks_name, len(layout.linears))
+    return ModelAndData(lm, layout, corpus.load(), cache_dir)
 
 
 def prepare(cfg: DictConfig) -> Workbench:
     """Model, layout, data, proxy and metric, with every setting checked before the expensive work."""
-    quiet_libraries()
     torch.manual_seed(int(cfg.seed))
-    if cfg.num_threads is not None:
-        if int(cfg.num_threads) < 1:
-            raise ConfigError("num_threads", f"{cfg.num_threads}", "an integer >= 1, or null (torch's default)")
-        torch.set_num_threads(int(cfg.num_threads))
-    cache_dir = Path(cfg.paths.cache_dir)
-    source = build(cfg.model.source, "model")
     quantizer = build(cfg.quantizer, "quantizer")
-    corpus = build(cfg.data, "data")
     calib = CalibrationSpec(int(cfg.budget.n_samples), int(cfg.budget.seq_len), seed=int(cfg.data_seed))
     bits = [int(b) for b in cfg.search.bits]
 
-    lm = source.load(cache_dir)
-    layout = discover_layout(lm.model)
+    md = load_model_and_data(cfg)
+    lm, layout = md.lm, md.layout
     quantizer.validate(bits, layout.linears)
     full_space = SearchSpace(layout.linears, bits, quantizer.group_size)
     targets = full_space.check_targets(cfg.search.targets)
     if cfg.finalize.enabled:  # before the proxy and sensitivity: budgets below every configuration fail now
         finalize_settings(cfg.finalize).check_reachable(full_space)
-    log.info("model %s: %d decoder blocks (%s), %d linears", lm.name, layout.n_blocks, layout.blocks_name, len(layout.linears))
-    splits = corpus.load()
-    tokens = calibration_windows(lm.tokenizer, splits.calibration, calib, lm.add_bos)
+    tokens = calibration_windows(lm.tokenizer, md.splits.calibration, calib, lm.add_bos)
 
     # the metric's reference distributions come from the unquantized model, before the bank swaps anything
     metric = build(cfg.metric, "metric", _partial_=False, model=lm.model, tokens=tokens)
-    bank = ProxyBank(lm.model, layout, quantizer, bits, storage=quantizer.storage).build(cache_dir / "proxy", lm.fingerprint)
-    return Workbench(lm, layout, splits, tokens, bank, metric, bits, targets, cache_dir)
+    bank = ProxyBank(lm.model, layout, quantizer, bits, storage=quantizer.storage).build(md.cache_dir / "proxy", lm.fingerprint)
+    return Workbench(lm, layout, md.splits, md.cache_dir, tokens, bank, metric, bits, targets)
 
 
 def search_settings(cfg: DictConfig) -> SearchSettings:
@@ -198,8 +214,10 @@ def eval_suite(node: DictConfig, splits: TextSplits, add_bos: bool, cache_dir: P
     return EvalSuite(dict(splits.heldout), splits.description, proto, tuple(node.tasks or ()), limit, cache_dir)
 
 
-def finalizer_for(cfg: DictConfig, wb: Workbench, run_dir: Path, metric_name: str) -> "Finalizer":
-    """The finalize stage for a prepared workbench (calibration windows drawn from the calibration split)."""
+def finalizer_for(cfg: DictConfig, wb: ModelAndData, run_dir: Path, metric_name: str, out_dir: Path | None = None) -> "Finalizer":
+    """The finalize stage for a loaded model and data (calibration windows drawn from the calibration split).
+
+    Models and reports go to `out_dir` (default: the run directory itself)."""
     from amq.finalize.stage import Finalizer
 
     node = cfg.finalize
@@ -209,4 +227,4 @@ def finalizer_for(cfg: DictConfig, wb: Workbench, run_dir: Path, metric_name: st
         spec = CalibrationSpec(int(node.n_samples), int(node.seq_len), seed=int(cfg.data_seed))
         calib = calibration_windows(wb.lm.tokenizer, wb.splits.calibration, spec, wb.lm.add_bos)
     suite = eval_suite(node, wb.splits, wb.lm.add_bos, wb.cache_dir) if node.evaluate else None
-    return Finalizer(run_dir, wb.lm, wb.layout, quantizer, finalize_settings(node), suite, metric_name, calib)
+    return Finalizer(run_dir, wb.lm, wb.layout, quantizer, finalize_settings(node), suite, metric_name, calib, out_dir or run_dir)

@@ -98,9 +98,9 @@ def _run(cfg: DictConfig, outputs: RunOutputs, resuming: bool, stop: GracefulSto
     if finalize is not None:
         build(cfg.finalizer, "finalizer")  # bad finalizer settings fail before the search
         if cfg.finalize.evaluate and cfg.finalize.tasks:
-            from amq.evaluation.zeroshot import check_tasks
+            from amq.evaluation.zeroshot import prepare_zero_shot
 
-            check_tasks(list(cfg.finalize.tasks))
+            prepare_zero_shot(list(cfg.finalize.tasks), cfg.paths.cache_dir)
     eval_cache = build(cfg.eval_cache, "eval_cache")
     for key in ("seed", "data_seed"):
         if int(cfg[key]) < 0:

@@ -83,6 +83,10 @@ CASES = {
     "unknown bits convention": Case(["finalize.enabled=true", "finalize.bits_convention=per_weight"], "finalize.bits_convention"),
     "bad final quantizer option": Case(["finalize.enabled=true", "finalizer=gptq", "finalizer.damp=2"], "finalizer.damp"),
     "unknown zero-shot task": Case(["finalize.enabled=true", "finalize.tasks=[piqa2]"], "finalize.tasks"),
+    "zero-shot task files missing offline": Case(
+        ["finalize.enabled=true", "finalize.tasks=[bigbench_social_iqa]", "paths.cache_dir={home}/cache"], "paths.cache_dir",
+        env={"AMQ_OFFLINE": "1", "AMQ_BIGBENCH_SDIST": ""},
+    ),
     "resume: not a run directory": Case(["resume={tmp}"], "resume"),
     "resume: another search's directory": Case(["resume={tmp}/run"], "resume", setup=run_with(["seed=7"])),
     "resume: damaged checkpoint": Case(["resume={tmp}/run"], "resume", setup=run_with([], state='{"last_completed_iteration": 1, "spa')),

@@ -33,7 +33,9 @@ def fidelity(rows: list[dict], proxy_key: str) -> dict:
 def _fmt(v) -> str:
     if v is None:
         return "-"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) >= 10 else f"{v:.4g}"  # perplexities keep two decimals (33.00, not 33)
+    return str(v)
 
 
 def markdown_table(report: dict) -> str:

@@ -58,4 +58,13 @@ class EvalSuite:
                 raise ConfigError("paths.cache_dir", "zero-shot tasks need a cache folder for their task files", "a writable folder")
             out["zero_shot"] = zero_shot(model, tokenizer, list(self.tasks), self.cache_dir, limit=self.task_limit, add_bos_token=self.protocol.add_bos)
         out["protocol"] = self.describe(model)
+        out["environment"] = compute_environment(model)
         return out
+
+
+def compute_environment(model: nn.Module) -> dict:
+    """Where the numbers were computed. bf16 sums round differently with the thread count and the
+    hardware (about 1e-3 in perplexity), so a re-check uses the recorded thread count by default."""
+    device = next(model.parameters()).device
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": where, "threads": torch.get_num_threads(), "torch": torch.__version__}

@@ -61,6 +61,16 @@ def check_tasks(tasks: Sequence[str]) -> None:
         )
 
 
+def prepare_zero_shot(tasks: Sequence[str], cache_dir: str | Path) -> None:
+    """Check the task names and fetch/convert the offline ones now.
+
+    Called before the minutes of work that precede zero-shot scoring (a search, perplexity), so a
+    bad name, an unreachable hub or a missing BIG-bench cache without downloads fails at once.
+    """
+    check_tasks(tasks)
+    prepare_tasks([t for t in tasks if t in OFFLINE_TASKS], cache_dir)
+
+
 def _hflm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int, add_bos_token: bool | None):
     """HFLM over the model object, without tqdm bars (lm-eval does not pass its switch through)."""
     from lm_eval.models.huggingface import HFLM
@@ -91,7 +101,7 @@ def zero_shot(
     seed: int = 0,
     add_bos_token: bool | None = None,
 ) -> dict[str, dict]:
-    """Zero-shot accuracy per task: {acc, acc_stderr, acc_norm?, acc_norm_stderr?, n, source[, chance]}.
+    """Zero-shot accuracy per task: {acc, acc_stderr, acc_norm?, acc_norm_stderr?, n, limit, source[, chance]}.
 
     `limit` keeps the first `limit` documents of each task (None: all). `add_bos_token` None follows
     the tokenizer's default; models that need BOS at the start of every sequence pass True.
@@ -123,7 +133,7 @@ def zero_shot(
         row: dict[str, Any] = {"acc": _metric(values, "acc"), "acc_stderr": _metric(values, "acc_stderr")}
         if (norm := _metric(values, "acc_norm")) is not None:
             row.update(acc_norm=norm, acc_norm_stderr=_metric(values, "acc_norm_stderr"))
-        row["n"] = n
+        row["n"], row["limit"] = n, limit
         if task in by_name:
             row["source"] = by_name[task].source
             row["chance"] = chance_accuracy(by_name[task].docs()[:n])

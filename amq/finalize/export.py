@@ -25,7 +25,7 @@ from torch import nn
 
 from amq.bits import BitConfig
 from amq.errors import ConfigError
-from amq.finalize.packed import PackedLinear
+from amq.finalize.packed import RUNTIMES, PackedLinear, set_runtime
 from amq.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,16 @@ def _swap_in_empty_packed(model: nn.Module, modules: Mapping[str, dict], dtype: 
                                                   spec["has_bias"], spec["has_input_scale"], dtype))
 
 
-def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_quantized(path: str | Path, device: str | torch.device = "cpu", runtime: str = "dequantized") -> nn.Module:
     """Rebuild a saved quantized model: a transformers causal LM whose linears are PackedLinear.
 
-    The tokenizer sits next to it: `transformers.AutoTokenizer.from_pretrained(path)`.
+    `runtime="packed"` keeps the linears packed in memory and dequantizes them on every call
+    (bits/16 of their bf16 memory, slower forwards); `dequantized` (the default) keeps each
+    dequantized weight after its first call. The tokenizer sits next to the model:
+    `transformers.AutoTokenizer.from_pretrained(path)`.
     """
+    if runtime not in RUNTIMES:
+        raise ConfigError("runtime", repr(runtime), ", ".join(RUNTIMES))
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -133,7 +138,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.M
     missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False, device="cpu")
     if missing or unexpected:
         raise ConfigError("model_dir", f"{path / WEIGHTS_FILE} does not match its config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})", "an unmodified directory written by amq finalize")
-    log.info("loaded quantized model %s (%d packed linears)", path, len(manifest["modules"]))
+    set_runtime(model, runtime)
+    log.info("loaded quantized model %s (%d packed linears, %s runtime)", path, len(manifest["modules"]), runtime)
     return model.to(device).eval()
 
 

@@ -4,6 +4,11 @@ Every final quantizer (HQQ, GPTQ, AWQ) returns a `GroupQuant` per linear; `Packe
 so that a 3-bit layer takes 3/8 byte per weight on disk plus one fp16 scale and zero per group,
 and dequantizes on the fly in `forward`. The format is the same for all quantizers, so export and
 reload don't depend on which one produced the weights.
+
+Two runtimes (`set_runtime`): `dequantized` (the default) keeps each layer's dequantized weight
+after its first call, so forwards cost what bf16 costs and so does memory; `packed` keeps only
+the packed buffers and dequantizes on every call, so the linears take bits/16 of their bf16
+memory at the price of an unpack per call (docs/benchmarks.md, "Packed runtime").
 """
 
 from __future__ import annotations
@@ -89,17 +94,29 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of `pack_codes`: uint8 codes of `shape`."""
+    """Inverse of `pack_codes`: uint8 codes of `shape`.
+
+    This runs on every forward of a `packed` runtime, so it avoids int64 temporaries: widths that
+    divide 8 split each byte in place, the others assemble each chunk's word in int32 (int64 only
+    for 5-7 bits, whose 8-code words exceed 32 bits).
+    """
     n = 1
     for d in shape:
         n *= d
     if packed.numel() != packed_numel(n, bits):
         raise ValueError(f"{packed.numel()} packed bytes do not hold {n} codes of {bits} bits")
-    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
-    word = (packed.view(-1, bits).to(torch.int64) << byte_shifts).sum(dim=1, keepdim=True)
-    shifts = torch.arange(CODES_PER_CHUNK, device=packed.device, dtype=torch.int64) * bits
-    codes = (word >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(-1)[:n].to(torch.uint8).view(shape)
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # 1, 2, 4, 8 bits: whole codes per byte, lowest bits first
+        parts = [packed] if bits == 8 else [(packed >> (bits * i)) & mask for i in range(8 // bits)]
+        codes = torch.stack(parts, dim=-1)
+    else:
+        dtype = torch.int32 if bits * CODES_PER_CHUNK <= 32 else torch.int64
+        chunk = packed.view(-1, bits).to(dtype)
+        word = chunk[:, 0].clone()
+        for j in range(1, bits):
+            word |= chunk[:, j] << (8 * j)
+        codes = torch.stack([((word >> (bits * k)) & mask).to(torch.uint8) for k in range(CODES_PER_CHUNK)], dim=-1)
+    return codes.reshape(-1)[:n].view(shape)
 
 
 class PackedLinear(nn.Module):
@@ -127,7 +144,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("zero", torch.zeros(groups, dtype=torch.float16, device=device))
         self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float16, device=device) if has_input_scale else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if has_bias else None)
-        self.cache_dequantized = True
+        self.keep_dequantized = True
         self._dequantized: torch.Tensor | None = None
 
     @classmethod
@@ -161,13 +178,13 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Dequantize in float32 (bf16 cannot hold code - zero exactly at 8 bits), then run the
-        # matmul in the activation dtype. Unpacking in plain torch costs more than the matmul, so
-        # the dequantized weight is kept after the first call (not part of the state; dropped on
-        # load_state_dict). Files and buffers stay packed; memory-saving inference needs a packed kernel.
+        # matmul in the activation dtype. With `keep_dequantized` the weight is kept after the
+        # first call (not part of the state; dropped on load_state_dict), since unpacking in plain
+        # torch costs more than a short forward's matmul; without it only the packed buffers stay.
         w = self._dequantized
         if w is None or w.dtype != x.dtype or w.device != x.device:
             w = self.weight_float().to(x.dtype)
-            if self.cache_dequantized:
+            if self.keep_dequantized:
                 self._dequantized = w
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w, bias)
@@ -195,6 +212,39 @@ def replace_linears(model: nn.Module, quants: Mapping[str, GroupQuant], dtype: t
         if q.shape != (module.out_features, module.in_features):
             raise ValueError(f"{name}: quantized shape {q.shape} != weight shape {tuple(module.weight.shape)}")
         setattr(parent, child, PackedLinear.from_quant(q, module.bias, dtype))
+
+
+RUNTIMES = ("dequantized", "packed")
+
+
+def set_runtime(model: nn.Module, runtime: str) -> int:
+    """Choose how every PackedLinear of `model` holds its weight at run time; returns how many.
+
+    `dequantized`: keep the dequantized weight after the first call (fast, bf16-sized memory).
+    `packed`: keep only the packed codes and dequantize on every call (small memory, slower).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime={runtime!r} (valid: {', '.join(RUNTIMES)})")
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    for m in layers:
+        m.keep_dequantized = runtime == "dequantized"
+        if not m.keep_dequantized:
+            m._dequantized = None
+    return len(layers)
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter, buffer and kept dequantized weight of `model` (tied tensors once)."""
+    seen: set[int] = set()
+    total = 0
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [m._dequantized for m in model.modules() if isinstance(m, PackedLinear) and m._dequantized is not None]
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def packed_bytes(model: nn.Module) -> int:

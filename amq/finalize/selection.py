@@ -41,6 +41,15 @@ class Selection:
     candidate: Candidate
 
 
+def archive_metric(archive_path: Path) -> str:
+    """The name of the true metric a run's archive holds (the first record's, e.g. `jsd`)."""
+    for d in read_jsonl(archive_path):
+        names = sorted(d.get("metrics") or {})
+        if names:
+            return names[0]
+    raise ConfigError("finalize", f"{archive_path} holds no measured configuration", "the directory of a finished amq-search run")
+
+
 def read_candidates(archive_path: Path, metric_name: str) -> list[Candidate]:
     """Finite-metric configurations of an archive, de-duplicated by configuration."""
     if not archive_path.is_file():

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from amq.bits import BitConfig, average_bits, meta_overhead
-from amq.errors import ConfigError
 from amq.evaluation.report import fidelity, write_report
 from amq.evaluation.suite import EvalSuite
 from amq.finalize import llamacpp
@@ -32,7 +31,6 @@ from amq.finalize.selection import Candidate, front_extras, read_candidates, sel
 from amq.io import atomic_write_json, atomic_write_text
 from amq.modeling.discovery import ModelLayout
 from amq.modeling.loading import LoadedModel
-from amq.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +90,12 @@ class Finalizer:
     suite: EvalSuite | None
     metric_name: str
     calib: torch.Tensor | None = None
+    out_dir: Path | None = None  # where models/ and the reports go (None: the run directory)
     _memo: dict[tuple[str, int, int], GroupQuant] = field(default_factory=dict, repr=False)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.out_dir or self.run_dir
 
     def _quantize(self, config: BitConfig) -> dict[str, GroupQuant]:
         """Quantize for real. A calibration-free quantizer's result for a linear depends only on its
@@ -128,7 +131,7 @@ class Finalizer:
 
     def export(self, target: float, cand: Candidate) -> dict:
         """Quantize, evaluate and save one selected configuration under models/<target>/."""
-        out_dir = self.run_dir / "models" / f"{target:g}"
+        out_dir = self.output_dir / "models" / f"{target:g}"
         model, config = self.lm.model, cand.config
         linears_bf16 = bf16_bytes(model, config.bits)
         total_bf16 = bf16_bytes(model)
@@ -198,5 +201,5 @@ class Finalizer:
             "proxy_fidelity": fidelity(rows, "proxy_" + self.metric_name),
             "seconds": time.perf_counter() - t0,
         }
-        write_report(self.run_dir, report)
+        write_report(self.output_dir, report)
         return report

@@ -1,0 +1,132 @@
+"""`amq-finalize RUN_DIR [OVERRIDES ...]`: the finalize stage again, on a finished search.
+
+Exports and evaluates models from a run's archive with other budgets, another final quantizer or
+another evaluation protocol, without searching again: e.g.
+
+    amq-finalize outputs/search/runs/<time> finalizer=gptq finalize.targets=[3.75,4.25]
+
+OVERRIDES are Hydra overrides of the finalize stage only (`finalize.*`, `finalizer=`,
+`finalizer.*`, `num_threads`); everything else comes from the run's own command line, and the
+composed settings must still match the run's `config.yaml`. Results go to a new directory,
+`<run>/finalized/<time>/` (models/<target>/, evaluation.json, evaluation.md, config.yaml), so the
+models the search exported are never replaced; `amq-evaluate` accepts that directory too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+from amq.config_check import check_settings
+from amq.errors import ConfigError
+from amq.io import atomic_write_text
+from amq.resume import comparable_settings, differences, task_overrides
+from amq.run_outputs import ARCHIVE_FILE, CONFIG_FILE, SUMMARY_FILE
+
+log = logging.getLogger("amq.finalize")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+FINALIZE_KEYS = ("finalize", "finalizer", "num_threads")
+VALID_OVERRIDES = "finalize.<key>=..., finalizer=hqq|gptq|awq, finalizer.<key>=..., num_threads=N"
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0].strip()
+
+
+def _is_finalize_key(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in FINALIZE_KEYS)
+
+
+def check_finished(run_dir: Path) -> None:
+    """A run directory whose search ended: its settings, its archive and its summary are there."""
+    valid = "the directory of a finished amq-search run (outputs/search/runs/<time>)"
+    if not run_dir.is_dir():
+        raise ConfigError("run_dir", f"{run_dir} is not a directory", valid)
+    for name in (CONFIG_FILE, ARCHIVE_FILE):
+        if not (run_dir / name).is_file():
+            raise ConfigError("run_dir", f"{run_dir} holds no {name}", valid)
+    if not (run_dir / SUMMARY_FILE).is_file():
+        raise ConfigError("run_dir", f"{run_dir} has not finished its search (no {SUMMARY_FILE})", f"finish it first: amq-search resume={run_dir}")
+
+
+def compose_for_run(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
+    """The run's own settings with the finalize overrides applied, checked against its config.yaml."""
+    from hydra import compose, initialize_config_dir
+
+    bad = [o for o in overrides if not _is_finalize_key(_key(o))]
+    if bad:
+        raise ConfigError("overrides", f"{', '.join(map(repr, bad))} would change the search, not its finalization", VALID_OVERRIDES)
+    mine = {_key(o) for o in overrides}
+    kept = [o for o in (task_overrides(run_dir) or []) if _key(o) not in mine]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="train_search", overrides=[*kept, *overrides, "finalize.enabled=true"])
+    except HydraException as exc:
+        raise ConfigError("overrides", str(exc).strip().splitlines()[0], VALID_OVERRIDES) from None
+    check_settings(cfg, CONF_DIR)
+    search_only = lambda settings: {k: v for k, v in settings.items() if not _is_finalize_key(k)}  # noqa: E731
+    diff = differences(search_only(comparable_settings(OmegaConf.load(run_dir / CONFIG_FILE))), search_only(comparable_settings(cfg)))
+    if diff:
+        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+        raise ConfigError("run_dir", f"the configuration files no longer give {run_dir}'s settings: {shown}",
+                          "a run made with the current conf/, or the amq version that made it")
+    return cfg
+
+
+def finalize_run(run_dir: Path, overrides: Sequence[str]) -> Path:
+    """Run the finalize stage on `run_dir` into a new `finalized/<time>/` directory; returns it."""
+    from amq.finalize.selection import archive_metric, read_candidates, select_for_targets
+    from amq.pipeline import build, finalize_settings, finalizer_for, load_model_and_data
+
+    check_finished(run_dir)
+    cfg = compose_for_run(run_dir, overrides)
+    settings = finalize_settings(cfg.finalize)
+    build(cfg.finalizer, "finalizer")  # bad quantizer settings fail before the model loads
+    metric = archive_metric(run_dir / ARCHIVE_FILE)
+    select_for_targets(read_candidates(run_dir / ARCHIVE_FILE, metric), settings.targets, settings.bits_convention)  # unreachable budgets fail now
+    if cfg.finalize.evaluate and cfg.finalize.tasks:
+        from amq.evaluation.zeroshot import prepare_zero_shot
+
+        prepare_zero_shot(list(cfg.finalize.tasks), cfg.paths.cache_dir)
+    out_dir = run_dir / "finalized" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    if out_dir.exists():
+        raise ConfigError("run_dir", f"{out_dir} already exists", "wait a second and run again")
+    md = load_model_and_data(cfg)
+    record = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("finalize", "finalizer")}
+    out_dir.mkdir(parents=True)
+    try:
+        atomic_write_text(out_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create({**record, "overrides": list(overrides)})))
+        finalizer_for(cfg, md, run_dir, metric, out_dir).run([int(b) for b in cfg.search.bits])
+    except BaseException:
+        if not any((out_dir / "models").glob("*")):  # keep models already exported (each written atomically)
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="amq-finalize", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path, help="a finished amq-search run directory")
+    ap.add_argument("overrides", nargs="*", help=f"finalize overrides: {VALID_OVERRIDES}")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", stream=sys.stderr)
+    try:
+        out_dir = finalize_run(args.run_dir, args.overrides)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("finalized %s into %s (evaluation.md, models/)", args.run_dir, out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Memory and speed of an exported model under the two runtimes of `amq.load_quantized`.
+
+`dequantized` keeps each linear's dequantized weight after its first call; `packed` keeps only
+the packed codes and dequantizes on every call. Both are loaded from the same directory in one
+process and timed alternately (prefill of one window, then greedy decoding), so the ratios
+compare like with like on a noisy machine. Outputs of the two runtimes must be identical.
+
+    python scripts/bench_runtime.py outputs/search/runs/<time>/models/4.5
+    python scripts/bench_runtime.py <model dir> --device cuda --window 2048 --decode 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from amq.evaluate_cli import load_corpus  # noqa: E402
+from amq.finalize.export import load_quantized  # noqa: E402
+from amq.finalize.packed import RUNTIMES, PackedLinear, resident_bytes  # noqa: E402
+
+log = logging.getLogger("bench_runtime")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def linear_bytes(model: torch.nn.Module) -> int:
+    """Bytes the PackedLinears hold: packed buffers plus any kept dequantized weight."""
+    return sum(resident_bytes(m) for m in model.modules() if isinstance(m, PackedLinear))
+
+
+def measure(model_dir: Path, runtime: str, tokens: torch.Tensor, decode: int, device: torch.device) -> dict:
+    """Load under `runtime`, then memory after one forward, prefill and per-token decode times."""
+    model = load_quantized(model_dir, device, runtime)
+    prompt = tokens[:, :16]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        logits = model(input_ids=tokens).logits[:, -1].float().cpu()
+        prefill = _timed(lambda: model(input_ids=tokens), device)
+        gen = lambda: model.generate(prompt, max_new_tokens=decode, min_new_tokens=decode, do_sample=False)  # noqa: E731
+        decode_s = _timed(gen, device)
+        generated = gen()[0, prompt.shape[1]:].tolist()
+    out = {"resident_bytes": resident_bytes(model), "linear_bytes": linear_bytes(model), "prefill_s": prefill,
+           "decode_s_per_token": decode_s / decode, "last_logits": logits, "generated": generated}
+    if device.type == "cuda":
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model_dir", type=Path, help="a model directory written by amq finalize (models/<target>)")
+    ap.add_argument("--window", type=int, default=512, help="prefill length in tokens")
+    ap.add_argument("--decode", type=int, default=32, help="greedy tokens generated")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating measurements per runtime (medians reported)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    device = torch.device(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    text = "\n\n".join(next(iter(load_corpus("wiki_lee").load().heldout.values())))
+    tokens = tokenizer(text, return_tensors="pt").input_ids[:, : args.window].to(device)
+    runs: dict[str, list[dict]] = {r: [] for r in RUNTIMES}
+    for i in range(args.repeats):
+        for runtime in RUNTIMES if i % 2 == 0 else RUNTIMES[::-1]:
+            runs[runtime].append(measure(args.model_dir, runtime, tokens, args.decode, device))
+            log.info("%s, repeat %d: prefill %.3fs, decode %.1f ms/token", runtime, i, runs[runtime][-1]["prefill_s"], 1e3 * runs[runtime][-1]["decode_s_per_token"])
+    first = {r: runs[r][0] for r in RUNTIMES}
+    identical = torch.equal(first["packed"]["last_logits"], first["dequantized"]["last_logits"]) and first["packed"]["generated"] == first["dequantized"]["generated"]
+    summary = {}
+    for r in RUNTIMES:
+        row = {k: first[r][k] for k in ("resident_bytes", "linear_bytes", "peak_gpu_bytes") if k in first[r]}
+        row.update({k: statistics.median(x[k] for x in runs[r]) for k in ("prefill_s", "decode_s_per_token")})
+        summary[r] = row
+    p, d = summary["packed"], summary["dequantized"]
+    ratios = {k: p[k] / d[k] for k in d if k in p}
+    result = {"model_dir": str(args.model_dir), "device": str(device), "threads": torch.get_num_threads(), "window": args.window,
+              "decode_tokens": args.decode, "repeats": args.repeats, "identical_outputs": identical, "runtimes": summary,
+              "packed_over_dequantized": ratios}
+    print(json.dumps(result, indent=2))
+    print("\n| runtime | resident MiB | linears MiB | prefill s | decode ms/token |\n| --- | --- | --- | --- | --- |")
+    for r in RUNTIMES:
+        s = summary[r]
+        print(f"| {r} | {s['resident_bytes'] / 2**20:.1f} | {s['linear_bytes'] / 2**20:.1f} | {s['prefill_s']:.3f} | {1e3 * s['decode_s_per_token']:.1f} |")
+    print(f"| packed / dequantized | {ratios['resident_bytes']:.2f}x | {ratios['linear_bytes']:.2f}x | {ratios['prefill_s']:.2f}x | {ratios['decode_s_per_token']:.2f}x |")
+    if args.json:
+        from amq.io import atomic_write_json
+
+        atomic_write_json(args.json, result)
+    if not identical:
+        sys.exit("the two runtimes gave different outputs")
+
+
+if __name__ == "__main__":
+    main()

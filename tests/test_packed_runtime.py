@@ -1,0 +1,92 @@
+"""The two runtimes of a reloaded model, and re-evaluation that keeps what it did not re-measure.
+
+A real SmolLM2 with its first two blocks quantized (round-to-nearest, 3 and 4 bits) is exported
+once; the tests reload it and run `amq-evaluate` in process on the real held-out text.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from amq.bits import BitConfig
+from amq.errors import ConfigError
+from amq.evaluate_cli import main as evaluate_main
+from amq.finalize.export import load_quantized, write_model_dir
+from amq.finalize.grid import rtn_quant
+from amq.finalize.packed import PackedLinear, replace_linears, resident_bytes
+from amq.modeling.discovery import discover_layout
+from amq.pipeline import build
+from conftest import SMOKE
+
+GROUP = 64
+
+
+@pytest.fixture(scope="module")
+def model_dir(compose_cfg, tmp_path_factory) -> Path:
+    cfg = compose_cfg(["model=smollm2", *SMOKE])
+    lm = build(cfg.model.source, "model").load(Path(cfg.paths.cache_dir))
+    bits = {li.name: 3 + li.block for li in discover_layout(lm.model).linears if li.block < 2}
+    packed = copy.deepcopy(lm.model)
+    quants = {n: rtn_quant(lm.model.get_submodule(n).weight.detach(), b, GROUP) for n, b in bits.items()}
+    replace_linears(packed, quants, lm.model.dtype)
+    return write_model_dir(tmp_path_factory.mktemp("export") / "m", packed, lm.tokenizer, BitConfig(bits, GROUP), {"name": "rtn"})
+
+
+def _tokens() -> torch.Tensor:
+    return torch.arange(100, 164).view(1, -1)
+
+
+def test_packed_runtime_gives_identical_outputs_and_keeps_no_dequantized_weight(model_dir):
+    fast, small = load_quantized(model_dir), load_quantized(model_dir, runtime="packed")
+    with torch.no_grad():
+        assert torch.equal(fast(input_ids=_tokens()).logits, small(input_ids=_tokens()).logits)
+        small(input_ids=_tokens())  # a second call unpacks again, it does not start caching
+    layers = [m for m in small.modules() if isinstance(m, PackedLinear)]
+    assert len(layers) == 14 and all(m._dequantized is None for m in layers)
+    assert all(m._dequantized is not None for m in fast.modules() if isinstance(m, PackedLinear))
+    saved = resident_bytes(fast) - resident_bytes(small)
+    bf16_linears = sum(m.in_features * m.out_features * 2 for m in layers)
+    assert saved == bf16_linears  # exactly the kept bf16 weights, nothing else differs
+
+
+def test_unknown_runtime_is_a_config_error(model_dir):
+    with pytest.raises(ConfigError, match="runtime"):
+        load_quantized(model_dir, runtime="int4")
+
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.slow
+def test_reevaluation_keeps_zero_shot_results_and_recorded_threads(model_dir, keep_threads):
+    common = ["--window", "128", "--max-windows", "1"]
+    assert evaluate_main([str(model_dir), *common, "--threads", "1", "--tasks", "bigbench_social_iqa", "--task-limit", "4"]) == 0
+    first = json.loads((model_dir / "eval.json").read_text())
+    assert first["zero_shot"]["bigbench_social_iqa"]["n"] == 4
+    assert first["zero_shot"]["bigbench_social_iqa"]["limit"] == 4
+    assert first["environment"]["threads"] == 1
+    # perplexity again, packed runtime, no --threads: the recorded thread count is used, so the
+    # bf16 sums round as before and the perplexity is reproduced exactly; zero-shot is carried over
+    torch.set_num_threads(2)
+    assert evaluate_main([str(model_dir), *common, "--runtime", "packed"]) == 0
+    second = json.loads((model_dir / "eval.json").read_text())
+    assert second["zero_shot"] == first["zero_shot"]
+    assert second["environment"]["threads"] == 1
+    assert all(r["rel_diff"] == 0.0 for r in second["reproduction"].values())
+
+
+def test_a_changed_environment_is_named_when_numbers_move():
+    from amq.evaluate_cli import environment_change
+
+    recorded = {"device": "cpu", "threads": 2, "torch": "2.13.0"}
+    assert environment_change(recorded, dict(recorded)) == ""
+    assert "threads 2 -> 8" in environment_change(recorded, {**recorded, "threads": 8})
