@@ -123,8 +123,7 @@ def test_gptq_and_awq_reconstruct_block_outputs_better_than_calibration_free(smo
 
 
 @pytest.mark.parametrize("name", FINALIZERS)
-def test_group_quants_lie_on_their_grid(smollm2, two_blocks_4bit, name):
-    lm = smollm2[0]
+def test_group_quants_lie_on_their_grid(two_blocks_4bit, name):
     bits, before, quants = two_blocks_4bit
     for n, q in quants[name].items():
         out_f, in_f = before[n].shape
