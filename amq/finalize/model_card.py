@@ -51,8 +51,9 @@ def render(info: dict[str, Any], config: BitConfig, evaluation: dict | None) -> 
         "## Use",
         "```python",
         "import amq, transformers",
-        f"model = amq.load_quantized(\"{info['dir_name']}\")",
-        f"tokenizer = transformers.AutoTokenizer.from_pretrained(\"{info['dir_name']}\")",
+        f"path = \"{info['dir_name']}\"  # where it was written; any copy of this directory loads the same",
+        "model = amq.load_quantized(path)  # runtime=\"packed\": linears stay packed in memory, slower calls",
+        "tokenizer = transformers.AutoTokenizer.from_pretrained(path)",
         "```",
         "`bit_config.json` holds the bits of every linear by module name"
         + ("; `llama_cpp_tensor_types.txt` the same as llama.cpp quantize types." if info.get("llama_cpp") else "."),
