@@ -91,7 +91,7 @@ def evaluate_dir(model_dir: Path, args: argparse.Namespace, corpus_cache: dict) 
     if args.threads is None and recorded_env.get("threads"):
         torch.set_num_threads(int(recorded_env["threads"]))  # bf16 sums depend on it: re-check like for like
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_quantized(model_dir, args.device, args.runtime)
+    model = load_quantized(model_dir, args.device, args.runtime, args.compile)
     add_bos = rec_proto.get("add_bos", tokenizer.bos_token_id is not None and bool(getattr(tokenizer, "add_bos_token", False)))
     window = args.window or rec_proto.get("window", 2048)
     max_windows = args.max_windows if args.max_windows is not None else rec_proto.get("max_windows", 4)
@@ -129,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--runtime", choices=RUNTIMES, default="dequantized",
                     help="dequantized: keep each dequantized weight (fast); packed: keep linears packed, dequantize per call (small memory)")
+    ap.add_argument("--compile", action="store_true", help="dequantize through torch.compile (same values; faster with --runtime packed on a GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as recorded in eval.json, else torch's default)")
     ap.add_argument("--output", type=Path, default=None, help="write the result here instead of <model dir>/eval.json (one model only)")
     ap.add_argument("--cache-dir", default=os.environ.get("AMQ_CACHE_DIR", str(Path.home() / ".cache" / "amq")))

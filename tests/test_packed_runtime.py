@@ -18,10 +18,10 @@ from amq.errors import ConfigError
 from amq.evaluate_cli import main as evaluate_main
 from amq.finalize.export import load_quantized, write_model_dir
 from amq.finalize.grid import rtn_quant
-from amq.finalize.packed import PackedLinear, replace_linears, resident_bytes
+from amq.finalize.packed import PackedLinear, replace_linears, resident_bytes, set_runtime
 from amq.modeling.discovery import discover_layout
 from amq.pipeline import build
-from conftest import SMOKE
+from conftest import SMOKE, run_script
 
 GROUP = 64
 
@@ -90,3 +90,21 @@ def test_a_changed_environment_is_named_when_numbers_move():
     recorded = {"device": "cpu", "threads": 2, "torch": "2.13.0"}
     assert environment_change(recorded, dict(recorded)) == ""
     assert "threads 2 -> 8" in environment_change(recorded, {**recorded, "threads": 8})
+
+
+def test_compiled_dequantization_gives_the_same_outputs():
+    g = torch.Generator().manual_seed(0)
+    layer = PackedLinear.from_quant(rtn_quant(torch.randn(96, 2 * GROUP, generator=g), 3, GROUP), None, torch.bfloat16)
+    x = torch.randn(2, 5, 2 * GROUP, generator=g).to(torch.bfloat16)
+    eager = layer(x)
+    set_runtime(layer, "packed", compile=True)
+    assert torch.equal(layer(x), eager) and layer._dequantized is None
+
+
+@pytest.mark.slow
+def test_bench_runtime_compares_both_runtimes(model_dir):
+    proc = run_script("bench_runtime.py", [str(model_dir), "--window", "32", "--decode", "2", "--repeats", "1", "--threads", "2"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.split("\n\n| runtime")[0])
+    assert result["identical_outputs"] is True
+    assert result["packed_over_dequantized"]["linear_bytes"] < 0.5

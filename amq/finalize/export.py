@@ -114,12 +114,13 @@ def _swap_in_empty_packed(model: nn.Module, modules: Mapping[str, dict], dtype: 
                                                   spec["has_bias"], spec["has_input_scale"], dtype))
 
 
-def load_quantized(path: str | Path, device: str | torch.device = "cpu", runtime: str = "dequantized") -> nn.Module:
+def load_quantized(path: str | Path, device: str | torch.device = "cpu", runtime: str = "dequantized", compile: bool = False) -> nn.Module:
     """Rebuild a saved quantized model: a transformers causal LM whose linears are PackedLinear.
 
     `runtime="packed"` keeps the linears packed in memory and dequantizes them on every call
     (bits/16 of their bf16 memory, slower forwards); `dequantized` (the default) keeps each
-    dequantized weight after its first call. The tokenizer sits next to the model:
+    dequantized weight after its first call. `compile` fuses the dequantization with
+    torch.compile (worth it for `packed` on a GPU; same outputs). The tokenizer sits next to the model:
     `transformers.AutoTokenizer.from_pretrained(path)`.
     """
     if runtime not in RUNTIMES:
@@ -138,7 +139,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", runtime
     missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False, device="cpu")
     if missing or unexpected:
         raise ConfigError("model_dir", f"{path / WEIGHTS_FILE} does not match its config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})", "an unmodified directory written by amq finalize")
-    set_runtime(model, runtime)
+    set_runtime(model, runtime, compile)
     log.info("loaded quantized model %s (%d packed linears, %s runtime)", path, len(manifest["modules"]), runtime)
     return model.to(device).eval()
 

