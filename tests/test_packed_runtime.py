@@ -44,11 +44,14 @@ def _tokens() -> torch.Tensor:
 def test_packed_runtime_gives_identical_outputs_and_keeps_no_dequantized_weight(model_dir):
     fast, small = load_quantized(model_dir), load_quantized(model_dir, runtime="packed")
     with torch.no_grad():
-        assert torch.equal(fast(input_ids=_tokens()).logits, small(input_ids=_tokens()).logits)
+        a, b = fast(input_ids=_tokens()).logits.float(), small(input_ids=_tokens()).logits.float()
         small(input_ids=_tokens())  # a second call unpacks again, it does not start caching
+    assert float((a - b).abs().max()) < 1e-2 * float(a.abs().max())  # same weights; bf16 matmuls may block differently
     layers = [m for m in small.modules() if isinstance(m, PackedLinear)]
-    assert len(layers) == 14 and all(m._dequantized is None for m in layers)
-    assert all(m._dequantized is not None for m in fast.modules() if isinstance(m, PackedLinear))
+    kept = {n: m._dequantized for n, m in fast.named_modules() if isinstance(m, PackedLinear)}
+    assert len(layers) == len(kept) == 14 and all(m._dequantized is None for m in layers)
+    for (name, m) in ((n, m) for n, m in small.named_modules() if isinstance(m, PackedLinear)):
+        assert torch.equal(m.weight_float().to(torch.bfloat16), kept[name])  # the packed runtime rebuilds the very same weight
     saved = resident_bytes(fast) - resident_bytes(small)
     bf16_linears = sum(m.in_features * m.out_features * 2 for m in layers)
     assert saved == bf16_linears  # exactly the kept bf16 weights, nothing else differs
@@ -106,5 +109,5 @@ def test_bench_runtime_compares_both_runtimes(model_dir):
     proc = run_script("bench_runtime.py", [str(model_dir), "--window", "32", "--decode", "2", "--repeats", "1", "--threads", "2"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.split("\n\n| runtime")[0])
-    assert result["identical_outputs"] is True
+    assert result["same_tokens"] is True and result["max_abs_logit_diff"] < 0.1
     assert result["packed_over_dequantized"]["linear_bytes"] < 0.5
