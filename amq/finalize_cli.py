@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from amq.config_check import check_settings
 from amq.errors import ConfigError
 from amq.io import atomic_write_text
-from amq.resume import comparable_settings, differences, task_overrides
+from amq.resume import comparable_settings, differences, shown_differences, task_overrides, under
 from amq.run_outputs import ARCHIVE_FILE, CONFIG_FILE, SUMMARY_FILE
 
 log = logging.getLogger("amq.finalize")
@@ -42,7 +42,7 @@ def _key(override: str) -> str:
 
 
 def _is_finalize_key(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in FINALIZE_KEYS)
+    return under(key, FINALIZE_KEYS)
 
 
 def check_finished(run_dir: Path) -> None:
@@ -75,8 +75,7 @@ def compose_for_run(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
     search_only = lambda settings: {k: v for k, v in settings.items() if not _is_finalize_key(k)}  # noqa: E731
     diff = differences(search_only(comparable_settings(OmegaConf.load(run_dir / CONFIG_FILE))), search_only(comparable_settings(cfg)))
     if diff:
-        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
-        raise ConfigError("run_dir", f"the configuration files no longer give {run_dir}'s settings: {shown}",
+        raise ConfigError("run_dir", f"the configuration files no longer give {run_dir}'s settings: {shown_differences(diff)}",
                           "a run made with the current conf/, or the amq version that made it")
     return cfg
 
@@ -84,18 +83,14 @@ def compose_for_run(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
 def finalize_run(run_dir: Path, overrides: Sequence[str]) -> Path:
     """Run the finalize stage on `run_dir` into a new `finalized/<time>/` directory; returns it."""
     from amq.finalize.selection import archive_metric, read_candidates, select_for_targets
-    from amq.pipeline import build, finalize_settings, finalizer_for, load_model_and_data
+    from amq.pipeline import check_finalize_components, finalize_settings, finalizer_for, load_model_and_data
 
     check_finished(run_dir)
     cfg = compose_for_run(run_dir, overrides)
     settings = finalize_settings(cfg.finalize)
-    build(cfg.finalizer, "finalizer")  # bad quantizer settings fail before the model loads
+    check_finalize_components(cfg)
     metric = archive_metric(run_dir / ARCHIVE_FILE)
     select_for_targets(read_candidates(run_dir / ARCHIVE_FILE, metric), settings.targets, settings.bits_convention)  # unreachable budgets fail now
-    if cfg.finalize.evaluate and cfg.finalize.tasks:
-        from amq.evaluation.zeroshot import prepare_zero_shot
-
-        prepare_zero_shot(list(cfg.finalize.tasks), cfg.paths.cache_dir)
     out_dir = run_dir / "finalized" / time.strftime("%Y-%m-%d_%H-%M-%S")
     if out_dir.exists():
         raise ConfigError("run_dir", f"{out_dir} already exists", "wait a second and run again")

@@ -214,6 +214,16 @@ def eval_suite(node: DictConfig, splits: TextSplits, add_bos: bool, cache_dir: P
     return EvalSuite(dict(splits.heldout), splits.description, proto, tuple(node.tasks or ()), limit, cache_dir)
 
 
+def check_finalize_components(cfg: DictConfig) -> None:
+    """Build the final quantizer and ready the zero-shot tasks now, so bad settings, an unreachable
+    hub or missing task files fail before the minutes of work that come before the finalize stage."""
+    build(cfg.finalizer, "finalizer")
+    if cfg.finalize.evaluate and cfg.finalize.tasks:
+        from amq.evaluation.zeroshot import prepare_zero_shot
+
+        prepare_zero_shot(list(cfg.finalize.tasks), cfg.paths.cache_dir)
+
+
 def finalizer_for(cfg: DictConfig, wb: ModelAndData, run_dir: Path, metric_name: str, out_dir: Path | None = None) -> "Finalizer":
     """The finalize stage for a loaded model and data (calibration windows drawn from the calibration split).
 
@@ -227,4 +237,4 @@ def finalizer_for(cfg: DictConfig, wb: ModelAndData, run_dir: Path, metric_name:
         spec = CalibrationSpec(int(node.n_samples), int(node.seq_len), seed=int(cfg.data_seed))
         calib = calibration_windows(wb.lm.tokenizer, wb.splits.calibration, spec, wb.lm.add_bos)
     suite = eval_suite(node, wb.splits, wb.lm.add_bos, wb.cache_dir) if node.evaluate else None
-    return Finalizer(run_dir, wb.lm, wb.layout, quantizer, finalize_settings(node), suite, metric_name, calib, out_dir or run_dir)
+    return Finalizer(run_dir, wb.lm, wb.layout, quantizer, finalize_settings(node), suite, metric_name, calib, out_dir)

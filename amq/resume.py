@@ -42,8 +42,13 @@ HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 VALID_DIR = "the directory of an unfinished amq-search run (outputs/search/runs/<time>), or auto"
 
 
+def under(path: str, keys: tuple[str, ...]) -> bool:
+    """Whether dotted `path` is one of `keys` or lies below one of them."""
+    return any(path == k or path.startswith(k + ".") for k in keys)
+
+
 def _may_differ(path: str) -> bool:
-    return any(path == k or path.startswith(k + ".") for k in RESUME_MAY_DIFFER)
+    return under(path, RESUME_MAY_DIFFER)
 
 
 def comparable_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -71,6 +76,11 @@ def comparable_settings(cfg: DictConfig) -> dict[str, Any]:
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = sorted(set(saved) | set(current))
     return [f"{k}={current.get(k)!r} (the run has {saved.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
+
+
+def shown_differences(diff: list[str], most: int = 4) -> str:
+    """The first `most` differences for a one-line message."""
+    return "; ".join(diff[:most]) + (f"; and {len(diff) - most} more" if len(diff) > most else "")
 
 
 def task_overrides(run_dir: Path) -> list[str] | None:
@@ -105,8 +115,7 @@ def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
         raise ConfigError("resume", f"{config} is damaged ({type(exc).__name__})", "restore it, or start a new run") from None
     diff = differences(saved, comparable_settings(cfg))
     if diff:
-        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
-        raise ConfigError("resume", f"{run_dir} was searched with other settings: {shown}", f"its own settings: {resume_command(run_dir)}")
+        raise ConfigError("resume", f"{run_dir} was searched with other settings: {shown_differences(diff)}", f"its own settings: {resume_command(run_dir)}")
     state = read_state(run_dir)
     if state is not None and (run_dir / SUMMARY_FILE).is_file() and int(state["last_completed_iteration"]) >= int(cfg.budget.iterations):
         raise ConfigError(

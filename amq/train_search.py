@@ -25,7 +25,7 @@ from amq.errors import ConfigError, ResourceError
 from amq.faults import resource_errors
 from amq.interrupts import GracefulStop, Interrupted
 from amq.io import atomic_write_json, atomic_write_text
-from amq.pipeline import build, evaluation_context, finalize_settings, finalizer_for, prepare, prune, search_settings
+from amq.pipeline import build, check_finalize_components, evaluation_context, finalize_settings, finalizer_for, prepare, prune, search_settings
 from amq.resume import check_resumable, resume_command
 from amq.run_outputs import ARCHIVE_FILE, CONFIG_FILE, STATE_FILE, SUMMARY_FILE, RunOutputs
 from amq.search.archive import Archive
@@ -96,11 +96,7 @@ def _run(cfg: DictConfig, outputs: RunOutputs, resuming: bool, stop: GracefulSto
     tracker = build(cfg.logger, "logger")
     finalize = finalize_settings(cfg.finalize) if cfg.finalize.enabled else None
     if finalize is not None:
-        build(cfg.finalizer, "finalizer")  # bad finalizer settings fail before the search
-        if cfg.finalize.evaluate and cfg.finalize.tasks:
-            from amq.evaluation.zeroshot import prepare_zero_shot
-
-            prepare_zero_shot(list(cfg.finalize.tasks), cfg.paths.cache_dir)
+        check_finalize_components(cfg)  # before the search
     eval_cache = build(cfg.eval_cache, "eval_cache")
     for key in ("seed", "data_seed"):
         if int(cfg[key]) < 0:

@@ -46,6 +46,11 @@ def run_script(script: str, args: list[str], timeout: int = 600) -> subprocess.C
     )
 
 
+def run_module(module: str, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run one of amq's command-line modules (`python -m amq.<module>`) from the repository root."""
+    return subprocess.run([sys.executable, "-m", f"amq.{module}", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def run_dirs(out_dir: Path) -> list[Path]:
     base = out_dir / "search" / "runs"
     return sorted(p for p in base.iterdir() if p.is_dir()) if base.exists() else []

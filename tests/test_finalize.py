@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
@@ -12,7 +11,7 @@ from amq.bits import BitConfig
 from amq.errors import ConfigError
 from amq.finalize import llamacpp
 from amq.finalize.selection import Candidate, front_extras, select_for_targets
-from conftest import ROOT, SMOKE, run_cli, run_dirs
+from conftest import SMOKE, run_cli, run_dirs, run_module
 
 
 def _cand(bits: float, metric: float, meta: float = 0.5) -> Candidate:
@@ -53,7 +52,7 @@ def test_llama_cpp_types_cover_every_llama_linear():
 
 
 def _evaluate_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "amq.evaluate_cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    return run_module("evaluate_cli", args, timeout=1200)
 
 
 def test_evaluate_refuses_a_directory_without_a_bit_configuration(tmp_path):

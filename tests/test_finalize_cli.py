@@ -8,17 +8,16 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT
+from conftest import run_module
 
 
 def _finalize_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "amq.finalize_cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return run_module("finalize_cli", args)
 
 
 def _files(run: Path) -> dict[str, bytes]:

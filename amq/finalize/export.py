@@ -25,7 +25,7 @@ from torch import nn
 
 from amq.bits import BitConfig
 from amq.errors import ConfigError
-from amq.finalize.packed import RUNTIMES, PackedLinear, set_runtime
+from amq.finalize.packed import PackedLinear, check_runtime, set_runtime
 from amq.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", runtime
     torch.compile (worth it for `packed` on a GPU; same outputs). The tokenizer sits next to the model:
     `transformers.AutoTokenizer.from_pretrained(path)`.
     """
-    if runtime not in RUNTIMES:
-        raise ConfigError("runtime", repr(runtime), ", ".join(RUNTIMES))
+    check_runtime(runtime)  # before the model loads
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amq.errors import ConfigError
+
 CODES_PER_CHUNK = 8  # 8 codes of b bits fill exactly b bytes, for any b in 1..8
 
 
@@ -227,6 +229,11 @@ def replace_linears(model: nn.Module, quants: Mapping[str, GroupQuant], dtype: t
 RUNTIMES = ("dequantized", "packed")
 
 
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise ConfigError("runtime", repr(runtime), ", ".join(RUNTIMES))
+
+
 def set_runtime(model: nn.Module, runtime: str, compile: bool = False) -> int:
     """Choose how every PackedLinear of `model` holds its weight at run time; returns how many.
 
@@ -235,8 +242,7 @@ def set_runtime(model: nn.Module, runtime: str, compile: bool = False) -> int:
     `compile`: dequantize through `torch.compile`, which fuses the unpacking into a few kernels
     (same values; on one H100 5-6x faster per layer than eager; compiles once per width and shape).
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime={runtime!r} (valid: {', '.join(RUNTIMES)})")
+    check_runtime(runtime)
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     dequantizer = torch.compile(dequantize_packed) if compile else None
     for m in layers:
