@@ -80,19 +80,22 @@ def code_hash(*objects: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def evaluation_context(wb: "Workbench") -> dict:
-    """What a true evaluation's value depends on besides the configuration (the evaluation cache key)."""
+def evaluation_context(wb: "Workbench", metric: QualityMetric | None = None, *code: Any) -> dict:
+    """What a measured value depends on besides the configuration (the key of the evaluation and
+    sensitivity caches): model, dtype, device, quantizer, metric and its tokens, library versions,
+    and the code that computes it (`code`: more objects whose source files count)."""
     import transformers
 
+    metric = metric or wb.metric
     return {
         "model": wb.lm.fingerprint,
         "dtype": str(wb.lm.model.dtype),
         "device": wb.lm.device.type,
         "quantizer": wb.bank.quantizer.settings(),
-        "metric": wb.metric.settings(),
-        "tokens": tokens_hash(wb.metric.tokens),
+        "metric": metric.settings(),
+        "tokens": tokens_hash(metric.tokens),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "code": code_hash(type(wb.metric), type(wb.bank.quantizer), ProxyBank, ProxyEvaluator),
+        "code": code_hash(type(metric), type(wb.bank.quantizer), ProxyBank, ProxyEvaluator, *code),
     }
 
 
@@ -155,6 +158,8 @@ def prepare(cfg: DictConfig) -> Workbench:
 
     # the metric's reference distributions come from the unquantized model, before the bank swaps anything
     metric = build(cfg.metric, "metric", _partial_=False, model=lm.model, tokens=tokens)
+    if hasattr(metric, "reuse_prefix"):  # passes start at the first changed block
+        metric.reuse_prefix(lm.model.get_submodule(layout.blocks_name))
     bank = ProxyBank(lm.model, layout, quantizer, bits, storage=quantizer.storage).build(md.cache_dir / "proxy", lm.fingerprint)
     return Workbench(lm, layout, md.splits, md.cache_dir, tokens, bank, metric, bits, targets)
 
@@ -174,10 +179,8 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
 def prune(wb: Workbench, pruning: sensitivity.Pruning, sensitivity_samples: int, share_groups) -> tuple[sensitivity.SensitivityTable, SearchSpace]:
     """Stage: sensitivity (cached) and pruning; returns the table and the pruned search space."""
     sens_metric = wb.metric.subset(sensitivity_samples)
-    table = sensitivity.cached_measure(
-        wb.bank, sens_metric, wb.cache_dir / "sensitivity", wb.lm.fingerprint,
-        {"metric": sens_metric.description, "tokens": tokens_hash(sens_metric.tokens), "code": code_hash(type(sens_metric), type(wb.bank.quantizer), ProxyBank, sensitivity.measure)},
-    )
+    context = {**evaluation_context(wb, sens_metric, sensitivity.measure), "description": sens_metric.description}
+    table = sensitivity.cached_measure(wb.bank, sens_metric, wb.cache_dir / "sensitivity", context)
     space = SearchSpace(wb.layout.linears, wb.bits, wb.bank.quantizer.group_size, pruning.pruned(table), share_groups, pruning.keep_top)
     log.info(
         "pruning: %d of %d linears limited to the top %d width(s) %s (threshold %.2f x median); %d genes, %.3f-%.3f bits",

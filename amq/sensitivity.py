@@ -82,7 +82,7 @@ def measure(bank: ProxyBank, metric: QualityMetric, low_bits: int, high_bits: in
 
     def measured(name: str) -> float:
         if name not in done:
-            done[name] = metric.evaluate(bank.model)
+            done[name] = metric.evaluate(bank.model, bank.block_states())
             if progress:
                 append_jsonl(progress, {"name": name, "value": done[name]})
         return done[name]
@@ -102,12 +102,14 @@ def measure(bank: ProxyBank, metric: QualityMetric, low_bits: int, high_bits: in
     return SensitivityTable(damage, baseline, low_bits, high_bits, getattr(metric, "description", metric.name), time.perf_counter() - t0)
 
 
-def cached_measure(
-    bank: ProxyBank, metric: QualityMetric, cache_dir: str | Path, fingerprint: str, key_extra: dict
-) -> SensitivityTable:
-    """`measure`, reusing a table computed earlier under identical settings."""
+def cached_measure(bank: ProxyBank, metric: QualityMetric, cache_dir: str | Path, context: dict) -> SensitivityTable:
+    """`measure`, reusing a table computed earlier under identical settings.
+
+    `context` is everything the values depend on besides the widths (model, dtype, device,
+    quantizer, metric, tokens, code: pipeline.evaluation_context), so a float32 and a bf16 run
+    never share a table."""
     low, high = bank.bits[0], bank.bits[-1]
-    payload = {"model": fingerprint, "quantizer": bank.quantizer.settings(), "low": low, "high": high, **key_extra}
+    payload = {**context, "low": low, "high": high}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"{key}.json"
     table = _load_cached_table(path, bank.layout.names)

@@ -24,6 +24,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from amq.bits import BitConfig
+from amq.devices import DTYPES
 from amq.errors import ConfigError
 from amq.finalize.packed import PackedLinear, check_runtime, set_runtime
 from amq.io import atomic_write_json
@@ -35,8 +36,6 @@ BITCONFIG_FILE = "bit_config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "amq-packed"
 FORMAT_VERSION = 1
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def packed_modules(model: nn.Module) -> dict[str, PackedLinear]:
@@ -129,7 +128,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", runtime
 
     path = Path(path)
     manifest = read_manifest(path)
-    dtype = _DTYPES[manifest["dtype"]]
+    dtype = DTYPES[manifest["dtype"]]
     config = AutoConfig.from_pretrained(path)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Hashable, Protocol, Sequence
 
 from torch import nn
 
@@ -15,8 +15,11 @@ class QualityMetric(Protocol):
         """What determines its values besides the model and the data (the evaluation cache key)."""
         ...
 
-    def evaluate(self, model: nn.Module) -> float:
-        """Score `model` with whatever weights are swapped in right now."""
+    def evaluate(self, model: nn.Module, states: Sequence[Hashable] | None = None) -> float:
+        """Score `model` with whatever weights are swapped in right now.
+
+        `states` (one per decoder block: the bits of its linears) may let the metric skip the
+        blocks that did not change since its last pass; None: the weights may have changed anywhere."""
         ...
 
     def subset(self, n_samples: int) -> "QualityMetric":

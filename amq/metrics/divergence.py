@@ -13,6 +13,7 @@ How the reference is kept (`reference`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from amq.errors import ConfigError
+from amq.metrics.block_prefix import BlockPrefixCache, BlockStates, verify_prefix_reuse
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,10 @@ class OutputDivergence:
     cache; `compile=True` fuses the arithmetic with torch.compile (falls back to eager if the
     compiler is unavailable), which is what keeps a true evaluation close to the forward-pass floor.
     Per-chunk sums stay on the model's device until the end (one host sync per evaluation).
+
+    After `reuse_prefix(blocks)`, a pass given the per-block states of the weights starts at the
+    first block that changed since the previous pass (amq/metrics/block_prefix.py), keeping up to
+    `prefix_cache_mb` of block inputs; the values are the full forward's, bit for bit.
     """
 
     model: nn.Module
@@ -99,7 +105,10 @@ class OutputDivergence:
     chunk_tokens: int = 64
     compile: bool = False
     reference: str = "probs"
+    prefix_cache_mb: float = 1024.0
     _refs: list = field(default_factory=list, init=False, repr=False)
+    _blocks: nn.ModuleList | None = field(default=None, init=False, repr=False)
+    _prefix: BlockPrefixCache | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in _ROW_FNS:
@@ -109,6 +118,8 @@ class OutputDivergence:
         for key in ("batch_size", "chunk_tokens"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"metric.{key}", f"{getattr(self, key)}", "an integer >= 1")
+        if not float(self.prefix_cache_mb) >= 0:
+            raise ConfigError("metric.prefix_cache_mb", f"{self.prefix_cache_mb}", "a number of megabytes >= 0 (0: every pass runs in full)")
         row_fn = _ROW_FNS[self.kind] if self.reference == "probs" else _from_ref_logits(_ROW_FNS[self.kind])
         self._row_fn = self._compiled(row_fn) if self.compile else row_fn
         with torch.inference_mode():
@@ -155,12 +166,49 @@ class OutputDivergence:
         return {"kind": self.kind, "batch_size": int(self.batch_size), "chunk_tokens": int(self.chunk_tokens), "compile": bool(self.compile)}
 
     def subset(self, n_samples: int) -> "OutputDivergence":
-        """The same metric on the first `n_samples` windows, sharing the reference (no recompute)."""
-        n_batches = max(1, -(-n_samples // self.batch_size))
+        """The same metric on the first `n_samples` windows, sharing the reference (no recompute).
+
+        Exactly `n_samples` windows: a last partial batch takes the leading rows of its reference."""
+        n_samples = max(1, min(int(n_samples), self.tokens.shape[0]))
+        full, rest = divmod(n_samples, self.batch_size)
         sub = copy.copy(self)
-        sub.tokens = self.tokens[: n_batches * self.batch_size]
-        sub._refs = self._refs[:n_batches]
+        sub.tokens = self.tokens[:n_samples]
+        sub._refs = self._refs[:full]
+        if rest:
+            rows = rest * self.tokens.shape[1]
+            ref = self._refs[full]
+            sub._refs.append(tuple(r[:rows] for r in ref) if isinstance(ref, tuple) else ref[:rows])
+        sub._prefix = sub._new_prefix_cache() if self._prefix is not None and self._prefix.enabled else None
         return sub
+
+    def reuse_prefix(self, blocks: nn.ModuleList) -> bool:
+        """Let passes start at the first changed decoder block; checked once on this model.
+
+        Returns whether reuse is on (off when `prefix_cache_mb` holds not even one block's inputs,
+        or when skipping blocks does not reproduce the full forward on this architecture)."""
+        self._blocks = blocks
+        self._prefix = self._new_prefix_cache()
+        if not self._prefix.enabled:
+            self._prefix = None
+            return False
+        ids = self._batches()[0]
+        with torch.inference_mode():
+            ok = verify_prefix_reuse(self._prefix, lambda: forward_logits(self.model, ids) if self.reference == "probs" else final_hidden(self.model, ids))
+        if not ok:
+            self._prefix = None
+        return ok
+
+    def _new_prefix_cache(self) -> BlockPrefixCache:
+        hidden = self.model.get_input_embeddings().embedding_dim
+        itemsize = next(self.model.parameters()).element_size()
+        per_block = self.tokens.numel() * hidden * itemsize
+        return BlockPrefixCache(self._blocks, len(self._batches()), per_block, int(float(self.prefix_cache_mb) * 2**20))
+
+    @property
+    def prefix_stats(self) -> dict:
+        """Blocks skipped and run over all passes so far (what prefix reuse saved)."""
+        p = self._prefix
+        return {"blocks_skipped": p.blocks_skipped if p else 0, "blocks_run": p.blocks_run if p else 0}
 
     def _batches(self) -> list[torch.Tensor]:
         return list(torch.split(self.tokens, self.batch_size))
@@ -181,11 +229,19 @@ class OutputDivergence:
                 out.append(self._row_fn(head_logits(model, ref[s:e]), head_logits(model, hidden[s:e])))
         return out
 
-    def evaluate(self, model: nn.Module) -> float:
+    def evaluate(self, model: nn.Module, states: BlockStates | None = None) -> float:
+        """Score `model` as it is now; `states` (one per decoder block, e.g. the bits of its linears)
+        lets the pass start at the first block that changed since the previous one."""
+        prefix = self._prefix if model is self.model else None
+        start = prefix.begin(states) if prefix is not None else 0
         sums, count = [], 0
         with torch.inference_mode():
-            for ids, ref in zip(self._batches(), self._refs):
-                for rows in self._batch_rows(model, ids, ref):
+            for i, (ids, ref) in enumerate(zip(self._batches(), self._refs)):
+                with prefix.forward_from(i, start) if prefix is not None else contextlib.nullcontext():
+                    batch_rows = self._batch_rows(model, ids, ref)
+                for rows in batch_rows:
                     sums.append(rows.clamp_min(0).sum())
                     count += rows.numel()
+        if prefix is not None:
+            prefix.commit()
         return float(torch.stack(sums).double().sum()) / count

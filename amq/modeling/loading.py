@@ -23,15 +23,12 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from amq.devices import resolve_device
+from amq.devices import ComputeDtype, resolve_device, resolve_dtype
 from amq.errors import ConfigError
 from amq.hub import hub_reachable, offline_mode
 from amq.io import file_lock
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 @dataclass
 class LoadedModel:
@@ -43,12 +40,12 @@ class LoadedModel:
     fingerprint: str
     add_bos: bool
     device: torch.device
+    compute: ComputeDtype  # the dtype it computes in and why (recorded in the run's protocol)
 
 
-def resolve_dtype(dtype: str) -> torch.dtype:
-    if dtype not in _DTYPES:
-        raise ConfigError("model.dtype", f"unknown dtype {dtype!r}", ", ".join(_DTYPES))
-    return _DTYPES[dtype]
+def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, ComputeDtype]:
+    dev = resolve_device(device, "model.device")
+    return dev, resolve_dtype(dtype, dev)
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -93,14 +90,15 @@ class HFModel:
     """
 
     name_or_path: str
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str = "auto"
     revision: str | None = None
     add_bos: bool | None = None
     trust_remote_code: bool = False
 
     def load(self, cache_dir: str | Path) -> LoadedModel:
-        dtype, device = resolve_dtype(self.dtype), resolve_device(self.device, "model.device")
+        device, compute = _device_and_dtype(self.device, self.dtype)
+        dtype = compute.dtype
         local = Path(self.name_or_path).expanduser()
         looks_local = self.name_or_path.startswith((".", "/", "~")) or local.exists()
         if looks_local and not (local / "config.json").is_file():
@@ -136,9 +134,9 @@ class HFModel:
         else:
             commit = getattr(model.config, "_commit_hash", None) or self.revision or "main"
             fp = hashlib.sha256(f"{self.name_or_path}@{commit}".encode()).hexdigest()
-        log.info("loaded %s in %.1fs", self.name_or_path, time.perf_counter() - t0)
+        log.info("loaded %s (%s: %s) in %.1fs", self.name_or_path, compute.name, compute.reason, time.perf_counter() - t0)
         name = local.name if looks_local else self.name_or_path.replace("/", "--")
-        return LoadedModel(_finish(model, device), tokenizer, name, fp[:16], _wants_bos(tokenizer, self.add_bos), device)
+        return LoadedModel(_finish(model, device), tokenizer, name, fp[:16], _wants_bos(tokenizer, self.add_bos), device, compute)
 
 
 @dataclass
@@ -154,7 +152,7 @@ class EmbeddedGGUF:
     package: str
     gguf_file: str
     pip_name: str
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str = "auto"
     assembler: str | None = None
     add_bos: bool | None = None
@@ -213,7 +211,8 @@ class EmbeddedGGUF:
 
     def load(self, cache_dir: str | Path) -> LoadedModel:
         cache_dir = Path(cache_dir)
-        dtype, device = resolve_dtype(self.dtype), resolve_device(self.device, "model.device")
+        device, compute = _device_and_dtype(self.device, self.dtype)
+        dtype = compute.dtype
         gguf = self._gguf_path(cache_dir)
         sha = file_sha256(gguf)[:16]
         out_dir = cache_dir / "models" / f"{self.name}-{sha}"
@@ -228,5 +227,5 @@ class EmbeddedGGUF:
         t0 = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(out_dir)
         model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype)
-        log.info("loaded %s (%s) in %.1fs", self.name, dtype, time.perf_counter() - t0)
-        return LoadedModel(_finish(model, device), tokenizer, self.name, sha, _wants_bos(tokenizer, self.add_bos), device)
+        log.info("loaded %s (%s: %s) in %.1fs", self.name, compute.name, compute.reason, time.perf_counter() - t0)
+        return LoadedModel(_finish(model, device), tokenizer, self.name, sha, _wants_bos(tokenizer, self.add_bos), device, compute)

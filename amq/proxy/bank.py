@@ -44,9 +44,13 @@ class WeightQuantizer(Protocol):
     def dequantize_into(self, out: torch.Tensor, w_q: torch.Tensor, meta: dict) -> None: ...
 
 
-def _cache_key(fingerprint: str, quantizer: WeightQuantizer, nbits: int, layout: ModelLayout) -> str:
+def _cache_key(fingerprint: str, quantizer: WeightQuantizer, nbits: int, layout: ModelLayout, weight: torch.Tensor) -> str:
+    """What a width's quantized weights depend on: the model, the quantizer, the width, the layout,
+    and the dtype and device of the weights it quantizes (bf16 and float32 weights quantize apart)."""
     payload = {
         "model": fingerprint,
+        "dtype": str(weight.dtype),
+        "device": weight.device.type,
         "quantizer": quantizer.settings(),
         "nbits": nbits,
         "linears": [(li.name, li.in_features, li.out_features) for li in layout.linears],
@@ -97,7 +101,8 @@ class ProxyBank:
         return self
 
     def _cached_or_quantized(self, cache_dir: Path, fingerprint: str, nbits: int) -> dict:
-        path = cache_dir / f"{_cache_key(fingerprint, self.quantizer, nbits, self.layout)}-{nbits}bit.pt"
+        some_weight = next(iter(self._original.values()))
+        path = cache_dir / f"{_cache_key(fingerprint, self.quantizer, nbits, self.layout, some_weight)}-{nbits}bit.pt"
         with file_lock(path):  # parallel jobs of a sweep: one quantizes, the others wait and reuse it
             packed = self._load_cached(path)
             if packed is None:
@@ -181,6 +186,14 @@ class ProxyBank:
                 log.warning("proxy swaps: torch.compile failed (%s); dequantizing eagerly", type(exc).__name__)
                 self.fused_swaps = False
         self.quantizer.dequantize_into(out, w_q, meta)
+
+    def block_states(self) -> tuple[tuple[int | None, ...], ...]:
+        """The bits loaded in each decoder block's linears (None: unquantized), block by block:
+        what tells the metric which blocks changed since its last pass."""
+        per_block: list[list[int | None]] = [[] for _ in range(self.layout.n_blocks)]
+        for li in self.layout.linears:
+            per_block[li.block].append(self._current[li.name])
+        return tuple(tuple(b) for b in per_block)
 
     def restore(self) -> None:
         """Put the unquantized weights back everywhere."""

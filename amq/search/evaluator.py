@@ -53,5 +53,5 @@ class ProxyEvaluator:
     def __call__(self, genes: np.ndarray) -> Evaluation:
         t0 = time.perf_counter()
         self.bank.apply(self.space.to_bits(genes))
-        value = self.metric.evaluate(self.bank.model)
+        value = self.metric.evaluate(self.bank.model, self.bank.block_states())
         return measured(value, time.perf_counter() - t0, self.metric.name)
