@@ -68,13 +68,17 @@ class Pruning:
 BASELINE = ""  # the progress file's name for the all-high measurement
 
 
-def measure(bank: ProxyBank, metric: QualityMetric, low_bits: int, high_bits: int, progress: Path | None = None) -> SensitivityTable:
-    """Damage of each linear at `low_bits` with all others at `high_bits`.
+def measure(
+    bank: ProxyBank, metric: QualityMetric, low_bits: int, high_bits: int, progress: Path | None = None, names: list[str] | None = None
+) -> SensitivityTable:
+    """Damage of each linear at `low_bits` with all others at `high_bits` (`names`: only these linears).
+
+    Each probe tells the metric which blocks changed, so its pass starts at the probed block.
 
     With `progress`, every measurement is appended to that file as it is made and read back on
     the next call, so a stage stopped half-way continues where it stopped instead of starting over.
     """
-    names = bank.layout.names
+    names = bank.layout.names if names is None else names
     t0 = last = time.perf_counter()
     done = {d["name"]: float(d["value"]) for d in repair_jsonl(progress)} if progress else {}
     if done:
@@ -87,7 +91,7 @@ def measure(bank: ProxyBank, metric: QualityMetric, low_bits: int, high_bits: in
                 append_jsonl(progress, {"name": name, "value": done[name]})
         return done[name]
 
-    bank.apply({n: high_bits for n in names})
+    bank.apply({n: high_bits for n in bank.layout.names})
     baseline = measured(BASELINE)
     damage: dict[str, float] = {}
     for i, name in enumerate(names):
