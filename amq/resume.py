@@ -3,7 +3,9 @@ be continued, and the command that continues it.
 
 A run directory can be continued when it holds an unfinished run whose settings equal the current
 ones, except those that change how fast a run goes or where it reports, not what it finds
-(`RESUME_MAY_DIFFER`). `budget.iterations` may grow, which extends a finished search.
+(`RESUME_MAY_DIFFER`). `budget.iterations` may grow, which extends a finished search. A run its
+time limit stopped (`budget.max_minutes`, recorded as `stopped` in summary.json) is unfinished:
+continued with a larger limit or none, it searches on from the next iteration.
 
 `resume=auto` makes a command safe to rerun as is (a preempted job, a requeue): it continues the
 newest unfinished run with the same settings under the same runs folder, or starts a new one.
@@ -16,6 +18,7 @@ one line and exit status 2.
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import sys
@@ -32,11 +35,13 @@ from amq.run_outputs import CONFIG_FILE, SUMMARY_FILE, read_state
 
 log = logging.getLogger(__name__)
 
+TIME_LIMIT = "budget.max_minutes"
 # Settings that may differ between an interrupted run and its continuation: where outputs and
-# caches go, tracking, CPU threads, and how the metric is batched (same values up to float rounding).
+# caches go, tracking, CPU threads, how the metric is batched (same values up to float rounding), and
+# how long the search may take (where it stops, not what it finds).
 RESUME_MAY_DIFFER = (
     "resume", "paths", "hydra", "task_name", "sweep_name", "num_threads", "logger", "eval_cache",
-    "budget.iterations", "metric.compile", "metric.batch_size", "metric.chunk_tokens", "quantizer.storage",
+    "budget.iterations", TIME_LIMIT, "metric.compile", "metric.batch_size", "metric.chunk_tokens", "quantizer.storage",
 )
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 VALID_DIR = "the directory of an unfinished amq-search run (outputs/search/runs/<time>), or auto"
@@ -102,6 +107,23 @@ def resume_command(run_dir: Path, overrides: list[str] | None = None) -> str:
     return "amq-search " + " ".join(shlex.quote(a) for a in args)
 
 
+def continue_past_time_limit(run_dir: Path) -> str:
+    """The command that continues a run its time limit stopped: its own overrides and no limit."""
+    kept = [o for o in task_overrides(run_dir) or [] if o.lstrip("+~").split("=", 1)[0] != TIME_LIMIT]
+    return resume_command(run_dir, [*kept, f"{TIME_LIMIT}=null"])
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether a run's search ended: it wrote summary.json, and not because its time limit stopped it."""
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file():
+        return False
+    try:
+        return not json.loads(path.read_text()).get("stopped")
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: not a run to continue on its own
+
+
 def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
     """Raise ConfigError unless `run_dir` holds an unfinished run `cfg` may continue."""
     if not run_dir.is_dir():
@@ -125,11 +147,11 @@ def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
 
 
 def find_unfinished(runs_dir: Path, cfg: DictConfig) -> Path | None:
-    """The newest run under `runs_dir` that `cfg` may continue (same settings, no summary.json)."""
+    """The newest run under `runs_dir` that `cfg` may continue (same settings, not finished)."""
     if not runs_dir.is_dir():
         return None
     for run_dir in sorted((p for p in runs_dir.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True):
-        if (run_dir / SUMMARY_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
+        if finished(run_dir) or not (run_dir / CONFIG_FILE).is_file():
             continue  # finished, or stopped before it wrote anything (nothing to continue)
         try:
             check_resumable(run_dir, cfg)

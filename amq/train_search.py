@@ -4,6 +4,10 @@
 prune, search, write the front. It returns the final hypervolume (what a Hydra sweeper optimises).
 A run can be stopped at any moment and continued with `resume=<run dir>` or `resume=auto`
 (amq/resume.py); SIGINT/SIGTERM stop it after the evaluation in flight (amq/interrupts.py).
+
+`budget.max_minutes` limits the whole run as the user waits for it, counted from the start of
+`run()`: model loading, proxy and sensitivity count, the search stops at an iteration boundary so
+as to end within the limit (at most one iteration past it), and the finalize stage runs after.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from amq.faults import resource_errors
 from amq.interrupts import GracefulStop, Interrupted
 from amq.io import atomic_write_json, atomic_write_text
 from amq.pipeline import build, check_finalize_components, evaluation_context, finalize_settings, finalizer_for, prepare, prune, search_settings
-from amq.resume import check_resumable, resume_command
+from amq.resume import TIME_LIMIT, check_resumable, continue_past_time_limit, resume_command
 from amq.run_outputs import ARCHIVE_FILE, CONFIG_FILE, STATE_FILE, SUMMARY_FILE, RunOutputs
 from amq.search.archive import Archive
 from amq.search.eval_cache import with_cache
@@ -60,14 +64,24 @@ def _continues(cfg: DictConfig, run_dir: Path) -> bool:
     return True
 
 
+def search_deadline(max_minutes: object, started: float) -> float | None:
+    """The time.monotonic() value the search must end by, `budget.max_minutes` after `started` (None: no limit)."""
+    if max_minutes is None:
+        return None
+    if isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float)) or not max_minutes > 0:
+        raise ConfigError(TIME_LIMIT, f"{max_minutes!r}", "a number of minutes > 0, or null for no limit")
+    return started + 60.0 * float(max_minutes)
+
+
 def run(cfg: DictConfig) -> float:
+    started = time.monotonic()  # the time limit counts the whole run, model loading included
     run_dir = Path(cfg.paths.output_dir)
     new_dir = not (run_dir / CONFIG_FILE).is_file()  # Hydra just made it: remove it again on a user error
     try:
         check_settings(cfg, CONF_DIR)
         resuming = _continues(cfg, run_dir)
         with GracefulStop() as stop, resource_errors(cfg, run_dir):
-            return _run(cfg, RunOutputs(run_dir), resuming, stop)
+            return _run(cfg, RunOutputs(run_dir), resuming, stop, started)
     except ConfigError:
         if new_dir:
             _remove_fresh_run_dir(run_dir)
@@ -77,8 +91,7 @@ def run(cfg: DictConfig) -> float:
         raise
 
 
-def _run(cfg: DictConfig, outputs: RunOutputs, resuming: bool, stop: GracefulStop) -> float:
-    t_start = time.perf_counter()
+def _run(cfg: DictConfig, outputs: RunOutputs, resuming: bool, stop: GracefulStop, started: float) -> float:
     run_dir = outputs.dir
     if resuming:
         outputs.remove_stale_temps()
@@ -105,6 +118,7 @@ def _run(cfg: DictConfig, outputs: RunOutputs, resuming: bool, stop: GracefulSto
         raise ConfigError("search.sensitivity_seeds", f"{cfg.search.sensitivity_seeds}", "an integer >= 0 (0: the reference's uniform + random initial design)")
     if cfg.search.seed_allocator not in SEED_ALLOCATORS:
         raise ConfigError("search.seed_allocator", f"{cfg.search.seed_allocator!r}", " or ".join(SEED_ALLOCATORS))
+    deadline = search_deadline(cfg.budget.max_minutes, started)
 
     # ---- model, data, proxy, metric; then sensitivity and pruning
     wb = prepare(cfg)
@@ -156,6 +170,7 @@ def _run(cfg: DictConfig, outputs: RunOutputs, resuming: bool, stop: GracefulSto
             space, table.damage, int(cfg.search.sensitivity_seeds), search_bits_range(space, settings), targets, uniform_metric, cfg.search.seed_allocator
         ),
         evaluation_guard=stop.deferred,
+        deadline=deadline,
     )
     tracker.start(str(run_dir), OmegaConf.to_container(cfg, resolve=True), name=run_dir.name)
     failed = True
@@ -163,8 +178,16 @@ def _run(cfg: DictConfig, outputs: RunOutputs, resuming: bool, stop: GracefulSto
         t_search = time.perf_counter()
         search.run(start)
         search_s = time.perf_counter() - t_search
+        if search.stopped:
+            log.info(
+                "search stopped on its time limit (%s=%g, counted from this run's start) after iteration %d of %d; the front so far is written. "
+                "Continue it with no limit (or a new one, counted from the continued run's start): %s",
+                TIME_LIMIT, cfg.budget.max_minutes, search.stopped["after_iteration"], search.stopped["of"], continue_past_time_limit(run_dir),
+            )
         front = outputs.write_front(archive, metric.name, title)
-        summary = _summary(cfg, lm, layout, space, archive, metric, wb.splits.description, table, bank, rows, front, targets, search_s, time.perf_counter() - t_start)
+        summary = _summary(
+            cfg, lm, layout, space, archive, metric, wb.splits.description, table, bank, rows, front, targets, search.stopped, search_s, time.monotonic() - started
+        )
         atomic_write_json(outputs.path("summary.json"), summary)
         if finalize is not None:
             bank.restore()
@@ -190,7 +213,7 @@ def finalize_summary(report: dict) -> dict:
     return {"models": models, "proxy_fidelity": report["proxy_fidelity"], "seconds": report["seconds"]}
 
 
-def _summary(cfg, lm, layout, space, archive, metric, data_desc, table, bank, rows, front, targets, search_s, total_s) -> dict:
+def _summary(cfg, lm, layout, space, archive, metric, data_desc, table, bank, rows, front, targets, stopped, search_s, total_s) -> dict:
     _, y, bits = archive.arrays()
     best = {}
     for t in targets:
@@ -206,6 +229,7 @@ def _summary(cfg, lm, layout, space, archive, metric, data_desc, table, bank, ro
             "calibration": {"n_samples": int(cfg.budget.n_samples), "seq_len": int(cfg.budget.seq_len), "seed": int(cfg.data_seed)},
             "metric": metric.description,
             "model_dtype": str(lm.model.dtype).replace("torch.", ""),
+            "compute_dtype": {**lm.compute.record(), "device": lm.device.type},
             "bits_convention": CONVENTION_WITH_META,
             "weights_only_convention": CONVENTION_WEIGHTS_ONLY,
             "hypervolume": HV_CONVENTION,
@@ -221,6 +245,7 @@ def _summary(cfg, lm, layout, space, archive, metric, data_desc, table, bank, ro
             "share_groups": OmegaConf.to_container(cfg.search.share_groups) if cfg.search.share_groups else None,
         },
         "final_hypervolume": rows[-1]["hypervolume"],
+        "stopped": stopped,  # {"reason": "max_minutes", "after_iteration": k, "of": N}: the time limit ended the search early; null: it ran to its end
         "true_evaluations": len(archive),
         "evaluations": {
             "archived": len(archive),

@@ -44,6 +44,8 @@ def test_run_directory_contract(smoke_run):
     assert summary["true_evaluations"] == len(archive)
     assert (summary["evaluations"]["archived"], summary["evaluations"]["reused_from_cache"], summary["evaluations"]["failed"]) == (len(archive), 0, 0)
     assert summary["protocol"]["bits_convention"].startswith("searchable linears")
+    chosen = summary["protocol"]["compute_dtype"]  # model.source.dtype=auto: what it chose, and why
+    assert chosen["requested"] == "auto" and chosen["dtype"] == summary["protocol"]["model_dtype"] and chosen["reason"]
     assert (run_dir / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -2,7 +2,9 @@
 
 The embedded default reads real text that ships inside the `gensim` package: an excerpt of a 2016
 English Wikipedia dump (parsed with gensim's own wiki parser) and the Lee news corpus. Nothing is
-downloaded. Hub datasets (wikitext2, c4) go through `datasets` and fail with a clear message offline.
+downloaded. Your own text files (`data=text`) are read directly, offline. Hub datasets (wikitext2, c4)
+go through `datasets` and fail with a clear message offline; `datasets`' local builders (`text`,
+`json`, `csv`, ...) reading local files need no hub.
 """
 
 from __future__ import annotations
@@ -10,10 +12,15 @@ from __future__ import annotations
 import bz2
 import hashlib
 import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from amq.data.tokens import DOC_SEPARATOR
 from amq.errors import ConfigError
 from amq.hub import hub_reachable, offline_mode
 
@@ -34,6 +41,11 @@ class TextSplits:
 
 class Corpus(Protocol):
     def load(self) -> TextSplits: ...
+
+
+def plain(value: Any) -> Any:
+    """OmegaConf containers (what Hydra passes) as plain dicts/lists: libraries read a DictConfig as a list of keys."""
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def _gensim_test_data() -> Path:
@@ -91,20 +103,193 @@ class EmbeddedWikiLee:
         return TextSplits(calibration=calib, heldout={"wiki": held, "lee": read_lee_corpus()}, description=desc)
 
 
+TEXT_GLOB = "*.txt"
+_BLANK_LINES = re.compile(r"\n\s*\n")
+
+
+def _paths_valid(setting: str) -> str:
+    """What a path setting accepts, for the error line."""
+    return f"a UTF-8 text file, a folder holding {TEXT_GLOB} files, or a list of them: {setting}=<path>"
+
+
+def split_documents(text: str) -> list[str]:
+    """A file's documents: its blocks of text between blank lines, stripped.
+
+    The token stream joins documents with a blank line again (amq.data.tokens), so the calibration
+    text is the file's text; the split only decides what counts as one document in the record.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return [doc.strip() for doc in _BLANK_LINES.split(text) if doc.strip()]
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """One configured path (a file or a folder of text files) and the documents read from it."""
+
+    path: Path
+    folder: bool
+    files: tuple[Path, ...]
+    docs: tuple[str, ...]
+
+    @property
+    def chars(self) -> int:
+        return sum(len(d) for d in self.docs)
+
+    def describe(self) -> str:
+        """Path, size and content hash: what the protocol record needs to tell two texts apart."""
+        digest = hashlib.sha256(DOC_SEPARATOR.join(self.docs).encode("utf-8")).hexdigest()[:12]
+        where = f"{self.path}/ ({len(self.files)} {TEXT_GLOB} files, " if self.folder else f"{self.path} ("
+        return f"{where}{self.chars} chars, {len(self.docs)} documents, sha256 {digest})"
+
+
+def _path_entries(setting: str, value: Any) -> list[str]:
+    """The configured path(s) as a list of strings: a path, or a list of paths."""
+    if value is None:
+        raise ConfigError(setting, "not set (data=text needs it)", _paths_valid(setting))
+    entries = value if isinstance(value, list) else [value]
+    if not entries or not all(isinstance(e, str) and e.strip() for e in entries):
+        raise ConfigError(setting, f"{value!r} is not a path or a list of paths", _paths_valid(setting))
+    return entries
+
+
+def _read_file(setting: str, path: Path) -> list[str]:
+    try:
+        return split_documents(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(setting, f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})", _paths_valid(setting)) from None
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot read {path} ({exc.strerror or exc})", _paths_valid(setting)) from None
+
+
+def _text_files(setting: str, folder: Path) -> list[Path]:
+    """Every *.txt file under `folder` in sorted order, skipping hidden files and folders (.git, checkpoints)."""
+    relative = {p: p.relative_to(folder) for p in folder.rglob(TEXT_GLOB) if p.is_file()}
+    files = sorted((p for p, rel in relative.items() if not any(part.startswith(".") for part in rel.parts)), key=lambda p: relative[p].as_posix())
+    if not files:
+        raise ConfigError(setting, f"folder {folder} holds no {TEXT_GLOB} files", _paths_valid(setting))
+    return files
+
+
+def _absolute(entry: str) -> Path:
+    """`~` expanded and made absolute against the working directory, symlinks kept (their names name texts)."""
+    return Path(os.path.abspath(os.path.expanduser(entry)))
+
+
+def read_source(setting: str, entry: str) -> TextSource:
+    """Read one configured path; a missing path, or one with no text, is an error naming `setting`."""
+    path = _absolute(entry)
+    folder = path.is_dir()
+    if folder:
+        files = _text_files(setting, path)
+        per_file = {f: _read_file(setting, f) for f in files}
+        empty = [f.name for f, docs in per_file.items() if not docs]
+        if empty and len(empty) < len(files):
+            log.warning("%s: skipping %d empty file(s) in %s: %s", setting, len(empty), path, ", ".join(empty[:5]))
+        docs = [d for file_docs in per_file.values() for d in file_docs]
+    elif path.is_file():
+        files, docs = [path], _read_file(setting, path)
+    else:
+        raise ConfigError(setting, f"{path} does not exist", _paths_valid(setting))
+    if not docs:
+        raise ConfigError(setting, f"{path} has no text (empty or whitespace only)", _paths_valid(setting))
+    return TextSource(path, folder, tuple(files), tuple(docs))
+
+
+def _heldout_entries(value: Any) -> dict[str, tuple[str, list[str]]]:
+    """Held-out texts: name -> (setting, paths); a mapping names them, else each path is one text named after its stem."""
+    if isinstance(value, dict):
+        if not value:
+            raise ConfigError("data.heldout", "an empty mapping", "name: path, e.g. data.heldout={news:news.txt}")
+        return {str(name): (f"data.heldout.{name}", _path_entries(f"data.heldout.{name}", paths)) for name, paths in value.items()}
+    named: dict[str, tuple[str, list[str]]] = {}
+    for entry in _path_entries("data.heldout", value):
+        path = _absolute(entry)
+        stem = (path.name if path.is_dir() else path.stem) or "heldout"
+        name, n = stem, 1
+        while name in named:  # news/a.txt and sports/a.txt: a, a_2
+            n += 1
+            name = f"{stem}_{n}"
+        named[name] = ("data.heldout", [entry])
+    return named
+
+
+@dataclass
+class TextFiles:
+    """Your own text files, offline: calibration text, and held-out texts named after their files.
+
+    Each setting is a file, a folder (every *.txt under it, recursively, sorted; hidden ones
+    skipped), or a list of them; `heldout` may also map names to paths. A file's documents are its
+    blocks of text between blank lines. Everything is read and checked when the config is built,
+    so a bad path fails before the model loads.
+    """
+
+    calibration: str | list[str] | None = None
+    heldout: str | list[str] | dict[str, str | list[str]] | None = None
+
+    def __post_init__(self) -> None:
+        self.calibration, self.heldout = plain(self.calibration), plain(self.heldout)
+        self._calibration = [read_source("data.calibration", e) for e in _path_entries("data.calibration", self.calibration)]
+        self._heldout = {
+            name: [read_source(setting, e) for e in entries] for name, (setting, entries) in _heldout_entries(self.heldout).items()
+        }
+        calib_files = {f for src in self._calibration for f in src.files}
+        for name, sources in self._heldout.items():
+            shared = sorted(calib_files.intersection(f for src in sources for f in src.files))
+            if shared:
+                log.warning("data: held-out text %r shares %d file(s) with the calibration text (%s): it is not held out", name, len(shared), shared[0])
+
+    def load(self) -> TextSplits:
+        calib = "; ".join(src.describe() for src in self._calibration)
+        held = "; ".join(f"{name}: " + "; ".join(src.describe() for src in sources) for name, sources in self._heldout.items())
+        desc = f"text files (documents split at blank lines): calibration {calib}; held-out {held}"
+        log.info("data: %s", desc)
+        return TextSplits(
+            calibration=[d for src in self._calibration for d in src.docs],
+            heldout={name: [d for src in sources for d in src.docs] for name, sources in self._heldout.items()},
+            description=desc,
+        )
+
+
+LOCAL_BUILDERS = frozenset({"text", "json", "csv", "parquet", "arrow", "pandas"})  # `datasets`' packaged readers
+
+
+def _file_names(data_files: str | list | dict | None) -> list[str]:
+    """Every file name or pattern in a `datasets` data_files value (a str, a list, or split -> str/list)."""
+    if data_files is None:
+        return []
+    if isinstance(data_files, dict):
+        return [f for v in data_files.values() for f in _file_names(v)]
+    return [str(f) for f in data_files] if isinstance(data_files, list) else [str(data_files)]
+
+
 @dataclass
 class HubDataset:
-    """A dataset from the Hugging Face hub (needs network on first use; cached by `datasets` after)."""
+    """A dataset from the Hugging Face hub (needs network on first use; cached by `datasets` after).
+
+    `path` may also be one of `datasets`' local builders (`text`, `json`, `csv`, ...) or a local
+    folder, with local `data_files` (a file, a list, or split -> files): then no hub is needed.
+    """
 
     path: str
     name: str | None
     calibration_split: str
     heldout_split: str
     text_field: str = "text"
-    data_files: dict | None = None
+    data_files: str | list | dict | None = None
     max_docs: int | None = 20000
 
+    def __post_init__(self) -> None:
+        self.data_files = plain(self.data_files)
+
+    @property
+    def local(self) -> bool:
+        """Whether `datasets` can read it without the hub: a local builder or folder, and no remote data file."""
+        reader_is_local = self.path in LOCAL_BUILDERS or Path(self.path).expanduser().is_dir()
+        return reader_is_local and not any("://" in f for f in _file_names(self.data_files))
+
     def _split(self, split: str) -> list[str]:
-        if not offline_mode("dataset") and not hub_reachable():
+        local = self.local
+        if not local and not offline_mode("dataset") and not hub_reachable():
             raise ConfigError(
                 "data",
                 f"dataset {self.path!r} needs the Hugging Face hub, which is unreachable from here",
@@ -115,10 +300,17 @@ class HubDataset:
 
             ds = datasets.load_dataset(self.path, self.name, split=split, data_files=self.data_files)
         except Exception as exc:  # datasets raises many types for "offline"
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
+            if local:
+                raise ConfigError(
+                    "data.data_files",
+                    f"cannot read split {split!r} of {self.path!r} from {self.data_files!r} ({reason})",
+                    "existing local files, e.g. data.data_files={train:calib.txt,validation:heldout.txt}, or data=text",
+                ) from None
             raise ConfigError(
                 "data",
                 f"cannot load dataset {self.path!r} split {split!r}: the dataset hub is unreachable or the "
-                f"dataset is not cached ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+                f"dataset is not cached ({reason})",
                 "data=wiki_lee (embedded, offline), or run once with network so `datasets` caches it",
             ) from None
         rows = ds[self.text_field][: self.max_docs] if self.max_docs else ds[self.text_field]
@@ -127,5 +319,6 @@ class HubDataset:
     def load(self) -> TextSplits:
         calib = self._split(self.calibration_split)
         held = self._split(self.heldout_split)
-        desc = f"{self.path}/{self.name}: calibration={self.calibration_split}, held-out={self.heldout_split}"
+        files = f" data_files={self.data_files}" if self.data_files else ""
+        desc = f"{self.path}/{self.name}{files}: calibration={self.calibration_split}, held-out={self.heldout_split}"
         return TextSplits(calibration=calib, heldout={self.path.split("/")[-1]: held}, description=desc)

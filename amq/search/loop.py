@@ -8,12 +8,19 @@ Every iteration's randomness comes from (seed, iteration) and its predictor sees
 from earlier iterations, so an interrupted iteration re-runs to the same batch; configurations
 already in the archive are never evaluated again. A failed evaluation (non-finite metric) stays
 in the archive with its reason, out of the predictor's training data, and the search goes on.
+
+With a deadline (`budget.max_minutes`), the loop stops at an iteration boundary when the next
+iteration, projected to last as long as the previous one, would end past it: the archive then
+holds whole iterations only, so the front is valid and a continued run (with a later deadline)
+picks up at the next iteration and reaches the same archive as an uninterrupted one. Iteration 0
+always runs, so there is a front to return.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Protocol
@@ -70,6 +77,16 @@ def search_bits_range(space: SearchSpace, settings: SearchSettings) -> tuple[flo
     return lo, hi
 
 
+def duration_text(seconds: float) -> str:
+    """A short duration for log lines: 45s, 1m40s, 2h05m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class IterativeSearch:
     def __init__(
         self,
@@ -84,6 +101,8 @@ class IterativeSearch:
         observers: list[IterationObserver] | None = None,
         seeder: Callable[[dict[int, float]], np.ndarray] | None = None,
         evaluation_guard: Callable[[], ContextManager] = contextlib.nullcontext,
+        deadline: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.space, self.evaluate, self.make_predictor = space, evaluate, make_predictor
         self.settings, self.archive, self.metric_name = settings, archive, metric_name
@@ -92,6 +111,8 @@ class IterativeSearch:
         self.seeder = seeder
         self.evaluation_guard = evaluation_guard  # wraps each evaluation + archive line (graceful stop)
         self.metric_scale: float | None = None
+        self.deadline, self.clock = deadline, clock  # `deadline` is a `clock()` value; None: no time limit
+        self.stopped: dict | None = None  # after run(): why and where it stopped early (None: ran to its end)
 
     @property
     def bits_range(self) -> tuple[float, float]:
@@ -193,10 +214,17 @@ class IterativeSearch:
 
     # -------------------------------------------------------------- driver
     def run(self, start_iteration: int = 0) -> list[dict]:
-        """Run iterations from `start_iteration` (0 = initial design) to the budget's last one."""
-        rows = []
-        for it in range(start_iteration, self.settings.iterations + 1):
-            t0 = time.perf_counter()
+        """Run iterations from `start_iteration` (0 = initial design) to the budget's last one, or
+        until the next would end past the deadline (then `self.stopped` says after which)."""
+        rows: list[dict] = []
+        seconds: dict[int, float] = {}  # iteration -> how long it took in this process
+        last = self.settings.iterations
+        self.stopped = None
+        for it in range(start_iteration, last + 1):
+            if it > 0 and self._out_of_time(seconds):
+                self.stopped = {"reason": "max_minutes", "after_iteration": it - 1, "of": last}
+                break
+            t0 = self.clock()
             predictor, pre_new, pre_s = None, 0, 0.0
             if it == 0:
                 pre_new, pre_s = self._evaluate_batch(self._uniform_design(), it)  # the seeder reads their metrics
@@ -210,7 +238,7 @@ class IterativeSearch:
             if self.metric_scale is None:
                 self.metric_scale = self._lowest_uniform_metric()
             row = self.iteration_row(it, timings, n_new, eval_s)
-            row["search/iteration_seconds"] = time.perf_counter() - t0
+            row["search/iteration_seconds"] = seconds[it] = self.clock() - t0
             rows.append(row)
             best = ", ".join(f"{k.split('@')[1]}b: {v:.4g}" for k, v in row.items() if k.startswith("best/") and v is not None)
             tau = row.get("predictor/kendall_tau")
@@ -218,12 +246,34 @@ class IterativeSearch:
                 best += f"; predictor tau on the new batch {tau:.3f}"
             extra = "".join(f", {row[k]} {word}" for k, word in (("n_reused", "reused from the cache"), ("n_failed", "failed")) if row[k])
             log.info(
-                "iteration %d/%d: %d new%s, %d in archive, hypervolume %.4f, best %s [%.1fs]",
-                it, self.settings.iterations, n_new, extra, row["n_evaluated"], row["hypervolume"], best or "-", row["search/iteration_seconds"],
+                "iteration %d/%d: %d new%s, %d in archive, hypervolume %.4f, best %s [%.1fs%s]",
+                it, last, n_new, extra, row["n_evaluated"], row["hypervolume"], best or "-", seconds[it], self._time_left(seconds, last - it),
             )
             for obs in self.observers:
                 obs(row, self.archive)
         return rows
+
+    def _out_of_time(self, seconds: dict[int, float]) -> bool:
+        """Whether the next iteration, lasting as long as the last one (0 s before any), would end past the deadline."""
+        if self.deadline is None:
+            return False
+        projected = seconds[max(seconds)] if seconds else 0.0
+        return self.clock() + projected > self.deadline
+
+    def _time_left(self, seconds: dict[int, float], iterations_left: int) -> str:
+        """', ~1m40s left': mean iteration time x iterations left, capped by the deadline ('' at the end).
+
+        The mean leaves out iteration 0 once a later one has run: the initial design is larger
+        than a batch and has no predictor to fit, so it would skew the estimate.
+        """
+        if iterations_left <= 0:
+            return ""
+        later = [s for it, s in seconds.items() if it > 0] or list(seconds.values())
+        estimate = float(np.mean(later)) * iterations_left
+        to_deadline = math.inf if self.deadline is None else max(self.deadline - self.clock(), 0.0)
+        if to_deadline < estimate:
+            return f", ~{duration_text(to_deadline)} left to the time limit"
+        return f", ~{duration_text(estimate)} left"
 
     def _lowest_uniform_metric(self) -> float:
         low = self.space.uniform(self.space.bit_choices[0])
