@@ -41,7 +41,8 @@ TIME_LIMIT = "budget.max_minutes"
 # how long the search may take (where it stops, not what it finds).
 RESUME_MAY_DIFFER = (
     "resume", "paths", "hydra", "task_name", "sweep_name", "num_threads", "logger", "eval_cache",
-    "budget.iterations", TIME_LIMIT, "metric.compile", "metric.batch_size", "metric.chunk_tokens", "quantizer.storage",
+    "budget.iterations", TIME_LIMIT, "metric.compile", "metric.batch_size", "metric.chunk_tokens", "metric.prefix_cache_mb",
+    "quantizer.storage", "data.cache_dir",
 )
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 VALID_DIR = "the directory of an unfinished amq-search run (outputs/search/runs/<time>), or auto"

@@ -63,7 +63,7 @@ def score(spec: str, Xtr: np.ndarray, ytr: np.ndarray, tests: dict[str, tuple[np
 def make_random_run(n: int, seed: int, out_dir: Path) -> Path:
     """Evaluate n random configurations with the real pipeline; returns the run directory."""
     env = {**os.environ, "AMQ_OUTPUT_DIR": str(out_dir), "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "amq.train_search", "logger=none", "budget=demo", "budget.iterations=0", "finalize.enabled=false", f"budget.n_initial_random={n}", f"seed={seed}"]
+    cmd = [sys.executable, "-m", "amq.train_search", "logger=none", "budget=standard", "budget.iterations=0", "finalize.enabled=false", f"budget.n_initial_random={n}", f"seed={seed}"]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
     return max((out_dir / "search" / "runs").iterdir())
 

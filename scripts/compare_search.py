@@ -5,7 +5,7 @@ reads each run's metrics.jsonl (final hypervolume) and summary.json (`best_at_ta
 a markdown table: per arm, the mean and per-seed values.
 
     python scripts/compare_search.py --arms 'predictor=rbf' 'predictor=gp search.kappa=1' \
-        --seeds 0 1 2 -- budget=demo budget.iterations=4
+        --seeds 0 1 2 -- budget=standard budget.iterations=4
 
 Arguments after `--` go to every run. Already finished runs (found by their overrides in
 `--out`) are reused, so an interrupted comparison continues where it stopped.

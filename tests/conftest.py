@@ -38,6 +38,25 @@ def run_cli(args: list[str], out_dir: Path, timeout: int = 600, env_extra: dict 
     )
 
 
+def run_cli_in_process(args: list[str], out_dir: Path, monkeypatch, capfd, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """`amq-search` as `run_cli` runs it, in this process: the same entry point (`main()` through
+    Hydra, sys.argv and the environment), the same exit status and stderr, without the seconds of
+    interpreter start and imports a new process pays. For runs that stop early (refused settings)."""
+    from amq.train_search import main
+
+    for key, value in {"AMQ_OUTPUT_DIR": str(out_dir), "WANDB_MODE": "disabled", **(env_extra or {})}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", ["amq-search", *args])
+    capfd.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    captured = capfd.readouterr()
+    return subprocess.CompletedProcess(["amq-search", *args], code, captured.out, captured.err)
+
+
 def run_script(script: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     """Run one of scripts/ as its docstring shows, with W&B off."""
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}

@@ -13,7 +13,7 @@ from typing import Callable
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, SMOKE, run_cli, run_dirs
+from conftest import ROOT, SMOKE, run_cli_in_process, run_dirs
 
 
 def _write(path: Path, text: str) -> None:
@@ -99,7 +99,7 @@ def _files(tmp: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_one_clear_line(name, tmp_path, compose_cfg):
+def test_bad_input_is_one_clear_line(name, tmp_path, compose_cfg, monkeypatch, capfd):
     case = CASES[name]
     out, given = tmp_path / "out", tmp_path / "given"
     given.mkdir()
@@ -110,7 +110,7 @@ def test_bad_input_is_one_clear_line(name, tmp_path, compose_cfg):
     env = {k: fill(v) for k, v in case.env.items()}
     args = [fill(a) for a in case.overrides]
     flags = [a for a in args if a.startswith("-")]  # Hydra's flags (-m) come before the overrides
-    proc = run_cli([*flags, *SMOKE, *(a for a in args if a not in flags)], out, timeout=300, env_extra=env)
+    proc = run_cli_in_process([*flags, *SMOKE, *(a for a in args if a not in flags)], out, monkeypatch, capfd, env_extra=env)
 
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     if case.by_hydra:

@@ -47,7 +47,7 @@ def test_search_options(compose_cfg, search):
     assert (cfg.search.share_groups is None) == (search == "amq")
 
 
-@pytest.mark.parametrize("budget", ["smoke", "demo", "paper"])
+@pytest.mark.parametrize("budget", ["smoke", "demo", "standard", "paper"])
 def test_budget_options(compose_cfg, budget):
     cfg = compose_cfg([f"budget={budget}"])
     assert cfg.budget.iterations >= 1 and cfg.search.nsga.pop_size == cfg.budget.pop_size

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bz2
 import hashlib
 import logging
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from amq.data.tokens import DOC_SEPARATOR
 from amq.errors import ConfigError
 from amq.hub import hub_reachable, offline_mode
+from amq.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +90,12 @@ class EmbeddedWikiLee:
     """Wikipedia excerpt split into calibration/held-out; the Lee corpus is held-out only."""
 
     heldout_fraction: float = 0.3
+    cache_dir: str | None = None  # parsed articles are kept here (parsing the dump takes seconds)
 
     def load(self) -> TextSplits:
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ConfigError("data.heldout_fraction", f"{self.heldout_fraction} is out of range", "0 < x < 1")
-        wiki = _stable_order(read_wikipedia_excerpt())
+        wiki = _stable_order(self._articles())
         n_held = max(1, round(len(wiki) * self.heldout_fraction))
         calib, held = wiki[n_held:], wiki[:n_held]
         desc = (
@@ -101,6 +104,24 @@ class EmbeddedWikiLee:
         )
         log.info("data: %s", desc)
         return TextSplits(calibration=calib, heldout={"wiki": held, "lee": read_lee_corpus()}, description=desc)
+
+    def _articles(self) -> list[str]:
+        """The parsed articles, from the cache when this gensim file was parsed before."""
+        if self.cache_dir is None:
+            return read_wikipedia_excerpt()
+        source = _gensim_test_data() / WIKI_FILE
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+        path = Path(self.cache_dir) / "text" / f"wiki-excerpt-{digest}.json"
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass  # absent or damaged: parse again
+        articles = read_wikipedia_excerpt()
+        try:
+            atomic_write_json(path, articles)
+        except OSError as exc:  # a read-only cache only costs the parse
+            log.warning("data: cannot cache the parsed articles in %s (%s)", path.parent, exc.strerror or exc)
+        return articles
 
 
 TEXT_GLOB = "*.txt"
