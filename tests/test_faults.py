@@ -89,11 +89,11 @@ class StopAfter:
         self.metric, self.n, self.calls = metric, n, 0
         self.name, self.description = metric.name, metric.description
 
-    def evaluate(self, model) -> float:
+    def evaluate(self, model, states=None) -> float:
         if self.calls == self.n:
             raise KeyboardInterrupt
         self.calls += 1
-        return self.metric.evaluate(model)
+        return self.metric.evaluate(model, states)
 
 
 @pytest.mark.slow
