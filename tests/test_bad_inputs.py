@@ -35,7 +35,8 @@ def run_with(overrides: list[str], state: str | None = None) -> Callable[[Path, 
 
     def setup(tmp: Path, compose) -> None:
         cfg = compose([*SMOKE, *overrides])
-        settings = {k: cfg[k] for k in cfg if k not in ("hydra", "paths")}
+        resolved = lambda v: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v  # noqa: E731 (e.g. data.cache_dir: ${paths.cache_dir})
+        settings = {k: resolved(cfg[k]) for k in cfg if k not in ("hydra", "paths")}
         _write(tmp / "run" / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(settings), resolve=True))
         if state is not None:
             _write(tmp / "run" / "state.json", state)
