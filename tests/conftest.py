@@ -70,6 +70,15 @@ def run_module(module: str, args: list[str], timeout: int = 900) -> subprocess.C
     return subprocess.run([sys.executable, "-m", f"amq.{module}", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def settings_yaml(cfg: DictConfig) -> str:
+    """A run's config.yaml for a composed config, less `hydra` and `paths` (resolved first: settings
+    such as data.cache_dir interpolate paths)."""
+    from omegaconf import OmegaConf
+
+    resolved = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k not in ("hydra", "paths")}
+    return OmegaConf.to_yaml(OmegaConf.create(resolved))
+
+
 def run_dirs(out_dir: Path) -> list[Path]:
     base = out_dir / "search" / "runs"
     return sorted(p for p in base.iterdir() if p.is_dir()) if base.exists() else []

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from omegaconf import OmegaConf
 
-from conftest import ROOT, SMOKE, run_cli_in_process, run_dirs
+from conftest import ROOT, SMOKE, run_cli_in_process, run_dirs, settings_yaml
 
 
 def _write(path: Path, text: str) -> None:
@@ -35,9 +34,7 @@ def run_with(overrides: list[str], state: str | None = None) -> Callable[[Path, 
 
     def setup(tmp: Path, compose) -> None:
         cfg = compose([*SMOKE, *overrides])
-        resolved = lambda v: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v  # noqa: E731 (e.g. data.cache_dir: ${paths.cache_dir})
-        settings = {k: resolved(cfg[k]) for k in cfg if k not in ("hydra", "paths")}
-        _write(tmp / "run" / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(settings), resolve=True))
+        _write(tmp / "run" / "config.yaml", settings_yaml(cfg))
         if state is not None:
             _write(tmp / "run" / "state.json", state)
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from amq.config_check import check_settings
 from amq.errors import ConfigError
@@ -28,7 +27,7 @@ from amq.search.loop import IterativeSearch, SearchSettings, duration_text
 from amq.search.nsga import NSGA2Settings
 from amq.search.space import SearchSpace
 from amq.train_search import search_deadline
-from conftest import CONF, SMOKE, run_cli, run_dirs
+from conftest import CONF, SMOKE, run_cli, run_dirs, settings_yaml
 
 EVAL_SECONDS = 1.0  # what one true evaluation costs on the fake clock
 SETTINGS = SearchSettings(n_initial_random=6, iterations=5, batch_size=4, nsga=NSGA2Settings(pop_size=12, n_gen=2))
@@ -185,8 +184,7 @@ def _run_dir(runs: Path, compose_cfg, overrides: list[str], last_completed: int,
     cfg = compose_cfg([*SMOKE, *overrides])
     run_dir = runs / "2025-01-01_00-00-00"
     run_dir.mkdir(parents=True)
-    settings = {k: cfg[k] for k in cfg if k not in ("hydra", "paths")}
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(settings), resolve=True))
+    (run_dir / "config.yaml").write_text(settings_yaml(cfg))
     (run_dir / "state.json").write_text(json.dumps({"space_fingerprint": "x", "last_completed_iteration": last_completed}))
     if summary is not None:
         (run_dir / "summary.json").write_text(json.dumps(summary))
