@@ -134,6 +134,8 @@ def load_model_and_data(cfg: DictConfig) -> ModelAndData:
     set_threads(cfg.num_threads)
     cache_dir = Path(cfg.paths.cache_dir)
     source, corpus = build(cfg.model.source, "model"), build(cfg.data, "data")
+    if getattr(corpus, "cache_dir", "") is None:  # a corpus that caches what it parses: in the run's cache
+        corpus.cache_dir = str(cache_dir)
     lm = source.load(cache_dir)
     layout = discover_layout(lm.model)
     log.info("model %s: %d decoder blocks (%s), %d linears", lm.name, layout.n_blocks, layout.blocks_name, len(layout.linears))
