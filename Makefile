@@ -22,7 +22,7 @@ search: $(STAMP)
 	$(PY) -m amq.train_search $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not heavy" $(ARGS)
+	$(PY) -m pytest -q -m "not heavy" --durations=15 $(ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

@@ -20,7 +20,7 @@ from conftest import ROOT, SMOKE
 sys.path.insert(0, str(ROOT / "scripts"))
 from kill_resume import MOMENTS, compare, kill_and_resume  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # make test-all; test_faults.py and test_time_budget.py cover resume in make test
 
 
 def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(smoke_run, tmp_path):

@@ -175,6 +175,7 @@ def test_amq_compare_on_the_multirun_dir(joblib_sweep, tmp_path):
 
 # ---------------------------------------------------------------------------- submitit (local executor)
 @pytest.mark.slow
+@pytest.mark.heavy  # make test-all: the joblib sweep covers multiruns in make test
 def test_submitit_local_sweep(tmp_path):
     proc = run_cli([*SWEEP, "hydra/launcher=local_submitit"], tmp_path, timeout=900, env_extra={"WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stderr[-4000:]
