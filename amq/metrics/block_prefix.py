@@ -46,11 +46,9 @@ class BlockPrefixCache:
 
     def __init__(self, blocks: nn.ModuleList, n_batches: int, bytes_per_block: int, max_bytes: int) -> None:
         self.blocks = blocks
-        n = len(blocks)
-        stride = 1
-        while stride < n and bytes_per_block * (-(-n // stride)) > max_bytes:
-            stride += 1
-        self.kept = [] if bytes_per_block * (-(-n // stride)) > max_bytes else list(range(stride, n, stride))
+        n, room = len(blocks), max_bytes // max(bytes_per_block, 1)  # room: block inputs that fit
+        # block 0's input is the embedding output, never kept; the rest every `stride` blocks
+        self.kept = list(range(stride := -(-(n - 1) // room), n, stride)) if room >= 1 and n > 1 else []
         self._inputs: list[dict[int, torch.Tensor]] = [{} for _ in range(n_batches)]
         self._states: tuple | None = None  # block states of the pass the kept inputs come from
         self._pending: tuple | None = None
