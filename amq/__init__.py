@@ -8,11 +8,11 @@ __version__ = "0.1.0"
 
 
 def load_quantized(path: Any, device: Any = "cpu", runtime: str = "dequantized", compile: bool = False) -> Any:
-    """Reload a model exported by the finalize stage (see amq.finalize.export.load_quantized).
+    """Reload a model exported by the finalize stage (see amq.quantizers.export.load_quantized).
 
     `runtime="packed"` keeps the linears packed in memory (smaller, slower forwards); `compile`
     fuses their dequantization with torch.compile.
     """
-    from amq.finalize.export import load_quantized as _load
+    from amq.quantizers.export import load_quantized as _load
 
     return _load(path, device, runtime, compile)

@@ -13,23 +13,23 @@ from dataclasses import dataclass
 
 import torch
 
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_CHOICES = ("auto", *DTYPES)
 _NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
 
 
-def resolve_device(device: str, setting: str) -> torch.device:
-    """`auto` is the GPU when one is available, else the CPU; `setting` names the option in errors."""
+def resolve_device(device: str, argument: str = "device") -> torch.device:
+    """`auto` is the GPU when one is available, else the CPU; `argument` names the caller's parameter in errors."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(setting, f"{device!r} requested but no CUDA device is available", "auto, cpu")
+        raise InvalidArgument(argument, f"{device!r} requested but no CUDA device is available", "auto, cpu")
     try:
         return torch.device(device)
     except RuntimeError:
-        raise ConfigError(setting, f"unknown device {device!r}", "auto, cpu, cuda, cuda:N") from None
+        raise InvalidArgument(argument, f"unknown device {device!r}", "auto, cpu, cuda, cuda:N") from None
 
 
 def cpu_features() -> dict[str, object]:
@@ -61,10 +61,10 @@ class ComputeDtype:
         return {"dtype": self.name, "requested": self.requested, "reason": self.reason}
 
 
-def resolve_dtype(dtype: str, device: torch.device, setting: str = "model.source.dtype") -> ComputeDtype:
+def resolve_dtype(dtype: str, device: torch.device, argument: str = "dtype") -> ComputeDtype:
     """`auto`: bfloat16 on CUDA or a CPU with native bf16, float32 elsewhere; else the named dtype."""
     if dtype not in DTYPE_CHOICES:
-        raise ConfigError(setting, f"unknown dtype {dtype!r}", ", ".join(DTYPE_CHOICES))
+        raise InvalidArgument(argument, f"unknown dtype {dtype!r}", ", ".join(DTYPE_CHOICES))
     if dtype != "auto":
         return ComputeDtype(DTYPES[dtype], dtype, "as set")
     if device.type == "cuda":

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from amq.baselines.greedy import greedy_allocation, greedy_allocations
-from amq.baselines.knapsack import knapsack_allocations
+from amq.search.knapsack import knapsack_allocations
 from amq.modeling.discovery import LinearInfo
 from amq.search.evaluator import measured
 from amq.search.pareto import normalized_hypervolume

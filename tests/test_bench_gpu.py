@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from amq.cost_model import MeasuredCurve, SearchWork, StageCosts, project
+from amq.bench.cost_model import MeasuredCurve, SearchWork, StageCosts, project
 from conftest import run_script
 
 TINY = [

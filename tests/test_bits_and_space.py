@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from amq.bits import BitConfig, average_bits
-from amq.errors import ConfigError
+from amq.errors import ConfigError, InvalidArgument
 from amq.modeling.discovery import LinearInfo
 from amq.search.space import SearchSpace, shared_groups
 
@@ -57,10 +57,27 @@ def test_shared_groups_fuse_qkv_and_gate_up():
 def test_targets_outside_range_rejected():
     space = SearchSpace(_linears(), [2, 3, 4], 128)
     assert space.check_targets([2.5, 3.0]) == [2.5, 3.0]
-    with pytest.raises(ConfigError, match="search.targets.*2.250 to 4.250"):
+    with pytest.raises(ConfigError, match="^targets: .*2.250 to 4.250"):
         space.check_targets([5.0])
 
 
 def test_space_needs_two_bit_widths():
-    with pytest.raises(ConfigError, match="search.bits"):
+    with pytest.raises(ConfigError, match="^bit_choices: "):
         SearchSpace(_linears(), [4], 128)
+
+
+def test_share_group_pattern_matching_no_linear_is_refused():
+    lin = _linears()
+    with pytest.raises(InvalidArgument, match=r"^share_groups: nonexistent matches no linear of the model") as info:
+        SearchSpace(lin, [2, 3, 4], 32, share_patterns=[["q_proj", "nonexistent"]])
+    assert info.value.argument == "share_groups"
+    assert info.value.valid == "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+    with pytest.raises(InvalidArgument, match="is a single role, not a group"):
+        SearchSpace(lin, [2, 3, 4], 32, share_patterns=["q_proj", "k_proj"])
+
+
+def test_share_group_absent_from_the_layout_is_allowed():
+    # An MLP of fc1/fc2 (OPT) or an already fused gate_up_proj (Phi-3): no gate/up pair to keep together.
+    lin = [li for li in _linears() if not li.role.endswith(("gate_proj", "up_proj"))]
+    space = SearchSpace(lin, [2, 3, 4], 32, share_patterns=[["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]])
+    assert space.n_genes == 2 * 3  # qkv, o, down per block

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from amq import sensitivity
+from amq.search import sensitivity
 from amq.metrics.divergence import OutputDivergence
 from amq.modeling.discovery import discover_layout
-from amq.pipeline import evaluation_context
+from amq.config.compose import evaluation_context
 from amq.proxy.bank import ProxyBank
-from amq.proxy.hqq_quantizer import HQQQuantizer
+from amq.quantizers.hqq_proxy import HQQQuantizer
 from amq.search.eval_cache import DiskEvaluationCache
 
 CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 from hydra.utils import instantiate
 
-from amq.config_check import check_settings
+from amq.config.check import check_settings
 from amq.data.corpora import EmbeddedWikiLee, HubDataset
 from amq.errors import ConfigError
 from amq.modeling.loading import EmbeddedGGUF, HFModel
 from amq.predictors.base import Predictor
-from amq.proxy.hqq_quantizer import HQQQuantizer
+from amq.quantizers.hqq_proxy import HQQQuantizer
 from amq.search.eval_cache import DiskEvaluationCache, NoEvaluationCache
 from amq.search.nsga import NSGA2Settings
-from amq.sensitivity import Pruning
+from amq.search.sensitivity import Pruning
 from amq.tracking.null_logger import NullLogger
 from amq.tracking.wandb_logger import WandbLogger
 from conftest import CONF

@@ -41,6 +41,6 @@ def test_this_cpu_is_described_truthfully():
     assert chosen == (torch.bfloat16 if devices.cpu_has_native_bf16() else torch.float32)
 
 
-def test_unknown_dtype_names_the_setting():
-    with pytest.raises(ConfigError, match=r"model\.source\.dtype: unknown dtype 'fp8'.*auto, bfloat16"):
+def test_unknown_dtype_names_the_argument():
+    with pytest.raises(ConfigError, match=r"^dtype: unknown dtype 'fp8'.*auto, bfloat16"):
         devices.resolve_dtype("fp8", CPU)

@@ -10,7 +10,7 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 
-from amq.pipeline import build, evaluation_context, prepare, prune
+from amq.config.compose import build, evaluation_context, prepare, prune
 from amq.search.archive import Archive
 from amq.search.eval_cache import DiskEvaluationCache, NoEvaluationCache, with_cache
 from amq.search.evaluator import ProxyEvaluator

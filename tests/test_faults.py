@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from amq.errors import ResourceError
-from amq.faults import resource_errors
-from amq.pipeline import build, prepare, prune
+from amq.run.faults import resource_errors
+from amq.config.compose import build, prepare, prune
 from amq.search.archive import Archive
 from amq.search.evaluator import ProxyEvaluator
 from amq.search.loop import IterativeSearch, SearchSettings
-from amq.sensitivity import measure
+from amq.search.sensitivity import measure
 from conftest import ROOT, SMOKE, run_cli, run_dirs
 
 REFERENCE = [*SMOKE, "seed=3"]  # what the smoke_run fixture ran
@@ -121,7 +121,7 @@ def test_sensitivity_continues_where_it_stopped(workbench, tmp_path):
 # ---------------------------------------------------------------------------- out of memory
 def test_out_of_memory_names_the_settings_to_lower(compose_cfg, tmp_path):
     cfg = compose_cfg(SMOKE)
-    with pytest.raises(ResourceError) as info, resource_errors(cfg, tmp_path):
+    with pytest.raises(ResourceError) as info, resource_errors(memory_settings(cfg), tmp_path):
         torch.empty(1 << 50)  # the CPU allocator refuses 4 PiB: a real allocation failure
     msg = str(info.value)
     assert msg.startswith("out of CPU memory")
@@ -133,12 +133,12 @@ def test_out_of_memory_names_the_settings_to_lower(compose_cfg, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_out_of_memory_names_the_settings_to_lower(compose_cfg, tmp_path):
     cfg = compose_cfg(SMOKE)
-    with pytest.raises(ResourceError, match="out of GPU memory.*quantizer.storage=packed"), resource_errors(cfg, tmp_path):
+    with pytest.raises(ResourceError, match="out of GPU memory.*quantizer.storage=packed"), resource_errors(memory_settings(cfg), tmp_path):
         torch.empty(1 << 50, device="cuda")
 
 
 def test_other_errors_pass_through(compose_cfg, tmp_path):
-    with pytest.raises(ZeroDivisionError), resource_errors(compose_cfg(SMOKE), tmp_path):
+    with pytest.raises(ZeroDivisionError), resource_errors(memory_settings(compose_cfg(SMOKE)), tmp_path):
         1 / 0
 
 

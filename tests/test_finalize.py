@@ -9,7 +9,7 @@ import pytest
 
 from amq.bits import BitConfig
 from amq.errors import ConfigError
-from amq.finalize import llamacpp
+from amq.quantizers import llamacpp
 from amq.finalize.selection import Candidate, front_extras, select_for_targets
 from conftest import SMOKE, run_cli, run_dirs, run_module
 

@@ -11,14 +11,14 @@ from safetensors.torch import load_file, save_file
 
 from amq.data.tokens import CalibrationSpec, calibration_windows
 from amq.errors import ConfigError
-from amq.finalize.awq import output_error
-from amq.finalize.calibration import InputStats, capture_block_calls
-from amq.finalize.grid import ClipSearch, from_codes, grouped, lp_error, minmax_grid, rtn_quant, search_shrink, shrink_ratios, to_codes
-from amq.finalize.hqq_final import HQQFinalizer
-from amq.finalize.packed import GroupQuant, PackedLinear, pack_codes, packed_bytes, replace_linears, unpack_codes
+from amq.quantizers.awq import output_error
+from amq.quantizers.calibration import InputStats, capture_block_calls
+from amq.quantizers.grid import ClipSearch, from_codes, grouped, lp_error, minmax_grid, rtn_quant, search_shrink, shrink_ratios, to_codes
+from amq.quantizers.hqq import HQQFinalizer
+from amq.quantizers.packed import GroupQuant, PackedLinear, pack_codes, packed_bytes, replace_linears, unpack_codes
 from amq.modeling.discovery import discover_layout, find_decoder_blocks
-from amq.pipeline import build
-from amq.proxy.hqq_quantizer import HQQQuantizer
+from amq.config.compose import build
+from amq.quantizers.hqq_proxy import HQQQuantizer
 
 GROUP = 64
 FINALIZERS = ("hqq", "gptq", "awq")
@@ -195,7 +195,7 @@ def test_awq_model_exports_and_reloads_with_identical_outputs(smollm2, tmp_path:
     import copy
 
     from amq.bits import BitConfig
-    from amq.finalize.export import load_quantized, write_model_dir
+    from amq.quantizers.export import load_quantized, write_model_dir
 
     lm, layout, calib, compose_cfg = smollm2
     bits = {li.name: (3 if li.block == 0 else 4) for li in layout.linears if li.block < 2}
@@ -281,7 +281,7 @@ def test_bad_inputs_are_clear_config_errors(smollm2):
         gptq.quantize(lm.model, layout, {name: 4}, GROUP, None)
     with pytest.raises(ConfigError, match="not decoder linears"):
         gptq.quantize(lm.model, layout, {"lm_head": 4}, GROUP, calib)
-    with pytest.raises(ConfigError, match="model.group_size"):
+    with pytest.raises(ConfigError, match="^group_size: 100 does not divide"):
         gptq.quantize(lm.model, layout, {name: 4}, 100, calib)
     with pytest.raises(ConfigError, match="9-bit"):
         gptq.quantize(lm.model, layout, {name: 9}, GROUP, calib)

@@ -109,10 +109,11 @@ def test_gp_sparse_variational_path_fits():
     assert kendalltau(mean, y[250:]).statistic > 0.5
 
 
-@pytest.mark.parametrize("setting, value", [("kernel", "cosine"), ("encoding", "onehot"), ("method", "kiss"), ("target", "sqrt")])
-def test_gp_rejects_bad_settings(setting, value):
-    with pytest.raises(ConfigError, match=f"predictor.{setting}"):
-        GPPredictor(**{setting: value})
+@pytest.mark.parametrize("argument, value", [("kernel", "cosine"), ("encoding", "onehot"), ("method", "kiss"), ("target", "sqrt")])
+def test_gp_rejects_bad_arguments(argument, value):
+    with pytest.raises(ConfigError, match=f"^{argument}: ") as info:
+        GPPredictor(**{argument: value})
+    assert info.value.argument == argument
 
 
 def test_gp_config_composes_and_fits(compose_cfg):

@@ -48,11 +48,11 @@ def test_hidden_reference_refuses_a_model_whose_logits_are_not_head_of_hidden():
     model = random_llama("tiny", "cpu", dtype=torch.float32)
     model.config.final_logit_softcapping = 0.01  # Llama's forward ignores it; the hidden path would apply it
     tokens = torch.randint(0, model.config.vocab_size, (2, 16))
-    with pytest.raises(ConfigError, match="metric.reference"):
+    with pytest.raises(ConfigError, match="^reference: hidden: "):
         OutputDivergence(model, tokens, reference="hidden")
 
 
 def test_unknown_reference_is_a_config_error():
     model = random_llama("tiny", "cpu")
-    with pytest.raises(ConfigError, match="metric.reference.*probs, hidden"):
+    with pytest.raises(ConfigError, match="^reference: .*probs, hidden"):
         OutputDivergence(model, torch.zeros(1, 8, dtype=torch.long), reference="logits")

@@ -15,12 +15,12 @@ import torch
 
 from amq.bits import BitConfig
 from amq.errors import ConfigError
-from amq.evaluate_cli import main as evaluate_main
-from amq.finalize.export import load_quantized, write_model_dir
-from amq.finalize.grid import rtn_quant
-from amq.finalize.packed import PackedLinear, replace_linears, resident_bytes, set_runtime
+from amq.cli.evaluate import main as evaluate_main
+from amq.quantizers.export import load_quantized, write_model_dir
+from amq.quantizers.grid import rtn_quant
+from amq.quantizers.packed import PackedLinear, replace_linears, resident_bytes, set_runtime
 from amq.modeling.discovery import discover_layout
-from amq.pipeline import build
+from amq.config.compose import build
 from conftest import SMOKE, run_script
 
 GROUP = 64
@@ -88,7 +88,7 @@ def test_reevaluation_keeps_zero_shot_results_and_recorded_threads(model_dir, ke
 
 
 def test_a_changed_environment_is_named_when_numbers_move():
-    from amq.evaluate_cli import environment_change
+    from amq.cli.evaluate import environment_change
 
     recorded = {"device": "cpu", "threads": 2, "torch": "2.13.0"}
     assert environment_change(recorded, dict(recorded)) == ""

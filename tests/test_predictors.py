@@ -55,5 +55,5 @@ def test_encoding_log_roundtrip_and_bad_target():
     e = TargetTransform("log")
     y = np.array([1e-4, 0.3, 2.0])
     assert np.allclose(e.inverse(e.forward(y)), y)
-    with pytest.raises(ConfigError, match="predictor.target"):
+    with pytest.raises(ConfigError, match="^target: "):
         TargetTransform("sqrt")

@@ -8,7 +8,7 @@ import torch
 from amq.modeling.discovery import discover_layout
 from amq.modeling.random_init import random_llama
 from amq.proxy.bank import ProxyBank
-from amq.proxy.hqq_quantizer import HQQQuantizer
+from amq.quantizers.hqq_proxy import HQQQuantizer
 
 
 def _bank(storage: str, device: str = "cpu") -> ProxyBank:

@@ -83,7 +83,7 @@ def test_unknown_seed_allocator_is_a_config_error():
     from amq.errors import ConfigError
 
     space, damage = _space()
-    with pytest.raises(ConfigError, match="search.seed_allocator"):
+    with pytest.raises(ConfigError, match="^allocator: "):
         sensitivity_seeds(space, damage, 3, (3.8, 5.5), allocator="simplex")
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from omegaconf import ListConfig, OmegaConf
 
-from amq.config_check import check_settings
+from amq.config.check import check_settings
 from amq.data import corpora
 from amq.data.corpora import EmbeddedWikiLee, HubDataset, TextFiles, TextSplits, read_lee_corpus
 from amq.data.tokens import DOC_SEPARATOR
 from amq.errors import ConfigError
-from amq.pipeline import build
+from amq.config.compose import build
 from conftest import CONF, SMOKE, run_cli, run_dirs
 
 

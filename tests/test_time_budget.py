@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amq.config_check import check_settings
+from amq.config.check import check_settings
 from amq.errors import ConfigError
 from amq.modeling.discovery import LinearInfo
-from amq.resume import check_resumable, find_unfinished, finished
+from amq.config.compose import resume_settings, search_deadline
+from amq.run.resume import check_resumable, find_unfinished, finished
 from amq.search.archive import Archive
 from amq.search.evaluator import Evaluation, measured
 from amq.search.loop import IterativeSearch, SearchSettings, duration_text
 from amq.search.nsga import NSGA2Settings
 from amq.search.space import SearchSpace
-from amq.train_search import search_deadline
 from conftest import CONF, SMOKE, run_cli, run_dirs, settings_yaml
 
 EVAL_SECONDS = 1.0  # what one true evaluation costs on the fake clock
@@ -197,17 +197,17 @@ def test_a_run_its_limit_stopped_is_unfinished_and_may_continue_with_another_lim
     assert not finished(run_dir)
     for limit in ("null", "30"):
         cfg = compose_cfg([*SMOKE, f"budget.max_minutes={limit}"])
-        check_resumable(run_dir, cfg)
-        assert find_unfinished(tmp_path / "runs", cfg) == run_dir
+        check_resumable(run_dir, *resume_settings(cfg)[1:])
+        assert find_unfinished(tmp_path / "runs", *resume_settings(cfg)[1:]) == run_dir
 
 
 def test_a_finished_run_is_not_continued_by_auto_but_may_be_extended(compose_cfg, tmp_path):
     run_dir = _run_dir(tmp_path / "runs", compose_cfg, [], 2, {"stopped": None})
     assert finished(run_dir)
-    assert find_unfinished(tmp_path / "runs", compose_cfg(SMOKE)) is None
+    assert find_unfinished(tmp_path / "runs", *resume_settings(compose_cfg(SMOKE))[1:]) is None
     with pytest.raises(ConfigError, match="already complete"):
-        check_resumable(run_dir, compose_cfg(SMOKE))
-    check_resumable(run_dir, compose_cfg([*SMOKE, "budget.iterations=4"]))  # a larger budget extends it
+        check_resumable(run_dir, *resume_settings(compose_cfg(SMOKE))[1:])
+    check_resumable(run_dir, *resume_settings(compose_cfg([*SMOKE, "budget.iterations=4"]))[1:])  # a larger budget extends it
 
 
 # ---------------------------------------------------------------------------- end to end

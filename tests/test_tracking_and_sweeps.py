@@ -19,7 +19,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 
-from amq.compare import compare, find_runs, NotARunError
+from amq.cli.compare import compare, find_runs, NotARunError
 from amq.io import file_lock
 from amq.tracking import artifact_paths, summary_values
 from amq.tracking.base import MetricLogger
@@ -155,7 +155,7 @@ def test_joblib_sweep_gives_each_job_a_run_dir_and_an_offline_wandb_run(joblib_s
 @pytest.mark.slow
 def test_amq_compare_on_the_multirun_dir(joblib_sweep, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "amq.compare", str(joblib_sweep), "--out", str(tmp_path)],
+        [sys.executable, "-m", "amq.cli.compare", str(joblib_sweep), "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -189,7 +189,7 @@ def test_amq_compare_refuses_a_directory_that_is_not_a_run(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(NotARunError, match="not an amq run directory"):
         compare([tmp_path])
-    proc = subprocess.run([sys.executable, "-m", "amq.compare", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "amq.cli.compare", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not an amq run directory" in proc.stderr and not proc.stdout
 
 

@@ -18,7 +18,7 @@ from amq.errors import ConfigError
 from amq.evaluation.bigbench import OFFLINE_ENV, SDIST_ENV, prepare_tasks
 from amq.evaluation.zeroshot import STANDARD_TASKS, zero_shot
 from amq.hub import hub_reachable
-from amq.pipeline import build
+from amq.config.compose import build
 from conftest import SMOKE
 
 TASK = "bigbench_social_iqa"

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 
 if TYPE_CHECKING:  # transformers is slow to import: settings errors come before it
     from transformers import PreTrainedTokenizerBase
@@ -26,16 +26,16 @@ class CalibrationSpec:
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
-            raise ConfigError("budget.n_samples", f"{self.n_samples} calibration samples", "an integer >= 1")
+            raise InvalidArgument("n_samples", f"{self.n_samples} calibration samples", "an integer >= 1")
         if self.seq_len < 8:
-            raise ConfigError("budget.seq_len", f"{self.seq_len} tokens per sample", "an integer >= 8")
+            raise InvalidArgument("seq_len", f"{self.seq_len} tokens per sample", "an integer >= 8")
 
 
 def token_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str]) -> torch.Tensor:
     """All documents joined by blank lines and tokenised once, without special tokens."""
     text = DOC_SEPARATOR.join(d for d in docs if d.strip())
     if not text.strip():
-        raise ConfigError("data", "the calibration text is empty", "a corpus with at least one non-empty document")
+        raise InvalidArgument("docs", "the calibration text is empty", "a corpus with at least one non-empty document")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -47,8 +47,8 @@ def calibration_windows(
     stream = token_stream(tokenizer, docs)
     body = spec.seq_len - 1 if add_bos else spec.seq_len
     if len(stream) <= body:
-        raise ConfigError(
-            "budget.seq_len",
+        raise InvalidArgument(
+            "seq_len",
             f"the calibration text has {len(stream)} tokens, fewer than one window of {spec.seq_len}",
             "a shorter seq_len or more calibration text",
         )

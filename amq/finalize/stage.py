@@ -22,29 +22,18 @@ from torch import nn
 from amq.bits import BitConfig, average_bits, meta_overhead
 from amq.evaluation.report import fidelity, write_report
 from amq.evaluation.suite import EvalSuite
-from amq.finalize import llamacpp
-from amq.finalize.export import directory_bytes, packed_modules, write_model_dir, WEIGHTS_FILE
+from amq.quantizers import llamacpp
+from amq.quantizers.export import directory_bytes, packed_modules, write_model_dir, WEIGHTS_FILE
 from amq.finalize.model_card import render
-from amq.finalize.packed import GroupQuant, replace_linears
+from amq.quantizers.packed import GroupQuant, replace_linears
 from amq.finalize.settings import FinalizeSettings
 from amq.finalize.selection import Candidate, front_extras, read_candidates, select_for_targets
 from amq.io import atomic_write_json, atomic_write_text
+from amq.quantizers.base import FinalQuantizer, quantizer_info
 from amq.modeling.discovery import ModelLayout
 from amq.modeling.loading import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-class FinalQuantizer(Protocol):
-    name: str
-    needs_calibration: bool
-
-    def quantize(self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int,
-                 calib: torch.Tensor | None) -> dict[str, GroupQuant]: ...
-
-
-def quantizer_info(q: FinalQuantizer) -> dict[str, Any]:
-    return {"name": q.name, **(asdict(q) if is_dataclass(q) else {})}
 
 
 @contextlib.contextmanager

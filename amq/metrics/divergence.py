@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 from amq.metrics.block_prefix import BlockPrefixCache, BlockStates, verify_prefix_reuse
 
 log = logging.getLogger(__name__)
@@ -112,14 +112,14 @@ class OutputDivergence:
 
     def __post_init__(self) -> None:
         if self.kind not in _ROW_FNS:
-            raise ConfigError("metric.kind", f"unknown divergence {self.kind!r}", ", ".join(_ROW_FNS))
+            raise InvalidArgument("kind", f"unknown divergence {self.kind!r}", ", ".join(_ROW_FNS))
         if self.reference not in REFERENCES:
-            raise ConfigError("metric.reference", f"unknown reference storage {self.reference!r}", ", ".join(REFERENCES))
+            raise InvalidArgument("reference", f"unknown reference storage {self.reference!r}", ", ".join(REFERENCES))
         for key in ("batch_size", "chunk_tokens"):
             if int(getattr(self, key)) < 1:
-                raise ConfigError(f"metric.{key}", f"{getattr(self, key)}", "an integer >= 1")
+                raise InvalidArgument(key, f"{getattr(self, key)}", "an integer >= 1")
         if not float(self.prefix_cache_mb) >= 0:
-            raise ConfigError("metric.prefix_cache_mb", f"{self.prefix_cache_mb}", "a number of megabytes >= 0 (0: every pass runs in full)")
+            raise InvalidArgument("prefix_cache_mb", f"{self.prefix_cache_mb}", "a number of megabytes >= 0 (0: every pass runs in full)")
         row_fn = _ROW_FNS[self.kind] if self.reference == "probs" else _from_ref_logits(_ROW_FNS[self.kind])
         self._row_fn = self._compiled(row_fn) if self.compile else row_fn
         with torch.inference_mode():
@@ -138,8 +138,8 @@ class OutputDivergence:
         split = head_logits(self.model, final_hidden(self.model, ids)).float()
         err = float((full - split).norm() / full.norm().clamp_min(1e-12))
         if not err < 1e-2:
-            raise ConfigError(
-                "metric.reference", f"hidden: this model's logits are not its output head applied to the last hidden state (relative error {err:.3g})", "probs"
+            raise InvalidArgument(
+                "reference", f"hidden: this model's logits are not its output head applied to the last hidden state (relative error {err:.3g})", "probs"
             )
 
     def _compiled(self, fn: Callable) -> Callable:
@@ -150,7 +150,7 @@ class OutputDivergence:
             compiled(*reference_stats(probe), other) if self.reference == "probs" else compiled(probe, other)
             return compiled
         except Exception as exc:  # no compiler toolchain: eager is correct, only slower
-            log.warning("metric.compile: torch.compile unavailable (%s); using eager", type(exc).__name__)
+            log.warning("compile: torch.compile unavailable (%s); using eager", type(exc).__name__)
             return fn
 
     @property

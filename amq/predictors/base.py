@@ -6,7 +6,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 
 TARGETS = ("none", "log")
 
@@ -41,7 +41,7 @@ class TargetTransform:
 
     def __init__(self, target: str = "log", eps: float = 1e-8) -> None:
         if target not in TARGETS:
-            raise ConfigError("predictor.target", f"{target!r}", ", ".join(TARGETS))
+            raise InvalidArgument("target", f"{target!r}", ", ".join(TARGETS))
         self.target, self.eps = target, eps
 
     def forward(self, y: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ import gpytorch
 import numpy as np
 import torch
 
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 from amq.predictors.base import TargetTransform
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class _Encoder:
 
     def __init__(self, encoding: str) -> None:
         if encoding not in ENCODINGS:
-            raise ConfigError("predictor.encoding", f"{encoding!r}", ", ".join(ENCODINGS))
+            raise InvalidArgument("encoding", f"{encoding!r}", ", ".join(ENCODINGS))
         self.encoding = encoding
         self.levels: np.ndarray | None = None
 
@@ -66,7 +66,7 @@ class _Encoder:
 
 def _kernel(kind: str, d: int) -> gpytorch.kernels.Kernel:
     if kind not in KERNELS:
-        raise ConfigError("predictor.kernel", f"{kind!r}", ", ".join(KERNELS))
+        raise InvalidArgument("kernel", f"{kind!r}", ", ".join(KERNELS))
     parts: list[gpytorch.kernels.Kernel] = []
     if kind.startswith("linear"):
         parts.append(gpytorch.kernels.LinearKernel())
@@ -125,7 +125,7 @@ class GPPredictor:
         seed: int = 0,
     ) -> None:
         if method not in METHODS:
-            raise ConfigError("predictor.method", f"{method!r}", ", ".join(METHODS))
+            raise InvalidArgument("method", f"{method!r}", ", ".join(METHODS))
         _kernel(kernel, 1)  # validate the name early
         self.transform = TargetTransform(target)
         self.encoder = _Encoder(encoding)

@@ -15,7 +15,7 @@ import numpy as np
 from scipy.interpolate import RBFInterpolator
 
 from amq.devices import resolve_device
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 from amq.predictors.base import TargetTransform
 from amq.predictors.rbf_torch import DEGREES, KERNELS, TorchRBFInterpolant
 
@@ -56,20 +56,20 @@ class RBFPredictor:
     ) -> None:
         self.transform = TargetTransform(target)
         if kernel not in KERNELS:
-            raise ConfigError("predictor.kernel", f"{kernel!r}", ", ".join(KERNELS))
+            raise InvalidArgument("kernel", f"{kernel!r}", ", ".join(KERNELS))
         if backend not in BACKENDS:
-            raise ConfigError("predictor.backend", f"{backend!r}", ", ".join(BACKENDS))
+            raise InvalidArgument("backend", f"{backend!r}", ", ".join(BACKENDS))
         if smoothing < 0:
-            raise ConfigError("predictor.smoothing", f"{smoothing} is negative", "a number >= 0")
+            raise InvalidArgument("smoothing", f"{smoothing} is negative", "a number >= 0")
         if backend == "torch":
             if neighbors is not None:
-                raise ConfigError("predictor.neighbors", "a local interpolant exists only with predictor.backend=scipy", "null with backend=torch")
+                raise InvalidArgument("neighbors", "a local interpolant exists only with backend=scipy", "null with backend=torch")
             if degree not in DEGREES:
-                raise ConfigError("predictor.degree", f"{degree} with backend=torch", ", ".join(map(str, DEGREES)))
-            self.device = resolve_device(device, "predictor.device")
+                raise InvalidArgument("degree", f"{degree} with backend=torch", ", ".join(map(str, DEGREES)))
+            self.device = resolve_device(device, "device")
         else:
             if device not in ("auto", "cpu"):
-                raise ConfigError("predictor.device", f"{device!r} with backend=scipy (CPU only)", "auto, cpu")
+                raise InvalidArgument("device", f"{device!r} with backend=scipy (CPU only)", "auto, cpu")
             self.device = None
         self.kernel, self.degree, self.smoothing, self.neighbors, self.backend = kernel, degree, smoothing, neighbors, backend
         self._model: RBFInterpolator | TorchRBFInterpolant | None = None

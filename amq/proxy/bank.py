@@ -22,26 +22,15 @@ from typing import Mapping, Protocol
 import torch
 from torch import nn
 
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 from amq.io import atomic_write_bytes_with, file_lock, remove_stale_temps
 from amq.modeling.discovery import ModelLayout
+from amq.quantizers.base import WeightQuantizer
 
 log = logging.getLogger(__name__)
 
 STORAGES = ("dequantized", "packed")
 _SWAP_GRAPHS = 64  # compiled swap graphs allowed: (bit widths) x (distinct linear shapes), e.g. 3 x 3 for Llama-2-7B
-
-
-class WeightQuantizer(Protocol):
-    name: str
-
-    def settings(self) -> dict: ...
-
-    def quantize(self, weight: torch.Tensor, nbits: int) -> tuple[torch.Tensor, dict]: ...
-
-    def dequantize(self, w_q: torch.Tensor, meta: dict) -> torch.Tensor: ...
-
-    def dequantize_into(self, out: torch.Tensor, w_q: torch.Tensor, meta: dict) -> None: ...
 
 
 def _cache_key(fingerprint: str, quantizer: WeightQuantizer, nbits: int, layout: ModelLayout, weight: torch.Tensor) -> str:
@@ -70,7 +59,7 @@ class ProxyBank:
         storage: str = "dequantized",
     ) -> None:
         if storage not in STORAGES:
-            raise ConfigError("quantizer.storage", f"{storage!r}", ", ".join(STORAGES))
+            raise InvalidArgument("storage", f"{storage!r}", ", ".join(STORAGES))
         self.model, self.layout, self.quantizer = model, layout, quantizer
         self.bits, self.storage = sorted(bits), storage
         self.modules: dict[str, nn.Linear] = {n: model.get_submodule(n) for n in layout.names}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 from amq.io import append_jsonl, write_jsonl
 from amq.search.evaluator import Evaluation
 from amq.search.space import SearchSpace
@@ -116,11 +116,11 @@ class Archive:
                 if i == len(complete) and not tail:  # a crash can also leave the last line complete but cut
                     tail = line
                     break
-                raise ConfigError(
-                    "resume", f"{self.path} line {i} is damaged ({type(exc).__name__})", "restore the file, or start a new run"
+                raise InvalidArgument(
+                    "archive", f"{self.path} line {i} is damaged ({type(exc).__name__})", "restore the file, or start a new run"
                 ) from None
             if len(rec.genes) != self.space.n_genes:
-                raise ConfigError("resume", f"{self.path} line {i} has {len(rec.genes)} genes, this search space {self.space.n_genes}", "the run's own archive")
+                raise InvalidArgument("archive", f"{self.path} line {i} has {len(rec.genes)} genes, this search space {self.space.n_genes}", "the run's own archive")
             records.append(d)
             self._add_loaded(rec)
         if tail.strip():

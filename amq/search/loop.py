@@ -9,7 +9,7 @@ from earlier iterations, so an interrupted iteration re-runs to the same batch; 
 already in the archive are never evaluated again. A failed evaluation (non-finite metric) stays
 in the archive with its reason, out of the predictor's training data, and the search goes on.
 
-With a deadline (`budget.max_minutes`), the loop stops at an iteration boundary when the next
+With a deadline (`deadline`, a `clock()` value), the loop stops at an iteration boundary when the next
 iteration, projected to last as long as the previous one, would end past it: the archive then
 holds whole iterations only, so the front is valid and a continued run (with a later deadline)
 picks up at the next iteration and reaches the same archive as an uninterrupted one. Iteration 0
@@ -27,7 +27,7 @@ from typing import Callable, ContextManager, Protocol
 
 import numpy as np
 
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 from amq.predictors.accuracy import heldout_scores
 from amq.predictors.base import Predictor, UncertainPredictor
 from amq.search.archive import Archive
@@ -57,15 +57,15 @@ class SearchSettings:
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
-            raise ConfigError("budget.iterations", f"{self.iterations}", "an integer >= 0")
+            raise InvalidArgument("iterations", f"{self.iterations}", "an integer >= 0")
         if self.n_initial_random < 0:
-            raise ConfigError("budget.n_initial_random", f"{self.n_initial_random}", "an integer >= 0")
+            raise InvalidArgument("n_initial_random", f"{self.n_initial_random}", "an integer >= 0")
         if self.batch_size < 1:
-            raise ConfigError("budget.batch_size", f"{self.batch_size}", "an integer >= 1")
+            raise InvalidArgument("batch_size", f"{self.batch_size}", "an integer >= 1")
         if self.bits_window is not None and not (len(self.bits_window) == 2 and self.bits_window[0] < self.bits_window[1]):
-            raise ConfigError("search.bits_window", f"{list(self.bits_window)}", "[low, high] average bits with low < high, or null")
+            raise InvalidArgument("bits_window", f"{list(self.bits_window)}", "[low, high] average bits with low < high, or null")
         if self.iterations == 0 and self.n_initial_random == 0:
-            raise ConfigError("budget", "no iterations and no initial random configurations: nothing to search", "iterations >= 1 or n_initial_random >= 1")
+            raise InvalidArgument("", "no iterations and no initial random configurations: nothing to search", "iterations >= 1 or n_initial_random >= 1")
 
 
 def search_bits_range(space: SearchSpace, settings: SearchSettings) -> tuple[float, float]:

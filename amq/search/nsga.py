@@ -13,7 +13,7 @@ from pymoo.operators.mutation.pm import PM
 from pymoo.operators.repair.rounding import RoundingRepair
 from pymoo.optimize import minimize
 
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 from amq.search.space import SearchSpace
 
 
@@ -56,12 +56,12 @@ class NSGA2Settings:
 
     def __post_init__(self) -> None:
         if self.pop_size < 4:
-            raise ConfigError("search.nsga.pop_size", f"{self.pop_size}", "an integer >= 4")
+            raise InvalidArgument("pop_size", f"{self.pop_size}", "an integer >= 4")
         if self.n_gen < 1:
-            raise ConfigError("search.nsga.n_gen", f"{self.n_gen}", "an integer >= 1")
+            raise InvalidArgument("n_gen", f"{self.n_gen}", "an integer >= 1")
         for key in ("crossover_prob", "mutation_prob"):
             if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"search.nsga.{key}", f"{getattr(self, key)}", "a probability in [0, 1]")
+                raise InvalidArgument(key, f"{getattr(self, key)}", "a probability in [0, 1]")
 
 
 def run_nsga2(

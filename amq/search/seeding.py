@@ -17,8 +17,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from amq.baselines.knapsack import knapsack_allocations
-from amq.errors import ConfigError
+from amq.search.knapsack import knapsack_allocations
+from amq.errors import InvalidArgument
 from amq.search.space import SearchSpace
 
 
@@ -109,10 +109,10 @@ def sensitivity_seeds(
 
     `lagrangian` picks, under each level, the best allocation of the Lagrangian family (the convex
     hull of the additive model, which can leave part of a level's bits unspent); `knapsack` solves
-    the additive model exactly at each level (`amq.baselines.knapsack`).
+    the additive model exactly at each level (`amq.search.knapsack`).
     """
     if allocator not in SEED_ALLOCATORS:
-        raise ConfigError("search.seed_allocator", f"{allocator!r}", " or ".join(SEED_ALLOCATORS))
+        raise InvalidArgument("allocator", f"{allocator!r}", " or ".join(SEED_ALLOCATORS))
     if n <= 0:
         return np.zeros((0, space.n_genes), dtype=int)
     factors = width_factors(space, uniform_metric, damage)

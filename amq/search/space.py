@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
@@ -16,8 +17,35 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from amq.bits import BitConfig, meta_overhead
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 from amq.modeling.discovery import LinearInfo
+
+log = logging.getLogger(__name__)
+
+
+def _matches(pattern: str, role: str) -> bool:
+    return re.search(rf"(^|\.){re.escape(pattern)}$", role) is not None
+
+
+def check_share_patterns(linears: Sequence[LinearInfo], patterns: Sequence[Sequence[str]] | None) -> None:
+    """Refuse a share-group pattern that matches no linear while others of its group do (a typo, or
+    a role this model lacks: the group would silently lose that member).
+
+    A group none of whose patterns match is legitimate and only logged: this layout has no such
+    linears to share, e.g. [gate_proj, up_proj] on an MLP of fc1/fc2 (OPT), or on a model that
+    already fuses them into one gate_up_proj (Phi-3), where nothing is left to keep together.
+    """
+    roles = list(dict.fromkeys(li.role.rsplit(".", 1)[-1] for li in linears))
+    for pats in patterns or []:
+        if isinstance(pats, str):
+            raise InvalidArgument("share_groups", f"{pats} is a single role, not a group", "a list of groups, e.g. [[q_proj, k_proj, v_proj], [gate_proj, up_proj]]")
+        found = [any(_matches(p, li.role) for li in linears) for p in pats]
+        if not any(found):
+            log.info("share group %s matches no linear of this model: nothing to share", list(pats))
+            continue
+        for p, ok in zip(pats, found):
+            if not ok:
+                raise InvalidArgument("share_groups", f"{p} matches no linear of the model", ", ".join(roles))
 
 
 def shared_groups(linears: Sequence[LinearInfo], patterns: Sequence[Sequence[str]] | None) -> list[list[str]]:
@@ -31,7 +59,7 @@ def shared_groups(linears: Sequence[LinearInfo], patterns: Sequence[Sequence[str
     for li in linears:
         key = None
         for gi, pats in enumerate(patterns or []):
-            if any(re.search(rf"(^|\.){re.escape(p)}$", li.role) for p in pats):
+            if any(_matches(p, li.role) for p in pats):
                 key = (li.block, gi)
                 break
         if key is None:
@@ -66,9 +94,10 @@ class SearchSpace:
     def __post_init__(self) -> None:
         self.bit_choices = sorted(int(b) for b in self.bit_choices)
         if len(self.bit_choices) < 2 or len(set(self.bit_choices)) != len(self.bit_choices):
-            raise ConfigError("search.bits", f"{list(self.bit_choices)}", "at least two distinct bit widths, e.g. [3, 4, 8]")
+            raise InvalidArgument("bit_choices", f"{list(self.bit_choices)}", "at least two distinct bit widths, e.g. [3, 4, 8]")
         if not 1 <= self.keep_top <= len(self.bit_choices):
-            raise ConfigError("search.pruning.keep_top", f"{self.keep_top}", f"1 to {len(self.bit_choices)}")
+            raise InvalidArgument("keep_top", f"{self.keep_top}", f"1 to {len(self.bit_choices)}")
+        check_share_patterns(self.linears, self.share_patterns)
         all_groups = shared_groups(self.linears, self.share_patterns)
         pruned = set(self.pruned)
         # A group that serving engines fuse is pruned whole, or it can't be served.
@@ -77,7 +106,7 @@ class SearchSpace:
         self.pinned = self.pruned if self.keep_top == 1 else []
         self.groups = [g for g in all_groups if self.keep_top > 1 or not pruned.intersection(g)]
         if not self.groups:
-            raise ConfigError("search.pruning.threshold", "every linear was pinned, nothing is left to search", "a larger threshold")
+            raise InvalidArgument("pruned", "every linear was pinned, nothing is left to search", "a larger threshold")
         n_c = len(self.bit_choices)
         allowed = [self.bit_choices[-self.keep_top :] if set(g) <= set(self.pruned) else list(self.bit_choices) for g in self.groups]
         self._sizes = np.array([len(a) for a in allowed], dtype=int)
@@ -150,12 +179,12 @@ class SearchSpace:
         """The lowest and highest reachable average bits (with scale/zero)."""
         return float(self.avg_bits(np.zeros(self.n_genes, dtype=int))), float(self.avg_bits(self._sizes - 1))
 
-    def check_targets(self, targets: Iterable[float], setting: str = "search.targets") -> list[float]:
+    def check_targets(self, targets: Iterable[float], argument: str = "targets") -> list[float]:
         lo, hi = self.bits_range()
         out = []
         for t in targets:
             if not lo - 1e-9 <= float(t) <= hi + 1e-9:
-                raise ConfigError(setting, f"target {t} bits is outside the reachable range", f"{lo:.3f} to {hi:.3f} bits (with scale/zero)")
+                raise InvalidArgument(argument, f"target {t} bits is outside the reachable range", f"{lo:.3f} to {hi:.3f} bits (with scale/zero)")
             out.append(float(t))
         return out
 

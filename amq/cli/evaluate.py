@@ -20,16 +20,17 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from amq.errors import ConfigError
+from amq.config.compose import CONF_DIR
+from amq.errors import ConfigError, settings_of
 from amq.evaluation.perplexity import PerplexityProtocol
 from amq.evaluation.suite import EvalSuite
-from amq.finalize.export import QUANT_FILE, load_quantized, read_manifest
-from amq.finalize.packed import RUNTIMES
+from amq.quantizers.export import QUANT_FILE, load_quantized, read_manifest
+from amq.quantizers.packed import RUNTIMES
 from amq.io import atomic_write_json
-from amq.pipeline import quiet_libraries
+from amq.config.compose import quiet_libraries
 
 log = logging.getLogger("amq.evaluate")
-CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
+CONF_DATA = Path(CONF_DIR) / "data"
 REPRODUCE_RTOL = 1e-3
 
 
@@ -91,7 +92,8 @@ def evaluate_dir(model_dir: Path, args: argparse.Namespace, corpus_cache: dict) 
     if args.threads is None and recorded_env.get("threads"):
         torch.set_num_threads(int(recorded_env["threads"]))  # bf16 sums depend on it: re-check like for like
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_quantized(model_dir, args.device, args.runtime, args.compile)
+    with settings_of(named={"path": "model_dir"}):
+        model = load_quantized(model_dir, args.device, args.runtime, args.compile)
     add_bos = rec_proto.get("add_bos", tokenizer.bos_token_id is not None and bool(getattr(tokenizer, "add_bos_token", False)))
     window = args.window or rec_proto.get("window", 2048)
     max_windows = args.max_windows if args.max_windows is not None else rec_proto.get("max_windows", 4)

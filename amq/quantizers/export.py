@@ -25,8 +25,8 @@ from torch import nn
 
 from amq.bits import BitConfig
 from amq.devices import DTYPES
-from amq.errors import ConfigError
-from amq.finalize.packed import PackedLinear, check_runtime, set_runtime
+from amq.errors import InvalidArgument
+from amq.quantizers.packed import PackedLinear, check_runtime, set_runtime
 from amq.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,13 @@ def write_model_dir(
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     if not (path / QUANT_FILE).is_file():
-        raise ConfigError(
-            "model_dir", f"{path} holds no {QUANT_FILE} (the bit configuration of a quantized model)",
+        raise InvalidArgument(
+            "path", f"{path} holds no {QUANT_FILE} (the bit configuration of a quantized model)",
             "a directory written by amq finalize, e.g. <run dir>/models/<target>",
         )
     manifest = json.loads((path / QUANT_FILE).read_text())
     if manifest.get("format") != FORMAT or int(manifest.get("version", 0)) != FORMAT_VERSION:
-        raise ConfigError("model_dir", f"{path / QUANT_FILE} is format {manifest.get('format')} v{manifest.get('version')}", f"{FORMAT} v{FORMAT_VERSION}")
+        raise InvalidArgument("path", f"{path / QUANT_FILE} is format {manifest.get('format')} v{manifest.get('version')}", f"{FORMAT} v{FORMAT_VERSION}")
     return manifest
 
 
@@ -108,7 +108,7 @@ def _swap_in_empty_packed(model: nn.Module, modules: Mapping[str, dict], dtype: 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if not isinstance(getattr(parent, child, None), nn.Linear):
-            raise ConfigError("model_dir", f"module {name} of the bit configuration is not a Linear of this architecture", "a model directory written by amq finalize, unmodified")
+            raise InvalidArgument("path", f"module {name} of the bit configuration is not a Linear of this architecture", "a model directory written by amq finalize, unmodified")
         setattr(parent, child, PackedLinear.empty(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
                                                   spec["has_bias"], spec["has_input_scale"], dtype))
 
@@ -136,7 +136,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", runtime
     model.tie_weights()  # tied tensors are stored once; tying first lets the loader fill both names
     missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False, device="cpu")
     if missing or unexpected:
-        raise ConfigError("model_dir", f"{path / WEIGHTS_FILE} does not match its config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})", "an unmodified directory written by amq finalize")
+        raise InvalidArgument("path", f"{path / WEIGHTS_FILE} does not match its config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})", "an unmodified directory written by amq finalize")
     set_runtime(model, runtime, compile)
     log.info("loaded quantized model %s (%d packed linears, %s runtime)", path, len(manifest["modules"]), runtime)
     return model.to(device).eval()

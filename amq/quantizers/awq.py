@@ -8,7 +8,7 @@ it on the calibration data). Then, optionally, each group's range is shrunk (cli
 lowers the output error. Both searches minimise the layer's output error on the calibration
 inputs, computed exactly from H = 2 X X^T as trace(E H E^T) for a weight error E, which costs the
 same whatever the number of calibration tokens. Blocks are walked in order and each sees the
-quantized outputs of the previous one (`amq.finalize.calibration`).
+quantized outputs of the previous one (`amq.quantizers.calibration`).
 
 The scale is kept as the layer's `input_scale` (the packed layer computes `dequant @ (x / s)`)
 instead of being folded into the preceding norm or linear as the reference does: folding needs
@@ -17,7 +17,7 @@ input feature. Scales are per linear (not shared by q/k/v), which folding would 
 
 Why not a library: AutoAWQ 0.2.9 (archived) imports here but packs 4-bit only ("Only 4-bit are
 supported for now") and one width for the whole model; llm-compressor 0.14 pins transformers
-<= 5.17, below the 5.23 this project uses. See `amq.finalize.gptq` for the GPTQ libraries.
+<= 5.17, below the 5.23 this project uses. See `amq.quantizers.gptq` for the GPTQ libraries.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from amq.errors import ConfigError
-from amq.finalize.calibration import InputStats, quantize_calibrated
-from amq.finalize.grid import from_codes, grouped, round_to_nearest, search_shrink, shrink_ratios
-from amq.finalize.packed import GroupQuant
+from amq.errors import InvalidArgument
+from amq.quantizers.calibration import InputStats, quantize_calibrated
+from amq.quantizers.grid import from_codes, grouped, round_to_nearest, search_shrink, shrink_ratios
+from amq.quantizers.packed import GroupQuant
 from amq.modeling.discovery import ModelLayout
 
 
@@ -49,11 +49,11 @@ class AWQFinalizer:
 
     def __post_init__(self) -> None:
         if self.n_grid < 2:
-            raise ConfigError("finalizer.n_grid", f"{self.n_grid}", "an integer >= 2 (the reference uses 20)")
+            raise InvalidArgument("n_grid", f"{self.n_grid}", "an integer >= 2 (the reference uses 20)")
         if not 0.0 < self.max_shrink <= 1.0:
-            raise ConfigError("finalizer.max_shrink", f"{self.max_shrink}", "0 < max_shrink <= 1 (the reference uses 0.5)")
+            raise InvalidArgument("max_shrink", f"{self.max_shrink}", "0 < max_shrink <= 1 (the reference uses 0.5)")
         if self.batch_size < 1:
-            raise ConfigError("finalizer.batch_size", f"{self.batch_size}", "a positive integer")
+            raise InvalidArgument("batch_size", f"{self.batch_size}", "a positive integer")
 
     def quantize(
         self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int, calib: torch.Tensor | None

@@ -34,7 +34,7 @@ class MeasuredCurve:
 
     @classmethod
     def from_steps(cls, steps: Sequence[Mapping[str, float]], key: str) -> "MeasuredCurve":
-        """From `amq.timing.search_step_seconds` results: `key` ("fit_s" or "nsga_s") against "n_points"."""
+        """From `amq.bench.timing.search_step_seconds` results: `key` ("fit_s" or "nsga_s") against "n_points"."""
         return cls.measured([int(s["n_points"]) for s in steps], [float(s[key]) for s in steps])
 
     def __call__(self, n: float) -> float:

@@ -10,13 +10,13 @@ updated by the earlier blocks, as in the reference), and `act_order` visits colu
 decreasing Hessian diagonal while groups stay contiguous in the original order (so the packed
 format needs no column permutation). With `clip_search` a group's range is not plain min-max but
 the narrowing, among `clip_grid` factors from 1.0 down to `clip_max_shrink`, with the least
-sum_j c_j |w_j - q(w_j)|^clip_norm per row (`amq.finalize.grid.ClipSearch`). c_j = 1 is the
+sum_j c_j |w_j - q(w_j)|^clip_norm per row (`amq.quantizers.grid.ClipSearch`). c_j = 1 is the
 reference's `mse` option; with `clip_weighted`, c_j = 1 / [H_F^-1]_jj (F: the columns not yet
 quantized when j is; the squared diagonal of GPTQ's Cholesky factor), the loss GPTQ's Optimal
 Brain Surgeon step incurs per squared rounding error of column j, so that columns whose errors
 GPTQ cannot compensate count more.
 Blocks are walked in order and each block sees the quantized outputs of the previous one
-(`amq.finalize.calibration`).
+(`amq.quantizers.calibration`).
 
 Why not a library: on this stack (CPU, torch 2.13, transformers 5.23) none installs and runs.
 llm-compressor 0.14 pins transformers <= 5.17; gptqmodel 7.x needs torch >= 2.14.1 and is a
@@ -34,10 +34,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from amq.errors import ConfigError
-from amq.finalize.calibration import InputStats, quantize_calibrated
-from amq.finalize.grid import ClipSearch, minmax_grid
-from amq.finalize.packed import GroupQuant
+from amq.errors import InvalidArgument
+from amq.quantizers.calibration import InputStats, quantize_calibrated
+from amq.quantizers.grid import ClipSearch, minmax_grid
+from amq.quantizers.packed import GroupQuant
 from amq.modeling.discovery import ModelLayout
 
 
@@ -71,15 +71,15 @@ class GPTQFinalizer:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.damp < 1.0:
-            raise ConfigError("finalizer.damp", f"{self.damp}", "a fraction of the mean Hessian diagonal, 0 < damp < 1 (the reference uses 0.01)")
+            raise InvalidArgument("damp", f"{self.damp}", "a fraction of the mean Hessian diagonal, 0 < damp < 1 (the reference uses 0.01)")
         if self.block_size < 1 or self.batch_size < 1:
-            raise ConfigError("finalizer", f"block_size={self.block_size}, batch_size={self.batch_size}", "positive integers")
+            raise InvalidArgument("", f"block_size={self.block_size}, batch_size={self.batch_size}", "positive integers")
         if self.clip_grid < 2:
-            raise ConfigError("finalizer.clip_grid", f"{self.clip_grid}", "an integer >= 2: range factors tried from 1.0 down to clip_max_shrink (81: steps of 0.01 as in the reference)")
+            raise InvalidArgument("clip_grid", f"{self.clip_grid}", "an integer >= 2: range factors tried from 1.0 down to clip_max_shrink (81: steps of 0.01 as in the reference)")
         if not 0.0 < self.clip_max_shrink <= 1.0:
-            raise ConfigError("finalizer.clip_max_shrink", f"{self.clip_max_shrink}", "the smallest range factor tried, 0 < clip_max_shrink <= 1 (the reference reaches 0.21)")
+            raise InvalidArgument("clip_max_shrink", f"{self.clip_max_shrink}", "the smallest range factor tried, 0 < clip_max_shrink <= 1 (the reference reaches 0.21)")
         if not 0.0 < self.clip_norm <= 8.0:  # larger exponents underflow float32 on small errors
-            raise ConfigError("finalizer.clip_norm", f"{self.clip_norm}", "the exponent p of sum |w - q(w)|^p, 0 < clip_norm <= 8 (the reference uses 2.4)")
+            raise InvalidArgument("clip_norm", f"{self.clip_norm}", "the exponent p of sum |w - q(w)|^p, 0 < clip_norm <= 8 (the reference uses 2.4)")
 
     def clip(self) -> ClipSearch | None:
         return ClipSearch(self.clip_grid, self.clip_max_shrink, self.clip_norm) if self.clip_search else None

@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import errno
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
-from omegaconf import DictConfig
 
 from amq.errors import ResourceError
-from amq.resume import resume_command
+from amq.run.resume import resume_command
 
 # Write failures that mean "no room" or "not allowed here", not a bug.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -30,14 +29,16 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in CPU_OOM_MARKERS)
 
 
-def out_of_memory_message(exc: BaseException, cfg: DictConfig, run_dir: Path) -> str:
+def out_of_memory_message(exc: BaseException, memory: Mapping[str, Any], run_dir: Path) -> str:
+    """What to lower, with the values the run has now (`memory`: setting -> value, `memory_settings` of
+    amq.config.compose)."""
     where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "CPU"
-    b, m, q = cfg.budget, cfg.metric, cfg.quantizer
+    now = {k: memory.get(k) for k in ("metric.batch_size", "metric.chunk_tokens", "quantizer.storage", "budget.n_samples", "budget.seq_len")}
     return (
-        f"out of {where} memory. Lower metric.batch_size (now {m.batch_size}) or metric.chunk_tokens (now {m.chunk_tokens}), "
-        f"or set quantizer.storage=packed (now {q.storage}): these may change when continuing with "
+        f"out of {where} memory. Lower metric.batch_size (now {now['metric.batch_size']}) or metric.chunk_tokens (now {now['metric.chunk_tokens']}), "
+        f"or set quantizer.storage=packed (now {now['quantizer.storage']}): these may change when continuing with "
         f"{resume_command(run_dir)} <setting>=<value>. Or start a new run on fewer calibration tokens: "
-        f"budget.n_samples (now {b.n_samples}) x budget.seq_len (now {b.seq_len})"
+        f"budget.n_samples (now {now['budget.n_samples']}) x budget.seq_len (now {now['budget.seq_len']})"
     )
 
 
@@ -50,13 +51,13 @@ def disk_message(exc: OSError, run_dir: Path) -> str:
 
 
 @contextlib.contextmanager
-def resource_errors(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
+def resource_errors(memory: Mapping[str, Any], run_dir: Path) -> Iterator[None]:
     """Turn out-of-memory and disk-write errors raised inside the block into ResourceError."""
     try:
         yield
     except (RuntimeError, OSError) as exc:
         if is_out_of_memory(exc):
-            raise ResourceError(out_of_memory_message(exc, cfg, run_dir)) from None
+            raise ResourceError(out_of_memory_message(exc, memory, run_dir)) from None
         if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
             raise ResourceError(disk_message(exc, run_dir)) from None
         raise

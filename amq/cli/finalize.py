@@ -25,14 +25,14 @@ from typing import Sequence
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from amq.config_check import check_settings
+from amq.config.check import check_settings
+from amq.config.compose import CONF_DIR
 from amq.errors import ConfigError
 from amq.io import atomic_write_text
-from amq.resume import comparable_settings, differences, shown_differences, task_overrides, under
-from amq.run_outputs import ARCHIVE_FILE, CONFIG_FILE, SUMMARY_FILE
+from amq.run.resume import comparable_settings, differences, shown_differences, task_overrides, under
+from amq.run.outputs import ARCHIVE_FILE, CONFIG_FILE, SUMMARY_FILE
 
 log = logging.getLogger("amq.finalize")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 FINALIZE_KEYS = ("finalize", "finalizer", "num_threads")
 VALID_OVERRIDES = "finalize.<key>=..., finalizer=hqq|gptq|awq, finalizer.<key>=..., num_threads=N"
 
@@ -83,7 +83,7 @@ def compose_for_run(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
 def finalize_run(run_dir: Path, overrides: Sequence[str]) -> Path:
     """Run the finalize stage on `run_dir` into a new `finalized/<time>/` directory; returns it."""
     from amq.finalize.selection import archive_metric, read_candidates, select_for_targets
-    from amq.pipeline import check_finalize_components, finalize_settings, finalizer_for, load_model_and_data
+    from amq.config.compose import check_finalize_components, finalize_settings, load_model_and_data, run_finalize
 
     check_finished(run_dir)
     cfg = compose_for_run(run_dir, overrides)
@@ -99,7 +99,7 @@ def finalize_run(run_dir: Path, overrides: Sequence[str]) -> Path:
     out_dir.mkdir(parents=True)
     try:
         atomic_write_text(out_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create({**record, "overrides": list(overrides)})))
-        finalizer_for(cfg, md, run_dir, metric, out_dir).run([int(b) for b in cfg.search.bits])
+        run_finalize(cfg, md, run_dir, metric, [int(b) for b in cfg.search.bits], out_dir)
     except BaseException:
         if not any((out_dir / "models").glob("*")):  # keep models already exported (each written atomically)
             shutil.rmtree(out_dir, ignore_errors=True)

@@ -6,7 +6,7 @@ from typing import Mapping
 
 import torch
 
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 from amq.modeling.discovery import LinearInfo, ModelLayout
 
 
@@ -17,23 +17,23 @@ def selected_linears(
     by_name = {li.name: li for li in layout.linears}
     unknown = [n for n in bits if n not in by_name]
     if unknown:
-        raise ConfigError("finalize.bits", f"{len(unknown)} names are not decoder linears of the model, e.g. {unknown[0]!r}", "names from the model's layout")
+        raise InvalidArgument("bits", f"{len(unknown)} names are not decoder linears of the model, e.g. {unknown[0]!r}", "names from the model's layout")
     for name, b in bits.items():
         if b not in supported_bits:
-            raise ConfigError("finalize.bits", f"{name}: {b}-bit is not a width {finalizer} packs", ", ".join(map(str, supported_bits)))
+            raise InvalidArgument("bits", f"{name}: {b}-bit is not a width {finalizer} packs", ", ".join(map(str, supported_bits)))
     if group_size < 1:
-        raise ConfigError("model.group_size", f"{group_size}", "a positive divisor of every layer's input features")
+        raise InvalidArgument("group_size", f"{group_size}", "a positive divisor of every layer's input features")
     chosen = [by_name[n] for n in bits]
     for li in chosen:
         if li.in_features % group_size:
-            raise ConfigError("model.group_size", f"{group_size} does not divide {li.name} (in_features={li.in_features})", "a divisor of every quantized layer's input features")
+            raise InvalidArgument("group_size", f"{group_size} does not divide {li.name} (in_features={li.in_features})", "a divisor of every quantized layer's input features")
     return chosen
 
 
 def require_calibration(calib: torch.Tensor | None, finalizer: str) -> torch.Tensor:
     """The calibration windows, checked: a (n, seq_len) integer tensor."""
     if calib is None:
-        raise ConfigError("finalizer", f"{finalizer} needs calibration windows and none were given", "calibration token windows, or finalizer=hqq (calibration-free)")
+        raise InvalidArgument("calib", f"{finalizer} needs calibration windows and none were given", "calibration token windows, or finalizer=hqq (calibration-free)")
     if calib.dim() != 2 or calib.dtype != torch.long or calib.numel() == 0:
-        raise ConfigError("finalizer", f"calibration must be a non-empty (n, seq_len) LongTensor, got {tuple(calib.shape)} {calib.dtype}")
+        raise InvalidArgument("calib", f"calibration must be a non-empty (n, seq_len) LongTensor, got {tuple(calib.shape)} {calib.dtype}")
     return calib

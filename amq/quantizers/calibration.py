@@ -24,8 +24,8 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 from torch import nn
 
-from amq.finalize.checks import require_calibration, selected_linears
-from amq.finalize.packed import GroupQuant
+from amq.quantizers.checks import require_calibration, selected_linears
+from amq.quantizers.packed import GroupQuant
 from amq.modeling.discovery import LinearInfo, ModelLayout, find_decoder_blocks
 
 log = logging.getLogger(__name__)

@@ -14,30 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META
-from amq.errors import ConfigError
 from amq.io import atomic_write_json, atomic_write_text, read_jsonl
-from amq.plotting import plot_front
+from amq.run.plotting import plot_front
 from amq.search.archive import Archive
+from amq.run.state import STATE_FILE, RunState, read_state, write_state
 from amq.search.pareto import nondominated
 
-STATE_VERSION = 1
 CONFIG_FILE = "config.yaml"
-STATE_FILE = "state.json"
 ARCHIVE_FILE = "archive.jsonl"
 SUMMARY_FILE = "summary.json"
-
-
-def read_state(run_dir: Path) -> dict | None:
-    """state.json of a run (None before its first checkpoint); a damaged one is refused, not guessed."""
-    p = Path(run_dir) / STATE_FILE
-    if not p.exists():
-        return None
-    try:
-        state = json.loads(p.read_text())
-        int(state["last_completed_iteration"]), str(state["space_fingerprint"])
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError("resume", f"{p} is damaged", "restore it, or start a new run") from None
-    return state
 
 
 class RunOutputs:
@@ -63,11 +48,11 @@ class RunOutputs:
                 p.unlink(missing_ok=True)
 
     # -------------------------------------------------------------- state for resume
-    def read_state(self) -> dict | None:
+    def read_state(self) -> RunState | None:
         return read_state(self.dir)
 
-    def write_state(self, state: dict) -> None:
-        atomic_write_json(self.path(STATE_FILE), {"version": STATE_VERSION, **state})
+    def write_state(self, state: RunState) -> None:
+        write_state(self.dir, state)
 
     def read_metrics(self, up_to_iteration: int) -> list[dict]:
         return [r for r in read_jsonl(self.path("metrics.jsonl")) if r.get("iteration", 1 << 30) <= up_to_iteration]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 
 CODES_PER_CHUNK = 8  # 8 codes of b bits fill exactly b bytes, for any b in 1..8
 
@@ -231,7 +231,7 @@ RUNTIMES = ("dequantized", "packed")
 
 def check_runtime(runtime: str) -> None:
     if runtime not in RUNTIMES:
-        raise ConfigError("runtime", repr(runtime), ", ".join(RUNTIMES))
+        raise InvalidArgument("runtime", repr(runtime), ", ".join(RUNTIMES))
 
 
 def set_runtime(model: nn.Module, runtime: str, compile: bool = False) -> int:

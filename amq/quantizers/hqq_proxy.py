@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import torch
 
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 from amq.modeling.discovery import LinearInfo
 
 HQQ_PACKABLE_BITS = (1, 2, 3, 4, 5, 6, 8)
@@ -39,18 +39,18 @@ class HQQQuantizer:
         """Reject bit widths HQQ can't pack and group sizes that don't tile every layer."""
         for b in bits:
             if b not in HQQ_PACKABLE_BITS:
-                raise ConfigError(
-                    "search.bits", f"{b}-bit is not a width HQQ packs", ", ".join(map(str, HQQ_PACKABLE_BITS))
+                raise InvalidArgument(
+                    "bits", f"{b}-bit is not a width HQQ packs", ", ".join(map(str, HQQ_PACKABLE_BITS))
                 )
         if self.axis not in (0, 1):
-            raise ConfigError("quantizer.axis", f"{self.axis}", "0 or 1")
+            raise InvalidArgument("axis", f"{self.axis}", "0 or 1")
         if self.group_size < 1:
-            raise ConfigError("quantizer.group_size", f"{self.group_size}", "a positive divisor of every layer's input features")
+            raise InvalidArgument("group_size", f"{self.group_size}", "a positive divisor of every layer's input features")
         for li in linears:
             dim = li.in_features if self.axis == 1 else li.out_features
             if dim % self.group_size:
-                raise ConfigError(
-                    "quantizer.group_size",
+                raise InvalidArgument(
+                    "group_size",
                     f"{self.group_size} does not divide {li.name} ({'in' if self.axis == 1 else 'out'}_features={dim})",
                     _divisors_hint(linears, self.axis),
                 )

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from amq.finalize.packed import GroupQuant
+from amq.quantizers.packed import GroupQuant
 
 MIN_SCALE = 2.0**-20  # keeps 1/scale finite once the scale is rounded to float16
 CPU_CHUNK = 2**18  # weight copies a range search scores at once on a CPU: stays in a core's cache

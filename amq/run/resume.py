@@ -10,7 +10,7 @@ continued with a larger limit or none, it searches on from the next iteration.
 `resume=auto` makes a command safe to rerun as is (a preempted job, a requeue): it continues the
 newest unfinished run with the same settings under the same runs folder, or starts a new one.
 
-`RunDirCallback` (a Hydra callback, conf/hydra/default.yaml) applies this before Hydra creates or
+`amq.config.hydra_callback.RunDirCallback` (conf/hydra/default.yaml) applies this before Hydra creates or
 writes anything: it points the run at the resumed directory, keeps the original run's `.hydra/`
 record (what was asked for first), and refuses a bad `resume=` or an unwritable output folder with
 one line and exit status 2.
@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from amq.errors import ConfigError
-from amq.run_outputs import CONFIG_FILE, SUMMARY_FILE, read_state
+from amq.run.outputs import CONFIG_FILE, SUMMARY_FILE
+from amq.run.state import read_state
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,9 @@ def finished(run_dir: Path) -> bool:
         return True  # unreadable: not a run to continue on its own
 
 
-def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
-    """Raise ConfigError unless `run_dir` holds an unfinished run `cfg` may continue."""
+def check_resumable(run_dir: Path, settings: dict[str, Any], iterations: int) -> None:
+    """Raise ConfigError unless `run_dir` holds an unfinished run that a run with `settings`
+    (`comparable_settings` of its config) and `iterations` search iterations may continue."""
     if not run_dir.is_dir():
         raise ConfigError("resume", f"{run_dir} is not a directory", VALID_DIR)
     config = run_dir / CONFIG_FILE
@@ -136,26 +137,26 @@ def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
         saved = comparable_settings(OmegaConf.load(config))
     except Exception as exc:  # any YAML or OmegaConf error: the file is damaged
         raise ConfigError("resume", f"{config} is damaged ({type(exc).__name__})", "restore it, or start a new run") from None
-    diff = differences(saved, comparable_settings(cfg))
+    diff = differences(saved, settings)
     if diff:
         raise ConfigError("resume", f"{run_dir} was searched with other settings: {shown_differences(diff)}", f"its own settings: {resume_command(run_dir)}")
     state = read_state(run_dir)
-    if state is not None and (run_dir / SUMMARY_FILE).is_file() and int(state["last_completed_iteration"]) >= int(cfg.budget.iterations):
+    if state is not None and (run_dir / SUMMARY_FILE).is_file() and state.last_completed_iteration >= iterations:
         raise ConfigError(
-            "resume", f"{run_dir} is already complete ({state['last_completed_iteration']} iterations)",
+            "resume", f"{run_dir} is already complete ({state.last_completed_iteration} iterations)",
             "a larger budget.iterations to search further, or resume=auto to start a new run",
         )
 
 
-def find_unfinished(runs_dir: Path, cfg: DictConfig) -> Path | None:
-    """The newest run under `runs_dir` that `cfg` may continue (same settings, not finished)."""
+def find_unfinished(runs_dir: Path, settings: dict[str, Any], iterations: int) -> Path | None:
+    """The newest run under `runs_dir` that a run with `settings` may continue (same settings, not finished)."""
     if not runs_dir.is_dir():
         return None
     for run_dir in sorted((p for p in runs_dir.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True):
         if finished(run_dir) or not (run_dir / CONFIG_FILE).is_file():
             continue  # finished, or stopped before it wrote anything (nothing to continue)
         try:
-            check_resumable(run_dir, cfg)
+            check_resumable(run_dir, settings, iterations)
         except ConfigError:
             continue
         return run_dir
@@ -173,54 +174,3 @@ def probe_writable(directory: Path, setting: str) -> None:
             setting, f"cannot write the run directory {directory} ({exc.strerror or exc})",
             "a writable folder: AMQ_OUTPUT_DIR=<dir> or paths.log_dir=<dir>",
         ) from None
-
-
-def _set_hydra(config: DictConfig, key: str, value: Any) -> None:
-    with read_write(config.hydra), open_dict(config.hydra):
-        OmegaConf.update(config.hydra, key, value, merge=False)
-
-
-class RunDirCallback(Callback):
-    """Chooses the run directory before Hydra creates it (see the module docstring)."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            self._choose(config)
-        except ConfigError as exc:
-            log.error("%s", exc)
-            sys.exit(exc.exit_code)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        resume = config.get("resume")
-        if resume and resume != "auto":
-            log.error("%s", ConfigError("resume", f"{resume!r} continues one run, not a multirun", "auto (each job continues its own unfinished run), or a single run"))
-            sys.exit(2)
-        try:
-            sweep_dir = Path(str(config.hydra.sweep.dir))
-            _set_hydra(config, "sweep.dir", str(sweep_dir))  # freeze the time stamp it was probed with
-            probe_writable(sweep_dir, "paths.log_dir")
-        except ConfigError as exc:
-            log.error("%s", exc)
-            sys.exit(exc.exit_code)
-
-    @staticmethod
-    def _choose(config: DictConfig) -> None:
-        resume = config.get("resume")
-        fresh = Path(str(config.hydra.run.dir))
-        target = None
-        if resume == "auto":
-            target = find_unfinished(fresh.parent, config)
-            if target is None:
-                log.info("resume=auto: no unfinished run with these settings in %s; starting a new one", fresh.parent)
-            else:
-                log.info("resume=auto: continuing %s", target)
-        elif resume:
-            target = Path(str(resume)).expanduser().absolute()
-            check_resumable(target, config)
-        if target is None:
-            _set_hydra(config, "run.dir", str(fresh))  # freeze the time stamp it was probed with
-            probe_writable(fresh, "paths.log_dir")
-            return
-        probe_writable(target, "resume")
-        _set_hydra(config, "run.dir", str(target))
-        _set_hydra(config, "output_subdir", None)  # keep the original run's .hydra/ record

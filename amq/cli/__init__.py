@@ -1,0 +1,2 @@
+"""Command-line tools besides `amq-search` (amq/train_search.py): `amq-finalize`, `amq-evaluate`
+and `amq-compare`."""

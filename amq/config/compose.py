@@ -1,0 +1,453 @@
+"""The composition root: the one module that reads the composed config and turns it into objects.
+
+`plan()` checks every setting that needs no model and builds the cheap components (predictor
+factory, pruning, loop settings, tracker, evaluation cache, finalize settings); `prepare()` loads
+the model and data and checks what needs them (targets, share groups, windows against the
+model's context) before the first forward pass, then builds the metric and the proxy bank;
+`prune()` runs the sensitivity stage; `assemble_search()` wires the loop. amq/train_search.py
+calls them in that order; tests and scripts use the same functions.
+
+Domain code raises `InvalidArgument` about its own parameters; `build()` and `settings_of()` map
+it to the setting the user wrote, so no domain module knows a Hydra path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+import yaml
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from amq.search import sensitivity
+from amq.data.corpora import TextSplits
+from amq.data.tokens import CalibrationSpec, calibration_windows
+from amq.config.check import check_settings
+from amq.errors import ConfigError, InvalidArgument, setting_for, settings_of
+from amq.metrics.base import QualityMetric
+from amq.modeling.discovery import ModelLayout, discover_layout
+from amq.proxy.bank import ProxyBank
+from amq.run.resume import TIME_LIMIT, comparable_settings
+from amq.search.archive import Archive
+from amq.search.eval_cache import with_cache
+from amq.search.evaluator import ProxyEvaluator
+from amq.search.loop import IterativeSearch, SearchSettings, search_bits_range
+from amq.search.seeding import SEED_ALLOCATORS, sensitivity_seeds
+from amq.search.space import SearchSpace
+
+if TYPE_CHECKING:  # transformers is slow to import: settings errors come before it
+    from amq.evaluation.suite import EvalSuite
+    from amq.modeling.loading import LoadedModel
+    from amq.finalize.settings import FinalizeSettings
+    from amq.finalize.stage import Finalizer
+
+log = logging.getLogger(__name__)
+
+# An absolute path: the same for `python -m amq.train_search`, the `amq-*` scripts and tests.
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+# Settings whose path is not <node the object was built from>.<argument>.
+SPACE_SETTINGS = {"bits": "search.bits", "bit_choices": "search.bits", "keep_top": "search.pruning.keep_top", "pruned": "search.pruning.threshold",
+                  "share_groups": "search.share_groups", "targets": "search.targets", "group_size": "quantizer.group_size"}
+LOOP_SETTINGS = {"iterations": "budget.iterations", "n_initial_random": "budget.n_initial_random", "batch_size": "budget.batch_size",
+                 "bits_window": "search.bits_window", "": "budget"}
+CALIBRATION_SETTINGS = {"n_samples": "budget.n_samples", "seq_len": "budget.seq_len", "docs": "data"}
+MODEL_SETTINGS = {"dtype": "model.source.dtype"}  # the others read model.<argument>, as the README's table shows
+FINALIZE_SETTINGS = {"bits": "finalize.bits", "group_size": "quantizer.group_size", "calib": "finalizer"}
+
+
+def build(node: DictConfig, setting: str, named: Mapping[str, str] | None = None, **kwargs: Any) -> Any:
+    """instantiate() with bad settings turned into a one-line ConfigError naming the group."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, InvalidArgument):
+            raise cause.as_setting(setting_for(cause.argument, setting, named)) from None
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        msg = str(cause or exc).splitlines()[0]
+        raise ConfigError(setting, msg, f"the keys documented in conf/{setting.split('.')[0]}/") from None
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """`key=value,key=value` (values read as YAML) -> keyword overrides of a component's settings."""
+    pairs = (kv.partition("=") for kv in text.split(",") if kv.strip())
+    return {k.strip(): yaml.safe_load(v) for k, _, v in pairs}
+
+
+def quiet_libraries() -> None:
+    """Keep the run log about the search: silence per-tensor progress bars and chatty loggers."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    for name in ("gensim", "smart_open", "wandb"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def tokens_hash(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16]
+
+
+def code_hash(*objects: Any) -> str:
+    """Hash of the source files defining `objects`: a cached value computed by other code is not reused."""
+    h = hashlib.sha256()
+    for path in sorted({inspect.getsourcefile(o) for o in objects}):
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def evaluation_context(wb: "Workbench", metric: QualityMetric | None = None, *code: Any) -> dict:
+    """What a measured value depends on besides the configuration (the key of the evaluation and
+    sensitivity caches): model, dtype, device, quantizer, metric and its tokens, library versions,
+    and the code that computes it (`code`: more objects whose source files count)."""
+    import transformers
+
+    metric = metric or wb.metric
+    return {
+        "model": wb.lm.fingerprint,
+        "dtype": str(wb.lm.model.dtype),
+        "device": wb.lm.device.type,
+        "quantizer": wb.bank.quantizer.settings(),
+        "metric": metric.settings(),
+        "tokens": tokens_hash(metric.tokens),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "code": code_hash(type(metric), type(wb.bank.quantizer), ProxyBank, ProxyEvaluator, *code),
+    }
+
+
+@dataclass
+class ModelAndData:
+    """What the finalize stage needs: the model, its layout and the run's text splits."""
+
+    lm: LoadedModel
+    layout: ModelLayout
+    splits: TextSplits
+    cache_dir: Path
+
+
+@dataclass
+class Workbench(ModelAndData):
+    """Everything a true evaluation needs besides: calibration tokens, proxy bank and metric."""
+
+    tokens: torch.Tensor
+    bank: ProxyBank
+    metric: QualityMetric
+    bits: list[int]
+    targets: list[float]
+
+
+def set_threads(num_threads: Any) -> None:
+    """torch's CPU threads (None: its default), refusing non-positive counts."""
+    if num_threads is not None:
+        if int(num_threads) < 1:
+            raise ConfigError("num_threads", f"{num_threads}", "an integer >= 1, or null (torch's default)")
+        torch.set_num_threads(int(num_threads))
+
+
+def load_model_and_data(cfg: DictConfig) -> ModelAndData:
+    """Load the model, discover its linears and read the data (no proxy, no metric)."""
+    quiet_libraries()
+    set_threads(cfg.num_threads)
+    cache_dir = Path(cfg.paths.cache_dir)
+    source, corpus = build(cfg.model.source, "model", MODEL_SETTINGS), build(cfg.data, "data")
+    if getattr(corpus, "cache_dir", "") is None:  # a corpus that caches what it parses: in the run's cache
+        corpus.cache_dir = str(cache_dir)
+    with settings_of("model", MODEL_SETTINGS):
+        lm = source.load(cache_dir)
+    layout = discover_layout(lm.model)
+    log.info("model %s: %d decoder blocks (%s), %d linears", lm.name, layout.n_blocks, layout.blocks_name, len(layout.linears))
+    return ModelAndData(lm, layout, corpus.load(), cache_dir)
+
+
+@dataclass
+class SearchPlan:
+    """What the config decides about a search, built and checked before any model loads."""
+
+    seed: int
+    calibration: CalibrationSpec
+    sensitivity_samples: int
+    pruning: sensitivity.Pruning
+    share_groups: list[list[str]] | None
+    settings: SearchSettings
+    make_predictor: Callable[..., Any]  # seed= -> a fresh predictor
+    predictor_name: str
+    sensitivity_seeds: int
+    seed_allocator: str
+    eval_cache: Any
+    eval_cache_record: dict
+    tracker: Any
+    finalize: "FinalizeSettings | None"
+    max_minutes: float | None
+
+
+def plan(cfg: DictConfig) -> SearchPlan:
+    """Every setting of a search that needs no model, checked (unknown keys, types, values) and
+    built, in the time it takes to read the config."""
+    check_settings(cfg, CONF_DIR)
+    make_predictor = build(cfg.predictor, "predictor")
+    try:
+        with settings_of("predictor"):
+            make_predictor(seed=0)  # a partial: construct once now so its settings fail fast
+    except TypeError as exc:
+        raise ConfigError("predictor", str(exc), "the keys documented in conf/predictor/") from None
+    pruning = build(cfg.search.pruning, "search.pruning")
+    settings = search_settings(cfg)
+    tracker = build(cfg.logger, "logger")
+    finalize = finalize_settings(cfg.finalize) if cfg.finalize.enabled else None
+    if finalize is not None:
+        check_finalize_components(cfg)  # before the search
+    eval_cache = build(cfg.eval_cache, "eval_cache")
+    for key in ("seed", "data_seed"):
+        if int(cfg[key]) < 0:
+            raise ConfigError(key, f"{cfg[key]}", "an integer >= 0")
+    if int(cfg.search.sensitivity_seeds) < 0:
+        raise ConfigError("search.sensitivity_seeds", f"{cfg.search.sensitivity_seeds}", "an integer >= 0 (0: the reference's uniform + random initial design)")
+    if cfg.search.seed_allocator not in SEED_ALLOCATORS:
+        raise ConfigError("search.seed_allocator", f"{cfg.search.seed_allocator!r}", " or ".join(SEED_ALLOCATORS))
+    max_minutes = cfg.budget.max_minutes
+    search_deadline(max_minutes, 0.0)  # refuses a bad limit now
+    _check_targets_given(cfg)
+    share_groups = OmegaConf.to_container(cfg.search.share_groups, resolve=True) if cfg.search.share_groups else None
+    return SearchPlan(
+        seed=int(cfg.seed),
+        calibration=calibration_spec(cfg),
+        sensitivity_samples=int(cfg.budget.sensitivity_samples),
+        pruning=pruning,
+        share_groups=share_groups,
+        settings=settings,
+        make_predictor=make_predictor,
+        predictor_name=str(cfg.predictor._target_).rsplit(".", 1)[-1],
+        sensitivity_seeds=int(cfg.search.sensitivity_seeds),
+        seed_allocator=str(cfg.search.seed_allocator),
+        eval_cache=eval_cache,
+        eval_cache_record=OmegaConf.to_container(cfg.eval_cache, resolve=True),
+        tracker=tracker,
+        finalize=finalize,
+        max_minutes=None if max_minutes is None else float(max_minutes),
+    )
+
+
+def search_deadline(max_minutes: object, started: float) -> float | None:
+    """The time.monotonic() value the search must end by, `budget.max_minutes` after `started` (None: no limit)."""
+    if max_minutes is None:
+        return None
+    if isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float)) or not max_minutes > 0:
+        raise ConfigError(TIME_LIMIT, f"{max_minutes!r}", "a number of minutes > 0, or null for no limit")
+    return started + 60.0 * float(max_minutes)
+
+
+def _check_targets_given(cfg: DictConfig) -> None:
+    """search.targets must name at least one budget (the seeds, the reports and finalize work at
+    them); an empty finalize.targets is reported under the setting that made it empty."""
+    valid = "a list of average-bits budgets, e.g. [4.0, 4.5]"
+    targets = cfg.search.targets
+    if targets is None or (not isinstance(targets, (int, float)) and len(targets) == 0):
+        raise ConfigError("search.targets", "no targets given", valid)
+    if cfg.finalize.enabled and not OmegaConf.is_interpolation(cfg.finalize, "targets"):
+        given = cfg.finalize.targets
+        if given is None or (not isinstance(given, (int, float)) and len(given) == 0):
+            raise ConfigError("finalize.targets", "no targets given", valid)
+
+
+def calibration_spec(cfg: DictConfig) -> CalibrationSpec:
+    """The calibration windows of a true evaluation (budget.n_samples x budget.seq_len, data_seed)."""
+    with settings_of(named=CALIBRATION_SETTINGS):
+        return CalibrationSpec(int(cfg.budget.n_samples), int(cfg.budget.seq_len), seed=int(cfg.data_seed))
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model was trained for (None: its config doesn't say)."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_window(seq_len: int, lm: "LoadedModel", setting: str) -> None:
+    """Refuse windows longer than the model's context before any forward pass runs on them."""
+    context = context_length(lm.model)
+    if context is not None and seq_len > context:
+        raise ConfigError(setting, f"{seq_len} tokens is longer than {lm.name}'s context of {context} tokens", f"an integer from 8 to {context}")
+
+
+def prepare(cfg: DictConfig) -> Workbench:
+    """Model, layout, data, proxy and metric, with every setting checked before the first forward pass."""
+    torch.manual_seed(int(cfg.seed))
+    quantizer = build(cfg.quantizer, "quantizer")
+    calib = calibration_spec(cfg)
+    bits = [int(b) for b in cfg.search.bits]
+    share_groups = OmegaConf.to_container(cfg.search.share_groups, resolve=True) if cfg.search.share_groups else None
+
+    md = load_model_and_data(cfg)
+    lm, layout = md.lm, md.layout
+    with settings_of("quantizer", SPACE_SETTINGS):
+        quantizer.validate(bits, layout.linears)
+        full_space = SearchSpace(layout.linears, bits, quantizer.group_size, share_patterns=share_groups)
+        targets = full_space.check_targets(cfg.search.targets)
+    check_window(calib.seq_len, lm, "budget.seq_len")
+    if cfg.finalize.enabled:  # before the proxy and sensitivity: budgets below every configuration fail now
+        finalize_settings(cfg.finalize).check_reachable(full_space)
+        if build(cfg.finalizer, "finalizer").needs_calibration:
+            check_window(int(cfg.finalize.seq_len), lm, "finalize.seq_len")
+    with settings_of(named=CALIBRATION_SETTINGS):
+        tokens = calibration_windows(lm.tokenizer, md.splits.calibration, calib, lm.add_bos)
+
+    # the metric's reference distributions come from the unquantized model, before the bank swaps anything
+    metric = build(cfg.metric, "metric", _partial_=False, model=lm.model, tokens=tokens)
+    if hasattr(metric, "reuse_prefix"):  # passes start at the first changed block
+        metric.reuse_prefix(lm.model.get_submodule(layout.blocks_name))
+    with settings_of("quantizer"):
+        bank = ProxyBank(lm.model, layout, quantizer, bits, storage=quantizer.storage).build(md.cache_dir / "proxy", lm.fingerprint)
+    return Workbench(lm, layout, md.splits, md.cache_dir, tokens, bank, metric, bits, targets)
+
+
+def search_settings(cfg: DictConfig) -> SearchSettings:
+    """The loop's amount of work and operators, from the budget and search groups."""
+    nsga = build(cfg.search.nsga, "search.nsga")
+    with settings_of(named=LOOP_SETTINGS):
+        return SearchSettings(
+            n_initial_random=int(cfg.budget.n_initial_random),
+            iterations=int(cfg.budget.iterations),
+            batch_size=int(cfg.budget.batch_size),
+            nsga=nsga,
+            bits_window=tuple(cfg.search.bits_window) if cfg.search.bits_window else None,
+            kappa=float(cfg.search.kappa),
+        )
+
+
+def prune(wb: Workbench, pruning: sensitivity.Pruning, sensitivity_samples: int, share_groups: Sequence[Sequence[str]] | None) -> tuple[sensitivity.SensitivityTable, SearchSpace]:
+    """Stage: sensitivity (cached) and pruning; returns the table and the pruned search space."""
+    sens_metric = wb.metric.subset(sensitivity_samples)
+    context = {**evaluation_context(wb, sens_metric, sensitivity.measure), "description": sens_metric.description}
+    table = sensitivity.cached_measure(wb.bank, sens_metric, wb.cache_dir / "sensitivity", context)
+    with settings_of(named=SPACE_SETTINGS):
+        space = SearchSpace(wb.layout.linears, wb.bits, wb.bank.quantizer.group_size, pruning.pruned(table), share_groups, pruning.keep_top)
+    log.info(
+        "pruning: %d of %d linears limited to the top %d width(s) %s (threshold %.2f x median); %d genes, %.3f-%.3f bits",
+        len(space.pruned), len(wb.layout.linears), pruning.keep_top, wb.bits[-pruning.keep_top:], pruning.threshold, space.n_genes, *space.bits_range(),
+    )
+    lo, _ = space.bits_range()
+    for t in wb.targets:
+        if t < lo:
+            log.warning("target %.3g bits is below the pruned space's minimum %.3f: nothing will be reported there", t, lo)
+    return table, space
+
+
+def load_archive(space: SearchSpace, path: Path, metric_name: str) -> Archive:
+    """The run's archive (the evaluations of an earlier process, when resuming)."""
+    archive = Archive(space, path)
+    with settings_of(named={"archive": "resume"}):
+        archive.load(metric_name)
+    return archive
+
+
+def assemble_search(
+    plan: SearchPlan, wb: Workbench, table: sensitivity.SensitivityTable, space: SearchSpace, archive: Archive,
+    observers: Sequence[Callable[[dict, Archive], None]] = (), evaluation_guard: Any = None, deadline: float | None = None,
+) -> IterativeSearch:
+    """The search loop as amq-search runs it: true evaluations through the evaluation cache,
+    knapsack seeds from the sensitivity table, the predictor and loop settings of the plan."""
+    settings = plan.settings
+    return IterativeSearch(
+        space=space,
+        evaluate=with_cache(ProxyEvaluator(wb.bank, wb.metric, space), plan.eval_cache, evaluation_context(wb), space),
+        make_predictor=lambda seed: plan.make_predictor(seed=seed),
+        settings=settings,
+        archive=archive,
+        metric_name=wb.metric.name,
+        targets=wb.targets,
+        seed=plan.seed,
+        observers=list(observers),
+        seeder=lambda uniform_metric: sensitivity_seeds(
+            space, table.damage, plan.sensitivity_seeds, search_bits_range(space, settings), wb.targets, uniform_metric, plan.seed_allocator
+        ),
+        evaluation_guard=evaluation_guard or contextlib.nullcontext,
+        deadline=deadline,
+    )
+
+
+def memory_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The settings an out-of-memory message tells the user to lower, with their values."""
+    return {
+        "metric.batch_size": cfg.metric.batch_size, "metric.chunk_tokens": cfg.metric.chunk_tokens,
+        "quantizer.storage": cfg.quantizer.storage, "budget.n_samples": cfg.budget.n_samples, "budget.seq_len": cfg.budget.seq_len,
+    }
+
+
+def resume_settings(cfg: DictConfig) -> tuple[str | None, dict[str, Any], int]:
+    """(resume=, the settings a continued run must share, budget.iterations)."""
+    resume = cfg.resume
+    return (None if not resume else str(resume)), comparable_settings(cfg), int(cfg.budget.iterations)
+
+
+def config_record(cfg: DictConfig) -> tuple[str, dict]:
+    """The run's settings, resolved: as config.yaml text, and as the tracker's config."""
+    return OmegaConf.to_yaml(cfg, resolve=True), OmegaConf.to_container(cfg, resolve=True)
+
+
+def finalize_settings(node: DictConfig) -> "FinalizeSettings":
+    """The finalize node as settings (checked before the search spends anything)."""
+    from amq.finalize.settings import FinalizeSettings
+
+    targets = node.targets if node.targets is not None else []
+    if isinstance(targets, (int, float)):
+        targets = [targets]
+    try:
+        values = tuple(float(t) for t in targets)
+    except (TypeError, ValueError):
+        raise ConfigError("finalize.targets", f"{targets!r} is not a list of numbers", "a list of average-bits budgets, e.g. [4.0, 4.5]") from None
+    return FinalizeSettings(values, str(node.bits_convention), bool(node.evaluate), int(node.extra_front_points), bool(node.baselines))
+
+
+def eval_suite(node: DictConfig, splits: TextSplits, add_bos: bool, cache_dir: Path) -> "EvalSuite":
+    """Held-out texts of the run's data plus the finalize node's perplexity protocol and tasks."""
+    from amq.evaluation.perplexity import PerplexityProtocol
+    from amq.evaluation.suite import EvalSuite
+
+    proto = PerplexityProtocol(int(node.window), None if node.max_windows is None else int(node.max_windows), add_bos)
+    limit = None if node.task_limit is None else int(node.task_limit)
+    return EvalSuite(dict(splits.heldout), splits.description, proto, tuple(node.tasks or ()), limit, cache_dir)
+
+
+def check_finalize_components(cfg: DictConfig) -> None:
+    """Build the final quantizer and ready the zero-shot tasks now, so bad settings, an unreachable
+    hub or missing task files fail before the minutes of work that come before the finalize stage."""
+    build(cfg.finalizer, "finalizer")
+    if cfg.finalize.evaluate and cfg.finalize.tasks:
+        from amq.evaluation.zeroshot import prepare_zero_shot
+
+        prepare_zero_shot(list(cfg.finalize.tasks), cfg.paths.cache_dir)
+
+
+def finalizer_for(cfg: DictConfig, wb: ModelAndData, run_dir: Path, metric_name: str, out_dir: Path | None = None) -> "Finalizer":
+    """The finalize stage for a loaded model and data (calibration windows drawn from the calibration split).
+
+    Models and reports go to `out_dir` (default: the run directory itself)."""
+    from amq.finalize.stage import Finalizer
+
+    node = cfg.finalize
+    quantizer = build(cfg.finalizer, "finalizer")
+    calib = None
+    if quantizer.needs_calibration:
+        with settings_of("finalize", {"docs": "data"}):
+            spec = CalibrationSpec(int(node.n_samples), int(node.seq_len), seed=int(cfg.data_seed))
+            calib = calibration_windows(wb.lm.tokenizer, wb.splits.calibration, spec, wb.lm.add_bos)
+    suite = eval_suite(node, wb.splits, wb.lm.add_bos, wb.cache_dir) if node.evaluate else None
+    return Finalizer(run_dir, wb.lm, wb.layout, quantizer, finalize_settings(node), suite, metric_name, calib, out_dir)
+
+
+def run_finalize(cfg: DictConfig, wb: ModelAndData, run_dir: Path, metric_name: str, bits: Sequence[int], out_dir: Path | None = None) -> dict:
+    """The finalize stage (`finalizer_for`), run: exported models and their report."""
+    finalizer = finalizer_for(cfg, wb, run_dir, metric_name, out_dir)
+    with settings_of(named=FINALIZE_SETTINGS):
+        return finalizer.run(list(bits))

@@ -1,0 +1,111 @@
+"""One search's run directory from its start to its end.
+
+`RunSession.open()` decides whether the run continues an earlier one (`resume=`), stops cleanly
+on SIGINT/SIGTERM and for lack of memory or disk, and removes a directory it just created when a
+setting is refused before any checkpoint exists. The other methods write what a run writes, in
+the order resume relies on: config.yaml first, then sensitivity.json and state.json once the
+search space is known, then after every iteration metrics.jsonl, the front and state.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from amq.errors import ConfigError
+from amq.io import atomic_write_json, atomic_write_text
+from amq.run.faults import resource_errors
+from amq.run.interrupts import GracefulStop, Interrupted
+from amq.run.outputs import ARCHIVE_FILE, CONFIG_FILE, SUMMARY_FILE, RunOutputs
+from amq.run.resume import check_resumable, resume_command
+from amq.run.state import STATE_FILE, RunState
+from amq.search.archive import Archive
+
+log = logging.getLogger("amq")
+
+
+class RunSession:
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = Path(run_dir)
+        self.outputs: RunOutputs | None = None
+        self.resuming = False
+
+    @contextlib.contextmanager
+    def open(self, memory: Mapping[str, Any]) -> Iterator[GracefulStop]:
+        """The run's lifetime: yields the graceful stop whose `deferred` guards each evaluation
+        (`memory`: the settings an out-of-memory message names, with their values)."""
+        new_dir = not (self.dir / CONFIG_FILE).is_file()  # Hydra just made it: remove it again on a user error
+        try:
+            with GracefulStop() as stop, resource_errors(memory, self.dir):
+                self.outputs = RunOutputs(self.dir)
+                yield stop
+        except ConfigError:
+            if new_dir:
+                self._remove_fresh_run_dir()
+            raise
+        except Interrupted as exc:
+            log.warning("%s; every finished evaluation is saved in %s. Continue with:\n  %s", exc, self.dir, resume_command(self.dir))
+            raise
+
+    def check_resume(self, resume: str | None, settings: dict[str, Any], iterations: int) -> bool:
+        """Whether this run continues an earlier one in its directory (checked: same `settings`,
+        unfinished or extended by `iterations`); sets `resuming`."""
+        self.resuming = self._continues(resume, settings, iterations)
+        return self.resuming
+
+    def _continues(self, resume: str | None, settings: dict[str, Any], iterations: int) -> bool:
+        if not resume:
+            return False
+        if resume == "auto":
+            if not (self.dir / CONFIG_FILE).is_file():
+                return False  # no unfinished run with these settings: a new one
+        elif Path(resume).expanduser().absolute() != self.dir.absolute():
+            check_resumable(Path(resume), settings, iterations)  # the reason it wasn't chosen as the run directory
+            raise ConfigError("resume", f"continues in its own directory, but paths.output_dir is {self.dir}", "leave paths.output_dir unset when resuming")
+        check_resumable(self.dir, settings, iterations)
+        return True
+
+    def _remove_fresh_run_dir(self) -> None:
+        """After a user error in a new run, before its checkpoint existed, remove the directory Hydra made."""
+        if self.dir.is_dir() and not any((self.dir / n).exists() for n in (STATE_FILE, ARCHIVE_FILE)):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def begin(self, config_yaml: str) -> None:
+        """A new run records its settings first; a continued one drops what a killed process left half-written."""
+        if self.resuming:
+            self.outputs.remove_stale_temps()
+        else:
+            atomic_write_text(self.outputs.path(CONFIG_FILE), config_yaml)
+
+    def start_search(self, space_fingerprint: str, seed: int, sensitivity: dict) -> int:
+        """Check that an earlier checkpoint belongs to this search space, write sensitivity.json and
+        the first checkpoint; returns the iteration to start from (0 for a new run)."""
+        state = self.outputs.read_state()
+        if state is not None and state.space_fingerprint != space_fingerprint:
+            raise ConfigError("resume", f"{self.dir} was searched over a different model or search space", "the same model, bits, group size, data and pruning settings as the original run")
+        if state is None and self.outputs.archive_path.exists():
+            raise ConfigError("resume", f"{self.dir} has an archive but no {STATE_FILE}", "restore it, or start a new run")
+        atomic_write_json(self.outputs.path("sensitivity.json"), sensitivity)
+        if state is None:
+            self.outputs.write_state(RunState(space_fingerprint, -1, seed))
+        self.outputs.path(SUMMARY_FILE).unlink(missing_ok=True)  # a continued run is not finished until it writes it again
+        return state.next_iteration if state else 0
+
+    def iteration_observer(self, rows: list[dict], metric_name: str, title: str, space_fingerprint: str, seed: int, tracker: Any) -> Callable[[dict, Archive], None]:
+        """What happens after every iteration: metrics, front and checkpoint on disk, then the tracker."""
+
+        def on_iteration(row: dict, archive: Archive) -> None:
+            rows.append(row)
+            self.outputs.write_metrics(rows)
+            front = self.outputs.write_front(archive, metric_name, title)
+            self.outputs.write_state(RunState(space_fingerprint, row["iteration"], seed))
+            tracker.log(row, step=row["iteration"])
+            tracker.log_front(front, metric_name, self.outputs.path("front.png"), step=row["iteration"])
+
+        return on_iteration
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_json(self.outputs.path(SUMMARY_FILE), summary)
