@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -28,15 +27,14 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from amq.search import sensitivity
+from amq.devices import cpu_features, cpu_has_native_bf16
+from amq.metrics.divergence import forward_logits
+from amq.config.compose import prepare
+from amq.search.evaluator import ProxyEvaluator
+from amq.search.space import SearchSpace
 
-from amq import sensitivity  # noqa: E402
-from amq.devices import cpu_features, cpu_has_native_bf16  # noqa: E402
-from amq.metrics.divergence import forward_logits  # noqa: E402
-from amq.pipeline import prepare  # noqa: E402
-from amq.search.evaluator import ProxyEvaluator  # noqa: E402
-from amq.search.space import SearchSpace  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench_cpu")
 

@@ -18,23 +18,21 @@ import argparse
 import copy
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from amq.bits import average_bits
+from amq.data.tokens import CalibrationSpec, calibration_windows
+from amq.evaluation.perplexity import PerplexityProtocol, perplexity, perplexity_windows
+from amq.quantizers.grid import rtn_quant
+from amq.quantizers.packed import packed_bytes, replace_linears
+from amq.modeling.discovery import discover_layout
+from amq.config.compose import build, quiet_libraries
 
-from amq.bits import average_bits  # noqa: E402
-from amq.data.tokens import CalibrationSpec, calibration_windows  # noqa: E402
-from amq.evaluation.perplexity import PerplexityProtocol, perplexity, perplexity_windows  # noqa: E402
-from amq.finalize.grid import rtn_quant  # noqa: E402
-from amq.finalize.packed import packed_bytes, replace_linears  # noqa: E402
-from amq.modeling.discovery import discover_layout  # noqa: E402
-from amq.pipeline import build, quiet_libraries  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench_finalizers")
 FINALIZERS = ("hqq", "gptq", "awq")
@@ -60,7 +58,7 @@ def main() -> None:
         torch.set_num_threads(int(cfg.num_threads))
     torch.manual_seed(int(cfg.seed))
     lm = build(cfg.model.source, "model").load(Path(cfg.paths.cache_dir))
-    model, layout, group = lm.model, discover_layout(lm.model), int(cfg.model.group_size)
+    model, layout, group = lm.model, discover_layout(lm.model), int(cfg.quantizer.group_size)
     splits = build(cfg.data, "data").load()
     calib = calibration_windows(lm.tokenizer, splits.calibration, CalibrationSpec(args.calib_samples, args.calib_len, int(cfg.data_seed)), lm.add_bos)
     protocol = PerplexityProtocol(args.window, args.max_windows, lm.add_bos).fit_to(model)

@@ -15,18 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from amq.finalize.awq import AWQFinalizer  # noqa: E402
-from amq.finalize.gptq import GPTQFinalizer  # noqa: E402
-from amq.modeling.discovery import discover_layout  # noqa: E402
+from amq.quantizers.awq import AWQFinalizer
+from amq.quantizers.gptq import GPTQFinalizer
+from amq.modeling.discovery import discover_layout
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
 

@@ -13,7 +13,7 @@ configured metric (JSD). Measured, per calibration amount:
 - the predictor's fit and one NSGA-II run at several archive sizes, for one or more variants of
   the configured predictor side by side (e.g. the RBF's scipy and torch backends);
 
-and from these the projected wall time of the whole search (amq.cost_model).
+and from these the projected wall time of the whole search (amq.bench.cost_model).
 
     python scripts/bench_gpu.py --json gpu.json                       # Llama-2-7B shape, cuda
     python scripts/bench_gpu.py --samples 128 8 --variants probs:64 hidden:1024
@@ -39,17 +39,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from amq.cost_model import MeasuredCurve, SearchWork, StageCosts, project  # noqa: E402
-from amq.io import atomic_write_json  # noqa: E402
-from amq.modeling.discovery import discover_layout  # noqa: E402
-from amq.modeling.random_init import ARCHS, random_llama  # noqa: E402
-from amq.pipeline import build, parse_overrides  # noqa: E402
-from amq.proxy.bank import ProxyBank  # noqa: E402
-from amq.search.space import SearchSpace  # noqa: E402
-from amq.timing import (  # noqa: E402
+from amq.bench.cost_model import MeasuredCurve, SearchWork, StageCosts, project
+from amq.io import atomic_write_json
+from amq.modeling.discovery import discover_layout
+from amq.modeling.random_init import ARCHS, random_llama
+from amq.config.compose import build, parse_overrides
+from amq.proxy.bank import ProxyBank
+from amq.search.space import SearchSpace
+from amq.bench.timing import (
     forward_floor_seconds,
     search_step_seconds,
     sensitivity_seconds_per_linear,
@@ -57,6 +54,8 @@ from amq.timing import (  # noqa: E402
     synchronizer,
     true_eval_seconds,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench_gpu")
 
@@ -140,7 +139,7 @@ def run_calibration(cfg: DictConfig, args, model, bank: ProxyBank, space: Search
     for text in args.variants:
         reference, chunk = parse_variant(text)
         variants[f"{reference}:{chunk}"] = lambda r=reference, c=chunk: build(
-            cfg.metric, "metric", _partial_=False, model=model, tokens=tokens, reference=r, chunk_tokens=c
+            cfg.metric, "metric", model=model, tokens=tokens, reference=r, chunk_tokens=c
         )
     res["variants"] = {name: measure_variant(name, make, bank, configs, args.repeats, device) for name, make in variants.items()}
     for v in res["variants"].values():
@@ -150,7 +149,7 @@ def run_calibration(cfg: DictConfig, args, model, bank: ProxyBank, space: Search
     # the sensitivity stage with the configured metric, on its (possibly smaller) share of the tokens
     configured = f"{cfg.metric.reference}:{int(cfg.metric.chunk_tokens)}"
     bank.restore()  # the reference comes from the unquantized model
-    metric = build(cfg.metric, "metric", _partial_=False, model=model, tokens=tokens)
+    metric = build(cfg.metric, "metric", model=model, tokens=tokens)
     sens = metric.subset(min(int(cfg.budget.sensitivity_samples), n_samples))
     names = bank.layout.names[: args.sensitivity_linears]
     res["sensitivity"] = {

@@ -35,12 +35,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from amq.predictors.accuracy import heldout_scores
-from amq.pipeline import parse_overrides
+from amq.config.compose import parse_overrides
 from amq.predictors.archive_data import load_archive
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_predictor(spec: str, seed: int):

@@ -36,7 +36,6 @@ import logging
 import re
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,23 +45,22 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from amq.baselines.evolution import true_evaluation_nsga2
+from amq.baselines.greedy import greedy_allocations
+from amq.search.knapsack import knapsack_allocations
+from amq.bits import CONVENTION_WITH_META
+from amq.evaluation.perplexity import PerplexityProtocol, perplexity, perplexity_windows
+from amq.io import atomic_write_json, atomic_write_text, read_jsonl
+from amq.config.compose import Workbench, build, prepare, prune, search_settings
+from amq.search.archive import Archive
+from amq.search.evaluator import ProxyEvaluator, measured
+from amq.search.loop import search_bits_range
+from amq.search.pareto import HV_CONVENTION, best_under_target, normalized_hypervolume
+from amq.search.seeding import additive_damage, budget_levels, width_factors
+from amq.search.space import SearchSpace
+from amq.train_search import run as run_search
 
-from amq.baselines.evolution import true_evaluation_nsga2  # noqa: E402
-from amq.baselines.greedy import greedy_allocations  # noqa: E402
-from amq.baselines.knapsack import knapsack_allocations  # noqa: E402
-from amq.bits import CONVENTION_WITH_META  # noqa: E402
-from amq.evaluation.perplexity import PerplexityProtocol, perplexity, perplexity_windows  # noqa: E402
-from amq.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
-from amq.pipeline import Workbench, build, prepare, prune, search_settings  # noqa: E402
-from amq.search.archive import Archive  # noqa: E402
-from amq.search.evaluator import ProxyEvaluator, measured  # noqa: E402
-from amq.search.loop import search_bits_range  # noqa: E402
-from amq.search.pareto import HV_CONVENTION, best_under_target, normalized_hypervolume  # noqa: E402
-from amq.search.seeding import additive_damage, budget_levels, width_factors  # noqa: E402
-from amq.search.space import SearchSpace  # noqa: E402
-from amq.train_search import run as run_search  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("amq.bench_quality")
 

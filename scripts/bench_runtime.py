@@ -21,16 +21,12 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from amq.finalize.packed import RUNTIMES, PackedLinear, resident_bytes  # noqa: E402
+from amq.quantizers.packed import RUNTIMES, PackedLinear, resident_bytes
 
 log = logging.getLogger("bench_runtime")
 
@@ -55,7 +51,7 @@ def linear_bytes(model: torch.nn.Module) -> int:
 
 def measure(model_dir: Path, runtime: str, tokens: torch.Tensor, decode: int, device: torch.device, compile: bool = False) -> dict:
     """Load under `runtime`, then memory after one forward, prefill and per-token decode times."""
-    from amq.finalize.export import load_quantized
+    from amq.quantizers.export import load_quantized
     model = load_quantized(model_dir, device, runtime, compile and runtime == "packed")
     prompt = tokens[:, :16]
     if device.type == "cuda":
@@ -81,7 +77,7 @@ BLOCK_SHAPES = {  # (out_features, in_features) of q, k, v, o, gate, up, down
 
 def measure_block(shapes: list[tuple[int, int]], bits: int, runtime: str, window: int, repeats: int, device: torch.device, compile: bool = False) -> dict:
     """One block's PackedLinears under `runtime`: memory, a 1-token step and a `window`-token prefill."""
-    from amq.finalize.packed import GroupQuant, set_runtime
+    from amq.quantizers.packed import GroupQuant, set_runtime
 
     g = torch.Generator().manual_seed(0)
     group = 128
@@ -148,7 +144,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    from amq.evaluate_cli import load_corpus
+    from amq.cli.evaluate import load_corpus
 
     text = "\n\n".join(next(iter(load_corpus("wiki_lee").load().heldout.values())))
     tokens = tokenizer(text, return_tensors="pt").input_ids[:, : args.window].to(device)

@@ -3,7 +3,7 @@
 Reports proxy build time and memory, time per true evaluation next to the unquantized forward
 pass over the same calibration tokens (the floor), eager against compiled divergence arithmetic,
 sensitivity time, predictor fit time, NSGA-II time per iteration, and peak memory; then the
-projected end-to-end time of a search at each budget preset (`--budgets`, amq.cost_model) from
+projected end-to-end time of a search at each budget preset (`--budgets`, amq.bench.cost_model) from
 those costs, with the true evaluation and sensitivity costs scaled linearly in calibration tokens
 and the predictor fit and NSGA-II measured at the preset's archive sizes (up to `--max-fit-size`).
 
@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -29,14 +28,11 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from amq.cost_model import MeasuredCurve, SearchWork, StageCosts, project  # noqa: E402
-from amq.metrics.divergence import OutputDivergence  # noqa: E402
-from amq.pipeline import build, prepare  # noqa: E402
-from amq.search.space import SearchSpace  # noqa: E402
-from amq.timing import (  # noqa: E402
+from amq.bench.cost_model import MeasuredCurve, SearchWork, StageCosts, project
+from amq.metrics.divergence import OutputDivergence
+from amq.config.compose import build, prepare
+from amq.search.space import SearchSpace
+from amq.bench.timing import (
     forward_floor_seconds,
     search_step_seconds,
     sensitivity_seconds_per_linear,
@@ -44,6 +40,8 @@ from amq.timing import (  # noqa: E402
     synchronizer,
     true_eval_seconds,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench_speed")
 

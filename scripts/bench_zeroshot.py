@@ -16,18 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from amq.bits import meta_overhead
+from amq.evaluation.zeroshot import zero_shot
+from amq.config.compose import prepare
 
-from amq.bits import meta_overhead  # noqa: E402
-from amq.evaluation.zeroshot import zero_shot  # noqa: E402
-from amq.pipeline import prepare  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench_zeroshot")
 

@@ -1,14 +1,41 @@
 """Shared fixtures: the real conf/ composed through Hydra's compose API, and a CLI runner.
 
-Caches (converted model, proxy weights, sensitivity tables) go to AMQ_CACHE_DIR when set, else to
-~/.cache/amq as for users, so the model is converted once per machine, not once per test.
+Tests write only inside pytest's temporary folders (under `--basetemp`, by default
+/tmp/pytest-of-<user>/pytest-<n>/). At the start of a session (pytest_configure, before test modules
+are imported) the environment is pointed there, and every process a test starts inherits it:
+
+    AMQ_CACHE_DIR   <basetemp>/amq-session/cache: the converted model, proxy weights, sensitivity
+                    tables, evaluation cache, BIG-bench task files. Shared by all tests of the
+                    session (the model is converted once per session, about 15 s) and deleted when
+                    the session ends (it holds about 0.8 GB).
+    AMQ_OUTPUT_DIR  <basetemp>/amq-session/outputs, for runs whose test does not choose a folder.
+    WANDB_DIR, WANDB_CACHE_DIR, WANDB_CONFIG_DIR, WANDB_DATA_DIR
+                    <basetemp>/amq-session/wandb/...: W&B's files, wherever a run does not set them.
+
+The values the caller had are restored when the session ends.
+
+    AMQ_TEST_CACHE_DIR=<dir>   opt-in: use <dir> as the cache, kept across sessions (a warm cache:
+                               no conversion, no proxy build). It may be ~/.cache/amq itself.
+
+The BIG-bench source package (358 MB, for the zero-shot tests) is downloaded into the session cache
+unless AMQ_BIGBENCH_SDIST names a copy, or the user cache (~/.cache/amq, or the caller's
+AMQ_CACHE_DIR) holds one: the session cache then links to it (read only; its sha256 is checked).
+
+A guard (`_no_files_outside_tmp`, autouse) fails a test after which new files appear in the
+repository checkout (top-level entries, and outputs/, multirun/, wandb/, .cache/ three levels deep)
+or in the user's cache and output folders (~/.cache/amq, the caller's AMQ_CACHE_DIR and
+AMQ_OUTPUT_DIR). It rescans only folders whose modification time changed, so it costs well under a
+millisecond per test. amq/, tests/, conf/ are not watched: people edit them while tests run.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +44,163 @@ from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+
+SESSION_ENV = ("AMQ_CACHE_DIR", "AMQ_OUTPUT_DIR", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")
+SHARED_CACHE_ENV = "AMQ_TEST_CACHE_DIR"
+
+
+# ---------------------------------------------------------------------------- the session's folders
+@pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin has made config._tmp_path_factory
+def pytest_configure(config: pytest.Config) -> None:
+    saved = {k: os.environ.get(k) for k in SESSION_ENV}
+    config.add_cleanup(lambda: _restore_env(saved))
+    user_cache = Path(saved["AMQ_CACHE_DIR"] or Path.home() / ".cache" / "amq").expanduser().absolute()
+    home_cache = (Path.home() / ".cache" / "amq").absolute()
+
+    factory = getattr(config, "_tmp_path_factory", None)  # how pytest's own plugin shares it at configure time
+    if factory is not None:
+        base = factory.mktemp("amq-session", numbered=False)
+    else:  # pytest without its tmpdir plugin (-p no:tmpdir)
+        base = Path(tempfile.mkdtemp(prefix="amq-session-"))
+        config.add_cleanup(lambda: shutil.rmtree(base, ignore_errors=True))
+
+    shared = os.environ.get(SHARED_CACHE_ENV, "").strip()
+    if shared:
+        cache = Path(shared).expanduser().absolute()
+        cache.mkdir(parents=True, exist_ok=True)
+    else:
+        cache = base / "cache"
+        cache.mkdir()
+        config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+        _link_bigbench_sdist(user_cache, cache)
+        if home_cache != user_cache:
+            _link_bigbench_sdist(home_cache, cache)
+    wandb = base / "wandb"
+    os.environ.update({
+        "AMQ_CACHE_DIR": str(cache),
+        "AMQ_OUTPUT_DIR": str(base / "outputs"),
+        "WANDB_DIR": str(wandb),
+        "WANDB_CACHE_DIR": str(wandb / ".cache"),
+        "WANDB_CONFIG_DIR": str(wandb / ".config"),
+        "WANDB_DATA_DIR": str(wandb / ".data"),
+    })
+
+    watched = [(ROOT, 1)] + [(ROOT / d, 3) for d in ("outputs", "multirun", "wandb", ".cache")]
+    watched += [(home_cache, 3), (user_cache, 3)]
+    if saved["AMQ_OUTPUT_DIR"]:
+        watched.append((Path(saved["AMQ_OUTPUT_DIR"]).expanduser().absolute(), 3))
+    config.stash[_GUARD] = _NewFiles(watched, exclude=[cache, base])
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _link_bigbench_sdist(user_cache: Path, cache: Path) -> None:
+    """Reuse the user's BIG-bench source package (checked by its sha256 where it is read)."""
+    for sdist in sorted((user_cache / "bigbench").glob("bigbench-*.tar.gz")):
+        link = cache / "bigbench" / sdist.name
+        if sdist.is_file() and not link.exists():
+            link.parent.mkdir(exist_ok=True)
+            link.symlink_to(sdist)
+
+
+# ---------------------------------------------------------------------------- the guard
+# Never reported: build and tool folders, git's own files.
+IGNORED_NAMES = {".git", ".venv", ".pytest_cache", "__pycache__", ".mypy_cache", ".ruff_cache"}
+IGNORED_SUFFIXES = (".egg-info",)
+
+
+class _NewFiles:
+    """Paths that appeared under watched folders (listed `depth` levels deep) since the last call.
+
+    A folder is listed again only when its modification time changed (creating, removing or renaming
+    an entry changes it) or is under two seconds old (coarse file-system clocks); otherwise a check
+    costs one stat. A new folder is reported, not each file in it."""
+
+    def __init__(self, roots: list[tuple[Path, int]], exclude: list[Path]) -> None:
+        self.exclude = [str(p.absolute()) for p in exclude]
+        self.roots = {str(p.absolute()): depth for p, depth in roots if not self._excluded(str(p.absolute()))}
+        self.listings: dict[str, tuple[int, frozenset[str], tuple[str, ...]]] = {}  # folder -> mtime, names, subfolders
+        self._walk(None)
+
+    def new(self) -> list[str]:
+        added: list[str] = []
+        self._walk(added)
+        return sorted(p for p in added if not self._excluded(p))
+
+    def _excluded(self, path: str) -> bool:
+        return any(path == e or path.startswith(e + os.sep) for e in self.exclude)
+
+    def _walk(self, added: list[str] | None) -> None:
+        self.fresh_after = time.time_ns() - 2_000_000_000
+        for root, depth in self.roots.items():
+            if root not in self.listings and added is not None and os.path.isdir(root):
+                added.append(root)  # a watched folder that did not exist before
+            self._visit(root, depth, added if root in self.listings else None)
+
+    def _visit(self, folder: str, depth: int, added: list[str] | None) -> None:
+        try:
+            mtime = os.stat(folder).st_mtime_ns
+        except OSError:
+            self.listings.pop(folder, None)
+            return
+        cached = self.listings.get(folder)
+        if cached is None or cached[0] != mtime or mtime >= self.fresh_after:
+            names, subdirs = [], []
+            try:
+                with os.scandir(folder) as entries:
+                    for e in entries:
+                        if e.name in IGNORED_NAMES or e.name.endswith(IGNORED_SUFFIXES):
+                            continue
+                        names.append(e.name)
+                        if e.is_dir(follow_symlinks=False):
+                            subdirs.append(e.name)
+            except OSError:
+                return
+            if cached is not None and added is not None:
+                added.extend(os.path.join(folder, n) for n in names if n not in cached[1])
+            cached = (mtime, frozenset(names), tuple(subdirs))
+            self.listings[folder] = cached
+        if depth > 1:
+            for name in cached[2]:
+                sub = os.path.join(folder, name)
+                # a folder seen for the first time was reported (or was there at the start) as a whole
+                self._visit(sub, depth - 1, added if sub in self.listings else None)
+
+
+_GUARD = pytest.StashKey[_NewFiles]()
+
+
+def _describe(paths: list[str]) -> str:
+    shown = "\n  ".join(paths[:10]) + (f"\n  ... and {len(paths) - 10} more" if len(paths) > 10 else "")
+    return (f"files written outside the test's temporary folders:\n  {shown}\n"
+            "write under tmp_path / tmp_path_factory, or AMQ_CACHE_DIR / AMQ_OUTPUT_DIR (tests/conftest.py sets both)")
+
+
+@pytest.fixture(autouse=True)
+def _no_files_outside_tmp(request):
+    """Fails the test (at teardown) after which new files appear in the checkout or the user's cache
+    (files a session- or module-scoped fixture writes are blamed on the first test that uses it)."""
+    yield
+    guard = request.config.stash.get(_GUARD, None)
+    if guard is not None and (new := guard.new()):
+        pytest.fail(_describe(new), pytrace=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """What fixtures wrote while being torn down after the last test."""
+    guard = session.config.stash.get(_GUARD, None)
+    if guard is not None and (new := guard.new()):
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(_describe(new), red=True, bold=True)
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +243,7 @@ def run_cli_in_process(args: list[str], out_dir: Path, monkeypatch, capfd, env_e
 
 def run_script(script: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     """Run one of scripts/ as its docstring shows, with W&B off."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "WANDB_MODE": "disabled"}
     return subprocess.run(
         [sys.executable, f"scripts/{script}", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )

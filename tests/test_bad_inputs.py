@@ -59,7 +59,7 @@ CASES = {
     "wrong type in a list": Case(["search.bits=[3,four]"], "search.bits"),
     "bits HQQ can't pack": Case(["search.bits=[3,7]"], "search.bits"),
     "a single bit width": Case(["search.bits=[4]"], "search.bits"),
-    "group size not dividing a layer": Case(["model.group_size=100"], "quantizer.group_size"),
+    "group size not dividing a layer": Case(["quantizer.group_size=100"], "quantizer.group_size"),
     "target bits out of reach": Case(["search.targets=[12.0]"], "search.targets"),
     "no targets": Case(["search.targets=[]", "finalize.enabled=true"], "search.targets"),
     "windows longer than the model's context": Case(["budget.seq_len=100000"], "budget.seq_len"),

@@ -24,8 +24,16 @@ def test_model_options(compose_cfg, model, cls):
     overrides = [f"model={model}"] + (["model.source.name_or_path=some/model"] if model == "hf" else [])
     cfg = compose_cfg(overrides)
     assert isinstance(instantiate(cfg.model.source), cls)
-    assert cfg.quantizer.group_size == cfg.model.group_size
-    assert list(cfg.search.bits) == list(cfg.model.bits)
+    assert "bits" not in cfg.model and "group_size" not in cfg.model, "the model group holds the model only"
+    recommended = {"smollm2": ([3, 4, 8], 64), "gemma3_270m": ([3, 4, 8], 64), "hf": ([2, 3, 4], 128)}  # conf/space/<model>.yaml, else the reference's
+    assert (list(cfg.search.bits), cfg.quantizer.group_size) == recommended[model]
+
+
+def test_budgets_choose_the_finalize_protocol_and_overrides_win(compose_cfg):
+    assert (compose_cfg(["budget=paper"]).finalize.window, compose_cfg(["budget=paper"]).finalize.max_windows) == (2048, None)
+    assert compose_cfg(["budget=smoke"]).finalize.window == 256
+    assert compose_cfg(["budget=smoke", "finalize.window=1024"]).finalize.window == 1024
+    assert list(compose_cfg(["search.bits=[2,4]"]).search.bits) == [2, 4]
 
 
 @pytest.mark.parametrize("data, cls", [("wiki_lee", EmbeddedWikiLee), ("wikitext2", HubDataset), ("c4", HubDataset)])
@@ -101,8 +109,8 @@ def test_eval_cache_options(compose_cfg, cache, cls, tmp_path):
     "overrides",
     [[], ["model=gemma3_270m"], ["model=hf", "model.source.name_or_path=x"], ["experiment=paper_llama2_7b"], ["experiment=paper_mistral_7b"],
      ["experiment=paper_qwen25_7b"], ["metric=kl"], ["predictor=rbf"], ["predictor=mlp"], ["search=amq_fused"], ["budget=paper"],
-     ["data=c4"], ["data=wikitext2"], ["logger=none"], ["eval_cache=none"], ["+sweep=seeds"], ["+sweep=budget_scaling"],
-     ["+model.source.revision=main", "model=hf", "model.source.name_or_path=x"], ["model.bits_window=null"],
+     ["data=c4"], ["data=wikitext2"], ["logger=none"], ["eval_cache=none"], ["sweep=seeds"], ["sweep=budget_scaling"],
+     ["+model.source.revision=main", "model=hf", "model.source.name_or_path=x"], ["search.bits_window=null"],
      ["finalizer=gptq"], ["finalizer=awq"], ["finalizer=gptq", "finalizer.clip_search=false", "finalizer.clip_norm=2", "finalizer.clip_weighted=true"]],
     ids=lambda o: " ".join(o) or "defaults",
 )

@@ -29,7 +29,7 @@ from amq.tracking.wandb_logger import WandbLogger
 from conftest import CONF, ROOT, run_cli
 
 # finalize is covered by tests/test_finalize.py; here it would only triple each job's time
-SWEEP = ["+sweep=predictor_ablation", "budget=smoke", "num_threads=1", "metric.compile=false", "finalize.enabled=false"]
+SWEEP = ["sweep=predictor_ablation", "budget=smoke", "num_threads=1", "metric.compile=false", "finalize.enabled=false"]
 PREDICTORS = {"rbf", "mlp", "gp"}
 
 
@@ -242,18 +242,18 @@ def test_summary_values_flatten_summary_json():
 
 @pytest.mark.parametrize("sweep", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")))
 def test_sweep_files_compose_as_multiruns(compose_cfg, sweep):
-    cfg = compose_cfg([f"+sweep={sweep}", "budget=smoke"])
+    cfg = compose_cfg([f"sweep={sweep}", "budget=smoke"])
     assert cfg.sweep_name == sweep and str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     params = cfg.hydra.sweeper.params
     assert params and all("," in str(v) for v in params.values())
     for key, values in params.items():  # every swept value is a valid override of the composed config
         for value in str(values).split(","):
-            compose_cfg([f"+sweep={sweep}", f"{key}={value}"])
+            compose_cfg([f"sweep={sweep}", f"{key}={value}"])
 
 
 def test_predictor_ablation_sweeps_every_predictor_option(compose_cfg):
     options = {p.stem for p in (CONF / "predictor").glob("*.yaml")}
-    assert set(str(compose_cfg(["+sweep=predictor_ablation"]).hydra.sweeper.params.predictor).split(",")) == options
+    assert set(str(compose_cfg(["sweep=predictor_ablation"]).hydra.sweeper.params.predictor).split(",")) == options
 
 
 @pytest.mark.parametrize("experiment, model", [

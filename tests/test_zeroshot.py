@@ -1,7 +1,8 @@
 """Zero-shot accuracy through lm-eval, offline, on a real BIG-bench task and the real SmolLM2.
 
-The first run on a machine downloads the BIG-bench source package (about 358 MB, about a minute
-from PyPI) into the shared cache (AMQ_CACHE_DIR or ~/.cache/amq); later runs reuse it.
+The BIG-bench source package (about 358 MB, about a minute from PyPI) is downloaded into the test
+session's cache, unless AMQ_BIGBENCH_SDIST, AMQ_TEST_CACHE_DIR or the user cache provides it
+(tests/conftest.py).
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ from amq.errors import ConfigError
 
 PRIMARY = "train_search.yaml"
 NOT_SETTINGS = ("hydra", "experiment", "sweep")  # conf/ folders that hold no settings group of their own
+PRESETS = ("space",)  # groups of `# @package _global_` presets: their keys belong to other groups' nodes
+# Nested groups (conf/finalize/protocol/) merge into their parent group's node.
 TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
 ITEM_WORDS = {bool: "booleans", int: "integers", float: "numbers", str: "strings", list: "lists"}
 
@@ -36,7 +38,7 @@ class Declared:
     keys: dict[str, set[str]] = field(default_factory=dict)
     types: dict[str, set[type]] = field(default_factory=dict)
     item_types: dict[str, set[type]] = field(default_factory=dict)
-    aliases: dict[str, str] = field(default_factory=dict)  # `bits: ${model.bits}`: search.bits has model.bits' types
+    aliases: dict[str, str] = field(default_factory=dict)  # `sensitivity_seeds: ${budget.sensitivity_seeds}`: the types of what it interpolates
 
     def types_of(self, path: str) -> tuple[set[type], set[type]]:
         """(types of the value, types of its items) declared for `path`, following one alias."""
@@ -79,11 +81,16 @@ def declared(conf_dir: str) -> Declared:
     for entry in primary.get("defaults", []):
         if isinstance(entry, dict):
             (group, choice), = entry.items()
-            if not group.startswith("override ") and group not in NOT_SETTINGS and choice is not None:
+            group = group.removeprefix("optional ")
+            if not group.startswith("override ") and group.split("/")[0] not in NOT_SETTINGS + PRESETS and "@" not in group and choice is not None:
                 out.keys[""].add(group)
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in NOT_SETTINGS):
-        for option in sorted(folder.glob("*.yaml")):
-            out.add(folder.name, yaml.safe_load(option.read_text()) or {})
+    for option in sorted(root.rglob("*.yaml")):
+        group = option.parent.relative_to(root).parts
+        if not group or group[0] in NOT_SETTINGS:
+            continue
+        text = option.read_text()
+        package = "" if text.startswith("# @package _global_") else group[0]  # presets of several groups (conf/space/)
+        out.add(package, yaml.safe_load(text) or {})
     return out
 
 

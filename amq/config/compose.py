@@ -303,7 +303,7 @@ def prepare(cfg: DictConfig) -> Workbench:
         tokens = calibration_windows(lm.tokenizer, md.splits.calibration, calib, lm.add_bos)
 
     # the metric's reference distributions come from the unquantized model, before the bank swaps anything
-    metric = build(cfg.metric, "metric", _partial_=False, model=lm.model, tokens=tokens)
+    metric = build(cfg.metric, "metric", model=lm.model, tokens=tokens)
     if hasattr(metric, "reuse_prefix"):  # passes start at the first changed block
         metric.reuse_prefix(lm.model.get_submodule(layout.blocks_name))
     with settings_of("quantizer"):
