@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.amq-installed
 ARGS ?=
 
-.PHONY: setup search test test-all test-fast bench clean-venv
+.PHONY: setup search test test-all test-fast lint format bench clean-venv
 
 setup: $(STAMP)
 
@@ -21,11 +21,20 @@ $(STAMP): setup.cfg constraints.txt models.txt pyproject.toml
 search: $(STAMP)
 	$(PY) -m amq.train_search $(ARGS)
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q -m "not heavy" --durations=15 $(ARGS)
 
-test-all: $(STAMP)
+test-all: lint
 	$(PY) -m pytest -q $(ARGS)
+
+# ruff (pinned in constraints.txt): lint and formatting are checked by `make test`; `make format` fixes both.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)

@@ -22,9 +22,7 @@ def meta_overhead(group_size: int) -> float:
     return META_BITS_PER_GROUP / group_size
 
 
-def average_bits(
-    bits: Mapping[str, int], numels: Mapping[str, int], group_size: int, with_meta: bool = True
-) -> float:
+def average_bits(bits: Mapping[str, int], numels: Mapping[str, int], group_size: int, with_meta: bool = True) -> float:
     """Parameter-weighted average bits over the linears named in `bits`."""
     total = sum(numels[n] for n in bits)
     weighted = sum(numels[n] * b for n, b in bits.items())

@@ -45,6 +45,14 @@ class InvalidArgument(ConfigError):
         return ConfigError(setting, self.problem, self.valid)
 
 
+def require_at_least(owner: object, argument: str, low: int, problem: str = "{value}") -> None:
+    """Raise InvalidArgument unless the integer attribute `argument` of `owner` is >= `low`
+    (`problem` may show the value as {value})."""
+    value = getattr(owner, argument)
+    if value < low:
+        raise InvalidArgument(argument, problem.format(value=value), f"an integer >= {low}")
+
+
 @contextlib.contextmanager
 def settings_of(node: str = "", named: Mapping[str, str] | None = None) -> Iterator[None]:
     """Re-raise an `InvalidArgument` from inside the block as a ConfigError naming the setting:

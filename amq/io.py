@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -142,3 +143,12 @@ def repair_jsonl(path: str | Path) -> list[dict]:
     if text and not text.endswith(b"\n"):
         write_jsonl(path, records)
     return records
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes, read in chunks (model files and downloads are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

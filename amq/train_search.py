@@ -22,7 +22,6 @@ from omegaconf import DictConfig
 from amq.config import compose
 from amq.errors import ConfigError, ResourceError
 from amq.run.interrupts import Interrupted
-from amq.run.resume import TIME_LIMIT, continue_past_time_limit
 from amq.run.session import RunSession
 from amq.run.summary import finalize_summary, search_summary
 from amq.search.archive import Archive
@@ -88,11 +87,7 @@ def _search_and_finalize(cfg: DictConfig, o: SearchRun, session: RunSession, row
         search.run(start)
         search_s = time.perf_counter() - t_search
         if search.stopped:
-            log.info(
-                "search stopped on its time limit (%s=%g, counted from this run's start) after iteration %d of %d; the front so far is written. "
-                "Continue it with no limit (or a new one, counted from the continued run's start): %s",
-                TIME_LIMIT, plan.max_minutes, search.stopped["after_iteration"], search.stopped["of"], continue_past_time_limit(session.dir),
-            )
+            session.log_time_limit_stop(search.stopped, plan.max_minutes)
         front = session.outputs.write_front(archive, wb.metric.name, title)
         summary = search_summary(plan, wb, o.table, o.space, archive, rows, front, search.stopped, search_s, time.monotonic() - started)
         session.write_summary(summary)

@@ -16,7 +16,6 @@ shared machine are noisy; compare the ratios.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -27,10 +26,11 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from amq.search import sensitivity
+from amq.bench.script_args import script_parser
+from amq.config.compose import prepare
 from amq.devices import cpu_features, cpu_has_native_bf16
 from amq.metrics.divergence import forward_logits
-from amq.config.compose import prepare
+from amq.search import sensitivity
 from amq.search.evaluator import ProxyEvaluator
 from amq.search.space import SearchSpace
 
@@ -59,8 +59,7 @@ def without_reuse(metric):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. budget=smoke model=gemma3_270m")
+    ap = script_parser(__doc__, "Hydra overrides, e.g. budget=smoke model=gemma3_270m")
     ap.add_argument("--every", type=int, default=5, help="probe every k-th linear in the sensitivity comparison (1: all)")
     ap.add_argument("--candidates", type=int, default=12, help="random candidates in the search comparison")
     ap.add_argument("--repeats", type=int, default=2)
@@ -88,7 +87,13 @@ def main() -> None:
         secs[str(dtype)] = forward_seconds(copy.deepcopy(model).to(dtype), wb.metric.tokens, wb.metric.batch_size, args.repeats)
     out["forward_s"] = secs
     out["bf16_over_float32"] = secs["torch.bfloat16"] / secs["torch.float32"]
-    log.info("forward over %s tokens: bf16 %.2fs, float32 %.2fs (bf16 / float32 = %.2f)", tuple(wb.metric.tokens.shape), secs["torch.bfloat16"], secs["torch.float32"], out["bf16_over_float32"])
+    log.info(
+        "forward over %s tokens: bf16 %.2fs, float32 %.2fs (bf16 / float32 = %.2f)",
+        tuple(wb.metric.tokens.shape),
+        secs["torch.bfloat16"],
+        secs["torch.float32"],
+        out["bf16_over_float32"],
+    )
 
     # 2. sensitivity probes, full passes against prefix reuse
     bank, names = wb.bank, wb.layout.names[:: args.every]
@@ -99,8 +104,21 @@ def main() -> None:
         tables[label] = sensitivity.measure(bank, metric, bank.bits[0], bank.bits[-1], names=names)
         times[label] = time.perf_counter() - t0
     same = tables["full"].damage == tables["prefix_reuse"].damage and tables["full"].baseline == tables["prefix_reuse"].baseline
-    out["sensitivity"] = {"linears": len(names), "seconds": times, "reuse_over_full": times["prefix_reuse"] / times["full"], "identical_values": same, **sens.prefix_stats}
-    log.info("sensitivity over %d linears: full %.1fs, prefix reuse %.1fs (ratio %.3f), identical values: %s", len(names), times["full"], times["prefix_reuse"], out["sensitivity"]["reuse_over_full"], same)
+    out["sensitivity"] = {
+        "linears": len(names),
+        "seconds": times,
+        "reuse_over_full": times["prefix_reuse"] / times["full"],
+        "identical_values": same,
+        **sens.prefix_stats,
+    }
+    log.info(
+        "sensitivity over %d linears: full %.1fs, prefix reuse %.1fs (ratio %.3f), identical values: %s",
+        len(names),
+        times["full"],
+        times["prefix_reuse"],
+        out["sensitivity"]["reuse_over_full"],
+        same,
+    )
 
     # 3. search candidates (random, as an initial design has them), full passes against prefix reuse
     space = SearchSpace(wb.layout.linears, wb.bits, wb.bank.quantizer.group_size)
@@ -112,8 +130,19 @@ def main() -> None:
         t0 = time.perf_counter()
         values[label] = [evaluate(g).value for g in genes]
         times[label] = time.perf_counter() - t0
-    out["candidates"] = {"n": len(genes), "seconds": times, "reuse_over_full": times["prefix_reuse"] / times["full"], "identical_values": values["full"] == values["prefix_reuse"]}
-    log.info("%d random candidates: full %.1fs, prefix reuse %.1fs (ratio %.3f)", len(genes), times["full"], times["prefix_reuse"], out["candidates"]["reuse_over_full"])
+    out["candidates"] = {
+        "n": len(genes),
+        "seconds": times,
+        "reuse_over_full": times["prefix_reuse"] / times["full"],
+        "identical_values": values["full"] == values["prefix_reuse"],
+    }
+    log.info(
+        "%d random candidates: full %.1fs, prefix reuse %.1fs (ratio %.3f)",
+        len(genes),
+        times["full"],
+        times["prefix_reuse"],
+        out["candidates"]["reuse_over_full"],
+    )
 
     print(json.dumps(out, indent=2))
     if args.json:

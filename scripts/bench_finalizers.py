@@ -14,7 +14,6 @@ perplexity from the held-out split (`amq.evaluation.perplexity`).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -24,13 +23,14 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from amq.bench.script_args import script_parser
 from amq.bits import average_bits
+from amq.config.compose import build, quiet_libraries
 from amq.data.tokens import CalibrationSpec, calibration_windows
 from amq.evaluation.perplexity import PerplexityProtocol, perplexity, perplexity_windows
+from amq.modeling.discovery import discover_layout
 from amq.quantizers.grid import rtn_quant
 from amq.quantizers.packed import packed_bytes, replace_linears
-from amq.modeling.discovery import discover_layout
-from amq.config.compose import build, quiet_libraries
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,8 +39,7 @@ FINALIZERS = ("hqq", "gptq", "awq")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. num_threads=1 model=gemma3_270m")
+    ap = script_parser(__doc__, "Hydra overrides, e.g. num_threads=1 model=gemma3_270m")
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     ap.add_argument("--finalizers", nargs="+", default=list(FINALIZERS), choices=FINALIZERS)
     ap.add_argument("--calib-samples", type=int, default=16, help="calibration windows for GPTQ / AWQ")
@@ -84,15 +83,25 @@ def main() -> None:
             seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
             qmodel = copy.deepcopy(model)
             replace_linears(qmodel, quants, model.dtype)
-            rows.append({
-                "method": name, "bits": b, "avg_bits_with_meta": average_bits(bits, layout.numels, group),
-                "ppl": ppl(qmodel, f"{name} {b}-bit"), "quantize_s": round(seconds, 1), "quantize_cpu_s": round(cpu_seconds, 1), "bytes": packed_bytes(qmodel),
-            })
+            rows.append(
+                {
+                    "method": name,
+                    "bits": b,
+                    "avg_bits_with_meta": average_bits(bits, layout.numels, group),
+                    "ppl": ppl(qmodel, f"{name} {b}-bit"),
+                    "quantize_s": round(seconds, 1),
+                    "quantize_cpu_s": round(cpu_seconds, 1),
+                    "bytes": packed_bytes(qmodel),
+                }
+            )
             log.info("%s", rows[-1])
             del qmodel, quants
 
     res = {
-        "model": lm.name, "group_size": group, "linears": len(layout.names), "threads": torch.get_num_threads(),
+        "model": lm.name,
+        "group_size": group,
+        "linears": len(layout.names),
+        "threads": torch.get_num_threads(),
         "calibration": {"windows": args.calib_samples, "tokens": args.calib_len, "split": "calibration", "data_seed": int(cfg.data_seed)},
         "perplexity_protocol": {**protocol.describe(), "data": splits.description},
         "bits_convention": "avg_bits_with_meta: searchable linears, weights + fp16 scale and zero per group",

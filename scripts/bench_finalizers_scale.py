@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from amq.modeling.discovery import discover_layout
 from amq.quantizers.awq import AWQFinalizer
 from amq.quantizers.gptq import GPTQFinalizer
-from amq.modeling.discovery import discover_layout
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
 

@@ -40,20 +40,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from amq.bench.cost_model import MeasuredCurve, SearchWork, StageCosts, project
+from amq.bench.script_args import script_parser
+from amq.bench.timing import forward_floor_seconds, search_step_seconds, sensitivity_seconds_per_linear, swap_seconds, synchronizer, true_eval_seconds
+from amq.config.compose import build, parse_overrides
 from amq.io import atomic_write_json
 from amq.modeling.discovery import discover_layout
 from amq.modeling.random_init import ARCHS, random_llama
-from amq.config.compose import build, parse_overrides
 from amq.proxy.bank import ProxyBank
 from amq.search.space import SearchSpace
-from amq.bench.timing import (
-    forward_floor_seconds,
-    search_step_seconds,
-    sensitivity_seconds_per_linear,
-    swap_seconds,
-    synchronizer,
-    true_eval_seconds,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,9 +132,7 @@ def run_calibration(cfg: DictConfig, args, model, bank: ProxyBank, space: Search
         variants["baseline:64"] = lambda: cls(model, tokens, kind=cfg.metric.kind, batch_size=batch_size, chunk_tokens=64, compile=bool(cfg.metric.compile))
     for text in args.variants:
         reference, chunk = parse_variant(text)
-        variants[f"{reference}:{chunk}"] = lambda r=reference, c=chunk: build(
-            cfg.metric, "metric", model=model, tokens=tokens, reference=r, chunk_tokens=c
-        )
+        variants[f"{reference}:{chunk}"] = lambda r=reference, c=chunk: build(cfg.metric, "metric", model=model, tokens=tokens, reference=r, chunk_tokens=c)
     res["variants"] = {name: measure_variant(name, make, bank, configs, args.repeats, device) for name, make in variants.items()}
     for v in res["variants"].values():
         if "true_eval_s" in v:
@@ -219,8 +211,7 @@ def measure_on_device(cfg: DictConfig, args: argparse.Namespace, device: torch.d
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides applied after the paper preset")
+    ap = script_parser(__doc__, "Hydra overrides applied after the paper preset")
     ap.add_argument("--arch", choices=sorted(ARCHS), default="llama2-7b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--samples", type=int, nargs="+", default=None, help="calibration windows to measure (default: the budget's n_samples, then 8)")
@@ -228,10 +219,23 @@ def main() -> None:
     ap.add_argument("--baseline-divergence", type=Path, default=None, help="also time OutputDivergence from this file (another revision's)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sensitivity-linears", type=int, default=2, help="linears timed for the sensitivity estimate")
-    ap.add_argument("--fit-sizes", type=int, nargs="+", default=None, help="archive sizes for the predictor fit and NSGA-II (default: 5 spread over the budget's)")
-    ap.add_argument("--predictors", nargs="+", default=[""], metavar="KEY=VALUE[,KEY=VALUE]", help="predictor variants timed side by side in the search step: overrides of the configured predictor (default: it as configured)")
+    ap.add_argument(
+        "--fit-sizes", type=int, nargs="+", default=None, help="archive sizes for the predictor fit and NSGA-II (default: 5 spread over the budget's)"
+    )
+    ap.add_argument(
+        "--predictors",
+        nargs="+",
+        default=[""],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="predictor variants timed side by side in the search step: overrides of the configured predictor (default: it as configured)",
+    )
     ap.add_argument("--search-step-from", type=Path, default=None, help="reuse the predictor/NSGA-II timings of an earlier run's --json (same machine)")
-    ap.add_argument("--calibration-from", type=Path, default=None, help="reuse the model, proxy and calibration measurements of an earlier run's --json and build no model (with --search-step-from too: only the projection is computed)")
+    ap.add_argument(
+        "--calibration-from",
+        type=Path,
+        default=None,
+        help="reuse the model, proxy and calibration measurements of an earlier run's --json and build no model (with --search-step-from too: only the projection is computed)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -273,8 +277,7 @@ def main() -> None:
         for spec in args.predictors:
             res["search_step"]["variants"][spec or "configured"] = measure_search_step(cfg, space, spec, sizes, res, args.json)
     curves = {
-        name: tuple(MeasuredCurve.from_steps(v["by_archive_size"], key) for key in ("fit_s", "nsga_s"))
-        for name, v in res["search_step"]["variants"].items()
+        name: tuple(MeasuredCurve.from_steps(v["by_archive_size"], key) for key in ("fit_s", "nsga_s")) for name, v in res["search_step"]["variants"].items()
     }
 
     res["work"] = {"true_evaluations": work.true_evaluations, "iterations": work.iterations, "sensitivity_evaluations": work.n_linears + 1}
@@ -284,7 +287,9 @@ def main() -> None:
         if "true_eval_s" not in chosen:
             continue
         res["projection"][f"{cal['n_samples']}x{cal['seq_len']}"] = {
-            name: project(work, StageCosts(res["proxy"]["build_s"], chosen["reference_s"], chosen["true_eval_s"], cal["sensitivity"]["per_linear_s"], fit, nsga))
+            name: project(
+                work, StageCosts(res["proxy"]["build_s"], chosen["reference_s"], chosen["true_eval_s"], cal["sensitivity"]["per_linear_s"], fit, nsga)
+            )
             for name, (fit, nsga) in curves.items()
         }
 
@@ -300,7 +305,10 @@ def search_step_of(earlier: dict) -> dict:
     step = earlier["search_step"]
     if "variants" in step:
         return step
-    return {**{k: v for k, v in step.items() if k != "by_archive_size"}, "variants": {"configured": {"overrides": {}, "by_archive_size": step["by_archive_size"]}}}
+    return {
+        **{k: v for k, v in step.items() if k != "by_archive_size"},
+        "variants": {"configured": {"overrides": {}, "by_archive_size": step["by_archive_size"]}},
+    }
 
 
 def measure_search_step(cfg: DictConfig, space: SearchSpace, spec: str, sizes: list[int], res: dict, path: Path | None) -> dict:
@@ -334,7 +342,9 @@ def summary(res: dict) -> str:
         f"swap of a full configuration {res['swap_s'] * 1e3:.1f} ms ({res['swap_s_eager'] * 1e3:.1f} ms with HQQ's eager dequantization)",
     ]
     for cal in res["calibration"]:
-        lines.append(f"{cal['n_samples']}x{cal['seq_len']} tokens: floor {cal['forward_floor_s']:.3f}s; sensitivity {cal['sensitivity']['per_linear_s']:.3f}s/linear")
+        lines.append(
+            f"{cal['n_samples']}x{cal['seq_len']} tokens: floor {cal['forward_floor_s']:.3f}s; sensitivity {cal['sensitivity']['per_linear_s']:.3f}s/linear"
+        )
         for name, v in cal["variants"].items():
             if "error" in v:
                 lines.append(f"  {name:>12}: {v['error']}")
@@ -348,7 +358,9 @@ def summary(res: dict) -> str:
     for key, by_predictor in res["projection"].items():
         for name, proj in by_predictor.items():
             parts = ", ".join(f"{k[:-2]} {v / 60:.1f}" for k, v in proj.items() if k != "total_s")
-            lines.append(f"projected {res['work']['true_evaluations']}-evaluation search at {key}, predictor {name}: {proj['total_s'] / 3600:.2f} h ({parts} min)")
+            lines.append(
+                f"projected {res['work']['true_evaluations']}-evaluation search at {key}, predictor {name}: {proj['total_s'] / 3600:.2f} h ({parts} min)"
+            )
     return "\n".join(lines)
 
 

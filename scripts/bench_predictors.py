@@ -35,8 +35,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from amq.predictors.accuracy import heldout_scores
 from amq.config.compose import parse_overrides
+from amq.predictors.accuracy import heldout_scores
 from amq.predictors.archive_data import load_archive
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,17 @@ def score(spec: str, Xtr: np.ndarray, ytr: np.ndarray, tests: dict[str, tuple[np
 def make_random_run(n: int, seed: int, out_dir: Path) -> Path:
     """Evaluate n random configurations with the real pipeline; returns the run directory."""
     env = {**os.environ, "AMQ_OUTPUT_DIR": str(out_dir), "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "amq.train_search", "logger=none", "budget=standard", "budget.iterations=0", "finalize.enabled=false", f"budget.n_initial_random={n}", f"seed={seed}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "amq.train_search",
+        "logger=none",
+        "budget=standard",
+        "budget.iterations=0",
+        "finalize.enabled=false",
+        f"budget.n_initial_random={n}",
+        f"seed={seed}",
+    ]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
     return max((out_dir / "search" / "runs").iterdir())
 
@@ -91,11 +101,17 @@ def timing_rows(sizes: list[int], genes: int, specs: list[str], seed: int, n_pre
             pred = p.predict(levels[G[n:]])
             row = {"predictor": spec, "n": n, "genes": genes, "fit_s": t1 - t0, "predict_s": time.perf_counter() - t1}
             first = first or {**row, "pred": pred}
-            row.update(fit_ratio=row["fit_s"] / first["fit_s"], predict_ratio=row["predict_s"] / first["predict_s"],
-                       max_rel_diff=float(np.max(np.abs(pred / first["pred"] - 1))))
+            row.update(
+                fit_ratio=row["fit_s"] / first["fit_s"],
+                predict_ratio=row["predict_s"] / first["predict_s"],
+                max_rel_diff=float(np.max(np.abs(pred / first["pred"] - 1))),
+            )
             rows.append(row)
-            print(f"| {spec} | {n} | {genes} | {row['fit_s']:.2f} | {row['predict_s']:.3f} | {row['fit_ratio']:.3f} | "
-                  f"{row['predict_ratio']:.3f} | {row['max_rel_diff']:.1e} |", flush=True)
+            print(
+                f"| {spec} | {n} | {genes} | {row['fit_s']:.2f} | {row['predict_s']:.3f} | {row['fit_ratio']:.3f} | "
+                f"{row['predict_ratio']:.3f} | {row['max_rel_diff']:.1e} |",
+                flush=True,
+            )
     return rows
 
 
@@ -145,8 +161,10 @@ def accuracy_rows(args: argparse.Namespace) -> list[dict]:
         tests_all["random"] = (held.features(lo, hi), held.metric, held.keys)
 
     print(f"# train pool {args.train_run} ({len(y)} records, {X.shape[1]} modules); held-out random: {heldout_run}", flush=True)
-    lines = ["| n train | predictor | fit s | next: tau | next: rho | next: RMSE | random: tau | random: rho | random: RMSE |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| n train | predictor | fit s | next: tau | next: rho | next: RMSE | random: tau | random: rho | random: RMSE |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     results = []
     for n in args.sizes:
         if n >= len(y):
@@ -163,9 +181,11 @@ def accuracy_rows(args: argparse.Namespace) -> list[dict]:
             r = score(spec, X[:n], y[:n], tests, args.seed)
             results.append({"n": n, "predictor": spec, **r})
             nx, rd = r["next"], r.get("random", {})
-            line = (f"| {n} | {spec} | {r['fit_s']:.2f} | {_fmt(nx['predictor/kendall_tau'])} | {_fmt(nx['predictor/spearman'])} | "
-                    f"{_fmt(nx['predictor/rmse'], 4)} | {_fmt(rd.get('predictor/kendall_tau'))} | {_fmt(rd.get('predictor/spearman'))} | "
-                    f"{_fmt(rd.get('predictor/rmse'), 4)} |")
+            line = (
+                f"| {n} | {spec} | {r['fit_s']:.2f} | {_fmt(nx['predictor/kendall_tau'])} | {_fmt(nx['predictor/spearman'])} | "
+                f"{_fmt(nx['predictor/rmse'], 4)} | {_fmt(rd.get('predictor/kendall_tau'))} | {_fmt(rd.get('predictor/spearman'))} | "
+                f"{_fmt(rd.get('predictor/rmse'), 4)} |"
+            )
             lines.append(line)
             print(line, flush=True)
     print("\n" + "\n".join(lines))

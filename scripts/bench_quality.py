@@ -29,7 +29,6 @@ results.md, the AMQ run directories); rerunning with the same --out reuses what 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import logging
@@ -47,13 +46,15 @@ from omegaconf import DictConfig
 
 from amq.baselines.evolution import true_evaluation_nsga2
 from amq.baselines.greedy import greedy_allocations
-from amq.search.knapsack import knapsack_allocations
+from amq.bench.script_args import script_parser
 from amq.bits import CONVENTION_WITH_META
+from amq.config import compose as amq_compose
+from amq.config.compose import Workbench, prepare, prune
 from amq.evaluation.perplexity import PerplexityProtocol, perplexity, perplexity_windows
 from amq.io import atomic_write_json, atomic_write_text, read_jsonl
-from amq.config.compose import Workbench, build, prepare, prune, search_settings
 from amq.search.archive import Archive
 from amq.search.evaluator import ProxyEvaluator, measured
+from amq.search.knapsack import knapsack_allocations
 from amq.search.loop import search_bits_range
 from amq.search.pareto import HV_CONVENTION, best_under_target, normalized_hypervolume
 from amq.search.seeding import additive_damage, budget_levels, width_factors
@@ -82,8 +83,12 @@ class Evaluated:
         return cls([archive.space.to_bits(r.genes) for r in archive.records], bits, metric, seconds)
 
     def __add__(self, other: "Evaluated") -> "Evaluated":
-        return Evaluated(self.configs + other.configs, np.concatenate([self.avg_bits, other.avg_bits]),
-                         np.concatenate([self.metric, other.metric]), self.seconds + other.seconds)
+        return Evaluated(
+            self.configs + other.configs,
+            np.concatenate([self.avg_bits, other.avg_bits]),
+            np.concatenate([self.metric, other.metric]),
+            self.seconds + other.seconds,
+        )
 
 
 def evaluate_distinct(space: SearchSpace, evaluate: ProxyEvaluator, genes: np.ndarray, skip: Sequence[np.ndarray] = ()) -> Evaluated:
@@ -117,8 +122,9 @@ def run_amq(cfg: DictConfig) -> Evaluated:
 
 def run_no_predictor(cfg: DictConfig, wb: Workbench, amq_dir: Path) -> Evaluated:
     """The search's own initial design (read from its archive), then NSGA-II on true evaluations."""
-    settings = search_settings(cfg)
-    _, space = prune(wb, build(cfg.search.pruning, "search"), int(cfg.budget.sensitivity_samples), cfg.search.share_groups)
+    plan = amq_compose.plan(cfg)
+    settings = plan.settings
+    _, space = prune(wb, plan.pruning, plan.sensitivity_samples, plan.share_groups)
     archive = Archive(space)
     initial_s = 0.0
     for r in read_jsonl(amq_dir / "archive.jsonl"):
@@ -131,8 +137,13 @@ def run_no_predictor(cfg: DictConfig, wb: Workbench, amq_dir: Path) -> Evaluated
 
 
 def run_allocator(
-    full: SearchSpace, evaluate: ProxyEvaluator, uniform: Evaluated, allocate: Callable[[Sequence[float]], np.ndarray],
-    n: int, brange: tuple[float, float], targets: Sequence[float],
+    full: SearchSpace,
+    evaluate: ProxyEvaluator,
+    uniform: Evaluated,
+    allocate: Callable[[Sequence[float]], np.ndarray],
+    n: int,
+    brange: tuple[float, float],
+    targets: Sequence[float],
 ) -> Evaluated:
     """The uniform configurations, then one allocation per budget: `n` true evaluations at most."""
     t0 = time.perf_counter()
@@ -163,8 +174,11 @@ class HeldoutPerplexity:
         return self._cache[key]
 
     def describe(self) -> dict:
-        return {"text": f"held-out {next(iter(self.wb.splits.heldout))} of {self.wb.splits.description}",
-                "tokens": int(self.windows.numel()), **self.protocol.describe()}
+        return {
+            "text": f"held-out {next(iter(self.wb.splits.heldout))} of {self.wb.splits.description}",
+            "tokens": int(self.windows.numel()),
+            **self.protocol.describe(),
+        }
 
 
 def summarise(ev: Evaluated, targets: Sequence[float], scale: float, brange: tuple[float, float], ppl: HeldoutPerplexity) -> dict:
@@ -199,8 +213,12 @@ def markdown_table(results: dict[str, dict[str, dict]], targets: Sequence[float]
         rows = list(results.get(method, {}).values())
         if not rows:
             continue
-        cells = [method, _cell([r["true_evaluations"] for r in rows], ".0f"), _cell([r["seconds"] for r in rows], ".0f"),
-                 _cell([r["hypervolume"] for r in rows], ".3f")]
+        cells = [
+            method,
+            _cell([r["true_evaluations"] for r in rows], ".0f"),
+            _cell([r["seconds"] for r in rows], ".0f"),
+            _cell([r["hypervolume"] for r in rows], ".3f"),
+        ]
         for key, fmt in (("jsd", ".4f"), ("perplexity", ".1f")):
             cells += [_cell([r["at_target"][t][key] for r in rows if t in r["at_target"]], fmt) for t in ts]
         lines.append("| " + " | ".join(cells) + " |")
@@ -214,14 +232,19 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train_search.yaml")
+    ap = script_parser(__doc__, "Hydra overrides of conf/train_search.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_quality")
     ap.add_argument("--ppl-window", type=int, default=512, help="held-out perplexity window (tokens)")
     ap.add_argument("--ppl-windows", type=int, default=16, help="how many held-out windows")
-    ap.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
-                    help="one more AMQ arm: a name, then the overrides that make it (repeatable)")
+    ap.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("NAME", "OVERRIDE"),
+        help="one more AMQ arm: a name, then the overrides that make it (repeatable)",
+    )
     args = ap.parse_args()
     variants = {"amq, no pruning": ["search.pruning.threshold=0"], **{v[0]: v[1:] for v in args.variant}}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -230,12 +253,13 @@ def main() -> None:
     base = ["logger=none", "eval_cache=none", "finalize.enabled=false", *args.overrides]
     cfg0 = _compose([*base, f"seed={args.seeds[0]}", f"paths.output_dir={args.out}"])
     wb = prepare(cfg0)
-    settings = search_settings(cfg0)
-    full = SearchSpace(wb.layout.linears, wb.bits, wb.bank.quantizer.group_size, share_patterns=cfg0.search.share_groups)
+    plan0 = amq_compose.plan(cfg0)
+    settings = plan0.settings
+    full = SearchSpace(wb.layout.linears, wb.bits, wb.bank.quantizer.group_size, share_patterns=plan0.share_groups)
     evaluate = ProxyEvaluator(wb.bank, wb.metric, full)
     brange = search_bits_range(full, settings)
     ppl = HeldoutPerplexity(wb, PerplexityProtocol(args.ppl_window, args.ppl_windows, wb.lm.add_bos))
-    table, _ = prune(wb, build(cfg0.search.pruning, "search"), int(cfg0.budget.sensitivity_samples), cfg0.search.share_groups)
+    table, _ = prune(wb, plan0.pruning, plan0.sensitivity_samples, plan0.share_groups)
 
     out_json = args.out / "results.json"
     state = json.loads(out_json.read_text()) if out_json.exists() else {}
@@ -250,10 +274,18 @@ def main() -> None:
     uniform = evaluate_distinct(full, evaluate, np.stack([full.uniform(b) for b in wb.bits]))
     scale = float(uniform.metric[0])  # all-lowest: the common normalisation of every method's hypervolume
     protocol = {
-        "model": wb.lm.name, "overrides": args.overrides, "variants": variants, "seeds": args.seeds, "calibration": wb.metric.description,
-        "data": wb.splits.description, "bits_convention": CONVENTION_WITH_META, "hypervolume": HV_CONVENTION,
-        "hypervolume_scale": {"metric": scale, "bits_range": list(brange)}, "perplexity": ppl.describe(),
-        "unquantized_perplexity": ppl(None), "sensitivity_seconds": table.seconds,
+        "model": wb.lm.name,
+        "overrides": args.overrides,
+        "variants": variants,
+        "seeds": args.seeds,
+        "calibration": wb.metric.description,
+        "data": wb.splits.description,
+        "bits_convention": CONVENTION_WITH_META,
+        "hypervolume": HV_CONVENTION,
+        "hypervolume_scale": {"metric": scale, "bits_range": list(brange)},
+        "perplexity": ppl.describe(),
+        "unquantized_perplexity": ppl(None),
+        "sensitivity_seconds": table.seconds,
     }
     if "uniform" not in results:
         record("uniform", "all", uniform)

@@ -52,6 +52,7 @@ def linear_bytes(model: torch.nn.Module) -> int:
 def measure(model_dir: Path, runtime: str, tokens: torch.Tensor, decode: int, device: torch.device, compile: bool = False) -> dict:
     """Load under `runtime`, then memory after one forward, prefill and per-token decode times."""
     from amq.quantizers.export import load_quantized
+
     model = load_quantized(model_dir, device, runtime, compile and runtime == "packed")
     prompt = tokens[:, :16]
     if device.type == "cuda":
@@ -62,9 +63,15 @@ def measure(model_dir: Path, runtime: str, tokens: torch.Tensor, decode: int, de
         prefill = _timed(lambda: model(input_ids=tokens), device)
         gen = lambda: model.generate(prompt, max_new_tokens=decode, min_new_tokens=decode, do_sample=False)  # noqa: E731
         decode_s = _timed(gen, device)
-        generated = gen()[0, prompt.shape[1]:].tolist()
-    out = {"resident_bytes": resident_bytes(model), "linear_bytes": linear_bytes(model), "prefill_s": prefill,
-           "decode_s_per_token": decode_s / decode, "last_logits": logits, "generated": generated}
+        generated = gen()[0, prompt.shape[1] :].tolist()
+    out = {
+        "resident_bytes": resident_bytes(model),
+        "linear_bytes": linear_bytes(model),
+        "prefill_s": prefill,
+        "decode_s_per_token": decode_s / decode,
+        "last_logits": logits,
+        "generated": generated,
+    }
     if device.type == "cuda":
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
     return out
@@ -83,8 +90,13 @@ def measure_block(shapes: list[tuple[int, int]], bits: int, runtime: str, window
     group = 128
     layers = torch.nn.ModuleList()
     for out_f, in_f in shapes:
-        q = GroupQuant(torch.randint(0, 2**bits, (out_f, in_f), generator=g, dtype=torch.uint8),
-                       (torch.rand(out_f, in_f // group, generator=g) * 1e-2).half(), torch.full((out_f, in_f // group), 2.0**(bits - 1)).half(), bits, group)
+        q = GroupQuant(
+            torch.randint(0, 2**bits, (out_f, in_f), generator=g, dtype=torch.uint8),
+            (torch.rand(out_f, in_f // group, generator=g) * 1e-2).half(),
+            torch.full((out_f, in_f // group), 2.0 ** (bits - 1)).half(),
+            bits,
+            group,
+        )
         layers.append(PackedLinear.from_quant(q, None, torch.bfloat16))
     layers.to(device)
     set_runtime(layers, runtime, compile)
@@ -112,8 +124,20 @@ def main_block(args: argparse.Namespace) -> None:
     shapes = BLOCK_SHAPES[args.block]
     res = {r: measure_block(shapes, args.bits, r, args.window, args.repeats, device, args.compile and r == "packed") for r in RUNTIMES}
     ratios = {k: res["packed"][k] / res["dequantized"][k] for k in res["packed"]}
-    print(json.dumps({"block": args.block, "bits": args.bits, "compile": args.compile, "device": str(device), "window": args.window, "runtimes": res,
-                      "packed_over_dequantized": ratios}, indent=2))
+    print(
+        json.dumps(
+            {
+                "block": args.block,
+                "bits": args.bits,
+                "compile": args.compile,
+                "device": str(device),
+                "window": args.window,
+                "runtimes": res,
+                "packed_over_dequantized": ratios,
+            },
+            indent=2,
+        )
+    )
     print("\n| runtime | block MiB | 1-token step ms | prefill ms |\n| --- | --- | --- | --- |")
     for r in RUNTIMES:
         print(f"| {r} | {res[r]['resident_bytes'] / 2**20:.1f} | {1e3 * res[r]['step_s']:.3f} | {1e3 * res[r]['prefill_s']:.2f} |")
@@ -152,7 +176,9 @@ def main() -> None:
     for i in range(args.repeats):
         for runtime in RUNTIMES if i % 2 == 0 else RUNTIMES[::-1]:
             runs[runtime].append(measure(args.model_dir, runtime, tokens, args.decode, device, args.compile))
-            log.info("%s, repeat %d: prefill %.3fs, decode %.1f ms/token", runtime, i, runs[runtime][-1]["prefill_s"], 1e3 * runs[runtime][-1]["decode_s_per_token"])
+            log.info(
+                "%s, repeat %d: prefill %.3fs, decode %.1f ms/token", runtime, i, runs[runtime][-1]["prefill_s"], 1e3 * runs[runtime][-1]["decode_s_per_token"]
+            )
     first = {r: runs[r][0] for r in RUNTIMES}
     logit_diff = float((first["packed"]["last_logits"] - first["dequantized"]["last_logits"]).abs().max())
     same_tokens = first["packed"]["generated"] == first["dequantized"]["generated"]
@@ -163,22 +189,36 @@ def main() -> None:
         summary[r] = row
     p, d = summary["packed"], summary["dequantized"]
     ratios = {k: p[k] / d[k] for k in d if k in p}
-    result = {"model_dir": str(args.model_dir), "device": str(device), "threads": torch.get_num_threads(), "window": args.window,
-              "decode_tokens": args.decode, "repeats": args.repeats, "max_abs_logit_diff": logit_diff, "same_tokens": same_tokens, "runtimes": summary,
-              "packed_over_dequantized": ratios}
+    result = {
+        "model_dir": str(args.model_dir),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "window": args.window,
+        "decode_tokens": args.decode,
+        "repeats": args.repeats,
+        "max_abs_logit_diff": logit_diff,
+        "same_tokens": same_tokens,
+        "runtimes": summary,
+        "packed_over_dequantized": ratios,
+    }
     print(json.dumps(result, indent=2))
     print("\n| runtime | resident MiB | linears MiB | prefill s | decode ms/token |\n| --- | --- | --- | --- | --- |")
     for r in RUNTIMES:
         s = summary[r]
         print(f"| {r} | {s['resident_bytes'] / 2**20:.1f} | {s['linear_bytes'] / 2**20:.1f} | {s['prefill_s']:.3f} | {1e3 * s['decode_s_per_token']:.1f} |")
-    print(f"| packed / dequantized | {ratios['resident_bytes']:.2f}x | {ratios['linear_bytes']:.2f}x | {ratios['prefill_s']:.2f}x | {ratios['decode_s_per_token']:.2f}x |")
+    print(
+        f"| packed / dequantized | {ratios['resident_bytes']:.2f}x | {ratios['linear_bytes']:.2f}x | {ratios['prefill_s']:.2f}x | {ratios['decode_s_per_token']:.2f}x |"
+    )
     if args.json:
         from amq.io import atomic_write_json
 
         atomic_write_json(args.json, result)
     if logit_diff or not same_tokens:
-        log.warning("the runtimes' outputs differ (max |logit difference| %.3g, same tokens: %s): the weights are the same, "
-                    "so this is bf16 matmul blocking", logit_diff, same_tokens)
+        log.warning(
+            "the runtimes' outputs differ (max |logit difference| %.3g, same tokens: %s): the weights are the same, so this is bf16 matmul blocking",
+            logit_diff,
+            same_tokens,
+        )
 
 
 if __name__ == "__main__":

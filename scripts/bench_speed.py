@@ -17,7 +17,6 @@ a quiet machine; the ratios are what to compare.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import resource
@@ -29,17 +28,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from amq.bench.cost_model import MeasuredCurve, SearchWork, StageCosts, project
-from amq.metrics.divergence import OutputDivergence
+from amq.bench.script_args import script_parser
+from amq.bench.timing import forward_floor_seconds, search_step_seconds, sensitivity_seconds_per_linear, swap_seconds, synchronizer, true_eval_seconds
 from amq.config.compose import build, prepare
+from amq.metrics.divergence import OutputDivergence
 from amq.search.space import SearchSpace
-from amq.bench.timing import (
-    forward_floor_seconds,
-    search_step_seconds,
-    sensitivity_seconds_per_linear,
-    swap_seconds,
-    synchronizer,
-    true_eval_seconds,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +40,7 @@ log = logging.getLogger("bench_speed")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. budget=smoke model=gemma3_270m")
+    ap = script_parser(__doc__, "Hydra overrides, e.g. budget=smoke model=gemma3_270m")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sensitivity-linears", type=int, default=20, help="linears timed for the sensitivity estimate")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -106,7 +98,17 @@ def main() -> None:
     res["nsga_s_per_iteration"] = step["nsga_s"]
 
     res["projection"] = {
-        b: project_preset(b, args.overrides, res, space, len(layout.linears), len(wb.bits), int(wb.tokens.numel()), int(cfg.budget.sensitivity_samples) * int(cfg.budget.seq_len), args.max_fit_size)
+        b: project_preset(
+            b,
+            args.overrides,
+            res,
+            space,
+            len(layout.linears),
+            len(wb.bits),
+            int(wb.tokens.numel()),
+            int(cfg.budget.sensitivity_samples) * int(cfg.budget.seq_len),
+            args.max_fit_size,
+        )
         for b in args.budgets
     }
 
@@ -120,8 +122,15 @@ def main() -> None:
 
 
 def project_preset(
-    budget: str, overrides: list[str], res: dict, space: SearchSpace, n_linears: int, n_uniform: int,
-    eval_tokens: int, sensitivity_tokens: int, max_fit: int,
+    budget: str,
+    overrides: list[str],
+    res: dict,
+    space: SearchSpace,
+    n_linears: int,
+    n_uniform: int,
+    eval_tokens: int,
+    sensitivity_tokens: int,
+    max_fit: int,
 ) -> dict:
     """End-to-end seconds of a search at `budget`, from this run's measured stage costs.
 

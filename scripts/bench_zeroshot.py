@@ -22,8 +22,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from amq.bits import meta_overhead
-from amq.evaluation.zeroshot import zero_shot
 from amq.config.compose import prepare
+from amq.evaluation.zeroshot import zero_shot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,8 +52,15 @@ def main() -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         res = zero_shot(wb.lm.model, wb.lm.tokenizer, args.tasks, wb.cache_dir, limit=args.limit, batch_size=args.batch_size, seed=int(cfg.seed))
         bits = None if nbits is None else nbits + meta_overhead(wb.bank.quantizer.group_size)
-        rows.append({"model": label, "avg_bits_with_meta": bits, "seconds": round(time.perf_counter() - t0, 1),
-                     "cpu_seconds": round(time.process_time() - c0, 1), "tasks": res})
+        rows.append(
+            {
+                "model": label,
+                "avg_bits_with_meta": bits,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "cpu_seconds": round(time.process_time() - c0, 1),
+                "tasks": res,
+            }
+        )
         log.info("%s: %s", label, json.dumps(res))
     wb.bank.restore()
     report = {"model": wb.lm.name, "tasks": args.tasks, "limit": args.limit, "num_threads": int(cfg.num_threads), "rows": rows}

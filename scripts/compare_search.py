@@ -79,7 +79,11 @@ def main() -> None:
             results.setdefault(arm, []).append(read_run(d))
 
     targets = sorted({t for rs in results.values() for r in rs for t in r["best"]}, key=float)
-    head = ["arm", "true evals", "final HV (mean)", "HV per seed"] + [f"JSD @{t}b (mean)" for t in targets] + ["held-out tau (mean over iterations)", "fit s / iteration"]
+    head = (
+        ["arm", "true evals", "final HV (mean)", "HV per seed"]
+        + [f"JSD @{t}b (mean)" for t in targets]
+        + ["held-out tau (mean over iterations)", "fit s / iteration"]
+    )
     print("\n| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
     for arm, rs in results.items():
         cells = [f"`{arm}`", f"{np.mean([r['evals'] for r in rs]):.0f}", f"{np.mean([r['hv'] for r in rs]):.4f}", " / ".join(f"{r['hv']:.4f}" for r in rs)]

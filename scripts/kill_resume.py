@@ -24,7 +24,6 @@ defaults here).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -35,6 +34,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from amq.bench.script_args import script_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OVERRIDES = ["budget=smoke", "logger=none", "metric.compile=false", "num_threads=2", "seed=3", "finalize.enabled=false"]
@@ -49,7 +50,11 @@ class Process:
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "amq.train_search", *args],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -183,9 +188,7 @@ def _finish(proc: Process, timeout: float) -> None:
         raise RuntimeError("a resumed run failed:\n" + "\n".join(proc.lines[-30:]))
 
 
-def kill_and_resume(
-    overrides: list[str], work: Path, max_kills: int, rng: random.Random, kinds: list[str] | None = None, timeout: float = 900
-) -> Chain:
+def kill_and_resume(overrides: list[str], work: Path, max_kills: int, rng: random.Random, kinds: list[str] | None = None, timeout: float = 900) -> Chain:
     """Up to `max_kills` SIGKILLs at random moments (of the given `kinds` in turn, else of random
     kinds), each followed by the same command with resume=auto.
 
@@ -262,8 +265,7 @@ def uninterrupted(overrides: list[str], work: Path, timeout: float = 900) -> Pat
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (added to the defaults)")
+    ap = script_parser(__doc__, "Hydra overrides for every run (added to the defaults)")
     ap.add_argument("--kills", type=int, default=20, help="kills in all")
     ap.add_argument("--per-chain", type=int, default=5, help="kills at most in one search before it may finish")
     ap.add_argument("--seed", type=int, default=None, help="seed of the kill moments (default: random, printed)")

@@ -76,14 +76,16 @@ def pytest_configure(config: pytest.Config) -> None:
         if home_cache != user_cache:
             _link_bigbench_sdist(home_cache, cache)
     wandb = base / "wandb"
-    os.environ.update({
-        "AMQ_CACHE_DIR": str(cache),
-        "AMQ_OUTPUT_DIR": str(base / "outputs"),
-        "WANDB_DIR": str(wandb),
-        "WANDB_CACHE_DIR": str(wandb / ".cache"),
-        "WANDB_CONFIG_DIR": str(wandb / ".config"),
-        "WANDB_DATA_DIR": str(wandb / ".data"),
-    })
+    os.environ.update(
+        {
+            "AMQ_CACHE_DIR": str(cache),
+            "AMQ_OUTPUT_DIR": str(base / "outputs"),
+            "WANDB_DIR": str(wandb),
+            "WANDB_CACHE_DIR": str(wandb / ".cache"),
+            "WANDB_CONFIG_DIR": str(wandb / ".config"),
+            "WANDB_DATA_DIR": str(wandb / ".data"),
+        }
+    )
 
     watched = [(ROOT, 1)] + [(ROOT / d, 3) for d in ("outputs", "multirun", "wandb", ".cache")]
     watched += [(home_cache, 3), (user_cache, 3)]
@@ -178,8 +180,10 @@ _GUARD = pytest.StashKey[_NewFiles]()
 
 def _describe(paths: list[str]) -> str:
     shown = "\n  ".join(paths[:10]) + (f"\n  ... and {len(paths) - 10} more" if len(paths) > 10 else "")
-    return (f"files written outside the test's temporary folders:\n  {shown}\n"
-            "write under tmp_path / tmp_path_factory, or AMQ_CACHE_DIR / AMQ_OUTPUT_DIR (tests/conftest.py sets both)")
+    return (
+        f"files written outside the test's temporary folders:\n  {shown}\n"
+        "write under tmp_path / tmp_path_factory, or AMQ_CACHE_DIR / AMQ_OUTPUT_DIR (tests/conftest.py sets both)"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -218,7 +222,11 @@ def run_cli(args: list[str], out_dir: Path, timeout: int = 600, env_extra: dict 
     env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, "-m", "amq.train_search", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -245,7 +253,12 @@ def run_script(script: str, args: list[str], timeout: int = 600) -> subprocess.C
     """Run one of scripts/ as its docstring shows, with W&B off."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
     return subprocess.run(
-        [sys.executable, f"scripts/{script}", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, f"scripts/{script}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
 from conftest import ROOT, SMOKE, run_cli_in_process, run_dirs, settings_yaml
 
 
@@ -74,7 +73,9 @@ CASES = {
     "RBF neighbours without scipy": Case(["predictor=rbf", "predictor.neighbors=50"], "predictor.neighbors"),
     "empty calibration text": Case(
         ["data=c4", "data.path=text", "data.name=null", "data.data_files={train:'{tmp}/calib.txt',validation:'{tmp}/held.txt'}"],
-        "data", env={"HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": "{home}/hf"}, setup=empty_calibration_text,
+        "data",
+        env={"HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": "{home}/hf"},
+        setup=empty_calibration_text,
     ),
     "hub dataset offline": Case(["data=wikitext2"], "data"),
     "missing model directory": Case(["model=hf", "model.source.name_or_path=/nonexistent/model"], "model.name_or_path"),
@@ -85,7 +86,8 @@ CASES = {
     "bad final quantizer option": Case(["finalize.enabled=true", "finalizer=gptq", "finalizer.damp=2"], "finalizer.damp"),
     "unknown zero-shot task": Case(["finalize.enabled=true", "finalize.tasks=[piqa2]"], "finalize.tasks"),
     "zero-shot task files missing offline": Case(
-        ["finalize.enabled=true", "finalize.tasks=[bigbench_social_iqa]", "paths.cache_dir={home}/cache"], "paths.cache_dir",
+        ["finalize.enabled=true", "finalize.tasks=[bigbench_social_iqa]", "paths.cache_dir={home}/cache"],
+        "paths.cache_dir",
         env={"AMQ_OFFLINE": "1", "AMQ_BIGBENCH_SDIST": ""},
     ),
     "resume: not a run directory": Case(["resume={tmp}"], "resume"),

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from amq.baselines.greedy import greedy_allocation, greedy_allocations
-from amq.search.knapsack import knapsack_allocations
 from amq.modeling.discovery import LinearInfo
 from amq.search.evaluator import measured
+from amq.search.knapsack import knapsack_allocations
 from amq.search.pareto import normalized_hypervolume
 from amq.search.seeding import additive_damage, budget_levels
 from amq.search.space import SearchSpace

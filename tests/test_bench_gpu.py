@@ -6,13 +6,19 @@ import json
 
 import pytest
 import torch
-
-from amq.bench.cost_model import MeasuredCurve, SearchWork, StageCosts, project
 from conftest import run_script
 
+from amq.bench.cost_model import MeasuredCurve, SearchWork, StageCosts, project
+
 TINY = [
-    "budget.seq_len=32", "budget.n_initial_random=10", "budget.iterations=3", "budget.batch_size=4",
-    "budget.pop_size=8", "budget.n_gen=2", "num_threads=2", "metric.compile=false",
+    "budget.seq_len=32",
+    "budget.n_initial_random=10",
+    "budget.iterations=3",
+    "budget.batch_size=4",
+    "budget.pop_size=8",
+    "budget.n_gen=2",
+    "num_threads=2",
+    "metric.compile=false",
 ]
 
 
@@ -20,8 +26,26 @@ def _run_bench(tmp_path, device: str) -> dict:
     out = tmp_path / "gpu.json"
     proc = run_script(
         "bench_gpu.py",
-        [*TINY, "--arch", "tiny", "--device", device, "--samples", "4", "2", "--fit-sizes", "20", "40",
-         "--predictors", "backend=scipy", "backend=torch", "--baseline-divergence", "amq/metrics/divergence.py", "--json", str(out)],
+        [
+            *TINY,
+            "--arch",
+            "tiny",
+            "--device",
+            device,
+            "--samples",
+            "4",
+            "2",
+            "--fit-sizes",
+            "20",
+            "40",
+            "--predictors",
+            "backend=scipy",
+            "backend=torch",
+            "--baseline-divergence",
+            "amq/metrics/divergence.py",
+            "--json",
+            str(out),
+        ],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "projected 25-evaluation search at 4x32, predictor backend=torch" in proc.stdout

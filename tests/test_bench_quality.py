@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-
 from conftest import SMOKE, run_script
 
 METHODS = ["amq", "amq, no pruning", "amq, no predictor", "random", "greedy", "knapsack", "uniform"]
@@ -16,7 +15,8 @@ METHODS = ["amq", "amq, no pruning", "amq, no predictor", "random", "greedy", "k
 def test_bench_quality_smoke(tmp_path):
     out = tmp_path / "bench"
     proc = run_script(
-        "bench_quality.py", [*SMOKE, "budget.iterations=1", "--seeds", "0", "--ppl-window", "128", "--ppl-windows", "2", "--out", str(out)],
+        "bench_quality.py",
+        [*SMOKE, "budget.iterations=1", "--seeds", "0", "--ppl-window", "128", "--ppl-windows", "2", "--out", str(out)],
         timeout=2400,  # minutes alone; far longer on busy cores
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

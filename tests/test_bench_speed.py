@@ -4,7 +4,6 @@ and the end-to-end projection of a preset adds up from them."""
 import json
 
 import pytest
-
 from conftest import SMOKE, run_script
 
 
@@ -13,7 +12,9 @@ from conftest import SMOKE, run_script
 def test_bench_speed_smoke(tmp_path):
     out = tmp_path / "speed.json"
     proc = run_script(
-        "bench_speed.py", [*SMOKE, "--repeats", "1", "--sensitivity-linears", "2", "--budgets", "smoke", "--json", str(out)], timeout=2400,
+        "bench_speed.py",
+        [*SMOKE, "--repeats", "1", "--sensitivity-linears", "2", "--budgets", "smoke", "--json", str(out)],
+        timeout=2400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())

@@ -8,8 +8,15 @@ from amq.search.space import SearchSpace, shared_groups
 
 
 def _linears(blocks: int = 2) -> list[LinearInfo]:
-    roles = [("self_attn.q_proj", 64, 64), ("self_attn.k_proj", 64, 32), ("self_attn.v_proj", 64, 32),
-             ("self_attn.o_proj", 64, 64), ("mlp.gate_proj", 64, 128), ("mlp.up_proj", 64, 128), ("mlp.down_proj", 128, 64)]
+    roles = [
+        ("self_attn.q_proj", 64, 64),
+        ("self_attn.k_proj", 64, 32),
+        ("self_attn.v_proj", 64, 32),
+        ("self_attn.o_proj", 64, 64),
+        ("mlp.gate_proj", 64, 128),
+        ("mlp.up_proj", 64, 128),
+        ("mlp.down_proj", 128, 64),
+    ]
     return [LinearInfo(f"model.layers.{b}.{r}", b, r, i, o) for b in range(blocks) for r, i, o in roles]
 
 

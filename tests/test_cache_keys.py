@@ -6,14 +6,14 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
-from amq.search import sensitivity
+from amq.config.compose import evaluation_context
 from amq.metrics.divergence import OutputDivergence
 from amq.modeling.discovery import discover_layout
-from amq.config.compose import evaluation_context
 from amq.proxy.bank import ProxyBank
 from amq.quantizers.hqq_proxy import HQQQuantizer
+from amq.search import sensitivity
 from amq.search.eval_cache import DiskEvaluationCache
 
 CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

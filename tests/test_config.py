@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import CONF
 from hydra.utils import instantiate
 
 from amq.config.check import check_settings
@@ -16,7 +17,6 @@ from amq.search.nsga import NSGA2Settings
 from amq.search.sensitivity import Pruning
 from amq.tracking.null_logger import NullLogger
 from amq.tracking.wandb_logger import WandbLogger
-from conftest import CONF
 
 
 @pytest.mark.parametrize("model, cls", [("smollm2", EmbeddedGGUF), ("gemma3_270m", EmbeddedGGUF), ("hf", HFModel)])
@@ -107,11 +107,30 @@ def test_eval_cache_options(compose_cfg, cache, cls, tmp_path):
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["model=gemma3_270m"], ["model=hf", "model.source.name_or_path=x"], ["experiment=paper_llama2_7b"], ["experiment=paper_mistral_7b"],
-     ["experiment=paper_qwen25_7b"], ["metric=kl"], ["predictor=rbf"], ["predictor=mlp"], ["search=amq_fused"], ["budget=paper"],
-     ["data=c4"], ["data=wikitext2"], ["logger=none"], ["eval_cache=none"], ["sweep=seeds"], ["sweep=budget_scaling"],
-     ["+model.source.revision=main", "model=hf", "model.source.name_or_path=x"], ["search.bits_window=null"],
-     ["finalizer=gptq"], ["finalizer=awq"], ["finalizer=gptq", "finalizer.clip_search=false", "finalizer.clip_norm=2", "finalizer.clip_weighted=true"]],
+    [
+        [],
+        ["model=gemma3_270m"],
+        ["model=hf", "model.source.name_or_path=x"],
+        ["experiment=paper_llama2_7b"],
+        ["experiment=paper_mistral_7b"],
+        ["experiment=paper_qwen25_7b"],
+        ["metric=kl"],
+        ["predictor=rbf"],
+        ["predictor=mlp"],
+        ["search=amq_fused"],
+        ["budget=paper"],
+        ["data=c4"],
+        ["data=wikitext2"],
+        ["logger=none"],
+        ["eval_cache=none"],
+        ["sweep=seeds"],
+        ["sweep=budget_scaling"],
+        ["+model.source.revision=main", "model=hf", "model.source.name_or_path=x"],
+        ["search.bits_window=null"],
+        ["finalizer=gptq"],
+        ["finalizer=awq"],
+        ["finalizer=gptq", "finalizer.clip_search=false", "finalizer.clip_norm=2", "finalizer.clip_weighted=true"],
+    ],
     ids=lambda o: " ".join(o) or "defaults",
 )
 def test_every_shipped_setting_passes_the_settings_check(compose_cfg, overrides):
@@ -121,8 +140,15 @@ def test_every_shipped_setting_passes_the_settings_check(compose_cfg, overrides)
 
 @pytest.mark.parametrize(
     "override, setting",
-    [("+budget.iteratons=3", "budget.iteratons"), ("+predictor.kernl=rbf", "predictor.kernl"), ("+model.source.revison=x", "model.source.revison"),
-     ("budget.iterations=many", "budget.iterations"), ("search.targets=[4,x]", "search.targets"), ("seed=1.5", "seed"), ("+foo=1", "foo")],
+    [
+        ("+budget.iteratons=3", "budget.iteratons"),
+        ("+predictor.kernl=rbf", "predictor.kernl"),
+        ("+model.source.revison=x", "model.source.revison"),
+        ("budget.iterations=many", "budget.iterations"),
+        ("search.targets=[4,x]", "search.targets"),
+        ("seed=1.5", "seed"),
+        ("+foo=1", "foo"),
+    ],
 )
 def test_settings_check_refuses_unknown_keys_and_wrong_types(compose_cfg, override, setting):
     with pytest.raises(ConfigError) as info:

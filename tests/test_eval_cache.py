@@ -9,14 +9,13 @@ import multiprocessing as mp
 
 import numpy as np
 import pytest
+from conftest import SMOKE
 
-from amq.config.compose import build, evaluation_context, prepare, prune
+from amq.config import compose
+from amq.config.compose import evaluation_context, prepare, prune
 from amq.search.archive import Archive
 from amq.search.eval_cache import DiskEvaluationCache, NoEvaluationCache, with_cache
 from amq.search.evaluator import ProxyEvaluator
-from amq.search.loop import IterativeSearch, SearchSettings
-from amq.search.seeding import sensitivity_seeds
-from conftest import SMOKE
 
 CONTEXT = {"model": "m", "quantizer": {"group_size": 64}, "metric": {"kind": "jsd"}, "tokens": "t"}
 BITS = {"model.layers.0.q_proj": 3, "model.layers.0.k_proj": 8}
@@ -104,15 +103,16 @@ def test_another_seed_reuses_what_the_first_measured(compose_cfg, tmp_path):
     configurations they share are measured once; a damaged entry is measured again, to the same value."""
     cfg = compose_cfg([*SMOKE, f"paths.output_dir={tmp_path}"])
     wb = prepare(cfg)
-    table, space = prune(wb, build(cfg.search.pruning, "search"), int(cfg.budget.sensitivity_samples), None)
-    cache = DiskEvaluationCache(str(tmp_path / "evaluations"))
+    plan = compose.plan(cfg)
+    table, space = prune(wb, plan.pruning, plan.sensitivity_samples, None)
+    initial = ["budget.n_initial_random=4", "budget.iterations=0", "budget.batch_size=4", "search.sensitivity_seeds=2"]
+    cached = ["eval_cache=disk", f"eval_cache.dir={tmp_path / 'evaluations'}"]
+    cache = compose.plan(compose_cfg([*SMOKE, *cached])).eval_cache
 
     def initial_design(seed: int) -> Archive:
+        """The initial design as amq-search assembles it (uniform, sensitivity seeds, random), through the disk cache."""
         archive = Archive(space, tmp_path / f"archive{seed}.jsonl")
-        settings = SearchSettings(n_initial_random=4, iterations=0, batch_size=4, bits_window=tuple(cfg.search.bits_window))
-        evaluate = with_cache(ProxyEvaluator(wb.bank, wb.metric, space), cache, evaluation_context(wb), space)
-        seeder = lambda uniform: sensitivity_seeds(space, table.damage, 2, tuple(cfg.search.bits_window), wb.targets, uniform)  # noqa: E731
-        IterativeSearch(space, evaluate, None, settings, archive, "jsd", wb.targets, seed=seed, seeder=seeder).run()
+        compose.assemble_search(compose.plan(compose_cfg([*SMOKE, *initial, *cached, f"seed={seed}"])), wb, table, space, archive).run()
         return archive
 
     first = initial_design(0)
@@ -123,7 +123,10 @@ def test_another_seed_reuses_what_the_first_measured(compose_cfg, tmp_path):
     shared = [r for r in second.records if space.key(r.genes) in measured]
     assert len(reused) == len(shared) >= len(space.bit_choices)  # at least the uniform configurations
     assert all(r.metric == measured[space.key(r.genes)] for r in reused)
-    assert all(json.loads(line).get("reused", False) == (space.key(np.array(json.loads(line)["genes"])) in measured) for line in (tmp_path / "archive1.jsonl").read_text().splitlines())
+    assert all(
+        json.loads(line).get("reused", False) == (space.key(np.array(json.loads(line)["genes"])) in measured)
+        for line in (tmp_path / "archive1.jsonl").read_text().splitlines()
+    )
 
     store = cache.store(evaluation_context(wb))
     victim = first.records[0]

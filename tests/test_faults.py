@@ -19,15 +19,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, SMOKE, run_cli, run_dirs
 
+from amq.config import compose
+from amq.config.compose import memory_settings, prepare, prune
 from amq.errors import ResourceError
 from amq.run.faults import resource_errors
-from amq.config.compose import build, prepare, prune
 from amq.search.archive import Archive
-from amq.search.evaluator import ProxyEvaluator
-from amq.search.loop import IterativeSearch, SearchSettings
 from amq.search.sensitivity import measure
-from conftest import ROOT, SMOKE, run_cli, run_dirs
 
 REFERENCE = [*SMOKE, "seed=3"]  # what the smoke_run fixture ran
 
@@ -45,14 +44,15 @@ def workbench(compose_cfg, tmp_path_factory):
     """The real model, data, proxy and metric (smoke budget), and its pruned search space."""
     cfg = compose_cfg([*SMOKE, f"paths.output_dir={tmp_path_factory.mktemp('wb')}"])
     wb = prepare(cfg)
-    _, space = prune(wb, build(cfg.search.pruning, "search"), int(cfg.budget.sensitivity_samples), None)
-    return cfg, wb, space
+    plan = compose.plan(cfg)
+    table, space = prune(wb, plan.pruning, plan.sensitivity_samples, None)
+    return cfg, wb, space, table
 
 
 # ---------------------------------------------------------------------------- failed evaluations
 @pytest.mark.slow
-def test_nan_evaluation_is_recorded_as_failed_and_the_search_goes_on(workbench, tmp_path):
-    cfg, wb, space = workbench
+def test_nan_evaluation_is_recorded_as_failed_and_the_search_goes_on(workbench, compose_cfg, tmp_path):
+    cfg, wb, space, table = workbench
     # A NaN in one linear's 3-bit proxy weights: every configuration with it at 3 bits yields NaN
     poisoned = next(g[0] for g, size in zip(space.groups, space.sizes) if size == len(space.bit_choices))
     wb.bank.apply({poisoned: 3})
@@ -62,9 +62,8 @@ def test_nan_evaluation_is_recorded_as_failed_and_the_search_goes_on(workbench, 
     wb.bank.restore()
     try:
         archive = Archive(space, tmp_path / "archive.jsonl")
-        settings = SearchSettings(n_initial_random=5, iterations=2, batch_size=4, nsga=build(cfg.search.nsga, "search"), bits_window=tuple(cfg.search.bits_window))
-        search = IterativeSearch(space, ProxyEvaluator(wb.bank, wb.metric, space), lambda seed: build(cfg.predictor, "predictor")(seed=seed), settings, archive, "jsd", wb.targets, seed=0)
-        rows = search.run()
+        plan = compose.plan(compose_cfg([*SMOKE, "budget.n_initial_random=5", "budget.iterations=2", "budget.batch_size=4", "seed=0"]))
+        rows = compose.assemble_search(plan, wb, table, space, archive).run()
     finally:
         weight[0, 0] = kept
 
@@ -98,7 +97,7 @@ class StopAfter:
 
 @pytest.mark.slow
 def test_sensitivity_continues_where_it_stopped(workbench, tmp_path):
-    cfg, wb, _ = workbench
+    cfg, wb, *_ = workbench
     metric = wb.metric.subset(int(cfg.budget.sensitivity_samples))
     low, high, progress = wb.bits[0], wb.bits[-1], tmp_path / "table.progress.jsonl"
     with pytest.raises(KeyboardInterrupt):
@@ -191,7 +190,9 @@ def test_sigterm_then_a_full_disk_then_the_end_matches_an_uninterrupted_run(smok
 
     overrides = command.split()[1:]  # the printed command, as a user would paste it
     env = {**os.environ, "AMQ_OUTPUT_DIR": str(tmp_path), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    full = subprocess.run([sys.executable, "-m", "amq.train_search", *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, preexec_fn=_limit_file_size)
+    full = subprocess.run(
+        [sys.executable, "-m", "amq.train_search", *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, preexec_fn=_limit_file_size
+    )
     assert full.returncode == 3, full.stderr[-3000:]
     (error,) = _errors(full.stderr)
     assert "cannot write" in error and "File too large" in error and f"resume={run_dir}" in error

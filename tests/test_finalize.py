@@ -6,12 +6,12 @@ import json
 import subprocess
 
 import pytest
+from conftest import SMOKE, run_cli, run_dirs, run_module
 
 from amq.bits import BitConfig
 from amq.errors import ConfigError
-from amq.quantizers import llamacpp
 from amq.finalize.selection import Candidate, front_extras, select_for_targets
-from conftest import SMOKE, run_cli, run_dirs, run_module
+from amq.quantizers import llamacpp
 
 
 def _cand(bits: float, metric: float, meta: float = 0.5) -> Candidate:
@@ -52,7 +52,7 @@ def test_llama_cpp_types_cover_every_llama_linear():
 
 
 def _evaluate_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return run_module("evaluate_cli", args, timeout=1200)
+    return run_module("cli.evaluate", args, timeout=1200)
 
 
 def test_evaluate_refuses_a_directory_without_a_bit_configuration(tmp_path):
@@ -75,7 +75,16 @@ def test_search_exports_models_that_reload_and_reproduce(tmp_path):
     for r in targets:
         assert r["avg_bits"] <= r["target"] + 1e-9  # a budget is never exceeded
         d = run / "models" / f"{r['target']:g}"
-        for name in ("model.safetensors", "config.json", "tokenizer.json", "bit_config.json", "amq_quant.json", "README.md", "eval.json", "llama_cpp_tensor_types.txt"):
+        for name in (
+            "model.safetensors",
+            "config.json",
+            "tokenizer.json",
+            "bit_config.json",
+            "amq_quant.json",
+            "README.md",
+            "eval.json",
+            "llama_cpp_tensor_types.txt",
+        ):
             assert (d / name).is_file(), name
         assert 0 < r["bytes_on_disk"] < r["bytes_bf16"]
         assert json.loads((d / "bit_config.json").read_text())["version"] == 1

@@ -11,13 +11,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import run_module
+from omegaconf import OmegaConf
 
 
 def _finalize_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return run_module("finalize_cli", args)
+    return run_module("cli.finalize", args)
 
 
 def _files(run: Path) -> dict[str, bytes]:
@@ -33,8 +32,17 @@ def run_copy(smoke_run, tmp_path) -> Path:
 @pytest.mark.slow
 def test_finalizes_a_finished_run_into_its_own_directory(run_copy):
     before = _files(run_copy)
-    proc = _finalize_cli([str(run_copy), "finalize.targets=[4.25]", "finalize.baselines=false", "finalize.extra_front_points=0",
-                          "finalize.window=256", "finalize.max_windows=1", "num_threads=2"])
+    proc = _finalize_cli(
+        [
+            str(run_copy),
+            "finalize.targets=[4.25]",
+            "finalize.baselines=false",
+            "finalize.extra_front_points=0",
+            "finalize.window=256",
+            "finalize.max_windows=1",
+            "num_threads=2",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (out,) = list((run_copy / "finalized").iterdir())
     assert _files(run_copy) == before  # the search's own files are untouched
@@ -48,12 +56,15 @@ def test_finalizes_a_finished_run_into_its_own_directory(run_copy):
     assert str(out) in proc.stderr
 
 
-@pytest.mark.parametrize("args,setting", [
-    (["seed=5"], "overrides"),
-    (["finalizer=int3"], "overrides"),
-    (["+finalize.tragets=[4.0]"], "finalize.tragets"),
-    (["finalize.targets=[2.0]"], "finalize.targets"),
-])
+@pytest.mark.parametrize(
+    "args,setting",
+    [
+        (["seed=5"], "overrides"),
+        (["finalizer=int3"], "overrides"),
+        (["+finalize.tragets=[4.0]"], "finalize.tragets"),
+        (["finalize.targets=[2.0]"], "finalize.targets"),
+    ],
+)
 def test_bad_requests_are_refused_and_leave_nothing(run_copy, args, setting):
     proc = _finalize_cli([str(run_copy), *args])
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -9,16 +9,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from amq.config.compose import build
 from amq.data.tokens import CalibrationSpec, calibration_windows
 from amq.errors import ConfigError
+from amq.modeling.discovery import discover_layout, find_decoder_blocks
 from amq.quantizers.awq import output_error
 from amq.quantizers.calibration import InputStats, capture_block_calls
 from amq.quantizers.grid import ClipSearch, from_codes, grouped, lp_error, minmax_grid, rtn_quant, search_shrink, shrink_ratios, to_codes
 from amq.quantizers.hqq import HQQFinalizer
-from amq.quantizers.packed import GroupQuant, PackedLinear, pack_codes, packed_bytes, replace_linears, unpack_codes
-from amq.modeling.discovery import discover_layout, find_decoder_blocks
-from amq.config.compose import build
 from amq.quantizers.hqq_proxy import HQQQuantizer
+from amq.quantizers.packed import GroupQuant, PackedLinear, pack_codes, packed_bytes, replace_linears, unpack_codes
 
 GROUP = 64
 FINALIZERS = ("hqq", "gptq", "awq")
@@ -227,7 +227,7 @@ def test_range_search_never_rounds_worse_than_min_max(smollm2, norm, weighted):
 
     def error(scale, zero):
         codes = to_codes(w, scale, zero, bits)
-        assert int(codes.min()) >= 0 and bool((codes <= 2**bits[..., None] - 1).all())
+        assert int(codes.min()) >= 0 and bool((codes <= 2 ** bits[..., None] - 1).all())
         return lp_error(from_codes(codes, scale, zero) - w, norm, col_weight)
 
     plain = error(*minmax_grid(w, bits))

@@ -34,8 +34,15 @@ def test_hidden_reference_matches_probs_on_llama(kind):
 def test_hidden_reference_applies_the_final_softcap():
     """Gemma-style models soft-cap their logits after the head; the hidden path must do the same."""
     config = Gemma3TextConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, vocab_size=256, final_logit_softcapping=0.1, sliding_window=16,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        vocab_size=256,
+        final_logit_softcapping=0.1,
+        sliding_window=16,
     )
     model = Gemma3ForCausalLM(config).eval().requires_grad_(False)
     tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(2))

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMOKE, run_script
 
 from amq.bits import BitConfig
-from amq.errors import ConfigError
 from amq.cli.evaluate import main as evaluate_main
+from amq.config.compose import build
+from amq.errors import ConfigError
+from amq.modeling.discovery import discover_layout
 from amq.quantizers.export import load_quantized, write_model_dir
 from amq.quantizers.grid import rtn_quant
 from amq.quantizers.packed import PackedLinear, replace_linears, resident_bytes, set_runtime
-from amq.modeling.discovery import discover_layout
-from amq.config.compose import build
-from conftest import SMOKE, run_script
 
 GROUP = 64
 
@@ -50,7 +50,7 @@ def test_packed_runtime_gives_identical_outputs_and_keeps_no_dequantized_weight(
     layers = [m for m in small.modules() if isinstance(m, PackedLinear)]
     kept = {n: m._dequantized for n, m in fast.named_modules() if isinstance(m, PackedLinear)}
     assert len(layers) == len(kept) == 14 and all(m._dequantized is None for m in layers)
-    for (name, m) in ((n, m) for n, m in small.named_modules() if isinstance(m, PackedLinear)):
+    for name, m in ((n, m) for n, m in small.named_modules() if isinstance(m, PackedLinear)):
         assert torch.equal(m.weight_float().to(kept[name].dtype), kept[name])  # the packed runtime rebuilds the very same weight
     saved = resident_bytes(fast) - resident_bytes(small)
     kept_bytes = sum(w.numel() * w.element_size() for w in kept.values())  # bf16 or float32: the model's compute dtype

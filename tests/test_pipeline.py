@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import SMOKE, run_cli, run_dirs
 
 from amq.io import read_jsonl
-from conftest import SMOKE, run_cli, run_dirs
 
 pytestmark = pytest.mark.slow
 

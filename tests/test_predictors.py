@@ -5,7 +5,7 @@ import pytest
 from scipy.stats import kendalltau
 
 from amq.errors import ConfigError
-from amq.predictors.base import TargetTransform, Predictor
+from amq.predictors.base import Predictor, TargetTransform
 from amq.predictors.mlp import MLPPredictor
 from amq.predictors.rbf import RBFPredictor
 

@@ -13,7 +13,9 @@ from amq.modeling.discovery import find_decoder_blocks
 CONFIGS = {
     "llama": lambda: LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2),
     "qwen2": lambda: Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2),
-    "gemma3": lambda: Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8),
+    "gemma3": lambda: Gemma3TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8
+    ),
     "opt": lambda: OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=6, num_attention_heads=4, word_embed_proj_dim=64),
 }
 

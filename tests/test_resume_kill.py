@@ -14,7 +14,6 @@ import random
 import sys
 
 import pytest
-
 from conftest import ROOT, SMOKE
 
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -7,15 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import CONF, SMOKE, run_cli, run_dirs
 from omegaconf import ListConfig, OmegaConf
 
 from amq.config.check import check_settings
+from amq.config.compose import build
 from amq.data import corpora
 from amq.data.corpora import EmbeddedWikiLee, HubDataset, TextFiles, TextSplits, read_lee_corpus
 from amq.data.tokens import DOC_SEPARATOR
 from amq.errors import ConfigError
-from amq.config.compose import build
-from conftest import CONF, SMOKE, run_cli, run_dirs
 
 
 def _write(path: Path, text: str | bytes) -> Path:

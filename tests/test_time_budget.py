@@ -16,18 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CONF, SMOKE, run_cli, run_dirs, settings_yaml
 
 from amq.config.check import check_settings
+from amq.config.compose import resume_settings, search_deadline
 from amq.errors import ConfigError
 from amq.modeling.discovery import LinearInfo
-from amq.config.compose import resume_settings, search_deadline
 from amq.run.resume import check_resumable, find_unfinished, finished
 from amq.search.archive import Archive
 from amq.search.evaluator import Evaluation, measured
 from amq.search.loop import IterativeSearch, SearchSettings, duration_text
 from amq.search.nsga import NSGA2Settings
 from amq.search.space import SearchSpace
-from conftest import CONF, SMOKE, run_cli, run_dirs, settings_yaml
 
 EVAL_SECONDS = 1.0  # what one true evaluation costs on the fake clock
 SETTINGS = SearchSettings(n_initial_random=6, iterations=5, batch_size=4, nsga=NSGA2Settings(pop_size=12, n_gen=2))

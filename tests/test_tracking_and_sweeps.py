@@ -16,17 +16,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CONF, ROOT, run_cli
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 
-from amq.cli.compare import compare, find_runs, NotARunError
+from amq.cli.compare import NotARunError, compare, find_runs
 from amq.io import file_lock
 from amq.tracking import artifact_paths, summary_values
 from amq.tracking.base import MetricLogger
 from amq.tracking.null_logger import NullLogger
 from amq.tracking.wandb_logger import WandbLogger
-
-from conftest import CONF, ROOT, run_cli
 
 # finalize is covered by tests/test_finalize.py; here it would only triple each job's time
 SWEEP = ["sweep=predictor_ablation", "budget=smoke", "num_threads=1", "metric.compile=false", "finalize.enabled=false"]
@@ -156,7 +155,10 @@ def test_joblib_sweep_gives_each_job_a_run_dir_and_an_offline_wandb_run(joblib_s
 def test_amq_compare_on_the_multirun_dir(joblib_sweep, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "amq.cli.compare", str(joblib_sweep), "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     table = proc.stdout
@@ -227,15 +229,26 @@ def test_disabled_mode_records_nothing(tmp_path):
 
 def test_summary_values_flatten_summary_json():
     summary = {
-        "final_hypervolume": 0.6, "true_evaluations": 16, "front_size": 9, "peak_rss_mb": 900.0,
+        "final_hypervolume": 0.6,
+        "true_evaluations": 16,
+        "front_size": 9,
+        "peak_rss_mb": 900.0,
         "seconds": {"search": 12.5, "total": 30.0},
         "best_at_target": {"4.5": {"avg_bits": 4.5, "avg_bits_weights_only": 4.0, "jsd": 0.05, "iteration": 1}},
         "evaluations": {"archived": 16, "reused_from_cache": 3, "failed": 0},
     }
     assert summary_values(summary) == {
-        "final_hypervolume": 0.6, "true_evaluations": 16, "front_size": 9, "peak_rss_mb": 900.0,
-        "search_seconds": 12.5, "total_seconds": 30.0, "evaluations_reused": 3, "evaluations_failed": 0,
-        "best/jsd@4.5": 0.05, "best_bits/avg_bits@4.5": 4.5, "best_bits/avg_bits_weights_only@4.5": 4.0,
+        "final_hypervolume": 0.6,
+        "true_evaluations": 16,
+        "front_size": 9,
+        "peak_rss_mb": 900.0,
+        "search_seconds": 12.5,
+        "total_seconds": 30.0,
+        "evaluations_reused": 3,
+        "evaluations_failed": 0,
+        "best/jsd@4.5": 0.05,
+        "best_bits/avg_bits@4.5": 4.5,
+        "best_bits/avg_bits_weights_only@4.5": 4.0,
     }
     assert artifact_paths("/nonexistent") == []
 
@@ -256,11 +269,14 @@ def test_predictor_ablation_sweeps_every_predictor_option(compose_cfg):
     assert set(str(compose_cfg(["sweep=predictor_ablation"]).hydra.sweeper.params.predictor).split(",")) == options
 
 
-@pytest.mark.parametrize("experiment, model", [
-    ("paper_llama2_7b", "meta-llama/Llama-2-7b-hf"),
-    ("paper_mistral_7b", "mistralai/Mistral-7B-v0.3"),
-    ("paper_qwen25_7b", "Qwen/Qwen2.5-7B"),
-])
+@pytest.mark.parametrize(
+    "experiment, model",
+    [
+        ("paper_llama2_7b", "meta-llama/Llama-2-7b-hf"),
+        ("paper_mistral_7b", "mistralai/Mistral-7B-v0.3"),
+        ("paper_qwen25_7b", "Qwen/Qwen2.5-7B"),
+    ],
+)
 def test_paper_experiments_are_the_reference_setting(compose_cfg, experiment, model):
     cfg = compose_cfg([f"experiment={experiment}"])
     assert cfg.model.source.name_or_path == model
@@ -268,9 +284,14 @@ def test_paper_experiments_are_the_reference_setting(compose_cfg, experiment, mo
     assert cfg.budget.iterations == 200 and cfg.budget.batch_size == 50 and cfg.predictor._target_.endswith("RBFPredictor")
 
 
-@pytest.mark.parametrize("launcher, target", [
-    ("joblib", "JoblibLauncher"), ("local_submitit", "LocalLauncher"), ("slurm", "SlurmLauncher"),
-])
+@pytest.mark.parametrize(
+    "launcher, target",
+    [
+        ("joblib", "JoblibLauncher"),
+        ("local_submitit", "LocalLauncher"),
+        ("slurm", "SlurmLauncher"),
+    ],
+)
 def test_launcher_options_compose(compose_cfg, launcher, target):
     cfg = compose_cfg([f"hydra/launcher={launcher}"])
     assert cfg.hydra.launcher._target_.endswith(target)

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SMOKE
 from torch import nn
 
+from amq.config.compose import build
 from amq.errors import ConfigError
 from amq.evaluation.bigbench import OFFLINE_ENV, SDIST_ENV, prepare_tasks
 from amq.evaluation.zeroshot import STANDARD_TASKS, zero_shot
 from amq.hub import hub_reachable
-from amq.config.compose import build
-from conftest import SMOKE
 
 TASK = "bigbench_social_iqa"
 LIMIT = 20
@@ -63,11 +63,10 @@ def test_model_and_tokenizer_are_used_as_given(smollm2, social_iqa):
 
 def _choice_logprobs(model, tokenizer, docs: list[dict], batch: int = 8) -> list[list[float]]:
     """Per document, the summed log-prob of each choice after the prompt, tokenized as lm-eval does."""
-    seqs = [(i, len(tokenizer.encode(d["prompt"].rstrip())), tokenizer.encode(d["prompt"] + c))
-            for i, d in enumerate(docs) for c in d["choices"]]
+    seqs = [(i, len(tokenizer.encode(d["prompt"].rstrip())), tokenizer.encode(d["prompt"] + c)) for i, d in enumerate(docs) for c in d["choices"]]
     out: list[list[float]] = [[] for _ in docs]
     for k in range(0, len(seqs), batch):
-        chunk = seqs[k:k + batch]
+        chunk = seqs[k : k + batch]
         width = max(len(ids) for *_, ids in chunk)
         # Right padding needs no mask: causal attention never looks ahead at it.
         x = torch.tensor([ids + [0] * (width - len(ids)) for *_, ids in chunk])
@@ -75,7 +74,7 @@ def _choice_logprobs(model, tokenizer, docs: list[dict], batch: int = 8) -> list
             logp = F.log_softmax(model(x).logits.float(), dim=-1)
         for row, (i, n_ctx, ids) in enumerate(chunk):
             target = torch.tensor(ids[n_ctx:])
-            out[i].append(float(logp[row, n_ctx - 1:len(ids) - 1].gather(1, target[:, None]).sum()))
+            out[i].append(float(logp[row, n_ctx - 1 : len(ids) - 1].gather(1, target[:, None]).sum()))
     return out
 
 

@@ -54,9 +54,7 @@ def forward_floor_seconds(model: nn.Module, tokens: torch.Tensor, batch_size: in
     return median_seconds(forward, repeats, sync)
 
 
-def true_eval_seconds(
-    bank: ProxyBank, metric: QualityMetric, configs: Sequence[Mapping[str, int]], repeats: int, sync: Callable[[], None]
-) -> float:
+def true_eval_seconds(bank: ProxyBank, metric: QualityMetric, configs: Sequence[Mapping[str, int]], repeats: int, sync: Callable[[], None]) -> float:
     """A true evaluation as the search does it: swap a configuration in, then score it.
 
     Needs `repeats + 1` configurations (the first is the warm-up, which also compiles).
@@ -77,9 +75,7 @@ def swap_seconds(bank: ProxyBank, a: Mapping[str, int], b: Mapping[str, int], re
     return median_seconds(lambda: (bank.apply(b), bank.apply(a)), repeats, sync) / 2
 
 
-def sensitivity_seconds_per_linear(
-    bank: ProxyBank, metric: QualityMetric, names: Sequence[str], low: int, high: int, sync: Callable[[], None]
-) -> float:
+def sensitivity_seconds_per_linear(bank: ProxyBank, metric: QualityMetric, names: Sequence[str], low: int, high: int, sync: Callable[[], None]) -> float:
     """The sensitivity stage's cost per linear: drop it to `low`, score, put it back (others at `high`)."""
     bank.apply({n: high for n in bank.layout.names})
     sync()
@@ -92,9 +88,7 @@ def sensitivity_seconds_per_linear(
     return (time.perf_counter() - t0) / len(names)
 
 
-def search_step_seconds(
-    space: SearchSpace, make_predictor: Callable[..., Predictor], nsga: NSGA2Settings, n_points: int, seed: int = 0
-) -> dict[str, float]:
+def search_step_seconds(space: SearchSpace, make_predictor: Callable[..., Predictor], nsga: NSGA2Settings, n_points: int, seed: int = 0) -> dict[str, float]:
     """One iteration's CPU work on an archive of `n_points`: the predictor's fit, then NSGA-II on it.
 
     The archive is random configurations with a smooth stand-in metric: fit and search time depend

@@ -93,7 +93,7 @@ def load_run(path: Path, label: str) -> RunRecord:
     else:
         hv = last.get("hypervolume")
         prefix = f"best/{metric}@"
-        best = {k[len(prefix):]: v for k, v in last.items() if k.startswith(prefix)}
+        best = {k[len(prefix) :]: v for k, v in last.items() if k.startswith(prefix)}
         evals = last.get("n_evaluated")
         wall = None
     for t in _targets_from_config(path):  # targets with no configuration under them still get a column

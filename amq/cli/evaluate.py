@@ -20,14 +20,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from amq.config.compose import CONF_DIR
+from amq.config.compose import CONF_DIR, quiet_libraries
 from amq.errors import ConfigError, settings_of
 from amq.evaluation.perplexity import PerplexityProtocol
 from amq.evaluation.suite import EvalSuite
+from amq.io import atomic_write_json
 from amq.quantizers.export import QUANT_FILE, load_quantized, read_manifest
 from amq.quantizers.packed import RUNTIMES
-from amq.io import atomic_write_json
-from amq.config.compose import quiet_libraries
 
 log = logging.getLogger("amq.evaluate")
 CONF_DATA = Path(CONF_DIR) / "data"
@@ -100,9 +99,10 @@ def evaluate_dir(model_dir: Path, args: argparse.Namespace, corpus_cache: dict) 
     if args.data not in corpus_cache:
         corpus_cache[args.data] = load_corpus(args.data).load()
     splits = corpus_cache[args.data]
-    suite = EvalSuite(dict(splits.heldout), splits.description, PerplexityProtocol(int(window), None if max_windows in (None, 0) else int(max_windows), bool(add_bos)),
-                      tuple(args.tasks), args.task_limit, Path(args.cache_dir))
-    result = {"model_dir": str(model_dir), **suite.run(model, tokenizer, model_dir.name)}
+    with settings_of(named={"window": "--window", "max_windows": "--max-windows"}):
+        protocol = PerplexityProtocol(int(window), None if max_windows in (None, 0) else int(max_windows), bool(add_bos))
+        suite = EvalSuite(dict(splits.heldout), splits.description, protocol, tuple(args.tasks), args.task_limit, Path(args.cache_dir))
+        result = {"model_dir": str(model_dir), **suite.run(model, tokenizer, model_dir.name)}
     kept = carried_zero_shot(recorded, result)
     if kept:
         log.info("%s: kept the recorded zero-shot results of %s (not re-measured)", model_dir.name, ", ".join(sorted(kept)))
@@ -111,9 +111,15 @@ def evaluate_dir(model_dir: Path, args: argparse.Namespace, corpus_cache: dict) 
         moved = environment_change(recorded_env, result["environment"])
         for text, r in result["reproduction"].items():
             ok = r["rel_diff"] < REPRODUCE_RTOL
-            (log.info if ok else log.warning)("%s %s: perplexity %.6g, recorded %.6g (relative difference %.2e%s)",
-                                             model_dir.name, text, r["measured"], r["recorded"], r["rel_diff"],
-                                             "" if ok else f": NOT reproduced{moved}")
+            (log.info if ok else log.warning)(
+                "%s %s: perplexity %.6g, recorded %.6g (relative difference %.2e%s)",
+                model_dir.name,
+                text,
+                r["measured"],
+                r["recorded"],
+                r["rel_diff"],
+                "" if ok else f": NOT reproduced{moved}",
+            )
     atomic_write_json(args.output or model_dir / "eval.json", result)
     return result
 
@@ -129,8 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks through lm-eval, e.g. bigbench_social_iqa")
     ap.add_argument("--task-limit", type=int, default=None, help="documents per zero-shot task (default: all)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--runtime", choices=RUNTIMES, default="dequantized",
-                    help="dequantized: keep each dequantized weight (fast); packed: keep linears packed, dequantize per call (small memory)")
+    ap.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="dequantized",
+        help="dequantized: keep each dequantized weight (fast); packed: keep linears packed, dequantize per call (small memory)",
+    )
     ap.add_argument("--compile", action="store_true", help="dequantize through torch.compile (same values; faster with --runtime packed on a GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as recorded in eval.json, else torch's default)")
     ap.add_argument("--output", type=Path, default=None, help="write the result here instead of <model dir>/eval.json (one model only)")
@@ -156,8 +166,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     failed = [r["model_dir"] for r in results for x in r.get("reproduction", {}).values() if x["rel_diff"] >= REPRODUCE_RTOL]
-    print(json.dumps([{"model_dir": r["model_dir"], "perplexity": {k: v["perplexity"] for k, v in r["perplexity"].items()},
-                       **({"zero_shot": {k: v.get("acc") for k, v in r["zero_shot"].items()}} if r.get("zero_shot") else {})} for r in results], indent=2))
+    print(
+        json.dumps(
+            [
+                {
+                    "model_dir": r["model_dir"],
+                    "perplexity": {k: v["perplexity"] for k, v in r["perplexity"].items()},
+                    **({"zero_shot": {k: v.get("acc") for k, v in r["zero_shot"].items()}} if r.get("zero_shot") else {}),
+                }
+                for r in results
+            ],
+            indent=2,
+        )
+    )
     return 1 if failed else 0
 
 

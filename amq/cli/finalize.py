@@ -29,8 +29,8 @@ from amq.config.check import check_settings
 from amq.config.compose import CONF_DIR
 from amq.errors import ConfigError
 from amq.io import atomic_write_text
-from amq.run.resume import comparable_settings, differences, shown_differences, task_overrides, under
 from amq.run.outputs import ARCHIVE_FILE, CONFIG_FILE, SUMMARY_FILE
+from amq.run.resume import comparable_settings, differences, shown_differences, task_overrides, under
 
 log = logging.getLogger("amq.finalize")
 FINALIZE_KEYS = ("finalize", "finalizer", "num_threads")
@@ -75,15 +75,18 @@ def compose_for_run(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
     search_only = lambda settings: {k: v for k, v in settings.items() if not _is_finalize_key(k)}  # noqa: E731
     diff = differences(search_only(comparable_settings(OmegaConf.load(run_dir / CONFIG_FILE))), search_only(comparable_settings(cfg)))
     if diff:
-        raise ConfigError("run_dir", f"the configuration files no longer give {run_dir}'s settings: {shown_differences(diff)}",
-                          "a run made with the current conf/, or the amq version that made it")
+        raise ConfigError(
+            "run_dir",
+            f"the configuration files no longer give {run_dir}'s settings: {shown_differences(diff)}",
+            "a run made with the current conf/, or the amq version that made it",
+        )
     return cfg
 
 
 def finalize_run(run_dir: Path, overrides: Sequence[str]) -> Path:
     """Run the finalize stage on `run_dir` into a new `finalized/<time>/` directory; returns it."""
-    from amq.finalize.selection import archive_metric, read_candidates, select_for_targets
     from amq.config.compose import check_finalize_components, finalize_settings, load_model_and_data, run_finalize
+    from amq.finalize.selection import archive_metric, read_candidates, select_for_targets
 
     check_finished(run_dir)
     cfg = compose_for_run(run_dir, overrides)
@@ -108,8 +111,9 @@ def finalize_run(run_dir: Path, overrides: Sequence[str]) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="amq-finalize", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="amq-finalize", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("run_dir", type=Path, help="a finished amq-search run directory")
     ap.add_argument("overrides", nargs="*", help=f"finalize overrides: {VALID_OVERRIDES}")
     args = ap.parse_args(argv)

@@ -80,7 +80,7 @@ def declared(conf_dir: str) -> Declared:
     out.keys[""].add("hydra")  # Hydra's own node (present when composed with it): not ours to check
     for entry in primary.get("defaults", []):
         if isinstance(entry, dict):
-            (group, choice), = entry.items()
+            ((group, choice),) = entry.items()
             group = group.removeprefix("optional ")
             if not group.startswith("override ") and group.split("/")[0] not in NOT_SETTINGS + PRESETS and "@" not in group and choice is not None:
                 out.keys[""].add(group)

@@ -19,7 +19,7 @@ import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 import yaml
@@ -27,15 +27,16 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from amq.search import sensitivity
+from amq.config.check import check_settings
 from amq.data.corpora import TextSplits
 from amq.data.tokens import CalibrationSpec, calibration_windows
-from amq.config.check import check_settings
 from amq.errors import ConfigError, InvalidArgument, setting_for, settings_of
+from amq.evaluation.perplexity import PerplexityProtocol, perplexity_windows
 from amq.metrics.base import QualityMetric
 from amq.modeling.discovery import ModelLayout, discover_layout
 from amq.proxy.bank import ProxyBank
 from amq.run.resume import TIME_LIMIT, comparable_settings
+from amq.search import sensitivity
 from amq.search.archive import Archive
 from amq.search.eval_cache import with_cache
 from amq.search.evaluator import ProxyEvaluator
@@ -45,9 +46,9 @@ from amq.search.space import SearchSpace
 
 if TYPE_CHECKING:  # transformers is slow to import: settings errors come before it
     from amq.evaluation.suite import EvalSuite
-    from amq.modeling.loading import LoadedModel
     from amq.finalize.settings import FinalizeSettings
     from amq.finalize.stage import Finalizer
+    from amq.modeling.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,31 @@ log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 # Settings whose path is not <node the object was built from>.<argument>.
-SPACE_SETTINGS = {"bits": "search.bits", "bit_choices": "search.bits", "keep_top": "search.pruning.keep_top", "pruned": "search.pruning.threshold",
-                  "share_groups": "search.share_groups", "targets": "search.targets", "group_size": "quantizer.group_size"}
-LOOP_SETTINGS = {"iterations": "budget.iterations", "n_initial_random": "budget.n_initial_random", "batch_size": "budget.batch_size",
-                 "bits_window": "search.bits_window", "": "budget"}
+SPACE_SETTINGS = {
+    "bits": "search.bits",
+    "bit_choices": "search.bits",
+    "keep_top": "search.pruning.keep_top",
+    "pruned": "search.pruning.threshold",
+    "share_groups": "search.share_groups",
+    "targets": "search.targets",
+    "group_size": "quantizer.group_size",
+}
+LOOP_SETTINGS = {
+    "iterations": "budget.iterations",
+    "n_initial_random": "budget.n_initial_random",
+    "batch_size": "budget.batch_size",
+    "bits_window": "search.bits_window",
+    "": "budget",
+}
 CALIBRATION_SETTINGS = {"n_samples": "budget.n_samples", "seq_len": "budget.seq_len", "docs": "data"}
 MODEL_SETTINGS = {"dtype": "model.source.dtype"}  # the others read model.<argument>, as the README's table shows
-FINALIZE_SETTINGS = {"bits": "finalize.bits", "group_size": "quantizer.group_size", "calib": "finalizer"}
+FINALIZE_SETTINGS = {
+    "bits": "finalize.bits",
+    "group_size": "quantizer.group_size",
+    "calib": "finalizer",
+    "window": "finalize.window",
+    "max_windows": "finalize.max_windows",
+}
 
 
 def build(node: DictConfig, setting: str, named: Mapping[str, str] | None = None, **kwargs: Any) -> Any:
@@ -299,6 +318,11 @@ def prepare(cfg: DictConfig) -> Workbench:
         finalize_settings(cfg.finalize).check_reachable(full_space)
         if build(cfg.finalizer, "finalizer").needs_calibration:
             check_window(int(cfg.finalize.seq_len), lm, "finalize.seq_len")
+        if cfg.finalize.evaluate:  # held-out texts long enough for one window
+            protocol = perplexity_protocol(cfg.finalize, lm.add_bos).fit_to(lm.model)
+            with settings_of(named=FINALIZE_SETTINGS):
+                for docs in md.splits.heldout.values():
+                    perplexity_windows(lm.tokenizer, docs, protocol)
     with settings_of(named=CALIBRATION_SETTINGS):
         tokens = calibration_windows(lm.tokenizer, md.splits.calibration, calib, lm.add_bos)
 
@@ -325,7 +349,9 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
         )
 
 
-def prune(wb: Workbench, pruning: sensitivity.Pruning, sensitivity_samples: int, share_groups: Sequence[Sequence[str]] | None) -> tuple[sensitivity.SensitivityTable, SearchSpace]:
+def prune(
+    wb: Workbench, pruning: sensitivity.Pruning, sensitivity_samples: int, share_groups: Sequence[Sequence[str]] | None
+) -> tuple[sensitivity.SensitivityTable, SearchSpace]:
     """Stage: sensitivity (cached) and pruning; returns the table and the pruned search space."""
     sens_metric = wb.metric.subset(sensitivity_samples)
     context = {**evaluation_context(wb, sens_metric, sensitivity.measure), "description": sens_metric.description}
@@ -334,7 +360,13 @@ def prune(wb: Workbench, pruning: sensitivity.Pruning, sensitivity_samples: int,
         space = SearchSpace(wb.layout.linears, wb.bits, wb.bank.quantizer.group_size, pruning.pruned(table), share_groups, pruning.keep_top)
     log.info(
         "pruning: %d of %d linears limited to the top %d width(s) %s (threshold %.2f x median); %d genes, %.3f-%.3f bits",
-        len(space.pruned), len(wb.layout.linears), pruning.keep_top, wb.bits[-pruning.keep_top:], pruning.threshold, space.n_genes, *space.bits_range(),
+        len(space.pruned),
+        len(wb.layout.linears),
+        pruning.keep_top,
+        wb.bits[-pruning.keep_top :],
+        pruning.threshold,
+        space.n_genes,
+        *space.bits_range(),
     )
     lo, _ = space.bits_range()
     for t in wb.targets:
@@ -352,8 +384,14 @@ def load_archive(space: SearchSpace, path: Path, metric_name: str) -> Archive:
 
 
 def assemble_search(
-    plan: SearchPlan, wb: Workbench, table: sensitivity.SensitivityTable, space: SearchSpace, archive: Archive,
-    observers: Sequence[Callable[[dict, Archive], None]] = (), evaluation_guard: Any = None, deadline: float | None = None,
+    plan: SearchPlan,
+    wb: Workbench,
+    table: sensitivity.SensitivityTable,
+    space: SearchSpace,
+    archive: Archive,
+    observers: Sequence[Callable[[dict, Archive], None]] = (),
+    evaluation_guard: Any = None,
+    deadline: float | None = None,
 ) -> IterativeSearch:
     """The search loop as amq-search runs it: true evaluations through the evaluation cache,
     knapsack seeds from the sensitivity table, the predictor and loop settings of the plan."""
@@ -379,8 +417,11 @@ def assemble_search(
 def memory_settings(cfg: DictConfig) -> dict[str, Any]:
     """The settings an out-of-memory message tells the user to lower, with their values."""
     return {
-        "metric.batch_size": cfg.metric.batch_size, "metric.chunk_tokens": cfg.metric.chunk_tokens,
-        "quantizer.storage": cfg.quantizer.storage, "budget.n_samples": cfg.budget.n_samples, "budget.seq_len": cfg.budget.seq_len,
+        "metric.batch_size": cfg.metric.batch_size,
+        "metric.chunk_tokens": cfg.metric.chunk_tokens,
+        "quantizer.storage": cfg.quantizer.storage,
+        "budget.n_samples": cfg.budget.n_samples,
+        "budget.seq_len": cfg.budget.seq_len,
     }
 
 
@@ -409,20 +450,28 @@ def finalize_settings(node: DictConfig) -> "FinalizeSettings":
     return FinalizeSettings(values, str(node.bits_convention), bool(node.evaluate), int(node.extra_front_points), bool(node.baselines))
 
 
+def perplexity_protocol(node: DictConfig, add_bos: bool) -> PerplexityProtocol:
+    """The finalize node's held-out perplexity protocol (window, windows per text)."""
+    with settings_of("finalize"):
+        return PerplexityProtocol(int(node.window), None if node.max_windows is None else int(node.max_windows), add_bos)
+
+
 def eval_suite(node: DictConfig, splits: TextSplits, add_bos: bool, cache_dir: Path) -> "EvalSuite":
     """Held-out texts of the run's data plus the finalize node's perplexity protocol and tasks."""
-    from amq.evaluation.perplexity import PerplexityProtocol
     from amq.evaluation.suite import EvalSuite
 
-    proto = PerplexityProtocol(int(node.window), None if node.max_windows is None else int(node.max_windows), add_bos)
+    proto = perplexity_protocol(node, add_bos)
     limit = None if node.task_limit is None else int(node.task_limit)
     return EvalSuite(dict(splits.heldout), splits.description, proto, tuple(node.tasks or ()), limit, cache_dir)
 
 
 def check_finalize_components(cfg: DictConfig) -> None:
-    """Build the final quantizer and ready the zero-shot tasks now, so bad settings, an unreachable
-    hub or missing task files fail before the minutes of work that come before the finalize stage."""
+    """Build the final quantizer and the perplexity protocol and ready the zero-shot tasks now, so bad
+    settings, an unreachable hub or missing task files fail before the minutes of work that come
+    before the finalize stage."""
     build(cfg.finalizer, "finalizer")
+    if cfg.finalize.evaluate:
+        perplexity_protocol(cfg.finalize, add_bos=False)
     if cfg.finalize.evaluate and cfg.finalize.tasks:
         from amq.evaluation.zeroshot import prepare_zero_shot
 

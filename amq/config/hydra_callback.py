@@ -40,7 +40,10 @@ class RunDirCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         resume = config.get("resume")
         if resume and resume != "auto":
-            log.error("%s", ConfigError("resume", f"{resume!r} continues one run, not a multirun", "auto (each job continues its own unfinished run), or a single run"))
+            log.error(
+                "%s",
+                ConfigError("resume", f"{resume!r} continues one run, not a multirun", "auto (each job continues its own unfinished run), or a single run"),
+            )
             sys.exit(2)
         try:
             sweep_dir = Path(str(config.hydra.sweep.dir))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import bz2
 import hashlib
-import logging
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -98,10 +98,7 @@ class EmbeddedWikiLee:
         wiki = _stable_order(self._articles())
         n_held = max(1, round(len(wiki) * self.heldout_fraction))
         calib, held = wiki[n_held:], wiki[:n_held]
-        desc = (
-            f"gensim {WIKI_FILE}: {len(calib)} articles calibration / {len(held)} held-out "
-            f"(sha256 order); held-out also {LEE_FILE} (Lee news corpus)"
-        )
+        desc = f"gensim {WIKI_FILE}: {len(calib)} articles calibration / {len(held)} held-out (sha256 order); held-out also {LEE_FILE} (Lee news corpus)"
         log.info("data: %s", desc)
         return TextSplits(calibration=calib, heldout={"wiki": held, "lee": read_lee_corpus()}, description=desc)
 
@@ -250,9 +247,7 @@ class TextFiles:
     def __post_init__(self) -> None:
         self.calibration, self.heldout = plain(self.calibration), plain(self.heldout)
         self._calibration = [read_source("data.calibration", e) for e in _path_entries("data.calibration", self.calibration)]
-        self._heldout = {
-            name: [read_source(setting, e) for e in entries] for name, (setting, entries) in _heldout_entries(self.heldout).items()
-        }
+        self._heldout = {name: [read_source(setting, e) for e in entries] for name, (setting, entries) in _heldout_entries(self.heldout).items()}
         calib_files = {f for src in self._calibration for f in src.files}
         for name, sources in self._heldout.items():
             shared = sorted(calib_files.intersection(f for src in sources for f in src.files))
@@ -330,8 +325,7 @@ class HubDataset:
                 ) from None
             raise ConfigError(
                 "data",
-                f"cannot load dataset {self.path!r} split {split!r}: the dataset hub is unreachable or the "
-                f"dataset is not cached ({reason})",
+                f"cannot load dataset {self.path!r} split {split!r}: the dataset hub is unreachable or the dataset is not cached ({reason})",
                 "data=wiki_lee (embedded, offline), or run once with network so `datasets` caches it",
             ) from None
         rows = ds[self.text_field][: self.max_docs] if self.max_docs else ds[self.text_field]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from amq.errors import InvalidArgument
+from amq.errors import InvalidArgument, require_at_least
 
 if TYPE_CHECKING:  # transformers is slow to import: settings errors come before it
     from transformers import PreTrainedTokenizerBase
@@ -25,10 +25,8 @@ class CalibrationSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.n_samples < 1:
-            raise InvalidArgument("n_samples", f"{self.n_samples} calibration samples", "an integer >= 1")
-        if self.seq_len < 8:
-            raise InvalidArgument("seq_len", f"{self.seq_len} tokens per sample", "an integer >= 8")
+        require_at_least(self, "n_samples", 1, "{value} calibration samples")
+        require_at_least(self, "seq_len", 8, "{value} tokens per sample")
 
 
 def token_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str]) -> torch.Tensor:
@@ -40,9 +38,7 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str]) -> torch.T
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_windows(
-    tokenizer: PreTrainedTokenizerBase, docs: list[str], spec: CalibrationSpec, add_bos: bool
-) -> torch.Tensor:
+def calibration_windows(tokenizer: PreTrainedTokenizerBase, docs: list[str], spec: CalibrationSpec, add_bos: bool) -> torch.Tensor:
     """`n_samples` windows of `seq_len` tokens at seeded random offsets (BOS first when the model wants it)."""
     stream = token_stream(tokenizer, docs)
     body = spec.seq_len - 1 if add_bos else spec.seq_len

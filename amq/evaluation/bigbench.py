@@ -14,7 +14,6 @@ download (then a missing package is an error that says how to fetch it by hand).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import numpy as np
 import yaml
 
 from amq.errors import ConfigError
-from amq.io import atomic_write_text, file_lock, write_jsonl
+from amq.io import atomic_write_text, file_lock, file_sha256, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +86,6 @@ def _offline() -> bool:
     return os.environ.get(OFFLINE_ENV, "").lower() in ("1", "true", "yes")
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _missing(cache: Path, why: str) -> ConfigError:
     return ConfigError(
         "paths.cache_dir",
@@ -110,8 +101,23 @@ def _download(cache: Path) -> Path:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".download-", dir=cache) as tmp:
         cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-cache-dir",
-            "--disable-pip-version-check", "--retries", "2", "--timeout", "30", "-q", f"bigbench=={VERSION}", "-d", tmp,
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--retries",
+            "2",
+            "--timeout",
+            "30",
+            "-q",
+            f"bigbench=={VERSION}",
+            "-d",
+            tmp,
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / SDIST
@@ -165,8 +171,13 @@ def format_docs(task: dict[str, Any]) -> list[dict[str, Any]]:
         scores: dict[str, float] = ex["target_scores"]
         choices = list(scores)
         best = max(scores.values())
-        docs.append({"prompt": task_prefix + input_prefix + ex["input"] + output_prefix, "choices": choices,
-                     "label": choices.index(next(c for c in choices if scores[c] == best))})
+        docs.append(
+            {
+                "prompt": task_prefix + input_prefix + ex["input"] + output_prefix,
+                "choices": choices,
+                "label": choices.index(next(c for c in choices if scores[c] == best)),
+            }
+        )
     return docs
 
 
@@ -198,10 +209,12 @@ def _member(bigbench_name: str) -> str:
 
 def _read_task_files(sdist: Path, bigbench_names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """One pass over the compressed package, parsing only the wanted task.json files."""
-    if (digest := _sha256(sdist)) != SDIST_SHA256:
-        raise ConfigError(SDIST_ENV if os.environ.get(SDIST_ENV) else "paths.cache_dir",
-                          f"{sdist} is not the bigbench {VERSION} source package (sha256 {digest[:12]}...)",
-                          f"delete it and fetch it again with `{fetch_command(sdist.parent)}`")
+    if (digest := file_sha256(sdist)) != SDIST_SHA256:
+        raise ConfigError(
+            SDIST_ENV if os.environ.get(SDIST_ENV) else "paths.cache_dir",
+            f"{sdist} is not the bigbench {VERSION} source package (sha256 {digest[:12]}...)",
+            f"delete it and fetch it again with `{fetch_command(sdist.parent)}`",
+        )
     wanted = {_member(n): n for n in bigbench_names}
     found: dict[str, dict[str, Any]] = {}
     with tarfile.open(sdist, "r:gz") as tar:

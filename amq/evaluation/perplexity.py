@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from amq.data.tokens import token_stream
-from amq.errors import ConfigError
+from amq.errors import InvalidArgument
 
 if TYPE_CHECKING:  # transformers is slow to import: settings errors come before it
     from transformers import PreTrainedTokenizerBase
@@ -38,9 +38,9 @@ class PerplexityProtocol:
 
     def __post_init__(self) -> None:
         if self.window < 16:
-            raise ConfigError("evaluate.window", f"{self.window} tokens", "an integer >= 16")
+            raise InvalidArgument("window", f"{self.window} tokens", "an integer >= 16")
         if self.max_windows is not None and self.max_windows < 1:
-            raise ConfigError("evaluate.max_windows", f"{self.max_windows}", "an integer >= 1, or null for all windows")
+            raise InvalidArgument("max_windows", f"{self.max_windows}", "an integer >= 1, or null for all windows")
 
     def fit_to(self, model: nn.Module) -> "PerplexityProtocol":
         """The same protocol with the window capped at the model's context length."""
@@ -60,7 +60,7 @@ def perplexity_windows(tokenizer: PreTrainedTokenizerBase, docs: list[str], prot
     body = protocol.window - 1 if protocol.add_bos else protocol.window
     n = len(stream) // body
     if n == 0:
-        raise ConfigError("evaluate.window", f"the held-out text has {len(stream)} tokens, fewer than one window of {protocol.window}", "a shorter window")
+        raise InvalidArgument("window", f"the held-out text has {len(stream)} tokens, fewer than one window of {protocol.window}", "a shorter window")
     if protocol.max_windows is not None:
         n = min(n, protocol.max_windows)
     windows = stream[: n * body].view(n, body)
@@ -96,4 +96,10 @@ def perplexity(model: nn.Module, windows: torch.Tensor, label: str = "") -> dict
             t_log = time.perf_counter()
     model.train(was_training)
     mean = nll / count
-    return {"perplexity": math.exp(mean) if mean < 700 else math.inf, "nll": mean, "tokens": count, "windows": len(windows), "seconds": time.perf_counter() - t0}
+    return {
+        "perplexity": math.exp(mean) if mean < 700 else math.inf,
+        "nll": mean,
+        "tokens": count,
+        "windows": len(windows),
+        "seconds": time.perf_counter() - t0,
+    }

@@ -56,7 +56,8 @@ def check_tasks(tasks: Sequence[str]) -> None:
     hub = [t for t in tasks if t in STANDARD_TASKS]
     if hub and not offline_mode("dataset") and not hub_reachable():
         raise ConfigError(
-            "finalize.tasks", f"{', '.join(hub)} need(s) the Hugging Face dataset hub, which is unreachable from here",
+            "finalize.tasks",
+            f"{', '.join(hub)} need(s) the Hugging Face dataset hub, which is unreachable from here",
             f"the offline tasks {', '.join(OFFLINE_TASKS)}, or HF_DATASETS_OFFLINE=1 to use copies cached earlier",
         )
 
@@ -118,16 +119,22 @@ def zero_shot(
 
     offline = prepare_tasks([t for t in tasks if t in OFFLINE_TASKS], cache_dir)
     # The built-in task index is only scanned when a standard task is asked for.
-    manager = TaskManager(include_path=[str(t.directory) for t in offline] or None,
-                          include_defaults=any(t in STANDARD_TASKS for t in tasks))
+    manager = TaskManager(include_path=[str(t.directory) for t in offline] or None, include_defaults=any(t in STANDARD_TASKS for t in tasks))
     lm = _hflm(model, tokenizer, batch_size, add_bos_token)
     by_name = {t.name: t for t in offline}
     results: dict[str, dict] = {}
     for task in tasks:
         t0 = time.perf_counter()
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=False,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            model=lm,
+            tasks=[task],
+            task_manager=manager,
+            limit=limit,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
         )
         values, n = out["results"][task], int(out["n-samples"][task]["effective"])
         row: dict[str, Any] = {"acc": _metric(values, "acc"), "acc_stderr": _metric(values, "acc_stderr")}
@@ -141,6 +148,5 @@ def zero_shot(
             row["source"] = f"lm-eval {task}"
         results[task] = row
         shown = [float("nan") if row.get(k) is None else row[k] for k in ("acc", "acc_stderr", "acc_norm")]
-        log.info("zero-shot %s: acc %.4f +- %.4f, acc_norm %.4f on %d documents (%s) in %.0fs",
-                 task, *shown, n, row["source"], time.perf_counter() - t0)
+        log.info("zero-shot %s: acc %.4f +- %.4f, acc_norm %.4f on %d documents (%s) in %.0fs", task, *shown, n, row["source"], time.perf_counter() - t0)
     return results

@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -22,16 +22,16 @@ from torch import nn
 from amq.bits import BitConfig, average_bits, meta_overhead
 from amq.evaluation.report import fidelity, write_report
 from amq.evaluation.suite import EvalSuite
-from amq.quantizers import llamacpp
-from amq.quantizers.export import directory_bytes, packed_modules, write_model_dir, WEIGHTS_FILE
 from amq.finalize.model_card import render
-from amq.quantizers.packed import GroupQuant, replace_linears
-from amq.finalize.settings import FinalizeSettings
 from amq.finalize.selection import Candidate, front_extras, read_candidates, select_for_targets
+from amq.finalize.settings import FinalizeSettings
 from amq.io import atomic_write_json, atomic_write_text
-from amq.quantizers.base import FinalQuantizer, quantizer_info
 from amq.modeling.discovery import ModelLayout
 from amq.modeling.loading import LoadedModel
+from amq.quantizers import llamacpp
+from amq.quantizers.base import FinalQuantizer, quantizer_info
+from amq.quantizers.export import WEIGHTS_FILE, directory_bytes, packed_modules, write_model_dir
+from amq.quantizers.packed import GroupQuant, replace_linears
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,7 @@ class Finalizer:
 
     def _bits(self, config: BitConfig) -> tuple[float, float]:
         numels = self.layout.numels
-        return (average_bits(config.bits, numels, config.group_size),
-                average_bits(config.bits, numels, config.group_size, with_meta=False))
+        return (average_bits(config.bits, numels, config.group_size), average_bits(config.bits, numels, config.group_size, with_meta=False))
 
     def _row(self, kind: str, bits: tuple[float, float], proxy: float | None, evaluation: dict | None, **extra: Any) -> dict:
         row = {"kind": kind, "avg_bits": bits[0], "avg_bits_weights_only": bits[1], "proxy_" + self.metric_name: proxy, **extra}
@@ -128,12 +127,20 @@ class Finalizer:
             evaluation = self._evaluate(f"{target:g} bits")
             packed = sum(b.numel() * b.element_size() for m in packed_modules(model).values() for b in m.buffers())
             info = {
-                "model": self.lm.name, "fingerprint": self.lm.fingerprint, "target": target,
-                "bits_convention": self.settings.bits_convention, "avg_bits": cand.avg_bits,
-                "avg_bits_weights_only": cand.avg_bits_weights_only, "metric_name": self.metric_name,
-                "proxy_metric": cand.metric, "quantizer": quantizer_info(self.quantizer),
-                "bytes_bf16": total_bf16, "bytes_linears_bf16": linears_bf16, "bytes_packed_linears": packed,
-                "dir_name": str(out_dir), "llama_cpp": False,
+                "model": self.lm.name,
+                "fingerprint": self.lm.fingerprint,
+                "target": target,
+                "bits_convention": self.settings.bits_convention,
+                "avg_bits": cand.avg_bits,
+                "avg_bits_weights_only": cand.avg_bits_weights_only,
+                "metric_name": self.metric_name,
+                "proxy_metric": cand.metric,
+                "quantizer": quantizer_info(self.quantizer),
+                "bytes_bf16": total_bf16,
+                "bytes_linears_bf16": linears_bf16,
+                "bytes_packed_linears": packed,
+                "dir_name": str(out_dir),
+                "llama_cpp": False,
             }
 
             def extras(tmp: Path) -> None:
@@ -149,8 +156,9 @@ class Finalizer:
 
             write_model_dir(out_dir, model, self.lm.tokenizer, config, info["quantizer"], extras)
         log.info("saved %s (%.1f MiB on disk, bf16 %.1f MiB)", out_dir, info["bytes_on_disk"] / 2**20, total_bf16 / 2**20)
-        return self._row("target", self._bits(config), cand.metric, evaluation, target=target, dir=str(out_dir),
-                         bytes_on_disk=info["bytes_on_disk"], bytes_bf16=total_bf16)
+        return self._row(
+            "target", self._bits(config), cand.metric, evaluation, target=target, dir=str(out_dir), bytes_on_disk=info["bytes_on_disk"], bytes_bf16=total_bf16
+        )
 
     def measure(self, kind: str, config: BitConfig, proxy: float | None, label: str) -> dict:
         """Quantize and evaluate without saving (front points and uniform baselines)."""

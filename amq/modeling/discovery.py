@@ -55,9 +55,7 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if best is None or len(module) > len(best[1]):
             best = (name, module)
     if best is None:
-        raise ValueError(
-            f"could not find a stack of decoder blocks with nn.Linear layers in {type(model).__name__}"
-        )
+        raise ValueError(f"could not find a stack of decoder blocks with nn.Linear layers in {type(model).__name__}")
     return best
 
 

@@ -26,9 +26,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from amq.devices import ComputeDtype, resolve_device, resolve_dtype
 from amq.errors import InvalidArgument
 from amq.hub import hub_reachable, offline_mode
-from amq.io import file_lock
+from amq.io import file_lock, file_sha256
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class LoadedModel:
@@ -46,14 +47,6 @@ class LoadedModel:
 def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, ComputeDtype]:
     dev = resolve_device(device, "device")
     return dev, resolve_dtype(dtype, dev)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _dir_fingerprint(path: Path) -> str:
@@ -111,23 +104,18 @@ class HFModel:
             raise InvalidArgument(
                 "name_or_path",
                 f"{self.name_or_path!r} is a hub id and the Hugging Face hub is unreachable from here",
-                "a local model directory, model=smollm2 / model=gemma3_270m (embedded, offline), "
-                "or HF_HUB_OFFLINE=1 to use a copy cached earlier",
+                "a local model directory, model=smollm2 / model=gemma3_270m (embedded, offline), or HF_HUB_OFFLINE=1 to use a copy cached earlier",
             )
         t0 = time.perf_counter()
         kwargs: dict[str, Any] = {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(local) if looks_local else self.name_or_path, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(local) if looks_local else self.name_or_path, dtype=dtype, **kwargs
-            )
+            model = AutoModelForCausalLM.from_pretrained(str(local) if looks_local else self.name_or_path, dtype=dtype, **kwargs)
         except OSError as exc:
             raise InvalidArgument(
                 "name_or_path",
-                f"cannot load {self.name_or_path!r}: not found locally and the model hub is unreachable "
-                f"or has no such model ({str(exc).splitlines()[0]})",
-                "an existing local model directory, a reachable hub id, or model=smollm2 / model=gemma3_270m "
-                "(embedded, offline)",
+                f"cannot load {self.name_or_path!r}: not found locally and the model hub is unreachable or has no such model ({str(exc).splitlines()[0]})",
+                "an existing local model directory, a reachable hub id, or model=smollm2 / model=gemma3_270m (embedded, offline)",
             ) from None
         if looks_local:
             fp = _dir_fingerprint(local)

@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from amq.errors import InvalidArgument
 
 # Llama-family shapes as published in each model's config.json, and a tiny one for tests.
+# fmt: off
 ARCHS: dict[str, dict] = {
     "llama2-7b": dict(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -23,6 +24,7 @@ ARCHS: dict[str, dict] = {
         num_key_value_heads=4, vocab_size=512, max_position_embeddings=256, rms_norm_eps=1e-5,
     ),
 }
+# fmt: on
 
 
 def random_llama(arch: str, device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> LlamaForCausalLM:

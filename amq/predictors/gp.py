@@ -161,7 +161,16 @@ class GPPredictor:
         self._model, self._likelihood = model, likelihood
         self.used_method = "exact" if exact else "svgp"
         self.fit_seconds = time.perf_counter() - t0
-        log.debug("gp (%s, %s, %s): %d points x %d features, noise %.3g, %.2fs", self.used_method, self.kernel, self.encoder.encoding, len(Z), Z.shape[1], float(likelihood.noise.detach()), self.fit_seconds)
+        log.debug(
+            "gp (%s, %s, %s): %d points x %d features, noise %.3g, %.2fs",
+            self.used_method,
+            self.kernel,
+            self.encoder.encoding,
+            len(Z),
+            Z.shape[1],
+            float(likelihood.noise.detach()),
+            self.fit_seconds,
+        )
         return self
 
     def _fit_exact(self, X: torch.Tensor, y: torch.Tensor, likelihood, kernel) -> gpytorch.models.GP:

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Mapping
 
 import torch
 from torch import nn

@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from amq.errors import InvalidArgument
+from amq.modeling.discovery import ModelLayout
 from amq.quantizers.calibration import InputStats, quantize_calibrated
 from amq.quantizers.grid import from_codes, grouped, round_to_nearest, search_shrink, shrink_ratios
 from amq.quantizers.packed import GroupQuant
-from amq.modeling.discovery import ModelLayout
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,7 @@ class AWQFinalizer:
         if self.batch_size < 1:
             raise InvalidArgument("batch_size", f"{self.batch_size}", "a positive integer")
 
-    def quantize(
-        self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int, calib: torch.Tensor | None
-    ) -> dict[str, GroupQuant]:
+    def quantize(self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int, calib: torch.Tensor | None) -> dict[str, GroupQuant]:
         return quantize_calibrated(self, model, layout, bits, group_size, calib)
 
     def quantize_stage(self, weights: list[torch.Tensor], bits: list[int], group_size: int, stats: InputStats) -> list[GroupQuant]:

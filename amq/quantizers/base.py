@@ -35,8 +35,9 @@ class FinalQuantizer(Protocol):
     name: str
     needs_calibration: bool
 
-    def quantize(self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int,
-                 calib: torch.Tensor | None) -> dict[str, GroupQuant]: ...
+    def quantize(
+        self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int, calib: torch.Tensor | None
+    ) -> dict[str, GroupQuant]: ...
 
 
 def quantizer_info(q: FinalQuantizer) -> dict[str, Any]:

@@ -24,9 +24,9 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 from torch import nn
 
+from amq.modeling.discovery import LinearInfo, ModelLayout, find_decoder_blocks
 from amq.quantizers.checks import require_calibration, selected_linears
 from amq.quantizers.packed import GroupQuant
-from amq.modeling.discovery import LinearInfo, ModelLayout, find_decoder_blocks
 
 log = logging.getLogger(__name__)
 

@@ -26,14 +26,18 @@ def selected_linears(
     chosen = [by_name[n] for n in bits]
     for li in chosen:
         if li.in_features % group_size:
-            raise InvalidArgument("group_size", f"{group_size} does not divide {li.name} (in_features={li.in_features})", "a divisor of every quantized layer's input features")
+            raise InvalidArgument(
+                "group_size", f"{group_size} does not divide {li.name} (in_features={li.in_features})", "a divisor of every quantized layer's input features"
+            )
     return chosen
 
 
 def require_calibration(calib: torch.Tensor | None, finalizer: str) -> torch.Tensor:
     """The calibration windows, checked: a (n, seq_len) integer tensor."""
     if calib is None:
-        raise InvalidArgument("calib", f"{finalizer} needs calibration windows and none were given", "calibration token windows, or finalizer=hqq (calibration-free)")
+        raise InvalidArgument(
+            "calib", f"{finalizer} needs calibration windows and none were given", "calibration token windows, or finalizer=hqq (calibration-free)"
+        )
     if calib.dim() != 2 or calib.dtype != torch.long or calib.numel() == 0:
         raise InvalidArgument("calib", f"calibration must be a non-empty (n, seq_len) LongTensor, got {tuple(calib.shape)} {calib.dtype}")
     return calib

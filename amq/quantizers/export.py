@@ -26,8 +26,8 @@ from torch import nn
 from amq.bits import BitConfig
 from amq.devices import DTYPES
 from amq.errors import InvalidArgument
-from amq.quantizers.packed import PackedLinear, check_runtime, set_runtime
 from amq.io import atomic_write_json
+from amq.quantizers.packed import PackedLinear, check_runtime, set_runtime
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,25 @@ def quant_manifest(model: nn.Module, config: BitConfig, quantizer: dict[str, Any
     """What the loader needs to rebuild the module tree before reading the tensors."""
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     modules = {
-        n: {"bits": m.bits, "group_size": m.group_size, "in_features": m.in_features, "out_features": m.out_features,
-            "has_bias": m.bias is not None, "has_input_scale": m.input_scale is not None}
+        n: {
+            "bits": m.bits,
+            "group_size": m.group_size,
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "has_bias": m.bias is not None,
+            "has_input_scale": m.input_scale is not None,
+        }
         for n, m in packed_modules(model).items()
     }
     return {"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype, "quantizer": quantizer, "group_size": config.group_size, "modules": modules}
 
 
 def write_model_dir(
-    out_dir: Path, model: nn.Module, tokenizer: Any, config: BitConfig, quantizer: dict[str, Any],
+    out_dir: Path,
+    model: nn.Module,
+    tokenizer: Any,
+    config: BitConfig,
+    quantizer: dict[str, Any],
     extras: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the model directory atomically: into a temporary sibling, then one rename.
@@ -90,7 +100,8 @@ def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     if not (path / QUANT_FILE).is_file():
         raise InvalidArgument(
-            "path", f"{path} holds no {QUANT_FILE} (the bit configuration of a quantized model)",
+            "path",
+            f"{path} holds no {QUANT_FILE} (the bit configuration of a quantized model)",
             "a directory written by amq finalize, e.g. <run dir>/models/<target>",
         )
     manifest = json.loads((path / QUANT_FILE).read_text())
@@ -108,9 +119,14 @@ def _swap_in_empty_packed(model: nn.Module, modules: Mapping[str, dict], dtype: 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if not isinstance(getattr(parent, child, None), nn.Linear):
-            raise InvalidArgument("path", f"module {name} of the bit configuration is not a Linear of this architecture", "a model directory written by amq finalize, unmodified")
-        setattr(parent, child, PackedLinear.empty(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
-                                                  spec["has_bias"], spec["has_input_scale"], dtype))
+            raise InvalidArgument(
+                "path", f"module {name} of the bit configuration is not a Linear of this architecture", "a model directory written by amq finalize, unmodified"
+            )
+        setattr(
+            parent,
+            child,
+            PackedLinear.empty(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"], spec["has_bias"], spec["has_input_scale"], dtype),
+        )
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", runtime: str = "dequantized", compile: bool = False) -> nn.Module:
@@ -136,7 +152,11 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", runtime
     model.tie_weights()  # tied tensors are stored once; tying first lets the loader fill both names
     missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False, device="cpu")
     if missing or unexpected:
-        raise InvalidArgument("path", f"{path / WEIGHTS_FILE} does not match its config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})", "an unmodified directory written by amq finalize")
+        raise InvalidArgument(
+            "path",
+            f"{path / WEIGHTS_FILE} does not match its config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})",
+            "an unmodified directory written by amq finalize",
+        )
     set_runtime(model, runtime, compile)
     log.info("loaded quantized model %s (%d packed linears, %s runtime)", path, len(manifest["modules"]), runtime)
     return model.to(device).eval()

@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from amq.errors import InvalidArgument
+from amq.modeling.discovery import ModelLayout
 from amq.quantizers.calibration import InputStats, quantize_calibrated
 from amq.quantizers.grid import ClipSearch, minmax_grid
 from amq.quantizers.packed import GroupQuant
-from amq.modeling.discovery import ModelLayout
 
 
 @dataclass(frozen=True)
@@ -75,18 +75,22 @@ class GPTQFinalizer:
         if self.block_size < 1 or self.batch_size < 1:
             raise InvalidArgument("", f"block_size={self.block_size}, batch_size={self.batch_size}", "positive integers")
         if self.clip_grid < 2:
-            raise InvalidArgument("clip_grid", f"{self.clip_grid}", "an integer >= 2: range factors tried from 1.0 down to clip_max_shrink (81: steps of 0.01 as in the reference)")
+            raise InvalidArgument(
+                "clip_grid",
+                f"{self.clip_grid}",
+                "an integer >= 2: range factors tried from 1.0 down to clip_max_shrink (81: steps of 0.01 as in the reference)",
+            )
         if not 0.0 < self.clip_max_shrink <= 1.0:
-            raise InvalidArgument("clip_max_shrink", f"{self.clip_max_shrink}", "the smallest range factor tried, 0 < clip_max_shrink <= 1 (the reference reaches 0.21)")
+            raise InvalidArgument(
+                "clip_max_shrink", f"{self.clip_max_shrink}", "the smallest range factor tried, 0 < clip_max_shrink <= 1 (the reference reaches 0.21)"
+            )
         if not 0.0 < self.clip_norm <= 8.0:  # larger exponents underflow float32 on small errors
             raise InvalidArgument("clip_norm", f"{self.clip_norm}", "the exponent p of sum |w - q(w)|^p, 0 < clip_norm <= 8 (the reference uses 2.4)")
 
     def clip(self) -> ClipSearch | None:
         return ClipSearch(self.clip_grid, self.clip_max_shrink, self.clip_norm) if self.clip_search else None
 
-    def quantize(
-        self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int, calib: torch.Tensor | None
-    ) -> dict[str, GroupQuant]:
+    def quantize(self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int, calib: torch.Tensor | None) -> dict[str, GroupQuant]:
         return quantize_calibrated(self, model, layout, bits, group_size, calib)
 
     def quantize_stage(self, weights: list[torch.Tensor], bits: list[int], group_size: int, stats: InputStats) -> list[GroupQuant]:

@@ -62,9 +62,7 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out_f, in_f // group_size, group_size)
 
 
-def round_to_nearest(
-    w: torch.Tensor, bits: int, group_size: int, shrink: torch.Tensor | float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def round_to_nearest(w: torch.Tensor, bits: int, group_size: int, shrink: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest on the min-max grid: (float codes, scale, zero) of an (out, in) weight."""
     g = grouped(w.float(), group_size)
     scale, zero = minmax_grid(g, bits, shrink)

@@ -13,10 +13,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from amq.quantizers.checks import selected_linears
-from amq.quantizers.packed import GroupQuant
 from amq.modeling.discovery import ModelLayout
+from amq.quantizers.checks import selected_linears
 from amq.quantizers.hqq_proxy import HQQ_PACKABLE_BITS, HQQQuantizer
+from amq.quantizers.packed import GroupQuant
 
 
 @dataclass(frozen=True)

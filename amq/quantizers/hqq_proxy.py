@@ -39,9 +39,7 @@ class HQQQuantizer:
         """Reject bit widths HQQ can't pack and group sizes that don't tile every layer."""
         for b in bits:
             if b not in HQQ_PACKABLE_BITS:
-                raise InvalidArgument(
-                    "bits", f"{b}-bit is not a width HQQ packs", ", ".join(map(str, HQQ_PACKABLE_BITS))
-                )
+                raise InvalidArgument("bits", f"{b}-bit is not a width HQQ packs", ", ".join(map(str, HQQ_PACKABLE_BITS)))
         if self.axis not in (0, 1):
             raise InvalidArgument("axis", f"{self.axis}", "0 or 1")
         if self.group_size < 1:

@@ -122,8 +122,14 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> tor
 
 
 def dequantize_packed(
-    qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, input_scale: torch.Tensor | None,
-    bits: int, group_size: int, out_features: int, in_features: int,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    out_features: int,
+    in_features: int,
 ) -> torch.Tensor:
     """The float32 weight of a packed layer: unpack, then dequantize (one function, so it compiles whole)."""
     codes = unpack_codes(qweight, bits, (out_features, in_features))

@@ -16,8 +16,8 @@ import numpy as np
 from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META
 from amq.io import atomic_write_json, atomic_write_text, read_jsonl
 from amq.run.plotting import plot_front
+from amq.run.state import RunState, read_state, write_state
 from amq.search.archive import Archive
-from amq.run.state import STATE_FILE, RunState, read_state, write_state
 from amq.search.pareto import nondominated
 
 CONFIG_FILE = "config.yaml"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,9 +39,22 @@ TIME_LIMIT = "budget.max_minutes"
 # caches go, tracking, CPU threads, how the metric is batched (same values up to float rounding), and
 # how long the search may take (where it stops, not what it finds).
 RESUME_MAY_DIFFER = (
-    "resume", "paths", "hydra", "task_name", "sweep_name", "num_threads", "logger", "eval_cache",
-    "budget.iterations", TIME_LIMIT, "metric.compile", "metric.batch_size", "metric.chunk_tokens", "metric.prefix_cache_mb",
-    "quantizer.storage", "data.cache_dir",
+    "resume",
+    "paths",
+    "hydra",
+    "task_name",
+    "sweep_name",
+    "num_threads",
+    "logger",
+    "eval_cache",
+    "budget.iterations",
+    TIME_LIMIT,
+    "metric.compile",
+    "metric.batch_size",
+    "metric.chunk_tokens",
+    "metric.prefix_cache_mb",
+    "quantizer.storage",
+    "data.cache_dir",
 )
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 VALID_DIR = "the directory of an unfinished amq-search run (outputs/search/runs/<time>), or auto"
@@ -143,7 +155,8 @@ def check_resumable(run_dir: Path, settings: dict[str, Any], iterations: int) ->
     state = read_state(run_dir)
     if state is not None and (run_dir / SUMMARY_FILE).is_file() and state.last_completed_iteration >= iterations:
         raise ConfigError(
-            "resume", f"{run_dir} is already complete ({state.last_completed_iteration} iterations)",
+            "resume",
+            f"{run_dir} is already complete ({state.last_completed_iteration} iterations)",
             "a larger budget.iterations to search further, or resume=auto to start a new run",
         )
 
@@ -171,6 +184,7 @@ def probe_writable(directory: Path, setting: str) -> None:
             pass
     except OSError as exc:
         raise ConfigError(
-            setting, f"cannot write the run directory {directory} ({exc.strerror or exc})",
+            setting,
+            f"cannot write the run directory {directory} ({exc.strerror or exc})",
             "a writable folder: AMQ_OUTPUT_DIR=<dir> or paths.log_dir=<dir>",
         ) from None

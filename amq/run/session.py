@@ -20,7 +20,7 @@ from amq.io import atomic_write_json, atomic_write_text
 from amq.run.faults import resource_errors
 from amq.run.interrupts import GracefulStop, Interrupted
 from amq.run.outputs import ARCHIVE_FILE, CONFIG_FILE, SUMMARY_FILE, RunOutputs
-from amq.run.resume import check_resumable, resume_command
+from amq.run.resume import TIME_LIMIT, check_resumable, continue_past_time_limit, resume_command
 from amq.run.state import STATE_FILE, RunState
 from amq.search.archive import Archive
 
@@ -85,7 +85,11 @@ class RunSession:
         the first checkpoint; returns the iteration to start from (0 for a new run)."""
         state = self.outputs.read_state()
         if state is not None and state.space_fingerprint != space_fingerprint:
-            raise ConfigError("resume", f"{self.dir} was searched over a different model or search space", "the same model, bits, group size, data and pruning settings as the original run")
+            raise ConfigError(
+                "resume",
+                f"{self.dir} was searched over a different model or search space",
+                "the same model, bits, group size, data and pruning settings as the original run",
+            )
         if state is None and self.outputs.archive_path.exists():
             raise ConfigError("resume", f"{self.dir} has an archive but no {STATE_FILE}", "restore it, or start a new run")
         atomic_write_json(self.outputs.path("sensitivity.json"), sensitivity)
@@ -94,7 +98,9 @@ class RunSession:
         self.outputs.path(SUMMARY_FILE).unlink(missing_ok=True)  # a continued run is not finished until it writes it again
         return state.next_iteration if state else 0
 
-    def iteration_observer(self, rows: list[dict], metric_name: str, title: str, space_fingerprint: str, seed: int, tracker: Any) -> Callable[[dict, Archive], None]:
+    def iteration_observer(
+        self, rows: list[dict], metric_name: str, title: str, space_fingerprint: str, seed: int, tracker: Any
+    ) -> Callable[[dict, Archive], None]:
         """What happens after every iteration: metrics, front and checkpoint on disk, then the tracker."""
 
         def on_iteration(row: dict, archive: Archive) -> None:
@@ -106,6 +112,18 @@ class RunSession:
             tracker.log_front(front, metric_name, self.outputs.path("front.png"), step=row["iteration"])
 
         return on_iteration
+
+    def log_time_limit_stop(self, stopped: dict, max_minutes: float | None) -> None:
+        """Say where the time limit stopped the search and how to continue it."""
+        log.info(
+            "search stopped on its time limit (%s=%g, counted from this run's start) after iteration %d of %d; the front so far is written. "
+            "Continue it with no limit (or a new one, counted from the continued run's start): %s",
+            TIME_LIMIT,
+            max_minutes,
+            stopped["after_iteration"],
+            stopped["of"],
+            continue_past_time_limit(self.dir),
+        )
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_json(self.outputs.path(SUMMARY_FILE), summary)

@@ -28,8 +28,9 @@ def best_at_targets(archive: Archive, targets: list[float], metric_name: str) ->
     return best
 
 
-def search_summary(plan: Any, wb: Any, table: Any, space: Any, archive: Archive, rows: list[dict], front: list[dict],
-                   stopped: dict | None, search_s: float, total_s: float) -> dict:
+def search_summary(
+    plan: Any, wb: Any, table: Any, space: Any, archive: Archive, rows: list[dict], front: list[dict], stopped: dict | None, search_s: float, total_s: float
+) -> dict:
     """summary.json of a search (`plan`: amq.config.compose.SearchPlan, `wb`: its Workbench)."""
     lm, layout, metric, bank = wb.lm, wb.layout, wb.metric, wb.bank
     calib = plan.calibration
@@ -81,6 +82,9 @@ def search_summary(plan: Any, wb: Any, table: Any, space: Any, archive: Archive,
 
 def finalize_summary(report: dict) -> dict:
     """The finalize stage in summary.json: per exported model, where it is and how it scored."""
-    models = {f"{r['target']:g}": {k: r.get(k) for k in ("dir", "avg_bits", "avg_bits_weights_only", "perplexity", "zero_shot", "bytes_on_disk")}
-              for r in report["rows"] if r["kind"] == "target"}
+    models = {
+        f"{r['target']:g}": {k: r.get(k) for k in ("dir", "avg_bits", "avg_bits_weights_only", "perplexity", "zero_shot", "bytes_on_disk")}
+        for r in report["rows"]
+        if r["kind"] == "target"
+    }
     return {"models": models, "proxy_fidelity": report["proxy_fidelity"], "seconds": report["seconds"]}

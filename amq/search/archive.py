@@ -116,11 +116,11 @@ class Archive:
                 if i == len(complete) and not tail:  # a crash can also leave the last line complete but cut
                     tail = line
                     break
-                raise InvalidArgument(
-                    "archive", f"{self.path} line {i} is damaged ({type(exc).__name__})", "restore the file, or start a new run"
-                ) from None
+                raise InvalidArgument("archive", f"{self.path} line {i} is damaged ({type(exc).__name__})", "restore the file, or start a new run") from None
             if len(rec.genes) != self.space.n_genes:
-                raise InvalidArgument("archive", f"{self.path} line {i} has {len(rec.genes)} genes, this search space {self.space.n_genes}", "the run's own archive")
+                raise InvalidArgument(
+                    "archive", f"{self.path} line {i} has {len(rec.genes)} genes, this search space {self.space.n_genes}", "the run's own archive"
+                )
             records.append(d)
             self._add_loaded(rec)
         if tail.strip():

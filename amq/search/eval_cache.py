@@ -127,7 +127,13 @@ class DiskEvaluationStore:
     def put(self, bits: Mapping[str, int], value: float, seconds: float) -> None:
         """Publish an entry; a cache that can't be written (disk full, read-only) only costs reuse."""
         key = self._key(bits)
-        entry = {"version": ENTRY_VERSION, "key": key, "value": float(value), "seconds": float(seconds), "checksum": _checksum(self.context, key, value, seconds)}
+        entry = {
+            "version": ENTRY_VERSION,
+            "key": key,
+            "value": float(value),
+            "seconds": float(seconds),
+            "checksum": _checksum(self.context, key, value, seconds),
+        }
         try:
             atomic_write_text(self.path_of(bits), json.dumps(entry) + "\n")
         except OSError as exc:
@@ -143,10 +149,9 @@ class CachedEvaluator:
     space: SearchSpace
 
     def __call__(self, genes: np.ndarray) -> Evaluation:
+        bits = self.space.to_bits(genes)  # the cache is keyed by bits per module name, not by gene index
         t0 = time.perf_counter()
-        bits = self.space.to_bits(genes)
-        hit = self.store.get(bits)
-        if hit is not None:
+        if (hit := self.store.get(bits)) is not None:
             return Evaluation(hit[0], time.perf_counter() - t0, reused=True)
         result = self.evaluate(genes)
         if result.ok:

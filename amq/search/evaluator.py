@@ -46,6 +46,8 @@ class Evaluate(Protocol):
 
 @dataclass
 class ProxyEvaluator:
+    """A true evaluation: the proxy's weights for the configuration swapped in, the metric measured."""
+
     bank: ProxyBank
     metric: QualityMetric
     space: SearchSpace

@@ -27,7 +27,7 @@ from typing import Callable, ContextManager, Protocol
 
 import numpy as np
 
-from amq.errors import InvalidArgument
+from amq.errors import InvalidArgument, require_at_least
 from amq.predictors.accuracy import heldout_scores
 from amq.predictors.base import Predictor, UncertainPredictor
 from amq.search.archive import Archive
@@ -56,12 +56,9 @@ class SearchSettings:
     kappa: float = 0.0  # > 0: NSGA-II minimises mean - kappa * std where the predictor gives a std
 
     def __post_init__(self) -> None:
-        if self.iterations < 0:
-            raise InvalidArgument("iterations", f"{self.iterations}", "an integer >= 0")
-        if self.n_initial_random < 0:
-            raise InvalidArgument("n_initial_random", f"{self.n_initial_random}", "an integer >= 0")
-        if self.batch_size < 1:
-            raise InvalidArgument("batch_size", f"{self.batch_size}", "an integer >= 1")
+        require_at_least(self, "iterations", 0)
+        require_at_least(self, "n_initial_random", 0)
+        require_at_least(self, "batch_size", 1)
         if self.bits_window is not None and not (len(self.bits_window) == 2 and self.bits_window[0] < self.bits_window[1]):
             raise InvalidArgument("bits_window", f"{list(self.bits_window)}", "[low, high] average bits with low < high, or null")
         if self.iterations == 0 and self.n_initial_random == 0:
@@ -247,7 +244,15 @@ class IterativeSearch:
             extra = "".join(f", {row[k]} {word}" for k, word in (("n_reused", "reused from the cache"), ("n_failed", "failed")) if row[k])
             log.info(
                 "iteration %d/%d: %d new%s, %d in archive, hypervolume %.4f, best %s [%.1fs%s]",
-                it, last, n_new, extra, row["n_evaluated"], row["hypervolume"], best or "-", seconds[it], self._time_left(seconds, last - it),
+                it,
+                last,
+                n_new,
+                extra,
+                row["n_evaluated"],
+                row["hypervolume"],
+                best or "-",
+                seconds[it],
+                self._time_left(seconds, last - it),
             )
             for obs in self.observers:
                 obs(row, self.archive)

@@ -13,7 +13,7 @@ from pymoo.operators.mutation.pm import PM
 from pymoo.operators.repair.rounding import RoundingRepair
 from pymoo.optimize import minimize
 
-from amq.errors import InvalidArgument
+from amq.errors import InvalidArgument, require_at_least
 from amq.search.space import SearchSpace
 
 
@@ -55,10 +55,8 @@ class NSGA2Settings:
     mutation_eta: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.pop_size < 4:
-            raise InvalidArgument("pop_size", f"{self.pop_size}", "an integer >= 4")
-        if self.n_gen < 1:
-            raise InvalidArgument("n_gen", f"{self.n_gen}", "an integer >= 1")
+        require_at_least(self, "pop_size", 4)
+        require_at_least(self, "n_gen", 1)
         for key in ("crossover_prob", "mutation_prob"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise InvalidArgument(key, f"{getattr(self, key)}", "a probability in [0, 1]")

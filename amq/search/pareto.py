@@ -8,8 +8,7 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
 HV_REFERENCE = (1.1, 1.1)
 HV_CONVENTION = (
-    "hypervolume of (metric / metric of the all-lowest-bits config, (bits - min bits) / (max bits - min bits)), "
-    "reference point (1.1, 1.1); higher is better"
+    "hypervolume of (metric / metric of the all-lowest-bits config, (bits - min bits) / (max bits - min bits)), reference point (1.1, 1.1); higher is better"
 )
 
 

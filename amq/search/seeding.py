@@ -17,14 +17,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from amq.search.knapsack import knapsack_allocations
 from amq.errors import InvalidArgument
+from amq.search.knapsack import knapsack_allocations
 from amq.search.space import SearchSpace
 
 
-def width_factors(
-    space: SearchSpace, uniform_metric: Mapping[int, float] | None = None, damage: Mapping[str, float] | None = None
-) -> np.ndarray:
+def width_factors(space: SearchSpace, uniform_metric: Mapping[int, float] | None = None, damage: Mapping[str, float] | None = None) -> np.ndarray:
     """Damage of each width relative to the lowest: measured from the uniform configurations, else 4^-(b - lowest).
 
     In a pruned space the "uniform" configurations are not uniform (pruned linears sit at a higher
@@ -68,9 +66,7 @@ def additive_damage(space: SearchSpace, damage: Mapping[str, float], factors: np
     return np.where(valid, cost, np.inf)
 
 
-def allocation_family(
-    space: SearchSpace, damage: Mapping[str, float], factors: np.ndarray | None = None, n_lambdas: int = 400
-) -> np.ndarray:
+def allocation_family(space: SearchSpace, damage: Mapping[str, float], factors: np.ndarray | None = None, n_lambdas: int = 400) -> np.ndarray:
     """Distinct Lagrangian allocations (gene vectors), ordered by average bits."""
     cost = additive_damage(space, damage, factors)
     gene_numel = space.gene_numel

@@ -38,7 +38,9 @@ def check_share_patterns(linears: Sequence[LinearInfo], patterns: Sequence[Seque
     roles = list(dict.fromkeys(li.role.rsplit(".", 1)[-1] for li in linears))
     for pats in patterns or []:
         if isinstance(pats, str):
-            raise InvalidArgument("share_groups", f"{pats} is a single role, not a group", "a list of groups, e.g. [[q_proj, k_proj, v_proj], [gate_proj, up_proj]]")
+            raise InvalidArgument(
+                "share_groups", f"{pats} is a single role, not a group", "a list of groups, e.g. [[q_proj, k_proj, v_proj], [gate_proj, up_proj]]"
+            )
         found = [any(_matches(p, li.role) for li in linears) for p in pats]
         if not any(found):
             log.info("share group %s matches no linear of this model: nothing to share", list(pats))

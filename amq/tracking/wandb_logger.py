@@ -62,8 +62,16 @@ class WandbLogger:
         for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "wandb/.cache"), ("WANDB_DATA_DIR", "wandb/.data"), ("WANDB_CONFIG_DIR", "wandb/.config")):
             os.environ[var] = str(wdir / sub)
         self._run = wandb.init(
-            project=self.project, entity=self.entity, group=self.group, tags=self.tags, name=self.name or name,
-            job_type=self.job_type, config=config, dir=str(wdir), mode=self.mode, reinit="finish_previous",
+            project=self.project,
+            entity=self.entity,
+            group=self.group,
+            tags=self.tags,
+            name=self.name or name,
+            job_type=self.job_type,
+            config=config,
+            dir=str(wdir),
+            mode=self.mode,
+            reinit="finish_previous",
         )
         log.info("W&B run %s (%s, group %s) in %s", self._run.name, self.mode, self.group or "-", wdir / "wandb")
 
@@ -82,7 +90,9 @@ class WandbLogger:
         import wandb
 
         columns = ["avg_bits", "avg_bits_weights_only", metric_name, "iteration", "genes"]
-        table = wandb.Table(columns=columns, data=[[r["avg_bits"], r["avg_bits_weights_only"], r[metric_name], r["iteration"], "".join(map(str, r["genes"]))] for r in front])
+        table = wandb.Table(
+            columns=columns, data=[[r["avg_bits"], r["avg_bits_weights_only"], r[metric_name], r["iteration"], "".join(map(str, r["genes"]))] for r in front]
+        )
         payload: dict[str, Any] = {"front/table": table, "front/size": len(front)}
         if image is not None and Path(image).is_file():
             payload["front/plot"] = wandb.Image(str(image))
@@ -99,7 +109,9 @@ class WandbLogger:
             front, metric_name, image, step = self._last_front
             payload = self._front_payload(front, metric_name, image)
             payload = {k.replace("front/", "final_front/", 1): v for k, v in payload.items()}
-            payload["final_front/scatter"] = wandb.plot.scatter(payload["final_front/table"], "avg_bits", metric_name, title=f"final front: {metric_name} vs average bits")
+            payload["final_front/scatter"] = wandb.plot.scatter(
+                payload["final_front/table"], "avg_bits", metric_name, title=f"final front: {metric_name} vs average bits"
+            )
             self._run.log(payload, step=step)
 
     def log_artifacts(self, paths: Sequence[Path]) -> None:
