@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -247,6 +248,16 @@ def run_cli_in_process(args: list[str], out_dir: Path, monkeypatch, capfd, env_e
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     captured = capfd.readouterr()
     return subprocess.CompletedProcess(["amq-search", *args], code, captured.out, captured.err)
+
+
+def search_in_process(overrides: list[str], run_dir: Path) -> tuple[dict, Any]:
+    """`amq.train_search.run(cfg)` in this process, as scripts call it: the real conf/ composed with
+    `overrides`, outputs in `run_dir`; returns (summary, the objects the run built)."""
+    from amq.train_search import run
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train_search", overrides=[*overrides, f"paths.output_dir={run_dir}"])
+    return run(cfg)
 
 
 def run_script(script: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

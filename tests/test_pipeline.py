@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SMOKE, run_cli, run_dirs
+from conftest import SMOKE, run_cli, run_dirs, search_in_process
 
 from amq.io import read_jsonl
 
@@ -63,13 +63,18 @@ def test_uniform_configs_order_by_bits(smoke_run):
     assert set(lowest["config"]["bits"].values()) == {3, 4} and lowest["metrics"]["jsd"] > uniform[4]
 
 
-def test_same_seed_is_deterministic(smoke_run, tmp_path):
+def test_same_seed_is_deterministic_and_run_returns_what_it_wrote(smoke_run, tmp_path):
+    """The same search run in this process (`run(cfg)`, as tests and scripts call it) gives the CLI
+    run's archive bit for bit, and returns the summary it wrote and the objects it built."""
     run_dir, _ = smoke_run
-    proc = run_cli([*SMOKE, "seed=3"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (again,) = run_dirs(tmp_path)
+    again = tmp_path / "run"
+    summary, objects = search_in_process([*SMOKE, "seed=3"], again)
     # bit-identical, not close: exact resume and the evaluation cache rely on it
     assert _archive(run_dir) == _archive(again)
+    assert json.loads((again / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert objects.run_dir == again and len(objects.archive) == summary["true_evaluations"]
+    assert objects.space.n_genes == summary["space"]["genes"] and objects.search.stopped is None
+    assert objects.workbench.metric.name == "jsd" and len(objects.table.damage) == summary["model"]["linears"]
 
 
 def test_resume_continues_without_duplicates(smoke_run, tmp_path):
