@@ -82,6 +82,7 @@ CASES = {
     "W&B online without an API key": Case(["logger=wandb", "logger.mode=online"], "logger.mode", env={"HOME": "{home}", "WANDB_API_KEY": ""}),
     "unwritable output folder": Case([], "paths.log_dir", env={"AMQ_OUTPUT_DIR": "{tmp}/file"}, setup=output_dir_is_a_file),
     "finalize target out of reach": Case(["finalize.enabled=true", "finalize.targets=[2.0]"], "finalize.targets"),
+    "unknown export format": Case(["finalize.enabled=true", "finalize.formats=[onnx]"], "finalize.formats"),
     "unknown bits convention": Case(["finalize.enabled=true", "finalize.bits_convention=per_weight"], "finalize.bits_convention"),
     "bad final quantizer option": Case(["finalize.enabled=true", "finalizer=gptq", "finalizer.damp=2"], "finalizer.damp"),
     "unknown zero-shot task": Case(["finalize.enabled=true", "finalize.tasks=[piqa2]"], "finalize.tasks"),

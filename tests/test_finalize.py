@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 from conftest import SMOKE, run_cli, run_dirs, run_module
@@ -76,7 +77,8 @@ def test_search_exports_models_that_reload_and_reproduce(tmp_path):
         assert r["avg_bits"] <= r["target"] + 1e-9  # a budget is never exceeded
         d = run / "models" / f"{r['target']:g}"
         for name in (
-            "model.safetensors",
+            "amq_packed.safetensors",
+            "compressed-tensors/model.safetensors",
             "config.json",
             "tokenizer.json",
             "bit_config.json",
@@ -95,3 +97,63 @@ def test_search_exports_models_that_reload_and_reproduce(tmp_path):
     for r in targets:
         rep = json.loads((run / "models" / f"{r['target']:g}" / "eval.json").read_text())["reproduction"]
         assert rep and all(x["rel_diff"] < 1e-3 for x in rep.values())
+    check_plain_transformers_reproduces(run, [f"{r['target']:g}" for r in targets], tmp_path)
+
+
+# The plain-transformers side: a process that never imports amq, scoring as amq's perplexity does.
+PLAIN_LOADER = """
+import json, math, sys, torch, transformers
+assert not any(m == "amq" or m.startswith("amq.") for m in sys.modules)
+out = {}
+for d, windows_file in json.loads(sys.argv[1]).items():
+    try:
+        transformers.AutoModelForCausalLM.from_pretrained(d.rsplit("/compressed-tensors", 1)[0])
+        out[d + ":amq-dir"] = "loaded"
+    except Exception as exc:
+        out[d + ":amq-dir"] = type(exc).__name__ + ": " + str(exc).splitlines()[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+    assert not any(m == "amq" or m.startswith("amq.") for m in sys.modules)
+    ppl = {}
+    for name, w in torch.load(windows_file).items():
+        nll, n = 0.0, 0
+        with torch.no_grad():
+            for row in w:
+                logits = model(row[None]).logits[0, :-1].float()
+                nll += float(torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum")); n += len(row) - 1
+        ppl[name] = math.exp(nll / n)
+    out[d] = ppl
+print(json.dumps(out))
+"""
+
+
+def check_plain_transformers_reproduces(run, targets: list[str], tmp_path) -> None:
+    """Every exported model's compressed-tensors/ checkpoint loads in plain transformers (amq never
+    imported) and gives the held-out perplexity of its eval.json within 1%; the amq-packed directory
+    itself is refused rather than loaded with random weights."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from amq.config.compose import build, compose_config
+    from amq.evaluation.perplexity import PerplexityProtocol, perplexity_windows
+
+    splits = build(compose_config(SMOKE).data, "data").load()
+    jobs, recorded = {}, {}
+    for t in targets:
+        d = run / "models" / t
+        ev = json.loads((d / "eval.json").read_text())
+        proto = ev["protocol"]["perplexity"]
+        protocol = PerplexityProtocol(proto["window"], proto["max_windows"], proto["add_bos"])
+        tok = AutoTokenizer.from_pretrained(d)
+        windows = {name: perplexity_windows(tok, docs, protocol) for name, docs in splits.heldout.items()}
+        torch.save(windows, tmp_path / f"windows_{t}.pt")
+        jobs[str(d / "compressed-tensors")] = str(tmp_path / f"windows_{t}.pt")
+        recorded[str(d / "compressed-tensors")] = {name: r["perplexity"] for name, r in ev["perplexity"].items()}
+        card = (d / "README.md").read_text()
+        assert "compressed-tensors/" in card and "vLLM" in card
+    proc = subprocess.run([sys.executable, "-c", PLAIN_LOADER, json.dumps(jobs)], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for d, ppl in recorded.items():
+        assert got[d + ":amq-dir"].startswith("OSError"), got[d + ":amq-dir"]  # refused loudly, never random weights
+        for name, value in ppl.items():
+            assert abs(got[d][name] / value - 1) < 0.01, (d, name, got[d][name], value)

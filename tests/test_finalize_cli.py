@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import run_module
 from omegaconf import OmegaConf
+from test_finalize import check_plain_transformers_reproduces
 
 
 def _finalize_cli(args: list[str]) -> subprocess.CompletedProcess:
@@ -30,11 +31,13 @@ def run_copy(smoke_run, tmp_path) -> Path:
 
 
 @pytest.mark.slow
-def test_finalizes_a_finished_run_into_its_own_directory(run_copy):
+def test_finalizes_a_finished_run_into_its_own_directory(run_copy, tmp_path):
+    """GPTQ, later, from the archive: a new directory, and a checkpoint plain transformers reproduces."""
     before = _files(run_copy)
     proc = _finalize_cli(
         [
             str(run_copy),
+            "finalizer=gptq",
             "finalize.targets=[4.25]",
             "finalize.baselines=false",
             "finalize.extra_front_points=0",
@@ -50,10 +53,11 @@ def test_finalizes_a_finished_run_into_its_own_directory(run_copy):
     (row,) = report["rows"]
     assert row["kind"] == "target" and row["target"] == 4.25 and row["avg_bits"] <= 4.25
     model = out / "models" / "4.25"
-    for name in ("model.safetensors", "bit_config.json", "amq_quant.json", "eval.json", "README.md"):
+    for name in ("amq_packed.safetensors", "compressed-tensors/model.safetensors", "bit_config.json", "amq_quant.json", "eval.json", "README.md"):
         assert (model / name).is_file(), name
     assert OmegaConf.load(out / "config.yaml").finalize.targets == [4.25]
     assert str(out) in proc.stderr
+    check_plain_transformers_reproduces(out, ["4.25"], tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,14 @@ FINALIZE_SETTINGS = {
 }
 
 
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """conf/train_search.yaml composed with `overrides`, outside a Hydra run (scripts, notebooks)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train_search", overrides=list(overrides))
+
+
 def build(node: DictConfig, setting: str, named: Mapping[str, str] | None = None, **kwargs: Any) -> Any:
     """instantiate() with bad settings turned into a one-line ConfigError naming the group."""
     try:
@@ -447,7 +455,11 @@ def finalize_settings(node: DictConfig) -> "FinalizeSettings":
         values = tuple(float(t) for t in targets)
     except (TypeError, ValueError):
         raise ConfigError("finalize.targets", f"{targets!r} is not a list of numbers", "a list of average-bits budgets, e.g. [4.0, 4.5]") from None
-    return FinalizeSettings(values, str(node.bits_convention), bool(node.evaluate), int(node.extra_front_points), bool(node.baselines))
+    formats = node.formats if node.formats is not None else []
+    formats = [formats] if isinstance(formats, str) else list(formats)
+    return FinalizeSettings(
+        values, str(node.bits_convention), bool(node.evaluate), int(node.extra_front_points), bool(node.baselines), tuple(str(f) for f in formats)
+    )
 
 
 def perplexity_protocol(node: DictConfig, add_bos: bool) -> PerplexityProtocol:

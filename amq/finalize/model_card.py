@@ -57,6 +57,41 @@ def render(info: dict[str, Any], config: BitConfig, evaluation: dict | None) -> 
         "```",
         "`bit_config.json` holds the bits of every linear by module name"
         + ("; `llama_cpp_tensor_types.txt` the same as llama.cpp quantize types." if info.get("llama_cpp") else "."),
+        "Plain transformers refuses this directory (its weights are in `amq_packed.safetensors`, a format only amq reads) rather than load random weights.",
         "",
     ]
+    lines += _standard_formats(info)
     return "\n".join(lines)
+
+
+def _standard_formats(info: dict[str, Any]) -> list[str]:
+    """The compressed-tensors checkpoint next to amq's own: how to load it, which groups vLLM serves."""
+    lines: list[str] = []
+    for fmt, r in (info.get("formats") or {}).items():
+        lines += ["", f"## Without amq: `{fmt}/`"]
+        if not r["written"]:
+            lines += ["", f"Not written for this model: {r['why']}.", ""]
+            continue
+        lines += [
+            "",
+            f"A {r['format']} checkpoint ({_mb(r['bytes_on_disk'])}) that transformers loads with the `compressed-tensors` package, no amq:",
+            "```python",
+            "import transformers",
+            f'model = transformers.AutoModelForCausalLM.from_pretrained("{info["dir_name"]}/{fmt}")',
+            "```",
+            "",
+            "| config group | bits | format | layers | vLLM kernel |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, g in r["groups"].items():
+            lines.append(f"| {name} | {g['bits']} | {g['format']} | {g['layers']} | {g['vllm_kernel'] or 'none: not servable by vLLM'} |")
+        served = all(g["vllm_kernel"] for g in r["groups"].values())
+        lines += [
+            "",
+            f"`vllm serve {info['dir_name']}/{fmt}` serves it: every group has a kernel."
+            if served
+            else "vLLM serves only the groups with a kernel above, so it cannot serve this model whole; transformers runs all of it."
+            " `naive-quantized` groups keep one byte per weight: their zero points are fractional (HQQ's optimised zeros, the min-max grid's -min/scale), which `pack-quantized` cannot hold.",
+            "",
+        ]
+    return lines

@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from amq.search.space import SearchSpace
 
 
+# Checkpoint formats besides amq's own (`amq-packed`, always written: amq reloads and evaluates it).
+# compressed-tensors: a subfolder `compressed-tensors/` that plain transformers loads (amq/quantizers/compressed_tensors.py).
+FORMATS = ("compressed-tensors",)
+
+
 @dataclass(frozen=True)
 class FinalizeSettings:
     """Which budgets to export and what to measure besides them."""
@@ -25,8 +30,12 @@ class FinalizeSettings:
     evaluate: bool = True
     extra_front_points: int = 2  # more front configs quantized and evaluated (not saved) for the fidelity check
     baselines: bool = True  # the unquantized model and uniform widths fitting the targets
+    formats: tuple[str, ...] = ()  # standard checkpoints written next to amq's own (FORMATS)
 
     def __post_init__(self) -> None:
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown:
+            raise ConfigError("finalize.formats", f"unknown format {', '.join(map(repr, unknown))}", ", ".join(FORMATS) + " (or [] for amq's own only)")
         if self.bits_convention not in CONVENTIONS:
             raise ConfigError("finalize.bits_convention", f"{self.bits_convention!r}", ", ".join(CONVENTIONS))
         if self.extra_front_points < 0:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from amq.bits import BitConfig, average_bits, meta_overhead
+from amq.errors import InvalidArgument
 from amq.evaluation.report import fidelity, write_report
 from amq.evaluation.suite import EvalSuite
 from amq.finalize.model_card import render
@@ -30,6 +31,7 @@ from amq.modeling.discovery import ModelLayout
 from amq.modeling.loading import LoadedModel
 from amq.quantizers import llamacpp
 from amq.quantizers.base import FinalQuantizer, quantizer_info
+from amq.quantizers.compressed_tensors import compressed_tensors_summary, write_compressed_tensors
 from amq.quantizers.export import WEIGHTS_FILE, directory_bytes, packed_modules, write_model_dir
 from amq.quantizers.packed import GroupQuant, replace_linears
 
@@ -150,6 +152,7 @@ class Finalizer:
                     info["llama_cpp"] = True
                 info["bytes_weights_file"] = (tmp / WEIGHTS_FILE).stat().st_size
                 info["bytes_on_disk"] = directory_bytes(tmp)
+                info["formats"] = self._standard_formats(model, tmp)
                 if evaluation is not None:
                     atomic_write_json(tmp / "eval.json", {"model_dir": str(out_dir), **evaluation})
                 atomic_write_text(tmp / "README.md", render(info, config, evaluation))
@@ -159,6 +162,21 @@ class Finalizer:
         return self._row(
             "target", self._bits(config), cand.metric, evaluation, target=target, dir=str(out_dir), bytes_on_disk=info["bytes_on_disk"], bytes_bf16=total_bf16
         )
+
+    def _standard_formats(self, model: nn.Module, model_dir: Path) -> dict[str, dict]:
+        """Write the standard checkpoints `finalize.formats` asks for into subfolders of `model_dir`;
+        per format, where it went and its size, or why this model has no such checkpoint."""
+        out: dict[str, dict] = {}
+        for fmt in self.settings.formats:
+            target = model_dir / fmt
+            try:
+                write_compressed_tensors(model, target, source_dir=model_dir)
+            except InvalidArgument as exc:  # a layer the format cannot hold (AWQ's input scales)
+                log.warning("%s: no %s checkpoint: %s", model_dir.name, fmt, exc.problem)
+                out[fmt] = {"written": False, "why": exc.problem}
+                continue
+            out[fmt] = {"written": True, "dir": fmt, "bytes_on_disk": directory_bytes(target), **compressed_tensors_summary(target)}
+        return out
 
     def measure(self, kind: str, config: BitConfig, proxy: float | None, label: str) -> dict:
         """Quantize and evaluate without saving (front points and uniform baselines)."""

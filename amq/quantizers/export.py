@@ -1,7 +1,9 @@
 """Save a quantized model as a self-contained directory, and load it back.
 
 Layout of `models/<target>/` (written to a temporary sibling and renamed into place):
-  model.safetensors        packed weights (PackedLinear buffers) and every other tensor
+  amq_packed.safetensors   packed weights (PackedLinear buffers) and every other tensor; not named
+                           model.safetensors, so plain transformers finds no weights and refuses the
+                           directory instead of loading random ones (directories of amq <= 0.1 used that name)
   config.json, tokenizer   as transformers writes them
   amq_quant.json           what the loader needs: format version, dtype, per-module packing
   bit_config.json          the bit configuration by module name (amq.bits.BitConfig, versioned)
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,14 +27,15 @@ from torch import nn
 from amq.bits import BitConfig
 from amq.devices import DTYPES
 from amq.errors import InvalidArgument
-from amq.io import atomic_write_json
+from amq.io import atomic_write_json, replace_dir
 from amq.quantizers.packed import PackedLinear, check_runtime, set_runtime
 
 log = logging.getLogger(__name__)
 
 QUANT_FILE = "amq_quant.json"
 BITCONFIG_FILE = "bit_config.json"
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "amq_packed.safetensors"
+LEGACY_WEIGHTS_FILE = "model.safetensors"  # what directories written before it was renamed hold
 FORMAT = "amq-packed"
 FORMAT_VERSION = 1
 
@@ -77,23 +79,29 @@ def write_model_dir(
     try:
         save_model(model, str(tmp / WEIGHTS_FILE))
         model.config.save_pretrained(tmp)
+        mark_amq_only(tmp / "config.json")
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / QUANT_FILE, quant_manifest(model, config, quantizer))
         atomic_write_json(tmp / BITCONFIG_FILE, config.to_dict())
         if extras is not None:
             extras(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def mark_amq_only(config_json: Path) -> None:
+    """Give the directory's config.json a quantization method only amq knows, so that plain
+    `transformers.AutoModelForCausalLM.from_pretrained` refuses it ("Unknown quantization type")
+    instead of loading the model with its quantized linears left at random initialisation."""
+    config = json.loads(config_json.read_text())
+    config["quantization_config"] = {
+        "quant_method": FORMAT,
+        "loader": "amq.load_quantized(<this directory>); plain transformers loads the compressed-tensors/ subfolder",
+    }
+    config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -150,11 +158,12 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", runtime
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _swap_in_empty_packed(model, manifest["modules"], dtype)
     model.tie_weights()  # tied tensors are stored once; tying first lets the loader fill both names
-    missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False, device="cpu")
+    weights = path / WEIGHTS_FILE if (path / WEIGHTS_FILE).is_file() else path / LEGACY_WEIGHTS_FILE
+    missing, unexpected = load_model(model, str(weights), strict=False, device="cpu")
     if missing or unexpected:
         raise InvalidArgument(
             "path",
-            f"{path / WEIGHTS_FILE} does not match its config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})",
+            f"{weights} does not match its config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})",
             "an unmodified directory written by amq finalize",
         )
     set_runtime(model, runtime, compile)

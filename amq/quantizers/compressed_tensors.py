@@ -1,0 +1,220 @@
+"""Write a quantized model as a compressed-tensors checkpoint that plain transformers loads.
+
+An amq model directory (`amq-packed`, see `export.py`) opens only through `amq.load_quantized`.
+This writes the same weights in the `compressed-tensors` format (the package of that name), so
+that `transformers.AutoModelForCausalLM.from_pretrained(dir)` rebuilds the model without amq.
+Tested with compressed-tensors 0.17.1, transformers 5.23, torch 2.13. compressed-tensors 0.18 to
+0.20.1 cannot load asymmetric `pack-quantized` layers in transformers 5.23 (on the meta device
+they leave the zero point unpacked, so the checkpoint's packed one mismatches), their own
+checkpoints included; they also pack 3/5/6/7-bit codes densely (32/b a word, 0.17: 32//b).
+
+What maps to what, per `PackedLinear` of b bits (codes q in [0, 2^b - 1], w = (q - zero) * scale
+per group of `group_size` input features; compressed-tensors stores codes and zero points
+shifted by 2^(b-1) into signed int8 and computes (q_s - zero_s) * scale, the same value):
+
+  every zero point of the layer an integer in [0, 2^b - 1]  ->  format `pack-quantized`:
+      weight_packed (int32, codes bit-packed along the input features), weight_scale (float16),
+      weight_zero_point (int32, packed along the output features), weight_shape;
+      exact. The only layout vLLM's WNA16 kernels read (asymmetric: 4-bit only).
+  otherwise (amq's quantizers all give float16 zero points: the min-max grid's -lo/scale and
+  HQQ's optimised zeros are not integers)  ->  format `naive-quantized`:
+      weight (int8 codes, one byte per weight), weight_scale (float16),
+      weight_zero_point (float32, declared by `zp_dtype`); exact, but 8 bits per weight on disk.
+      pack-quantized cannot hold these: it packs zero points as b-bit integers.
+      `zero_points="round"` instead rounds them to the nearest integer, which packs the layer
+      (b bits per weight) but moves every weight of a group by up to half a step: far from exact.
+
+One config group per (width, format), targeting its modules by full name; everything that is
+not a PackedLinear (embeddings, norms, lm_head, biases) is stored as it is. AWQ layers (a
+per-input-channel `input_scale`) have no compressed-tensors form and are refused.
+
+On load, transformers casts the scale to the model dtype and dequantizes in it: a float32 model
+gets amq's weights (bit for bit in the tests), a bfloat16 one differs from amq's (which dequantizes in float32)
+by the bfloat16 rounding of each scale and of the product.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from amq.errors import InvalidArgument
+from amq.io import replace_dir
+from amq.quantizers.export import load_quantized, packed_modules
+from amq.quantizers.packed import PackedLinear
+
+log = logging.getLogger(__name__)
+
+ZeroPoints = Literal["exact", "round"]
+WEIGHTS_FILE = "model.safetensors"
+PACKED, NAIVE = "pack-quantized", "naive-quantized"
+# Files of an amq model directory that a compressed-tensors directory keeps as they are.
+COPIED_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "chat_template*", "generation_config.json")
+
+
+def layer_tensors(name: str, m: PackedLinear, zero_points: ZeroPoints = "exact") -> tuple[str, dict[str, torch.Tensor]]:
+    """(format, tensors by full name) of one packed layer in compressed-tensors form."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    if m.input_scale is not None:
+        raise InvalidArgument(
+            "model",
+            f"{name} has an AWQ input scale, which compressed-tensors cannot express",
+            "a model finalized with HQQ or GPTQ",
+        )
+    q = m.to_quant()
+    offset = 1 << (q.bits - 1)  # compressed-tensors stores codes and zero points signed
+    codes = (q.codes.to(torch.int16) - offset).to(torch.int8)
+    zero = q.zero.float().round() if zero_points == "round" else q.zero.float()
+    packable = bool(torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= 2**q.bits - 1)
+    out = {f"{name}.weight_scale": q.scale.half().contiguous()}
+    if m.bias is not None:
+        out[f"{name}.bias"] = m.bias.detach().contiguous()
+    if packable:
+        out[f"{name}.weight_packed"] = pack_to_int32(codes, q.bits).contiguous()
+        out[f"{name}.weight_zero_point"] = pack_to_int32((zero - offset).to(torch.int8), q.bits, packed_dim=0).contiguous()
+        out[f"{name}.weight_shape"] = torch.tensor([m.out_features, m.in_features], dtype=torch.int64)
+        return PACKED, out
+    out[f"{name}.weight"] = codes.contiguous()
+    out[f"{name}.weight_zero_point"] = (zero - offset).contiguous()  # float32: exact for float16 zeros
+    return NAIVE, out
+
+
+def quantization_config(groups: dict[tuple[int, str], list[str]], group_size: int) -> dict:
+    """config.json's `quantization_config`: one config group per (bits, format)."""
+    import compressed_tensors
+    from compressed_tensors.quantization import QuantizationConfig
+    from packaging.version import Version
+
+    if any(fmt == PACKED for _, fmt in groups) and Version(compressed_tensors.__version__) >= Version("0.18"):
+        log.warning(
+            "compressed-tensors %s cannot load the asymmetric pack-quantized layers it writes here in transformers; 0.17.1 can", compressed_tensors.__version__
+        )
+    config_groups = {}
+    for (bits, fmt), targets in sorted(groups.items()):
+        weights = {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group", "group_size": group_size}
+        if fmt == NAIVE:
+            weights["zp_dtype"] = "torch.float32"
+        config_groups[f"w{bits}_{'packed' if fmt == PACKED else 'naive'}"] = {"targets": targets, "weights": weights, "format": fmt}
+    formats = {fmt for _, fmt in groups}
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": [],
+        "version": compressed_tensors.__version__,
+    }
+    QuantizationConfig.model_validate(config)  # refuse here what the loader would refuse
+    return config
+
+
+def checkpoint(model: nn.Module, zero_points: ZeroPoints = "exact") -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, quantization_config) of a model whose quantized linears are PackedLinear."""
+    if zero_points not in ("exact", "round"):
+        raise InvalidArgument("zero_points", repr(zero_points), "exact, round")
+    layers = packed_modules(model)
+    if not layers:
+        raise InvalidArgument("model", "has no PackedLinear layer", "a model from amq.load_quantized")
+    group_sizes = {m.group_size for m in layers.values()}
+    if len(group_sizes) > 1:
+        raise InvalidArgument("model", f"mixes group sizes {sorted(group_sizes)}", "one group size for all layers")
+    tensors: dict[str, torch.Tensor] = {}
+    groups: dict[tuple[int, str], list[str]] = {}
+    for name, m in layers.items():
+        fmt, out = layer_tensors(name, m, zero_points)
+        tensors.update(out)
+        groups.setdefault((m.bits, fmt), []).append(name)
+    seen: set[tuple] = set()  # tied tensors (embeddings and lm_head) once, as transformers saves them
+    for key, t in model.state_dict().items():
+        module = key.rpartition(".")[0]
+        if module in layers:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident not in seen:
+            seen.add(ident)
+            tensors[key] = t.detach().contiguous()
+    return tensors, quantization_config(groups, group_sizes.pop())
+
+
+def write_compressed_tensors(
+    model: nn.Module,
+    out_dir: str | Path,
+    source_dir: str | Path | None = None,
+    zero_points: ZeroPoints = "exact",
+) -> Path:
+    """Write `model` (as `amq.load_quantized` returns it) to `out_dir` as a compressed-tensors checkpoint.
+
+    Why: so the model the search found can be shipped to anything that reads compressed-tensors
+    (transformers, vLLM for the layouts its kernels take) without amq. `source_dir` (the amq
+    model directory) supplies the tokenizer and generation config, copied unchanged.
+    `zero_points="exact"` keeps amq's float zero points (layers with non-integer zeros are
+    stored unpacked); `"round"` rounds them so every layer is bit-packed (not exact).
+    Written into a temporary sibling and renamed into place, like `export.write_model_dir`.
+    """
+    tensors, qconfig = checkpoint(model, zero_points)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config["quantization_config"] = qconfig
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if source_dir is not None:
+            for pattern in COPIED_FILES:
+                for f in Path(source_dir).glob(pattern):
+                    shutil.copy2(f, tmp / f.name)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    formats = {g: len(c["targets"]) for g, c in qconfig["config_groups"].items()}
+    log.info("wrote compressed-tensors model %s (%s)", out_dir, ", ".join(f"{g}: {n}" for g, n in formats.items()))
+    return out_dir
+
+
+def export_compressed_tensors(amq_dir: str | Path, out_dir: str | Path, zero_points: ZeroPoints = "exact") -> Path:
+    """Convert an amq model directory (`<run>/models/<target>`) into a compressed-tensors one."""
+    return write_compressed_tensors(load_quantized(amq_dir), out_dir, amq_dir, zero_points)
+
+
+def vllm_kernel(bits: int, fmt: str, group_size: int) -> str | None:
+    """The vLLM kernel that serves an asymmetric weight-only group of this kind, None if none does.
+
+    From vLLM's compressed-tensors WNA16 path (read, not run here): only `pack-quantized` layers are
+    served; with zero points, Marlin takes 4-bit at group 32/64/128, and Machete (Hopper GPUs such
+    as H100/H200) 4- and 8-bit at group 64/128. `naive-quantized` weight-only layers have no kernel.
+    """
+    if fmt != PACKED:
+        return None
+    if bits == 4 and group_size in (32, 64, 128):
+        return "Marlin (any recent NVIDIA GPU) or Machete (Hopper)"
+    if bits == 8 and group_size in (64, 128):
+        return "Machete (Hopper only)"
+    return None
+
+
+def compressed_tensors_summary(model_dir: str | Path) -> dict:
+    """What a written checkpoint holds, per config group: width, format, layers, and vLLM's kernel."""
+    qconfig = json.loads((Path(model_dir) / "config.json").read_text())["quantization_config"]
+    groups = {}
+    for name, group in qconfig["config_groups"].items():
+        w = group["weights"]
+        groups[name] = {
+            "bits": w["num_bits"],
+            "format": group["format"],
+            "group_size": w["group_size"],
+            "layers": len(group["targets"]),
+            "vllm_kernel": vllm_kernel(w["num_bits"], group["format"], w["group_size"]),
+        }
+    return {"format": qconfig["format"], "groups": groups}

@@ -1,0 +1,169 @@
+"""The compressed-tensors export loads in plain transformers, in a process that never imports amq,
+and gives the logits of `amq.load_quantized` (tiny random Llama, mixed widths, real quantizers)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+pytest.importorskip("compressed_tensors")
+
+from amq.bits import BitConfig  # noqa: E402
+from amq.errors import InvalidArgument  # noqa: E402
+from amq.modeling.discovery import discover_layout  # noqa: E402
+from amq.quantizers.compressed_tensors import checkpoint, export_compressed_tensors  # noqa: E402
+from amq.quantizers.export import load_quantized, write_model_dir  # noqa: E402
+from amq.quantizers.grid import grouped, minmax_grid, rtn_quant, to_codes  # noqa: E402
+from amq.quantizers.hqq import HQQFinalizer  # noqa: E402
+from amq.quantizers.packed import GroupQuant, PackedLinear, replace_linears  # noqa: E402
+
+GROUP = 32
+CONFIG = LlamaConfig(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
+)
+TOKENS = torch.arange(3, 67).view(2, 32) % CONFIG.vocab_size
+# Measured max |logit difference| to amq (logits up to ~1.3): float32 0 (bit-identical weights),
+# bfloat16 0.0078, one bf16 step (compressed-tensors dequantizes in bfloat16, amq in float32).
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+# Runs in a fresh interpreter: transformers alone rebuilds each exported model.
+LOADER = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+out = {}
+for d in json.loads(sys.argv[1]):
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    AutoTokenizer.from_pretrained(d)
+    with torch.no_grad():
+        torch.save(model(input_ids=torch.load(sys.argv[2])).logits.float(), d + "/logits.pt")
+    out[d] = str(model.dtype)
+assert not any(m == "amq" or m.startswith("amq.") for m in sys.modules), "the loader imported amq"
+print(json.dumps(out))
+"""
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, CONFIG.vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def _integer_zero_quant(w: torch.Tensor, bits: int, group_size: int) -> GroupQuant:
+    """amq's min-max grid with its zero point rounded to an integer (the GPTQ reference's grid)."""
+    g = grouped(w.float(), group_size)
+    scale, zero = minmax_grid(g, bits)
+    zero = zero.round()
+    return GroupQuant(to_codes(g, scale, zero, bits).reshape(w.shape).to(torch.uint8), scale.half(), zero.half(), bits, group_size)
+
+
+def _quants(model: LlamaForCausalLM, kind: str) -> dict[str, GroupQuant]:
+    """Every decoder linear quantized, the widths cycling through 2, 3, 4 and 8 bits."""
+    layout = discover_layout(model)
+    bits = {li.name: (2, 3, 4, 8)[i % 4] for i, li in enumerate(layout.linears)}
+    if kind == "hqq":
+        return HQQFinalizer().quantize(model, layout, bits, GROUP)
+    quant = rtn_quant if kind == "rtn" else _integer_zero_quant
+    return {n: quant(model.get_submodule(n).weight.detach(), b, GROUP) for n, b in bits.items()}
+
+
+CASES = [  # (name, quantizer, dtype, zero_points)
+    ("int-zero-bf16", "int-zero", torch.bfloat16, "exact"),
+    ("int-zero-f32", "int-zero", torch.float32, "exact"),
+    ("rtn-bf16", "rtn", torch.bfloat16, "exact"),
+    ("hqq-bf16", "hqq", torch.bfloat16, "exact"),
+    ("hqq-f32", "hqq", torch.float32, "exact"),
+    ("hqq-round-bf16", "hqq", torch.bfloat16, "round"),
+]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, dict]:
+    """Each case exported by amq, reloaded with `load_quantized`, converted; then all loaded by transformers."""
+    root = tmp_path_factory.mktemp("ct")
+    torch.save(TOKENS, root / "tokens.pt")
+    cases = {}
+    for name, kind, dtype, zero_points in CASES:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(CONFIG).to(dtype).eval().requires_grad_(False)
+        quants = _quants(model, kind)
+        replace_linears(model, quants, dtype)
+        amq_dir = write_model_dir(root / f"{name}-amq", model, _tokenizer(), BitConfig({n: q.bits for n, q in quants.items()}, GROUP), {"name": kind})
+        reloaded = load_quantized(amq_dir)
+        ct_dir = export_compressed_tensors(amq_dir, root / name, zero_points)
+        if zero_points == "round":  # the reference is amq's model with its zero points rounded
+            reloaded = copy.deepcopy(reloaded)
+            for m in reloaded.modules():
+                if isinstance(m, PackedLinear):
+                    m.zero.copy_(m.zero.float().round())
+                    m._dequantized = None
+        with torch.no_grad():
+            ref = reloaded(input_ids=TOKENS).logits.float()
+        cases[name] = {"dir": ct_dir, "ref": ref, "dtype": dtype, "kind": kind, "zero_points": zero_points}
+    dirs = [str(c["dir"]) for c in cases.values()]
+    proc = subprocess.run([sys.executable, "-c", LOADER, json.dumps(dirs), str(root / "tokens.pt")], capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    dtypes = json.loads(proc.stdout.strip().splitlines()[-1])
+    for c in cases.values():
+        c["loaded_dtype"] = dtypes[str(c["dir"])]
+        c["logits"] = torch.load(c["dir"] / "logits.pt")
+    return cases
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_transformers_alone_gives_amq_logits(exported, name):
+    case = exported[name]
+    assert case["loaded_dtype"] == str(case["dtype"])
+    diff = float((case["logits"] - case["ref"]).abs().max())
+    assert diff <= TOLERANCE[case["dtype"]], f"{name}: max |logit diff| {diff:.3g} vs {float(case['ref'].abs().max()):.3g}"
+
+
+def test_formats_follow_the_zero_points(exported):
+    """Integer zeros are bit-packed; amq's float zeros stay exact in naive-quantized unless rounded."""
+    for name, case in exported.items():
+        config = json.loads((case["dir"] / "config.json").read_text())["quantization_config"]
+        groups = config["config_groups"]
+        formats = {g["format"] for g in groups.values()}
+        packed = case["kind"] == "int-zero" or case["zero_points"] == "round"
+        assert formats == ({"pack-quantized"} if packed else {"naive-quantized"}), (name, formats)
+        assert config["format"] == formats.pop() and config["quant_method"] == "compressed-tensors"
+        assert sorted(g["weights"]["num_bits"] for g in groups.values()) == [2, 3, 4, 8]
+        assert sum(len(g["targets"]) for g in groups.values()) == 14
+        for file in ("tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+            assert (case["dir"] / file).is_file(), (name, file)
+
+
+def test_packed_layers_take_their_width_on_disk(exported):
+    """b-bit codes in int32 words: 32 // b codes a word (compressed-tensors 0.17; from 0.18 on, 32 / b)."""
+    from safetensors import safe_open
+
+    with safe_open(str(exported["int-zero-bf16"]["dir"] / "model.safetensors"), "pt") as f:
+        for bits, layer in (
+            (2, "model.layers.0.self_attn.q_proj"),
+            (3, "model.layers.0.self_attn.k_proj"),
+            (4, "model.layers.0.self_attn.v_proj"),
+            (8, "model.layers.0.self_attn.o_proj"),
+        ):
+            packed = f.get_tensor(f"{layer}.weight_packed")
+            out_f, in_f = f.get_tensor(f"{layer}.weight_shape").tolist()
+            assert packed.dtype == torch.int32 and packed.shape[0] == out_f
+            assert in_f * bits <= packed.shape[1] * 32 <= -(-in_f // (32 // bits)) * 32, (layer, tuple(packed.shape))
+
+
+def test_awq_input_scales_are_refused():
+    """A per-input-channel scale has no compressed-tensors form: refused, not silently dropped."""
+    model = LlamaForCausalLM(CONFIG).eval().requires_grad_(False)
+    name = "model.layers.0.mlp.down_proj"
+    q = rtn_quant(model.get_submodule(name).weight, 4, GROUP)
+    q.input_scale = torch.ones(q.shape[1], dtype=torch.float16)
+    replace_linears(model, {name: q}, torch.float32)
+    with pytest.raises(InvalidArgument, match="AWQ input scale"):
+        checkpoint(model)
