@@ -79,7 +79,6 @@ def write_model_dir(
     try:
         save_model(model, str(tmp / WEIGHTS_FILE))
         model.config.save_pretrained(tmp)
-        mark_amq_only(tmp / "config.json")
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / QUANT_FILE, quant_manifest(model, config, quantizer))
         atomic_write_json(tmp / BITCONFIG_FILE, config.to_dict())
@@ -90,18 +89,6 @@ def write_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def mark_amq_only(config_json: Path) -> None:
-    """Give the directory's config.json a quantization method only amq knows, so that plain
-    `transformers.AutoModelForCausalLM.from_pretrained` refuses it ("Unknown quantization type")
-    instead of loading the model with its quantized linears left at random initialisation."""
-    config = json.loads(config_json.read_text())
-    config["quantization_config"] = {
-        "quant_method": FORMAT,
-        "loader": "amq.load_quantized(<this directory>); plain transformers loads the compressed-tensors/ subfolder",
-    }
-    config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(path: str | Path) -> dict:
