@@ -33,7 +33,7 @@ from amq.data.tokens import CalibrationSpec, calibration_windows
 from amq.errors import ConfigError, InvalidArgument, setting_for, settings_of
 from amq.evaluation.perplexity import PerplexityProtocol, perplexity_windows
 from amq.metrics.base import QualityMetric
-from amq.modeling.discovery import ModelLayout, discover_layout
+from amq.modeling.discovery import Coverage, ModelLayout, coverage, discover_layout
 from amq.proxy.bank import ProxyBank
 from amq.run.resume import TIME_LIMIT, comparable_settings
 from amq.search import sensitivity
@@ -181,6 +181,23 @@ def set_threads(num_threads: Any) -> None:
         torch.set_num_threads(int(num_threads))
 
 
+MAX_UNSEARCHED = 0.01  # of the decoder's weight matrices: more, and the bits a run reports would not be the model's
+
+
+def check_coverage(name: str, cov: Coverage) -> None:
+    """State what fraction of the decoder the search covers; refuse a model whose weight matrices
+    lie largely outside nn.Linear layers (a "4.5-bit" export would keep them unquantized)."""
+    log.info("coverage: the search covers %.1f%% of %s's decoder weight matrices (%d of %d parameters)", 100 * cov.fraction, name, cov.covered, cov.total)
+    if 1.0 - cov.fraction > MAX_UNSEARCHED:
+        examples = sorted(cov.uncovered, key=cov.uncovered.get, reverse=True)[:2]
+        raise ConfigError(
+            "model",
+            f"{100 * (1 - cov.fraction):.1f}% of {name}'s decoder weights are in layers amq cannot quantize yet (e.g. {', '.join(examples)}: "
+            "fused 3-D expert tensors of mixture-of-experts models, routers); they would stay unquantized and unaccounted for in the bits",
+            "a model whose decoder weights are nn.Linear layers: Llama, Mistral, Qwen2, Phi-3, OPT, Gemma3",
+        )
+
+
 def load_model_and_data(cfg: DictConfig) -> ModelAndData:
     """Load the model, discover its linears and read the data (no proxy, no metric)."""
     quiet_libraries()
@@ -191,8 +208,10 @@ def load_model_and_data(cfg: DictConfig) -> ModelAndData:
         corpus.cache_dir = str(cache_dir)
     with settings_of("model", MODEL_SETTINGS):
         lm = source.load(cache_dir)
-    layout = discover_layout(lm.model)
+    with settings_of("model"):
+        layout = discover_layout(lm.model)
     log.info("model %s: %d decoder blocks (%s), %d linears", lm.name, layout.n_blocks, layout.blocks_name, len(layout.linears))
+    check_coverage(lm.name, coverage(lm.model, layout))
     return ModelAndData(lm, layout, corpus.load(), cache_dir)
 
 

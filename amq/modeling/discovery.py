@@ -7,9 +7,11 @@ causal LMs in transformers) without naming any of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
+
+from amq.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,11 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if best is None or len(module) > len(best[1]):
             best = (name, module)
     if best is None:
-        raise ValueError(f"could not find a stack of decoder blocks with nn.Linear layers in {type(model).__name__}")
+        raise InvalidArgument(
+            "",
+            f"{type(model).__name__} has no stack of decoder blocks with nn.Linear layers (GPT-2-style Conv1D layers are not searched yet)",
+            "a causal LM whose decoder blocks hold nn.Linear layers: Llama, Mistral, Qwen2, Phi-3, OPT, Gemma3",
+        )
     return best
 
 
@@ -76,3 +82,33 @@ def discover_layout(model: nn.Module) -> ModelLayout:
                     )
                 )
     return ModelLayout(blocks_name=blocks_name, n_blocks=len(blocks), linears=tuple(linears))
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of the decoder's weight matrices (parameters of 2 or more dimensions inside the
+    blocks) the searchable linears hold; `uncovered` names the rest (numel per parameter)."""
+
+    covered: int
+    total: int
+    uncovered: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fraction(self) -> float:
+        return self.covered / self.total if self.total else 1.0
+
+
+def coverage(model: nn.Module, layout: ModelLayout) -> Coverage:
+    """What the search covers of the decoder: its nn.Linear weights, against every weight matrix
+    in the blocks (fused 3-D expert tensors of mixture-of-experts models, routers, Conv1D are not)."""
+    searched = {f"{name}.weight" for name in layout.names}
+    blocks = model.get_submodule(layout.blocks_name)
+    total, uncovered = 0, {}
+    for name, param in blocks.named_parameters():
+        if param.dim() < 2:
+            continue
+        full = f"{layout.blocks_name}.{name}"
+        total += param.numel()
+        if full not in searched:
+            uncovered[full] = param.numel()
+    return Coverage(total - sum(uncovered.values()), total, uncovered)
