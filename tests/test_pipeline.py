@@ -75,6 +75,7 @@ def test_same_seed_is_deterministic_and_run_returns_what_it_wrote(smoke_run, tmp
     assert objects.run_dir == again and len(objects.archive) == summary["true_evaluations"]
     assert objects.space.n_genes == summary["space"]["genes"] and objects.search.stopped is None
     assert objects.workbench.metric.name == "jsd" and len(objects.table.damage) == summary["model"]["linears"]
+    assert summary["model"]["searched_fraction"] == 1.0  # SmolLM2's decoder weights are all nn.Linear
 
 
 def test_resume_continues_without_duplicates(smoke_run, tmp_path):

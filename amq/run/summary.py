@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META
+from amq.modeling.discovery import coverage
 from amq.search.archive import Archive
 from amq.search.pareto import HV_CONVENTION, best_under_target
 
@@ -36,7 +37,13 @@ def search_summary(
     calib = plan.calibration
     evals = [r.seconds for r in archive.records if not r.reused]
     return {
-        "model": {"name": lm.name, "fingerprint": lm.fingerprint, "blocks": layout.n_blocks, "linears": len(layout.linears)},
+        "model": {
+            "name": lm.name,
+            "fingerprint": lm.fingerprint,
+            "blocks": layout.n_blocks,
+            "linears": len(layout.linears),
+            "searched_fraction": coverage(lm.model, layout).fraction,  # of the decoder's weight matrices
+        },
         "protocol": {
             "data": wb.splits.description,
             "calibration": {"n_samples": calib.n_samples, "seq_len": calib.seq_len, "seed": calib.seed},
