@@ -53,7 +53,8 @@ def run(cfg: DictConfig) -> tuple[dict, SearchRun]:
         plan = compose.plan(cfg)  # every setting that needs no model: bad ones fail before anything expensive
         session.check_resume(*compose.resume_settings(cfg))
         deadline = compose.search_deadline(plan.max_minutes, started)
-        session.begin(compose.config_record(cfg)[0])
+        config_yaml, config = compose.config_record(cfg)
+        session.begin(config_yaml)
 
         # ---- model, data, proxy, metric; then sensitivity and pruning
         wb = compose.prepare(cfg)
@@ -73,14 +74,14 @@ def run(cfg: DictConfig) -> tuple[dict, SearchRun]:
         observer = session.iteration_observer(rows, wb.metric.name, title, space_fp, plan.seed, plan.tracker)
         search = compose.assemble_search(plan, wb, table, space, archive, [observer], stop.deferred, deadline)
         objects = SearchRun(plan, wb, table, space, archive, search, session.dir)
-        return _search_and_finalize(cfg, objects, session, rows, start, title, started), objects
+        return _search_and_finalize(cfg, config, objects, session, rows, start, title, started), objects
 
 
-def _search_and_finalize(cfg: DictConfig, o: SearchRun, session: RunSession, rows: list[dict], start: int, title: str, started: float) -> dict:
+def _search_and_finalize(cfg: DictConfig, config: dict, o: SearchRun, session: RunSession, rows: list[dict], start: int, title: str, started: float) -> dict:
     """The search from iteration `start`, the front and summary.json, then the finalize stage, with
     the tracker open throughout (closed as failed if anything raises)."""
     plan, wb, search, archive = o.plan, o.workbench, o.search, o.archive
-    plan.tracker.start(str(session.dir), compose.config_record(cfg)[1], name=session.dir.name)
+    plan.tracker.start(str(session.dir), config, name=session.dir.name)
     failed = True
     try:
         t_search = time.perf_counter()

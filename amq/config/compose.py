@@ -160,6 +160,7 @@ class ModelAndData:
     layout: ModelLayout
     splits: TextSplits
     cache_dir: Path
+    coverage: Coverage  # how much of the decoder the layout's linears hold (summary.json reports it)
 
 
 @dataclass
@@ -211,8 +212,9 @@ def load_model_and_data(cfg: DictConfig) -> ModelAndData:
     with settings_of("model"):
         layout = discover_layout(lm.model)
     log.info("model %s: %d decoder blocks (%s), %d linears", lm.name, layout.n_blocks, layout.blocks_name, len(layout.linears))
-    check_coverage(lm.name, coverage(lm.model, layout))
-    return ModelAndData(lm, layout, corpus.load(), cache_dir)
+    cov = coverage(lm.model, layout)
+    check_coverage(lm.name, cov)
+    return ModelAndData(lm, layout, corpus.load(), cache_dir, cov)
 
 
 @dataclass
@@ -263,13 +265,12 @@ def plan(cfg: DictConfig) -> SearchPlan:
     max_minutes = cfg.budget.max_minutes
     search_deadline(max_minutes, 0.0)  # refuses a bad limit now
     _check_targets_given(cfg)
-    share_groups = OmegaConf.to_container(cfg.search.share_groups, resolve=True) if cfg.search.share_groups else None
     return SearchPlan(
         seed=int(cfg.seed),
         calibration=calibration_spec(cfg),
         sensitivity_samples=int(cfg.budget.sensitivity_samples),
         pruning=pruning,
-        share_groups=share_groups,
+        share_groups=shared_precision_groups(cfg),
         settings=settings,
         make_predictor=make_predictor,
         predictor_name=str(cfg.predictor._target_).rsplit(".", 1)[-1],
@@ -292,17 +293,20 @@ def search_deadline(max_minutes: object, started: float) -> float | None:
     return started + 60.0 * float(max_minutes)
 
 
+def shared_precision_groups(cfg: DictConfig) -> list[list[str]] | None:
+    """search.share_groups as plain lists (None: every linear its own gene)."""
+    return OmegaConf.to_container(cfg.search.share_groups, resolve=True) if cfg.search.share_groups else None
+
+
 def _check_targets_given(cfg: DictConfig) -> None:
     """search.targets must name at least one budget (the seeds, the reports and finalize work at
     them); an empty finalize.targets is reported under the setting that made it empty."""
-    valid = "a list of average-bits budgets, e.g. [4.0, 4.5]"
-    targets = cfg.search.targets
-    if targets is None or (not isinstance(targets, (int, float)) and len(targets) == 0):
-        raise ConfigError("search.targets", "no targets given", valid)
+    named = [("search.targets", cfg.search.targets)]
     if cfg.finalize.enabled and not OmegaConf.is_interpolation(cfg.finalize, "targets"):
-        given = cfg.finalize.targets
-        if given is None or (not isinstance(given, (int, float)) and len(given) == 0):
-            raise ConfigError("finalize.targets", "no targets given", valid)
+        named.append(("finalize.targets", cfg.finalize.targets))
+    for setting, targets in named:
+        if targets is None or (not isinstance(targets, (int, float)) and len(targets) == 0):
+            raise ConfigError(setting, "no targets given", "a list of average-bits budgets, e.g. [4.0, 4.5]")
 
 
 def calibration_spec(cfg: DictConfig) -> CalibrationSpec:
@@ -332,13 +336,12 @@ def prepare(cfg: DictConfig) -> Workbench:
     quantizer = build(cfg.quantizer, "quantizer")
     calib = calibration_spec(cfg)
     bits = [int(b) for b in cfg.search.bits]
-    share_groups = OmegaConf.to_container(cfg.search.share_groups, resolve=True) if cfg.search.share_groups else None
 
     md = load_model_and_data(cfg)
     lm, layout = md.lm, md.layout
     with settings_of("quantizer", SPACE_SETTINGS):
         quantizer.validate(bits, layout.linears)
-        full_space = SearchSpace(layout.linears, bits, quantizer.group_size, share_patterns=share_groups)
+        full_space = SearchSpace(layout.linears, bits, quantizer.group_size, share_patterns=shared_precision_groups(cfg))
         targets = full_space.check_targets(cfg.search.targets)
     check_window(calib.seq_len, lm, "budget.seq_len")
     if cfg.finalize.enabled:  # before the proxy and sensitivity: budgets below every configuration fail now
@@ -359,7 +362,7 @@ def prepare(cfg: DictConfig) -> Workbench:
         metric.reuse_prefix(lm.model.get_submodule(layout.blocks_name))
     with settings_of("quantizer"):
         bank = ProxyBank(lm.model, layout, quantizer, bits, storage=quantizer.storage).build(md.cache_dir / "proxy", lm.fingerprint)
-    return Workbench(lm, layout, md.splits, md.cache_dir, tokens, bank, metric, bits, targets)
+    return Workbench(lm, layout, md.splits, md.cache_dir, md.coverage, tokens, bank, metric, bits, targets)
 
 
 def search_settings(cfg: DictConfig) -> SearchSettings:

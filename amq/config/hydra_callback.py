@@ -16,8 +16,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from amq.config.compose import resume_settings
 from amq.errors import ConfigError
-from amq.run.resume import check_resumable, comparable_settings, find_unfinished, probe_writable
+from amq.run.resume import check_resumable, find_unfinished, probe_writable
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,17 @@ class RunDirCallback(Callback):
         resume = config.get("resume")
         fresh = Path(str(config.hydra.run.dir))
         target = None
-        if resume == "auto":
-            target = find_unfinished(fresh.parent, comparable_settings(config), int(config.budget.iterations))
-            if target is None:
-                log.info("resume=auto: no unfinished run with these settings in %s; starting a new one", fresh.parent)
+        if resume:
+            _, settings, iterations = resume_settings(config)
+            if resume == "auto":
+                target = find_unfinished(fresh.parent, settings, iterations)
+                if target is None:
+                    log.info("resume=auto: no unfinished run with these settings in %s; starting a new one", fresh.parent)
+                else:
+                    log.info("resume=auto: continuing %s", target)
             else:
-                log.info("resume=auto: continuing %s", target)
-        elif resume:
-            target = Path(str(resume)).expanduser().absolute()
-            check_resumable(target, comparable_settings(config), int(config.budget.iterations))
+                target = Path(str(resume)).expanduser().absolute()
+                check_resumable(target, settings, iterations)
         if target is None:
             _set_hydra(config, "run.dir", str(fresh))  # freeze the time stamp it was probed with
             probe_writable(fresh, "paths.log_dir")

@@ -166,11 +166,12 @@ class Finalizer:
     def _standard_formats(self, model: nn.Module, model_dir: Path) -> dict[str, dict]:
         """Write the standard checkpoints `finalize.formats` asks for into subfolders of `model_dir`;
         per format, where it went and its size, or why this model has no such checkpoint."""
+        writers = {"compressed-tensors": write_compressed_tensors}  # one per name in finalize.settings.FORMATS
         out: dict[str, dict] = {}
         for fmt in self.settings.formats:
             target = model_dir / fmt
             try:
-                write_compressed_tensors(model, target, source_dir=model_dir)
+                writers[fmt](model, target, source_dir=model_dir)
             except InvalidArgument as exc:  # a layer the format cannot hold (AWQ's input scales)
                 log.warning("%s: no %s checkpoint: %s", model_dir.name, fmt, exc.problem)
                 out[fmt] = {"written": False, "why": exc.problem}

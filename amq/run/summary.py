@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 
 from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META
-from amq.modeling.discovery import coverage
 from amq.search.archive import Archive
 from amq.search.pareto import HV_CONVENTION, best_under_target
 
@@ -42,7 +41,7 @@ def search_summary(
             "fingerprint": lm.fingerprint,
             "blocks": layout.n_blocks,
             "linears": len(layout.linears),
-            "searched_fraction": coverage(lm.model, layout).fraction,  # of the decoder's weight matrices
+            "searched_fraction": wb.coverage.fraction,  # of the decoder's weight matrices
         },
         "protocol": {
             "data": wb.splits.description,
