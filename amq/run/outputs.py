@@ -37,10 +37,6 @@ class RunOutputs:
     def archive_path(self) -> Path:
         return self.path(ARCHIVE_FILE)
 
-    def started(self) -> bool:
-        """Whether an earlier process already began this run (it writes config.yaml first)."""
-        return self.path(CONFIG_FILE).is_file()
-
     def remove_stale_temps(self) -> None:
         """Temporary files of atomic writes a killed process left behind (the run is their only writer)."""
         for p in list(self.dir.iterdir()):
