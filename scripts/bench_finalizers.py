@@ -36,12 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench_finalizers")
 FINALIZERS = ("hqq", "gptq", "awq")
+VARIANTS = {"awq-unfolded": ("awq", ["finalizer.fold=false"])}  # name -> (finalizer, its overrides)
 
 
 def main() -> None:
     ap = script_parser(__doc__, "Hydra overrides, e.g. num_threads=1 model=gemma3_270m")
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
-    ap.add_argument("--finalizers", nargs="+", default=list(FINALIZERS), choices=FINALIZERS)
+    ap.add_argument(
+        "--finalizers", nargs="+", default=list(FINALIZERS), choices=[*FINALIZERS, *VARIANTS], help="awq-unfolded: AWQ with a free scale per linear"
+    )
     ap.add_argument("--calib-samples", type=int, default=16, help="calibration windows for GPTQ / AWQ")
     ap.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")
     ap.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
@@ -73,8 +76,9 @@ def main() -> None:
         bits = {n: b for n in layout.names}
         runs: list[tuple[str, callable]] = [("rtn", lambda bits=bits: {n: rtn_quant(model.get_submodule(n).weight, bits[n], group) for n in bits})]
         for name in args.finalizers:
+            base, extra = VARIANTS.get(name, (name, []))
             with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-                fcfg = compose(config_name="train_search", overrides=["logger=none", *args.overrides, f"finalizer={name}"]).finalizer
+                fcfg = compose(config_name="train_search", overrides=["logger=none", *args.overrides, f"finalizer={base}", *extra]).finalizer
             fz = build(fcfg, "finalizer")
             runs.append((name, lambda fz=fz, bits=bits: fz.quantize(model, layout, bits, group, calib if fz.needs_calibration else None)))
         for name, run in runs:

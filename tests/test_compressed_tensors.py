@@ -17,6 +17,7 @@ pytest.importorskip("compressed_tensors")
 from amq.bits import BitConfig  # noqa: E402
 from amq.errors import InvalidArgument  # noqa: E402
 from amq.modeling.discovery import discover_layout  # noqa: E402
+from amq.quantizers.awq import AWQFinalizer  # noqa: E402
 from amq.quantizers.compressed_tensors import checkpoint, export_compressed_tensors  # noqa: E402
 from amq.quantizers.export import load_quantized, write_model_dir  # noqa: E402
 from amq.quantizers.grid import grouped, minmax_grid, rtn_quant, to_codes  # noqa: E402
@@ -27,10 +28,14 @@ GROUP = 32
 CONFIG = LlamaConfig(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
 )
+CONFIG_MHA = LlamaConfig(**{**CONFIG.to_dict(), "num_key_value_heads": 4})  # v_proj as wide as o_proj's input: o_proj's scale folds too
 TOKENS = torch.arange(3, 67).view(2, 32) % CONFIG.vocab_size
 # Measured max |logit difference| to amq (logits up to ~1.3): float32 0 (bit-identical weights),
 # bfloat16 0.0078, one bf16 step (compressed-tensors dequantizes in bfloat16, amq in float32).
+# Input scales folded into norms and producer linears round once more (float16 group scales / s):
+# float32 1.5e-4 with scales in [0.25, 3.25].
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+FOLDED_TOLERANCE = {torch.float32: 5e-4, torch.bfloat16: 3e-2}
 
 # Runs in a fresh interpreter: transformers alone rebuilds each exported model.
 LOADER = """
@@ -71,6 +76,19 @@ def _quants(model: LlamaForCausalLM, kind: str) -> dict[str, GroupQuant]:
     bits = {li.name: (2, 3, 4, 8)[i % 4] for i, li in enumerate(layout.linears)}
     if kind == "hqq":
         return HQQFinalizer().quantize(model, layout, bits, GROUP)
+    if kind.startswith("awq"):  # real AWQ on random calibration windows; fold=false for "awq-free"
+        calib = torch.randint(3, CONFIG.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+        return AWQFinalizer(n_grid=5, fold=kind != "awq-free").quantize(model, layout, bits, GROUP, calib)
+    if kind.startswith("scaled"):  # AWQ-like input scales far from 1, one per input every layer reads
+        quants = {n: rtn_quant(model.get_submodule(n).weight.detach(), b, GROUP) for n, b in bits.items()}
+        g = torch.Generator().manual_seed(1)
+        for block in range(CONFIG.num_hidden_layers):
+            for stage in (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)):
+                names = [n for n in quants if n.startswith(f"model.layers.{block}.") and n.rpartition(".")[2] in stage]
+                s = (0.25 + 3 * torch.rand(quants[names[0]].shape[1], generator=g)).half()
+                for n in names:
+                    quants[n].input_scale = s
+        return quants
     quant = rtn_quant if kind == "rtn" else _integer_zero_quant
     return {n: quant(model.get_submodule(n).weight.detach(), b, GROUP) for n, b in bits.items()}
 
@@ -82,6 +100,8 @@ CASES = [  # (name, quantizer, dtype, zero_points)
     ("hqq-bf16", "hqq", torch.bfloat16, "exact"),
     ("hqq-f32", "hqq", torch.float32, "exact"),
     ("hqq-round-bf16", "hqq", torch.bfloat16, "round"),
+    ("awq-bf16", "awq", torch.bfloat16, "exact"),
+    ("scaled-mha-f32", "scaled-mha", torch.float32, "exact"),
 ]
 
 
@@ -93,7 +113,7 @@ def exported(tmp_path_factory) -> dict[str, dict]:
     cases = {}
     for name, kind, dtype, zero_points in CASES:
         torch.manual_seed(0)
-        model = LlamaForCausalLM(CONFIG).to(dtype).eval().requires_grad_(False)
+        model = LlamaForCausalLM(CONFIG_MHA if kind.endswith("-mha") else CONFIG).to(dtype).eval().requires_grad_(False)
         quants = _quants(model, kind)
         replace_linears(model, quants, dtype)
         amq_dir = write_model_dir(root / f"{name}-amq", model, _tokenizer(), BitConfig({n: q.bits for n, q in quants.items()}, GROUP), {"name": kind})
@@ -123,7 +143,8 @@ def test_transformers_alone_gives_amq_logits(exported, name):
     case = exported[name]
     assert case["loaded_dtype"] == str(case["dtype"])
     diff = float((case["logits"] - case["ref"]).abs().max())
-    assert diff <= TOLERANCE[case["dtype"]], f"{name}: max |logit diff| {diff:.3g} vs {float(case['ref'].abs().max()):.3g}"
+    tolerance = (FOLDED_TOLERANCE if case["kind"].startswith(("awq", "scaled")) else TOLERANCE)[case["dtype"]]
+    assert diff <= tolerance, f"{name}: max |logit diff| {diff:.3g} vs {float(case['ref'].abs().max()):.3g}"
 
 
 def test_formats_follow_the_zero_points(exported):
@@ -158,12 +179,23 @@ def test_packed_layers_take_their_width_on_disk(exported):
             assert in_f * bits <= packed.shape[1] * 32 <= -(-in_f // (32 // bits)) * 32, (layer, tuple(packed.shape))
 
 
-def test_awq_input_scales_are_refused():
-    """A per-input-channel scale has no compressed-tensors form: refused, not silently dropped."""
+def test_awq_scales_move_into_their_producers(exported):
+    """q/k/v and gate/up fold into their norms, down_proj into up_proj, o_proj into v_proj where
+    attention is multi-head; under grouped-query attention o_proj keeps no scale at all."""
+    from safetensors import safe_open
+
+    for name in ("awq-bf16", "scaled-mha-f32"):
+        with safe_open(str(exported[name]["dir"] / "model.safetensors"), "pt") as f:
+            assert not any("input_scale" in k for k in f.keys())
+    with safe_open(str(exported["scaled-mha-f32"]["dir"] / "model.safetensors"), "pt") as f:
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            w = f.get_tensor(f"model.layers.0.{norm}.weight")
+            assert not torch.allclose(w, torch.ones_like(w)), f"{norm} took no scale"
+
+
+def test_awq_with_a_scale_per_linear_is_refused():
+    """fold=false gives q/k/v different scales, which their one norm cannot absorb: refused, never dropped."""
     model = LlamaForCausalLM(CONFIG).eval().requires_grad_(False)
-    name = "model.layers.0.mlp.down_proj"
-    q = rtn_quant(model.get_submodule(name).weight, 4, GROUP)
-    q.input_scale = torch.ones(q.shape[1], dtype=torch.float16)
-    replace_linears(model, {name: q}, torch.float32)
+    replace_linears(model, _quants(model, "awq-free"), torch.float32)
     with pytest.raises(InvalidArgument, match="AWQ input scale"):
         checkpoint(model)

@@ -31,13 +31,15 @@ def run_copy(smoke_run, tmp_path) -> Path:
 
 
 @pytest.mark.slow
-def test_finalizes_a_finished_run_into_its_own_directory(run_copy, tmp_path):
-    """GPTQ, later, from the archive: a new directory, and a checkpoint plain transformers reproduces."""
+@pytest.mark.parametrize("finalizer", ["gptq", "awq"])
+def test_finalizes_a_finished_run_into_its_own_directory(run_copy, tmp_path, finalizer):
+    """GPTQ or AWQ, later, from the archive: a new directory, and a checkpoint plain transformers
+    reproduces (AWQ's input scales folded into the norms and up_proj)."""
     before = _files(run_copy)
     proc = _finalize_cli(
         [
             str(run_copy),
-            "finalizer=gptq",
+            f"finalizer={finalizer}",
             "finalize.targets=[4.25]",
             "finalize.baselines=false",
             "finalize.extra_front_points=0",

@@ -204,7 +204,9 @@ def test_awq_model_exports_and_reloads_with_identical_outputs(smollm2, tmp_path:
     replace_linears(packed, quants, lm.model.dtype)
     write_model_dir(tmp_path / "m", packed, lm.tokenizer, BitConfig(bits, GROUP), {"name": "awq"})
     reloaded = load_quantized(tmp_path / "m")
-    assert all(m.input_scale is not None for m in reloaded.modules() if isinstance(m, PackedLinear))
+    # SmolLM2's grouped-query attention leaves o_proj no producer to fold a scale into: it gets none
+    scaled = {n.rpartition(".")[2] for n, m in reloaded.named_modules() if isinstance(m, PackedLinear) and m.input_scale is not None}
+    assert scaled == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}, scaled
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=calib[:2]).logits, packed(input_ids=calib[:2]).logits)
 

@@ -10,10 +10,14 @@ inputs, computed exactly from H = 2 X X^T as trace(E H E^T) for a weight error E
 same whatever the number of calibration tokens. Blocks are walked in order and each sees the
 quantized outputs of the previous one (`amq.quantizers.calibration`).
 
-The scale is kept as the layer's `input_scale` (the packed layer computes `dequant @ (x / s)`)
-instead of being folded into the preceding norm or linear as the reference does: folding needs
-per-architecture knowledge of which module feeds which, and keeping it costs only one float16 per
-input feature. Scales are per linear (not shared by q/k/v), which folding would force.
+With `fold=True` (the default) the linears that read one input (q/k/v, gate/up) share one
+scale, searched on their summed output error as the reference does, and only linears whose input
+scale can move into the module producing that input (a norm, or up_proj before down_proj; see
+`amq.quantizers.folding`) are scaled; the others (o_proj under grouped-query attention, the fused
+projections of Phi-3) keep alpha = 0 and get only the clipping search. That is what lets a
+standard format without input scales (compressed-tensors) hold the model: the export folds each
+shared scale into its producer. `fold=False` scales every linear with its own scale, which only
+amq's own format can hold (each layer keeps `input_scale` and computes `dequant @ (x / s)`).
 
 Why not a library: AutoAWQ 0.2.9 (archived) imports here but packs 4-bit only ("Only 4-bit are
 supported for now") and one width for the whole model; llm-compressor 0.14 pins transformers
@@ -31,19 +35,26 @@ from torch import nn
 from amq.errors import InvalidArgument
 from amq.modeling.discovery import ModelLayout
 from amq.quantizers.calibration import InputStats, quantize_calibrated
+from amq.quantizers.checks import selected_linears
+from amq.quantizers.folding import find_producers
 from amq.quantizers.grid import from_codes, grouped, round_to_nearest, search_shrink, shrink_ratios
 from amq.quantizers.packed import GroupQuant
 
 
 @dataclass(frozen=True)
 class AWQFinalizer:
-    """AWQ with per-layer bits: `n_grid` points for alpha in [0, 1] and for the clipping ratio in [max_shrink, 1]."""
+    """AWQ with per-layer bits: `n_grid` points for alpha in [0, 1] and for the clipping ratio in [max_shrink, 1].
+
+    `fold`: scales shared by the linears of one input and limited to those a standard checkpoint
+    can hold (module docstring); False: a free scale per linear (amq's own format only).
+    """
 
     n_grid: int = 20
     clip: bool = True
     max_shrink: float = 0.5
     sequential: bool = True
     batch_size: int = 8
+    fold: bool = True
     name: str = "awq"
     needs_calibration: bool = True
 
@@ -56,11 +67,21 @@ class AWQFinalizer:
             raise InvalidArgument("batch_size", f"{self.batch_size}", "a positive integer")
 
     def quantize(self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int, calib: torch.Tensor | None) -> dict[str, GroupQuant]:
-        return quantize_calibrated(self, model, layout, bits, group_size, calib)
+        foldable: set[str] | None = None  # None: every linear may be scaled
+        if self.fold:
+            names = [li.name for li in selected_linears(layout, bits, group_size, self.name)]
+            foldable = set(find_producers(model, names))
 
-    def quantize_stage(self, weights: list[torch.Tensor], bits: list[int], group_size: int, stats: InputStats) -> list[GroupQuant]:
-        """Each linear gets its own scales (they are not folded, so nothing forces q/k/v to share them)."""
-        return [awq_quantize(w, stats, b, group_size, self.n_grid, self.clip, self.max_shrink) for w, b in zip(weights, bits)]
+        def stage_options(names: list[str]) -> dict:
+            return {"scaled": foldable is None or all(n in foldable for n in names)}
+
+        return quantize_calibrated(self, model, layout, bits, group_size, calib, stage_options)
+
+    def quantize_stage(self, weights: list[torch.Tensor], bits: list[int], group_size: int, stats: InputStats, scaled: bool = True) -> list[GroupQuant]:
+        """One shared scale for the stage (`fold`), a scale per linear (not `fold`), or none (`scaled=False`)."""
+        if self.fold:
+            return awq_quantize_shared(weights, stats, bits, group_size, self.n_grid, self.clip, self.max_shrink, scaled)
+        return [awq_quantize_shared([w], stats, [b], group_size, self.n_grid, self.clip, self.max_shrink)[0] for w, b in zip(weights, bits)]
 
 
 def output_error(E: torch.Tensor, H: torch.Tensor) -> float:
@@ -68,26 +89,46 @@ def output_error(E: torch.Tensor, H: torch.Tensor) -> float:
     return float(((E @ H) * E).sum())
 
 
-def awq_quantize(
-    weight: torch.Tensor, stats: InputStats, bits: int, group_size: int, n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5
-) -> GroupQuant:
-    """AWQ of one (out, in) weight from the statistics of its inputs."""
-    W = weight.detach().float()
+def awq_quantize_shared(
+    weights: list[torch.Tensor],
+    stats: InputStats,
+    bits: list[int],
+    group_size: int,
+    n_grid: int = 20,
+    clip: bool = True,
+    max_shrink: float = 0.5,
+    scaled: bool = True,
+) -> list[GroupQuant]:
+    """AWQ of (out, in) weights that read one input, with one input scale shared by all of them.
+
+    The scale minimises their summed output error, each at its own width. `scaled=False` keeps
+    s = 1 (no input scale): round-to-nearest with the clipping search only.
+    """
+    Ws = [w.detach().float() for w in weights]
     H = stats.hessian()
-    x_mean = stats.mean_abs()
-    best_err, best_s = float("inf"), torch.ones_like(x_mean)
-    for alpha in torch.linspace(0.0, 1.0, n_grid).tolist():
-        s = x_mean.pow(alpha).clamp(min=1e-4)
-        s = (s / (s.max() * s.min()).sqrt()).half().float()  # exactly what the layer stores
-        codes, scale, zero = round_to_nearest(W * s, bits, group_size)
-        W_eff = from_codes(grouped(codes, group_size), scale, zero).reshape(W.shape) / s
-        err = output_error(W_eff - W, H)
-        if err < best_err:
-            best_err, best_s = err, s
-    W_s = W * best_s
-    shrink = clip_ratios(W_s, H / torch.outer(best_s, best_s), bits, group_size, n_grid, max_shrink) if clip else 1.0
-    codes, scale, zero = round_to_nearest(W_s, bits, group_size, shrink)
-    return GroupQuant(codes.to(torch.uint8), scale.half(), zero.half(), bits, group_size, input_scale=best_s.half())
+    best_s = None
+    if scaled:
+        x_mean = stats.mean_abs()
+        best_err = float("inf")
+        for alpha in torch.linspace(0.0, 1.0, n_grid).tolist():
+            s = x_mean.pow(alpha).clamp(min=1e-4)
+            s = (s / (s.max() * s.min()).sqrt()).half().float()  # exactly what the layer stores
+            err = 0.0
+            for W, b in zip(Ws, bits):
+                codes, scale, zero = round_to_nearest(W * s, b, group_size)
+                W_eff = from_codes(grouped(codes, group_size), scale, zero).reshape(W.shape) / s
+                err += output_error(W_eff - W, H)
+            if err < best_err:
+                best_err, best_s = err, s
+    out = []
+    for W, b in zip(Ws, bits):
+        W_s = W * best_s if best_s is not None else W
+        H_s = H / torch.outer(best_s, best_s) if best_s is not None else H
+        shrink = clip_ratios(W_s, H_s, b, group_size, n_grid, max_shrink) if clip else 1.0
+        codes, scale, zero = round_to_nearest(W_s, b, group_size, shrink)
+        input_scale = best_s.half() if best_s is not None else None
+        out.append(GroupQuant(codes.to(torch.uint8), scale.half(), zero.half(), b, group_size, input_scale=input_scale))
+    return out
 
 
 def clip_ratios(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, n_grid: int, max_shrink: float) -> torch.Tensor:

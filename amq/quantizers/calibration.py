@@ -169,7 +169,7 @@ class CalibratedFinalizer(Protocol):
     batch_size: int
     sequential: bool
 
-    def quantize_stage(self, weights: list[torch.Tensor], bits: list[int], group_size: int, stats: InputStats) -> list[GroupQuant]: ...
+    def quantize_stage(self, weights: list[torch.Tensor], bits: list[int], group_size: int, stats: InputStats, **options: Any) -> list[GroupQuant]: ...
 
 
 def quantize_calibrated(
@@ -179,13 +179,19 @@ def quantize_calibrated(
     bits: Mapping[str, int],
     group_size: int,
     calib: torch.Tensor | None,
+    stage_options: Callable[[list[str]], dict[str, Any]] | None = None,
 ) -> dict[str, GroupQuant]:
-    """`Finalizer.quantize` for calibrated methods: check the request, then walk the blocks."""
+    """`Finalizer.quantize` for calibrated methods: check the request, then walk the blocks.
+
+    `stage_options(names)` gives extra keyword arguments for a stage's `quantize_stage` (AWQ: may
+    this stage be scaled).
+    """
     linears = selected_linears(layout, bits, group_size, finalizer.name)
     calib = require_calibration(calib, finalizer.name)
 
     def stage(names: list[str], weights: list[torch.Tensor], stats: InputStats) -> list[GroupQuant]:
-        return finalizer.quantize_stage(weights, [bits[n] for n in names], group_size, stats)
+        options = stage_options(names) if stage_options is not None else {}
+        return finalizer.quantize_stage(weights, [bits[n] for n in names], group_size, stats, **options)
 
     return quantize_blocks(model, linears, calib, stage, finalizer.batch_size, finalizer.sequential, label=finalizer.name)
 

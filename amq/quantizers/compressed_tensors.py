@@ -25,8 +25,11 @@ shifted by 2^(b-1) into signed int8 and computes (q_s - zero_s) * scale, the sam
       (b bits per weight) but moves every weight of a group by up to half a step: far from exact.
 
 One config group per (width, format), targeting its modules by full name; everything that is
-not a PackedLinear (embeddings, norms, lm_head, biases) is stored as it is. AWQ layers (a
-per-input-channel `input_scale`) have no compressed-tensors form and are refused.
+not a PackedLinear (embeddings, norms, lm_head, biases) is stored as it is. AWQ's per-input-channel
+`input_scale` has no compressed-tensors form, so it is folded into the module that produces the
+layer's input (`amq.quantizers.folding`): the norm's weight for q/k/v and gate/up, up_proj's group
+scales for down_proj. Layers whose scale cannot move there (no such producer, or readers of one
+norm with different scales: AWQ with `fold=false`) are refused.
 
 On load, transformers casts the scale to the model dtype and dequantizes in it: a float32 model
 gets amq's weights (bit for bit in the tests), a bfloat16 one differs from amq's (which dequantizes in float32)
@@ -35,6 +38,7 @@ by the bfloat16 rounding of each scale and of the product.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -49,7 +53,8 @@ from torch import nn
 from amq.errors import InvalidArgument
 from amq.io import replace_dir
 from amq.quantizers.export import load_quantized, packed_modules
-from amq.quantizers.packed import PackedLinear
+from amq.quantizers.folding import find_producers, folded_norm, shared_scale
+from amq.quantizers.packed import GroupQuant, PackedLinear
 
 log = logging.getLogger(__name__)
 
@@ -60,32 +65,82 @@ PACKED, NAIVE = "pack-quantized", "naive-quantized"
 COPIED_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "chat_template*", "generation_config.json")
 
 
-def layer_tensors(name: str, m: PackedLinear, zero_points: ZeroPoints = "exact") -> tuple[str, dict[str, torch.Tensor]]:
-    """(format, tensors by full name) of one packed layer in compressed-tensors form."""
+def layer_tensors(name: str, q: GroupQuant, bias: torch.Tensor | None, zero_points: ZeroPoints = "exact") -> tuple[str, dict[str, torch.Tensor]]:
+    """(format, tensors by full name) of one quantized layer (input scale already folded away)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    if m.input_scale is not None:
-        raise InvalidArgument(
-            "model",
-            f"{name} has an AWQ input scale, which compressed-tensors cannot express",
-            "a model finalized with HQQ or GPTQ",
-        )
-    q = m.to_quant()
+    assert q.input_scale is None, f"{name}: fold its input scale first (fold_input_scales)"
     offset = 1 << (q.bits - 1)  # compressed-tensors stores codes and zero points signed
     codes = (q.codes.to(torch.int16) - offset).to(torch.int8)
     zero = q.zero.float().round() if zero_points == "round" else q.zero.float()
     packable = bool(torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= 2**q.bits - 1)
     out = {f"{name}.weight_scale": q.scale.half().contiguous()}
-    if m.bias is not None:
-        out[f"{name}.bias"] = m.bias.detach().contiguous()
+    if bias is not None:
+        out[f"{name}.bias"] = bias.detach().contiguous()
     if packable:
         out[f"{name}.weight_packed"] = pack_to_int32(codes, q.bits).contiguous()
         out[f"{name}.weight_zero_point"] = pack_to_int32((zero - offset).to(torch.int8), q.bits, packed_dim=0).contiguous()
-        out[f"{name}.weight_shape"] = torch.tensor([m.out_features, m.in_features], dtype=torch.int64)
+        out[f"{name}.weight_shape"] = torch.tensor(list(q.shape), dtype=torch.int64)
         return PACKED, out
     out[f"{name}.weight"] = codes.contiguous()
     out[f"{name}.weight_zero_point"] = (zero - offset).contiguous()  # float32: exact for float16 zeros
     return NAIVE, out
+
+
+def fold_input_scales(model: nn.Module, layers: dict[str, PackedLinear]) -> tuple[dict[str, GroupQuant], dict[str, torch.Tensor]]:
+    """Every layer's GroupQuant with AWQ input scales moved into their producers, and the other
+    tensors of the model that change (norm weights, unquantized producer linears) by name.
+
+    Why: compressed-tensors computes `dequant @ x`; a layer that computes `dequant @ (x / s)` is the
+    same function when its producer already outputs x / s. Refuses what cannot move (see module doc).
+    """
+    quants = {n: m.to_quant() for n, m in layers.items()}
+    overrides: dict[str, torch.Tensor] = {n + ".bias": m.bias for n, m in layers.items() if m.bias is not None}
+    scaled = [n for n, q in quants.items() if q.input_scale is not None]
+    if not scaled:
+        return quants, overrides
+    producers = find_producers(model, scaled)
+    missing = [n for n in scaled if n not in producers]
+    if missing:
+        raise InvalidArgument(
+            "model",
+            f"{missing[0]} has an AWQ input scale that no module before it can absorb, so compressed-tensors cannot express it",
+            "a model finalized with HQQ, GPTQ, or AWQ with fold=true (the default)",
+        )
+    readers: dict[str, list[str]] = {}
+    for n in scaled:
+        readers.setdefault(producers[n].name, []).append(n)
+    for producer, names in readers.items():
+        s = shared_scale({n: quants[n].input_scale for n in names})
+        if s is None:
+            raise InvalidArgument(
+                "model",
+                f"{', '.join(names)} read {producer} with different AWQ input scales, which one module cannot absorb",
+                "a model finalized with HQQ, GPTQ, or AWQ with fold=true (the default)",
+            )
+        s = s.float()
+        module = model.get_submodule(producer)
+        if producers[names[0]].kind == "norm":
+            probe = torch.randn(4, s.numel(), generator=torch.Generator().manual_seed(0)).to(module.weight)
+            try:
+                overrides.update({f"{producer}.{k}": t for k, t in folded_norm(module, s, probe).items()})
+            except ValueError as exc:
+                raise InvalidArgument(
+                    "model", f"the AWQ input scales of {names[0]} cannot move into {producer}: {exc}", "a model finalized with HQQ or GPTQ"
+                ) from exc
+        else:  # a linear: its output rows divide by s (a packed one through its group scales)
+            if producer in quants:
+                q = quants[producer]
+                quants[producer] = dataclasses.replace(q, scale=(q.scale.float() / s[:, None]).half())
+            else:
+                overrides[f"{producer}.weight"] = (module.weight.float() / s[:, None]).to(module.weight.dtype)
+            bias = overrides.get(producer + ".bias", getattr(module, "bias", None))
+            if bias is not None:
+                overrides[f"{producer}.bias"] = (bias.float() / s).to(bias.dtype)
+        for n in names:
+            quants[n] = dataclasses.replace(quants[n], input_scale=None)
+    log.info("folded the AWQ input scales of %d layers into %d producers", len(scaled), len(readers))
+    return quants, overrides
 
 
 def quantization_config(groups: dict[tuple[int, str], list[str]], group_size: int) -> dict:
@@ -127,12 +182,13 @@ def checkpoint(model: nn.Module, zero_points: ZeroPoints = "exact") -> tuple[dic
     group_sizes = {m.group_size for m in layers.values()}
     if len(group_sizes) > 1:
         raise InvalidArgument("model", f"mixes group sizes {sorted(group_sizes)}", "one group size for all layers")
+    quants, overrides = fold_input_scales(model, layers)
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[tuple[int, str], list[str]] = {}
-    for name, m in layers.items():
-        fmt, out = layer_tensors(name, m, zero_points)
+    for name, q in quants.items():
+        fmt, out = layer_tensors(name, q, overrides.get(name + ".bias"), zero_points)
         tensors.update(out)
-        groups.setdefault((m.bits, fmt), []).append(name)
+        groups.setdefault((q.bits, fmt), []).append(name)
     seen: set[tuple] = set()  # tied tensors (embeddings and lm_head) once, as transformers saves them
     for key, t in model.state_dict().items():
         module = key.rpartition(".")[0]
@@ -141,7 +197,7 @@ def checkpoint(model: nn.Module, zero_points: ZeroPoints = "exact") -> tuple[dic
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if ident not in seen:
             seen.add(ident)
-            tensors[key] = t.detach().contiguous()
+            tensors[key] = overrides.get(key, t).detach().contiguous()
     return tensors, quantization_config(groups, group_sizes.pop())
 
 
