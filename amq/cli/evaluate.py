@@ -25,8 +25,7 @@ from amq.errors import ConfigError, settings_of
 from amq.evaluation.perplexity import PerplexityProtocol
 from amq.evaluation.suite import EvalSuite
 from amq.io import atomic_write_json
-from amq.quantizers.export import QUANT_FILE, load_quantized, read_manifest
-from amq.quantizers.packed import RUNTIMES
+from amq.quantizers.export import LOAD_RUNTIMES, QUANT_FILE, load_quantized, read_manifest
 
 log = logging.getLogger("amq.evaluate")
 CONF_DATA = Path(CONF_DIR) / "data"
@@ -137,9 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument(
         "--runtime",
-        choices=RUNTIMES,
+        choices=LOAD_RUNTIMES,
         default="dequantized",
-        help="dequantized: keep each dequantized weight (fast); packed: keep linears packed, dequantize per call (small memory)",
+        help="dequantized: keep each dequantized weight; packed: keep linears packed, dequantize per call (small memory); fast: packed-bit kernels (amq.runtime)",
     )
     ap.add_argument("--compile", action="store_true", help="dequantize through torch.compile (same values; faster with --runtime packed on a GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as recorded in eval.json, else torch's default)")

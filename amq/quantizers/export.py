@@ -28,7 +28,7 @@ from amq.bits import BitConfig
 from amq.devices import DTYPES
 from amq.errors import InvalidArgument
 from amq.io import atomic_write_json, replace_dir
-from amq.quantizers.packed import PackedLinear, check_runtime, set_runtime
+from amq.quantizers.packed import RUNTIMES, PackedLinear, set_runtime
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ WEIGHTS_FILE = "amq_packed.safetensors"
 LEGACY_WEIGHTS_FILE = "model.safetensors"  # what directories written before it was renamed hold
 FORMAT = "amq-packed"
 FORMAT_VERSION = 1
+FAST = "fast"  # PackedLinear layers swapped for kernels that multiply by the packed bits (amq.runtime)
+LOAD_RUNTIMES = (*RUNTIMES, FAST)
 
 
 def packed_modules(model: nn.Module) -> dict[str, PackedLinear]:
@@ -129,11 +131,14 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", runtime
 
     `runtime="packed"` keeps the linears packed in memory and dequantizes them on every call
     (bits/16 of their bf16 memory, slower forwards); `dequantized` (the default) keeps each
-    dequantized weight after its first call. `compile` fuses the dequantization with
-    torch.compile (worth it for `packed` on a GPU; same outputs). The tokenizer sits next to the model:
-    `transformers.AutoTokenizer.from_pretrained(path)`.
+    dequantized weight after its first call. `fast` keeps only the bits and multiplies by them
+    with a kernel per width (`amq.runtime`, Triton on a GPU; layers no kernel serves stay packed);
+    docs/benchmarks.md "Serving speed on one H200" has what it gains. `compile` fuses the
+    dequantization with torch.compile (worth it for `packed` on a GPU; same outputs). The tokenizer
+    sits next to the model: `transformers.AutoTokenizer.from_pretrained(path)`.
     """
-    check_runtime(runtime)  # before the model loads
+    if runtime not in LOAD_RUNTIMES:  # before the model loads
+        raise InvalidArgument("runtime", repr(runtime), ", ".join(LOAD_RUNTIMES))
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -153,9 +158,14 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", runtime
             f"{weights} does not match its config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})",
             "an unmodified directory written by amq finalize",
         )
-    set_runtime(model, runtime, compile)
+    set_runtime(model, "packed" if runtime == FAST else runtime, compile)
+    model = model.to(device).eval()
+    if runtime == FAST:  # converted on its device: a kernel's layout can depend on it
+        from amq.runtime import convert
+
+        convert(model)
     log.info("loaded quantized model %s (%d packed linears, %s runtime)", path, len(manifest["modules"]), runtime)
-    return model.to(device).eval()
+    return model
 
 
 def directory_bytes(path: str | Path) -> int:

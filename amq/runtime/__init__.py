@@ -1,0 +1,17 @@
+"""Fast runtime for packed models: kernels that multiply by the packed bits directly.
+
+`amq.load_quantized` gives a model of `PackedLinear` layers, which either keep a dequantized bf16
+copy (fast, but bf16-sized) or unpack on every call (small, but slow per decoded token). `convert`
+swaps them for layers that keep only the bits and multiply by them with a kernel per width
+(`served` says which). Decoding reads every weight once per token, so fewer bytes can mean faster
+decoding; on one H200 (docs/benchmarks.md, "Serving speed on one H200") the bit-plane kernels
+match bf16 at batch 1 with 4-bit weights and tinygemm (opt-in) reaches 1.39x, at bits/16 of the
+memory. Importing this package needs only torch; Triton is imported on the first CUDA forward.
+
+    model = amq.load_quantized(dir, "cuda", runtime="fast")   # or: amq.runtime.convert(model)
+"""
+
+from amq.runtime.convert import DEFAULT_KERNELS, KERNELS, convert, served
+from amq.runtime.linear import PlanesLinear, TinyGemmLinear
+
+__all__ = ["DEFAULT_KERNELS", "KERNELS", "PlanesLinear", "TinyGemmLinear", "convert", "served"]

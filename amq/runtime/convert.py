@@ -1,0 +1,108 @@
+"""Which kernel serves which layer, and the swap of a loaded model's PackedLinear layers.
+
+The choice per width is a table (`DEFAULT_KERNELS`) written from measurements on one H200
+(docs/benchmarks.md, "Serving speed on one H200"; `scripts/bench_serving.py` re-measures it), not a
+rule: a kernel serves a width only where it was measured to work and to pay. Layers no kernel serves
+stay `PackedLinear` (its own runtime), and `convert` logs each such layer, so the limit is visible.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from amq.quantizers.packed import PackedLinear
+from amq.runtime.layout import plane_widths, tile_size
+from amq.runtime.linear import GEMM_MAX_ROWS, PlanesLinear, TinyGemmLinear, inner_k_tiles
+
+log = logging.getLogger(__name__)
+
+PLANES, TINYGEMM = PlanesLinear.kernel, TinyGemmLinear.kernel
+KERNELS: dict[str, type[nn.Module]] = {PLANES: PlanesLinear, TINYGEMM: TinyGemmLinear}
+
+# Measured on one H200 (bf16 activations, group 128; docs/benchmarks.md): the bit-plane kernels
+# serve every width and every batch size; tinygemm is faster for 4-bit at one row (1.7-1.9x bf16
+# per product against 0.9-1.1x) but slower than bf16 from 16 rows on (0.5x) and 25x slower at
+# prefill, so it is opt-in (`kernels={4: "tinygemm_int4"}`) for batch-1 decoding only.
+DEFAULT_KERNELS: dict[int, str] = {2: PLANES, 3: PLANES, 4: PLANES, 8: PLANES}
+TINYGEMM_GROUPS = (32, 64, 128, 256)
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _can_serve(kernel: str, bits: int, group_size: int, dtype: torch.dtype, device: torch.device) -> bool:
+    if kernel == TINYGEMM:
+        return bits == 4 and group_size in TINYGEMM_GROUPS and dtype == torch.bfloat16
+    if kernel == PLANES:
+        ok = len(plane_widths(bits)) <= 2 and group_size % 8 == 0 and dtype in ACTIVATION_DTYPES
+        if ok and device.type == "cuda":
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                return False
+        return ok and device.type in ("cuda", "cpu")
+    return False
+
+
+def served(
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+    kernels: Mapping[int, str] | None = None,
+) -> str | None:
+    """The kernel that serves layers of this width and group size (None: they fall back to PackedLinear).
+
+    `kernels` overrides `DEFAULT_KERNELS` per width (e.g. `{4: "tinygemm_int4"}`). Layer shapes add
+    two conditions `convert` checks per layer: in_features a multiple of 32 (both kernels) and of
+    the group size.
+    """
+    if not 1 <= bits <= 8:
+        return None
+    table = {**DEFAULT_KERNELS, **(kernels or {})}
+    kernel = table.get(bits)
+    if kernel is None:
+        return None
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r} (valid: {', '.join(KERNELS)})")
+    return kernel if _can_serve(kernel, bits, group_size, dtype, torch.device(device)) else None
+
+
+def _shape_ok(kernel: str, layer: PackedLinear) -> bool:
+    if kernel == PLANES:
+        return tile_size(layer.in_features, layer.bits, layer.group_size) is not None
+    return kernel != TINYGEMM or (inner_k_tiles(layer.in_features) is not None and layer.out_features % 8 == 0)
+
+
+def convert(
+    model: nn.Module,
+    kernels: Mapping[int, str] | None = None,
+    dtype: torch.dtype | None = None,
+    gemm_max_rows: int = GEMM_MAX_ROWS,
+) -> dict[str, str]:
+    """Replace every `PackedLinear` of `model` that a kernel serves by that kernel's layer, in place.
+
+    Convert on the device the model runs on (tinygemm's layout depends on it). `dtype` is the
+    activation dtype (default: the model's first floating parameter's). Returns {layer name: kernel
+    name}, with "fallback" for layers left as PackedLinear.
+    """
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
+    chosen: dict[str, str] = {}
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]:
+        kernel = served(layer.bits, layer.group_size, dtype, layer.qweight.device, kernels)
+        if kernel is None or not _shape_ok(kernel, layer):
+            log.warning(
+                "%s: %d-bit, group %d, %s on %s has no fast kernel; kept as PackedLinear", name, layer.bits, layer.group_size, dtype, layer.qweight.device
+            )
+            chosen[name] = "fallback"
+            continue
+        new = TinyGemmLinear(layer, dtype) if kernel == TINYGEMM else PlanesLinear(layer, gemm_max_rows)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        chosen[name] = kernel
+    counts = {k: sum(v == k for v in chosen.values()) for k in sorted(set(chosen.values()))}
+    log.info("converted %d packed layers: %s", len(chosen), counts)
+    return chosen

@@ -1,0 +1,274 @@
+"""Triton kernels that multiply by tile-interleaved bit-plane weights (see `amq.runtime.layout`).
+
+Three kernels share one unpacking step. A program loads the W words of one tile of its rows once
+(one coalesced load per plane); for each of the 32 / p shifts j it gets codes j * W .. j * W + W - 1,
+a contiguous run inside one quantization group, so each run needs one scale and zero per row:
+
+- `gemv`: one activation row (batch-1 decoding), accumulating `w * x` in float32 registers;
+- `gemm`: a few rows (batched decoding): each run is dequantized to the activation dtype and
+  multiplied on the tensor cores (`tl.dot`);
+- `dequantize`: the whole weight into a transient bf16/fp16 tensor, for prefill, where cuBLAS on the
+  dequantized weight wins (the weight is read once for thousands of tokens).
+
+Codes become floats without an int-to-float conversion (a quarter-rate instruction that bounded the
+first version): the code's bits are or-ed into the mantissa of 1.0, giving exactly 1 + code / 256,
+so `(code - zero) * scale == f * (256 * scale) - (256 + zero) * scale`, one fused multiply-add per
+weight. The float32 rounding of that form is below 1e-4 of a quantization step, far under bf16's.
+Only `amq.runtime.linear` imports this module, and only on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from amq.runtime.layout import plane_widths
+
+
+@triton.jit
+def _run(words0, words1, j: tl.constexpr, cols, P0: tl.constexpr, P1: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr):
+    """float32 1 + code / 256 for run j of a tile: (BN, W0).
+
+    Code bit 0 goes to mantissa bit 15 (the 2**-8 place), then or 0x3F800000 (float32 1.0)."""
+    SH: tl.constexpr = j * P0
+    MASK: tl.constexpr = ((1 << P0) - 1) << 15
+    if SH >= 15:
+        v = (words0 >> (SH - 15)) & MASK
+    else:
+        v = (words0 << (15 - SH)) & MASK
+    if P1 > 0:
+        sh1 = P1 * (j * (W0 // W1) + cols // W1)
+        v = v | (((words1 >> sh1[None, :]) & ((1 << P1) - 1)) << (15 + P0))
+    return (v | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_tile(p0, p1, offs_n, n_mask, t, K, cols, P0: tl.constexpr, P1: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr):
+    words0 = tl.load(p0 + offs_n[:, None] * (K * P0 // 32) + t * W0 + cols[None, :], mask=n_mask[:, None], other=0)
+    words1 = words0
+    if P1 > 0:
+        words1 = tl.load(p1 + offs_n[:, None] * (K * P1 // 32) + t * W1 + (cols % W1)[None, :], mask=n_mask[:, None], other=0)
+    return words0, words1
+
+
+@triton.jit
+def _affine(s, z, offs_n, n_mask, g, groups):
+    """Per row of group g: (256 * scale, -(256 + zero) * scale), so w = f * a + b."""
+    sc = tl.load(s + offs_n * groups + g, mask=n_mask, other=0.0).to(tl.float32)
+    ze = tl.load(z + offs_n * groups + g, mask=n_mask, other=0.0).to(tl.float32)
+    return sc * 256.0, -(ze + 256.0) * sc
+
+
+@triton.jit
+def _gemv_tile(
+    acc,
+    words0,
+    words1,
+    x,
+    s,
+    z,
+    offs_n,
+    m,
+    t,
+    K,
+    cols,
+    groups,
+    G: tl.constexpr,
+    T: tl.constexpr,
+    P0: tl.constexpr,
+    P1: tl.constexpr,
+    W0: tl.constexpr,
+    W1: tl.constexpr,
+    GPT: tl.constexpr,
+    RPG: tl.constexpr,
+):
+    """acc (BN, W0) += this tile's weights * activations; one scale/zero load per group."""
+    for gi in tl.static_range(GPT):
+        a, b = _affine(s, z, offs_n, m, (t * T + gi * RPG * W0) // G, groups)
+        for r in tl.static_range(RPG):
+            k = t * T + (gi * RPG + r) * W0
+            f = _run(words0, words1, gi * RPG + r, cols, P0, P1, W0, W1)
+            xv = tl.load(x + k + cols, mask=(k + cols) < K, other=0.0).to(tl.float32)
+            acc += (f * a[:, None] + b[:, None]) * xv[None, :]
+    return acc
+
+
+def _gemv_configs() -> list[triton.Config]:
+    shapes = [(16, 1, 4, 3), (16, 2, 4, 2), (32, 2, 4, 2), (16, 4, 4, 1), (32, 4, 8, 1), (64, 2, 8, 2), (8, 4, 4, 2), (32, 1, 4, 3)]
+    return [triton.Config({"BN": bn, "TPI": tpi}, num_warps=w, num_stages=st) for bn, tpi, w, st in shapes]
+
+
+@triton.autotune(configs=_gemv_configs(), key=["N", "K", "P0", "P1", "G", "T"])
+@triton.jit
+def _gemv_kernel(
+    x,
+    p0,
+    p1,
+    s,
+    z,
+    y,
+    N,
+    K,
+    G: tl.constexpr,
+    T: tl.constexpr,
+    P0: tl.constexpr,
+    P1: tl.constexpr,
+    W0: tl.constexpr,
+    W1: tl.constexpr,
+    RUNS: tl.constexpr,
+    GPT: tl.constexpr,
+    RPG: tl.constexpr,
+    BN: tl.constexpr,
+    TPI: tl.constexpr,
+):
+    """TPI (1, 2 or 4) tiles per iteration, all their words loaded before any is used (bytes in flight)."""
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    cols = tl.arange(0, W0)
+    groups = K // G
+    tiles = K // T
+    acc = tl.zeros((BN, W0), dtype=tl.float32)
+    for t0 in range(0, tiles, TPI):
+        ma = n_mask & (t0 < tiles)
+        a0, a1 = _load_tile(p0, p1, offs_n, ma, t0, K, cols, P0, P1, W0, W1)
+        if TPI >= 2:
+            mb = n_mask & (t0 + 1 < tiles)
+            b0, b1 = _load_tile(p0, p1, offs_n, mb, t0 + 1, K, cols, P0, P1, W0, W1)
+        if TPI >= 4:
+            mc = n_mask & (t0 + 2 < tiles)
+            md = n_mask & (t0 + 3 < tiles)
+            c0, c1 = _load_tile(p0, p1, offs_n, mc, t0 + 2, K, cols, P0, P1, W0, W1)
+            d0, d1 = _load_tile(p0, p1, offs_n, md, t0 + 3, K, cols, P0, P1, W0, W1)
+        acc = _gemv_tile(acc, a0, a1, x, s, z, offs_n, ma, t0, K, cols, groups, G, T, P0, P1, W0, W1, GPT, RPG)
+        if TPI >= 2:
+            acc = _gemv_tile(acc, b0, b1, x, s, z, offs_n, mb, t0 + 1, K, cols, groups, G, T, P0, P1, W0, W1, GPT, RPG)
+        if TPI >= 4:
+            acc = _gemv_tile(acc, c0, c1, x, s, z, offs_n, mc, t0 + 2, K, cols, groups, G, T, P0, P1, W0, W1, GPT, RPG)
+            acc = _gemv_tile(acc, d0, d1, x, s, z, offs_n, md, t0 + 3, K, cols, groups, G, T, P0, P1, W0, W1, GPT, RPG)
+    tl.store(y + offs_n, tl.sum(acc, axis=1).to(y.dtype.element_ty), mask=n_mask)
+
+
+def _gemm_configs() -> list[triton.Config]:
+    shapes = [(16, 4, 3), (32, 4, 3), (64, 4, 3), (32, 8, 3), (64, 8, 4), (128, 8, 3)]
+    return [triton.Config({"BN": bn}, num_warps=w, num_stages=s) for bn, w, s in shapes]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "P0", "P1", "G", "T"])
+@triton.jit
+def _gemm_kernel(
+    x,
+    p0,
+    p1,
+    s,
+    z,
+    y,
+    M,
+    N,
+    K,
+    G: tl.constexpr,
+    T: tl.constexpr,
+    P0: tl.constexpr,
+    P1: tl.constexpr,
+    W0: tl.constexpr,
+    W1: tl.constexpr,
+    RUNS: tl.constexpr,
+    GPT: tl.constexpr,
+    RPG: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    cols = tl.arange(0, W0)
+    groups = K // G
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for t in range(0, K // T):
+        words0, words1 = _load_tile(p0, p1, offs_n, n_mask, t, K, cols, P0, P1, W0, W1)
+        for gi in tl.static_range(GPT):
+            a, b = _affine(s, z, offs_n, n_mask, (t * T + gi * RPG * W0) // G, groups)
+            for r in tl.static_range(RPG):
+                k = t * T + (gi * RPG + r) * W0
+                f = _run(words0, words1, gi * RPG + r, cols, P0, P1, W0, W1)
+                xv = tl.load(x + offs_m[:, None] * K + k + cols[None, :], mask=m_mask[:, None], other=0.0)
+                w = (f * a[:, None] + b[:, None]).to(xv.dtype)
+                acc += tl.dot(xv, tl.trans(w))
+    tl.store(y + offs_m[:, None] * N + offs_n[None, :], acc.to(y.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _dequant_kernel(
+    p0,
+    p1,
+    s,
+    z,
+    w,
+    N,
+    K,
+    G: tl.constexpr,
+    T: tl.constexpr,
+    P0: tl.constexpr,
+    P1: tl.constexpr,
+    W0: tl.constexpr,
+    W1: tl.constexpr,
+    RUNS: tl.constexpr,
+    GPT: tl.constexpr,
+    RPG: tl.constexpr,
+    BN: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    t = tl.program_id(1)
+    n_mask = offs_n < N
+    cols = tl.arange(0, W0)
+    groups = K // G
+    words0, words1 = _load_tile(p0, p1, offs_n, n_mask, t, K, cols, P0, P1, W0, W1)
+    for gi in tl.static_range(GPT):
+        a, b = _affine(s, z, offs_n, n_mask, (t * T + gi * RPG * W0) // G, groups)
+        for r in tl.static_range(RPG):
+            k = t * T + (gi * RPG + r) * W0
+            f = _run(words0, words1, gi * RPG + r, cols, P0, P1, W0, W1)
+            v = f * a[:, None] + b[:, None]
+            tl.store(w + offs_n[:, None] * K + k + cols[None, :], v.to(w.dtype.element_ty), mask=n_mask[:, None])
+
+
+def _planes(planes: list[torch.Tensor], bits: int, tile: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """The two plane tensors (the first twice for a single plane) and the kernels' layout constants."""
+    widths = plane_widths(bits)
+    if len(widths) > 2:
+        raise ValueError(f"bits={bits}: the kernels read at most two planes")
+    p0, p1 = widths[0], widths[1] if len(widths) > 1 else 0
+    w0, runs = tile * p0 // 32, 32 // p0
+    rpg = min(runs, group_size // w0)  # runs per group (a run never straddles groups: layout.tile_size)
+    meta = {"T": tile, "P0": p0, "P1": p1, "W0": w0, "W1": max(tile * p1 // 32, 1), "RUNS": runs, "GPT": runs // rpg, "RPG": rpg}
+    return planes[0], planes[-1], meta
+
+
+def gemv(x: torch.Tensor, planes: list[torch.Tensor], scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, tile: int, n: int) -> torch.Tensor:
+    """y (1, n) = x (1, k) @ W.T for one activation row."""
+    k = x.shape[-1]
+    p0, p1, meta = _planes(planes, bits, tile, group_size)
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    _gemv_kernel[lambda c: (triton.cdiv(n, c["BN"]),)](x, p0, p1, scale, zero, y, n, k, G=group_size, **meta)
+    return y
+
+
+def gemm(x: torch.Tensor, planes: list[torch.Tensor], scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, tile: int, n: int) -> torch.Tensor:
+    """y (m, n) = x (m, k) @ W.T for a few rows, dequantizing runs on the fly (needs runs of >= 16 codes)."""
+    m, k = x.shape
+    p0, p1, meta = _planes(planes, bits, tile, group_size)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    bm = max(16, triton.next_power_of_2(m))
+    _gemm_kernel[lambda c: (triton.cdiv(n, c["BN"]), triton.cdiv(m, bm))](x, p0, p1, scale, zero, y, m, n, k, G=group_size, BM=bm, **meta)
+    return y
+
+
+def dequantize(
+    planes: list[torch.Tensor], scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, tile: int, n: int, k: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The weight (n, k) in `dtype`, for a cuBLAS matmul."""
+    p0, p1, meta = _planes(planes, bits, tile, group_size)
+    w = torch.empty((n, k), dtype=dtype, device=p0.device)
+    _dequant_kernel[(triton.cdiv(n, 32), k // tile)](p0, p1, scale, zero, w, n, k, G=group_size, BN=32, num_warps=4, **meta)
+    return w
