@@ -58,6 +58,8 @@ CASES = {
     "wrong type in a list": Case(["search.bits=[3,four]"], "search.bits"),
     "bits HQQ can't pack": Case(["search.bits=[3,7]"], "search.bits"),
     "a single bit width": Case(["search.bits=[4]"], "search.bits"),
+    "a width the fast runtime cannot serve": Case(["search.serve_with=fast", "search.bits=[3,4,6]"], "search.bits"),
+    "unknown serving runtime": Case(["search.serve_with=tpu"], "search.serve_with"),
     "group size not dividing a layer": Case(["quantizer.group_size=100"], "quantizer.group_size"),
     "target bits out of reach": Case(["search.targets=[12.0]"], "search.targets"),
     "no targets": Case(["search.targets=[]", "finalize.enabled=true"], "search.targets"),

@@ -330,6 +330,17 @@ def check_window(seq_len: int, lm: "LoadedModel", setting: str) -> None:
         raise ConfigError(setting, f"{seq_len} tokens is longer than {lm.name}'s context of {context} tokens", f"an integer from 8 to {context}")
 
 
+def check_serve_with(serve_with: str | None, bits: list[int], group_size: int, layout: ModelLayout) -> None:
+    """`search.serve_with=fast`: every width and layer of the space has a kernel in amq.runtime."""
+    if serve_with is None:
+        return
+    from amq.runtime.convert import SERVE_WITH, check_servable
+
+    if serve_with not in SERVE_WITH:
+        raise ConfigError("search.serve_with", repr(serve_with), "null or " + ", ".join(SERVE_WITH))
+    check_servable(bits, group_size, (li.in_features for li in layout.linears))
+
+
 def prepare(cfg: DictConfig) -> Workbench:
     """Model, layout, data, proxy and metric, with every setting checked before the first forward pass."""
     torch.manual_seed(int(cfg.seed))
@@ -343,6 +354,7 @@ def prepare(cfg: DictConfig) -> Workbench:
         quantizer.validate(bits, layout.linears)
         full_space = SearchSpace(layout.linears, bits, quantizer.group_size, share_patterns=shared_precision_groups(cfg))
         targets = full_space.check_targets(cfg.search.targets)
+        check_serve_with(cfg.search.get("serve_with"), bits, quantizer.group_size, layout)
     check_window(calib.seq_len, lm, "budget.seq_len")
     if cfg.finalize.enabled:  # before the proxy and sensitivity: budgets below every configuration fail now
         finalize_settings(cfg.finalize).check_reachable(full_space)

@@ -9,7 +9,7 @@ stay `PackedLinear` (its own runtime), and `convert` logs each such layer, so th
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -68,6 +68,31 @@ def served(
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r} (valid: {', '.join(KERNELS)})")
     return kernel if _can_serve(kernel, bits, group_size, dtype, torch.device(device)) else None
+
+
+SERVE_WITH = ("fast",)  # values of the `search.serve_with` setting
+
+
+def check_servable(bits: Sequence[int], group_size: int, in_features: Iterable[int], dtype: torch.dtype = torch.bfloat16) -> None:
+    """Refuse a search space whose models the default kernels cannot serve whole on a GPU.
+
+    Why: a configuration with a width no kernel takes runs that layer through `PackedLinear`, which
+    is several times slower per decoded token, so the speed the bits promise is lost. Checked before
+    the search (`search.serve_with=fast`), from the widths, the group size and the layers' input widths.
+    """
+    from amq.errors import InvalidArgument
+
+    served_bits = [b for b in range(1, 9) if served(b, group_size, dtype, "cpu") is not None]  # the same widths as on a GPU with Triton
+    missing = [b for b in bits if b not in served_bits]
+    if missing:
+        valid = ", ".join(map(str, served_bits)) or "none at this group size"
+        raise InvalidArgument("bits", f"{missing[0]}-bit has no fast kernel at group {group_size}", f"widths from {valid}")
+    for width in sorted(set(in_features)):
+        bad = [b for b in bits if tile_size(width, b, group_size) is None]
+        if bad:
+            raise InvalidArgument(
+                "group_size", f"{group_size} with {bad[0]}-bit leaves layers of {width} input features without a kernel tile", "32, 64 or 128"
+            )
 
 
 def _shape_ok(kernel: str, layer: PackedLinear) -> bool:
