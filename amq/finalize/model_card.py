@@ -53,6 +53,7 @@ def render(info: dict[str, Any], config: BitConfig, evaluation: dict | None) -> 
         "import amq, transformers",
         f'path = "{info["dir_name"]}"  # where it was written; any copy of this directory loads the same',
         'model = amq.load_quantized(path)  # runtime="packed": linears stay packed in memory, slower calls',
+        '# on a GPU: amq.load_quantized(path, "cuda", runtime="fast") multiplies by the packed bits (amq.runtime)',
         "tokenizer = transformers.AutoTokenizer.from_pretrained(path)",
         "```",
         "`bit_config.json` holds the bits of every linear by module name"
