@@ -67,13 +67,20 @@ class AWQFinalizer:
             raise InvalidArgument("batch_size", f"{self.batch_size}", "a positive integer")
 
     def quantize(self, model: nn.Module, layout: ModelLayout, bits: Mapping[str, int], group_size: int, calib: torch.Tensor | None) -> dict[str, GroupQuant]:
-        foldable: set[str] | None = None  # None: every linear may be scaled
+        producers, readers = None, {}  # None: every linear may be scaled
         if self.fold:
             names = [li.name for li in selected_linears(layout, bits, group_size, self.name)]
-            foldable = set(find_producers(model, names))
+            producers = find_producers(model, names)
+            for n, p in producers.items():
+                readers.setdefault(p.name, set()).add(n)
 
         def stage_options(names: list[str]) -> dict:
-            return {"scaled": foldable is None or all(n in foldable for n in names)}
+            """Scaled when one shared scale can move into the producer: every linear of the stage has
+            one, and the stage is all that reads it (Falcon's parallel attention and MLP read one
+            norm in two stages, which would give it two scales)."""
+            if producers is None:
+                return {"scaled": True}
+            return {"scaled": all(n in producers and readers[producers[n].name] == set(names) for n in names)}
 
         return quantize_calibrated(self, model, layout, bits, group_size, calib, stage_options)
 
