@@ -31,7 +31,9 @@ def run_copy(smoke_run, tmp_path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("finalizer", ["gptq", "awq"])
+# GPTQ's export takes the same path as HQQ's (fractional zeros, naive-quantized; test_finalize) and
+# the min-max grid's (test_compressed_tensors), so its end-to-end run is in `make test-all` only
+@pytest.mark.parametrize("finalizer", [pytest.param("gptq", marks=pytest.mark.heavy), "awq"])
 def test_finalizes_a_finished_run_into_its_own_directory(run_copy, tmp_path, finalizer):
     """GPTQ or AWQ, later, from the archive: a new directory, and a checkpoint plain transformers
     reproduces (AWQ's input scales folded into the norms and up_proj)."""
