@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> tuple[dict, SearchRun]:
 
         # ---- model, data, proxy, metric; then sensitivity and pruning
         wb = compose.prepare(cfg)
-        table, space = compose.prune(wb, plan.pruning, plan.sensitivity_samples, plan.share_groups)
+        table, space = compose.prune(wb, plan.pruning, plan.sensitivity_samples, plan.share_groups, plan.expert_genes)
         space_fp = space.fingerprint(wb.lm.fingerprint)
         if plan.finalize is not None:
             plan.finalize.check_reachable(space)  # after pruning: the smallest configuration may have grown

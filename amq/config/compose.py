@@ -42,7 +42,7 @@ from amq.search.eval_cache import with_cache
 from amq.search.evaluator import ProxyEvaluator
 from amq.search.loop import IterativeSearch, SearchSettings, search_bits_range
 from amq.search.seeding import SEED_ALLOCATORS, sensitivity_seeds
-from amq.search.space import SearchSpace
+from amq.search.space import EXPERT_GENES, SearchSpace, shared_groups
 
 if TYPE_CHECKING:  # transformers is slow to import: settings errors come before it
     from amq.evaluation.suite import EvalSuite
@@ -62,6 +62,7 @@ SPACE_SETTINGS = {
     "keep_top": "search.pruning.keep_top",
     "pruned": "search.pruning.threshold",
     "share_groups": "search.share_groups",
+    "expert_genes": "search.expert_genes",
     "targets": "search.targets",
     "group_size": "quantizer.group_size",
 }
@@ -182,20 +183,24 @@ def set_threads(num_threads: Any) -> None:
         torch.set_num_threads(int(num_threads))
 
 
-MAX_UNSEARCHED = 0.01  # of the decoder's weight matrices: more, and the bits a run reports would not be the model's
+MIN_COVERAGE = 0.99  # of the decoder's weight matrices (search.min_coverage): less, and the bits a run reports would not be the model's
 
 
-def check_coverage(name: str, cov: Coverage) -> None:
+def check_coverage(name: str, cov: Coverage, min_coverage: float = MIN_COVERAGE) -> None:
     """State what fraction of the decoder the search covers; refuse a model whose weight matrices
-    lie largely outside nn.Linear layers (a "4.5-bit" export would keep them unquantized)."""
+    lie largely outside the searched linears (a "4.5-bit" export would keep them unquantized),
+    unless `search.min_coverage` accepts it knowingly."""
     log.info("coverage: the search covers %.1f%% of %s's decoder weight matrices (%d of %d parameters)", 100 * cov.fraction, name, cov.covered, cov.total)
-    if 1.0 - cov.fraction > MAX_UNSEARCHED:
+    if cov.uncovered:
+        largest = sorted(cov.uncovered, key=cov.uncovered.get, reverse=True)
+        log.info("coverage: kept in 16 bits and not counted in the bits: %d tensors, the largest %s", len(largest), ", ".join(largest[:3]))
+    if cov.fraction < min_coverage:
         examples = sorted(cov.uncovered, key=cov.uncovered.get, reverse=True)[:2]
         raise ConfigError(
             "model",
-            f"{100 * (1 - cov.fraction):.1f}% of {name}'s decoder weights are in layers amq cannot quantize yet (e.g. {', '.join(examples)}: "
-            "fused 3-D expert tensors of mixture-of-experts models, routers); they would stay unquantized and unaccounted for in the bits",
-            "a model whose decoder weights are nn.Linear layers: Llama, Mistral, Qwen2, Phi-3, OPT, Gemma3",
+            f"{100 * (1 - cov.fraction):.1f}% of {name}'s decoder weights are in layers amq cannot search (e.g. {', '.join(examples)}); "
+            "they would stay unquantized and unaccounted for in the bits",
+            f"a model whose decoder weights are linear layers (docs/architectures.md), or search.min_coverage below {cov.fraction:.3f} to accept it",
         )
 
 
@@ -213,7 +218,7 @@ def load_model_and_data(cfg: DictConfig) -> ModelAndData:
         layout = discover_layout(lm.model)
     log.info("model %s: %d decoder blocks (%s), %d linears", lm.name, layout.n_blocks, layout.blocks_name, len(layout.linears))
     cov = coverage(lm.model, layout)
-    check_coverage(lm.name, cov)
+    check_coverage(lm.name, cov, float(cfg.search.get("min_coverage", MIN_COVERAGE)))
     return ModelAndData(lm, layout, corpus.load(), cache_dir, cov)
 
 
@@ -226,6 +231,7 @@ class SearchPlan:
     sensitivity_samples: int
     pruning: sensitivity.Pruning
     share_groups: list[list[str]] | None
+    expert_genes: str
     settings: SearchSettings
     make_predictor: Callable[..., Any]  # seed= -> a fresh predictor
     predictor_name: str
@@ -264,6 +270,9 @@ def plan(cfg: DictConfig) -> SearchPlan:
         raise ConfigError("search.seed_allocator", f"{cfg.search.seed_allocator!r}", " or ".join(SEED_ALLOCATORS))
     max_minutes = cfg.budget.max_minutes
     search_deadline(max_minutes, 0.0)  # refuses a bad limit now
+    min_coverage = cfg.search.get("min_coverage", MIN_COVERAGE)
+    if isinstance(min_coverage, bool) or not isinstance(min_coverage, (int, float)) or not 0.0 <= float(min_coverage) <= 1.0:
+        raise ConfigError("search.min_coverage", f"{min_coverage!r}", "a fraction from 0 to 1, e.g. 0.99")
     _check_targets_given(cfg)
     return SearchPlan(
         seed=int(cfg.seed),
@@ -271,6 +280,7 @@ def plan(cfg: DictConfig) -> SearchPlan:
         sensitivity_samples=int(cfg.budget.sensitivity_samples),
         pruning=pruning,
         share_groups=shared_precision_groups(cfg),
+        expert_genes=expert_genes(cfg),
         settings=settings,
         make_predictor=make_predictor,
         predictor_name=str(cfg.predictor._target_).rsplit(".", 1)[-1],
@@ -291,6 +301,14 @@ def search_deadline(max_minutes: object, started: float) -> float | None:
     if isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float)) or not max_minutes > 0:
         raise ConfigError(TIME_LIMIT, f"{max_minutes!r}", "a number of minutes > 0, or null for no limit")
     return started + 60.0 * float(max_minutes)
+
+
+def expert_genes(cfg: DictConfig) -> str:
+    """search.expert_genes, checked: how mixture-of-experts linears map to genes."""
+    value = str(cfg.search.get("expert_genes", EXPERT_GENES[0]))
+    if value not in EXPERT_GENES:
+        raise ConfigError("search.expert_genes", repr(value), " or ".join(EXPERT_GENES))
+    return value
 
 
 def shared_precision_groups(cfg: DictConfig) -> list[list[str]] | None:
@@ -352,7 +370,7 @@ def prepare(cfg: DictConfig) -> Workbench:
     lm, layout = md.lm, md.layout
     with settings_of("quantizer", SPACE_SETTINGS):
         quantizer.validate(bits, layout.linears)
-        full_space = SearchSpace(layout.linears, bits, quantizer.group_size, share_patterns=shared_precision_groups(cfg))
+        full_space = SearchSpace(layout.linears, bits, quantizer.group_size, share_patterns=shared_precision_groups(cfg), expert_genes=expert_genes(cfg))
         targets = full_space.check_targets(cfg.search.targets)
         check_serve_with(cfg.search.get("serve_with"), bits, quantizer.group_size, layout)
     check_window(calib.seq_len, lm, "budget.seq_len")
@@ -392,14 +410,21 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
 
 
 def prune(
-    wb: Workbench, pruning: sensitivity.Pruning, sensitivity_samples: int, share_groups: Sequence[Sequence[str]] | None
+    wb: Workbench,
+    pruning: sensitivity.Pruning,
+    sensitivity_samples: int,
+    share_groups: Sequence[Sequence[str]] | None,
+    expert_genes: str = EXPERT_GENES[0],
 ) -> tuple[sensitivity.SensitivityTable, SearchSpace]:
-    """Stage: sensitivity (cached) and pruning; returns the table and the pruned search space."""
+    """Stage: sensitivity (cached) and pruning; returns the table and the pruned search space.
+
+    Linears that share a gene as experts of one projection are probed together."""
     sens_metric = wb.metric.subset(sensitivity_samples)
     context = {**evaluation_context(wb, sens_metric, sensitivity.measure), "description": sens_metric.description}
-    table = sensitivity.cached_measure(wb.bank, sens_metric, wb.cache_dir / "sensitivity", context)
+    units = shared_groups(wb.layout.linears, None, expert_genes)
+    table = sensitivity.cached_measure(wb.bank, sens_metric, wb.cache_dir / "sensitivity", context, units)
     with settings_of(named=SPACE_SETTINGS):
-        space = SearchSpace(wb.layout.linears, wb.bits, wb.bank.quantizer.group_size, pruning.pruned(table), share_groups, pruning.keep_top)
+        space = SearchSpace(wb.layout.linears, wb.bits, wb.bank.quantizer.group_size, pruning.pruned(table), share_groups, pruning.keep_top, expert_genes)
     log.info(
         "pruning: %d of %d linears limited to the top %d width(s) %s (threshold %.2f x median); %d genes, %.3f-%.3f bits",
         len(space.pruned),

@@ -1,8 +1,14 @@
 """Find the decoder blocks and their linear layers from the model itself (no shape tables).
 
 The decoder stack is the longest `nn.ModuleList` whose entries are all of one class and contain
-`nn.Linear` layers; this covers the Llama, Mistral, Qwen2, OPT and Gemma3 layouts (and most other
-causal LMs in transformers) without naming any of them.
+`nn.Linear` layers, not nested in another such list; this covers the Llama, Mistral, Qwen2, OPT,
+Gemma3 and (once `amq.modeling.normalize` has run) mixture-of-experts and GPT-2 layouts without
+naming any of them.
+
+Inside a block, a nested list of that kind holds experts: its linears carry their expert index.
+Linears beside such a list with at most one output per expert are routers (Mixtral's `gate` in
+older layouts, Qwen2-MoE's `shared_expert_gate`): they decide which weights run and are a
+fraction of a percent of the weights, so they stay in 16 bits and are not searched.
 """
 
 from __future__ import annotations
@@ -23,10 +29,20 @@ class LinearInfo:
     role: str
     in_features: int
     out_features: int
+    expert: int | None = None  # index within its layer's experts (mixture-of-experts models)
 
     @property
     def numel(self) -> int:
         return self.in_features * self.out_features
+
+    @property
+    def projection(self) -> str:
+        """The role with its expert index as `*`: what one projection of every expert of a layer shares."""
+        if self.expert is None:
+            return self.role
+        parts = self.role.split(".")
+        parts[parts.index(str(self.expert))] = "*"
+        return ".".join(parts)
 
 
 @dataclass(frozen=True)
@@ -46,32 +62,51 @@ class ModelLayout:
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return (qualified name, ModuleList) of the decoder block stack."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(m) for m in module}) != 1:
-            continue
-        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
-            continue
-        if best is None or len(module) > len(best[1]):
-            best = (name, module)
-    if best is None:
+    lists = _linear_lists(model)
+    outer = [(n, m) for n, m in lists if not any(n.startswith(f"{o}.") for o, _ in lists)]
+    if not outer:
         raise InvalidArgument(
             "",
-            f"{type(model).__name__} has no stack of decoder blocks with nn.Linear layers (GPT-2-style Conv1D layers are not searched yet)",
-            "a causal LM whose decoder blocks hold nn.Linear layers: Llama, Mistral, Qwen2, Phi-3, OPT, Gemma3",
+            f"{type(model).__name__} has no stack of decoder blocks with nn.Linear layers",
+            "a causal LM whose decoder blocks hold linear layers: Llama, Mistral, Qwen2/3, Gemma, Phi-3, OPT, GPT-2, Falcon, GPT-NeoX, Mixtral, Qwen-MoE",
         )
-    return best
+    return max(outer, key=lambda item: len(item[1]))
+
+
+def _linear_lists(module: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every non-empty `nn.ModuleList` of one class whose entries hold `nn.Linear` layers."""
+    return [
+        (name, m)
+        for name, m in module.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(e) for e in m}) == 1 and any(isinstance(x, nn.Linear) for x in m[0].modules())
+    ]
+
+
+def _experts_and_routers(block: nn.Module) -> tuple[dict[str, int], set[str]]:
+    """Within a block: {linear name: expert index} for linears in expert lists, and router names."""
+    experts: dict[str, int] = {}
+    routers: set[str] = set()
+    for list_name, lst in _linear_lists(block):
+        for e, expert in enumerate(lst):
+            for sub, m in expert.named_modules():
+                if isinstance(m, nn.Linear):
+                    experts[f"{list_name}.{e}.{sub}" if sub else f"{list_name}.{e}"] = e
+        parent_name = list_name.rpartition(".")[0]
+        parent = block.get_submodule(parent_name) if parent_name else block
+        for child, m in parent.named_children():
+            if isinstance(m, nn.Linear) and m.out_features <= len(lst):
+                routers.add(f"{parent_name}.{child}" if parent_name else child)
+    return experts, routers
 
 
 def discover_layout(model: nn.Module) -> ModelLayout:
-    """All `nn.Linear` layers inside the decoder blocks, in module order."""
+    """All `nn.Linear` layers inside the decoder blocks, in module order, routers left out."""
     blocks_name, blocks = find_decoder_blocks(model)
     linears: list[LinearInfo] = []
     for i, block in enumerate(blocks):
+        experts, routers = _experts_and_routers(block)
         for sub, module in block.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and sub not in routers:
                 linears.append(
                     LinearInfo(
                         name=f"{blocks_name}.{i}.{sub}",
@@ -79,6 +114,7 @@ def discover_layout(model: nn.Module) -> ModelLayout:
                         role=sub,
                         in_features=module.in_features,
                         out_features=module.out_features,
+                        expert=experts.get(sub),
                     )
                 )
     return ModelLayout(blocks_name=blocks_name, n_blocks=len(blocks), linears=tuple(linears))
@@ -99,8 +135,8 @@ class Coverage:
 
 
 def coverage(model: nn.Module, layout: ModelLayout) -> Coverage:
-    """What the search covers of the decoder: its nn.Linear weights, against every weight matrix
-    in the blocks (fused 3-D expert tensors of mixture-of-experts models, routers, Conv1D are not)."""
+    """What the search covers of the decoder: its searched linears' weights, against every weight
+    matrix in the blocks (routers are not searched; fused experts left fused would not be)."""
     searched = {f"{name}.weight" for name in layout.names}
     blocks = model.get_submodule(layout.blocks_name)
     total, uncovered = 0, {}

@@ -27,6 +27,7 @@ from amq.devices import ComputeDtype, resolve_device, resolve_dtype
 from amq.errors import InvalidArgument
 from amq.hub import hub_reachable, offline_mode
 from amq.io import file_lock, file_sha256
+from amq.modeling.normalize import as_linear_layers
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ def _dir_fingerprint(path: Path) -> str:
 
 
 def _finish(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+    """On its device, in eval mode without grads, its weight matrices as nn.Linear (amq.modeling.normalize)."""
+    as_linear_layers(model)
     model.to(device)
     model.eval()
     model.requires_grad_(False)

@@ -57,6 +57,13 @@ class InputStats:
     def mean_abs(self) -> torch.Tensor:
         return self.abs_sum / self.count
 
+    @classmethod
+    def uncalibrated(cls, in_features: int, device: torch.device) -> "InputStats":
+        """Statistics of white-noise inputs (X^T X = I, |x| = 1): for an expert no calibration
+        token was routed to, GPTQ then rounds to nearest and AWQ leaves the inputs unscaled."""
+        eye = torch.eye(in_features, dtype=torch.float32, device=device)
+        return cls(eye, torch.ones(in_features, dtype=torch.float32, device=device), 1)
+
 
 @dataclass
 class _BlockCall:
@@ -112,10 +119,12 @@ class _Recorder:
             for hd in handles:
                 hd.remove()
             self._last = None
-        missing = [n for n in self.modules if n not in self._stage_of]
-        if missing:
-            raise RuntimeError(f"{missing[0]} was never called by its block's forward; it cannot be calibrated")
         return self
+
+    @property
+    def missing(self) -> list[str]:
+        """Linears the block's forward never called (experts no token was routed to)."""
+        return [n for n in self.modules if n not in self._stage_of]
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, call: _BlockCall) -> torch.Tensor:
@@ -218,6 +227,8 @@ def quantize_blocks(
     by_block: dict[int, list[str]] = {}
     for li in linears:
         by_block.setdefault(li.block, []).append(li.name)
+    experts = {li.name for li in linears if li.expert is not None}
+    uncalibrated: list[str] = []
     if not by_block:
         return {}
     last = max(by_block)
@@ -231,10 +242,18 @@ def quantize_blocks(
             modules = {n: model.get_submodule(n) for n in by_block.get(b, [])}
             if modules:
                 rec = _Recorder(modules, measure=1 if sequential else None).run(block, hidden, calls[b])
-                for k, stage in enumerate(rec.stages):
-                    stats = rec.stats[k]
-                    if sequential and k > 0:  # its inputs changed once the earlier stages were quantized
-                        stats = _Recorder({n: modules[n] for n in stage}).run(block, hidden, calls[b]).stats[0]
+                not_called = rec.missing
+                if set(not_called) - experts:
+                    raise RuntimeError(f"{sorted(set(not_called) - experts)[0]} was never called by its block's forward; it cannot be calibrated")
+                stages = [*rec.stages, *([n] for n in not_called)]
+                for k, stage in enumerate(stages):
+                    stats = rec.stats[k] if k < len(rec.stats) else None
+                    if sequential and 0 < k < len(rec.stats):  # its inputs changed once the earlier stages were quantized
+                        again = _Recorder({n: modules[n] for n in stage}).run(block, hidden, calls[b])
+                        stats = again.stats[0] if again.stats else None  # an expert the new routing skips
+                    if stats is None:
+                        uncalibrated.extend(stage)
+                        stats = InputStats.uncalibrated(modules[stage[0]].in_features, modules[stage[0]].weight.device)
                     quants = quantize_stage(stage, [modules[n].weight.detach() for n in stage], stats)
                     for n, q in zip(stage, quants):
                         m = modules[n]
@@ -249,4 +268,11 @@ def quantize_blocks(
     finally:
         for n, w in originals.items():
             model.get_submodule(n).weight = w
+    if uncalibrated:
+        log.warning(
+            "%s: %d expert linears got no calibration token (e.g. %s): quantized without calibration data; more calibration tokens reach more experts",
+            label,
+            len(uncalibrated),
+            uncalibrated[0],
+        )
     return {li.name: results[li.name] for li in linears}

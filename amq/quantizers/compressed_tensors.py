@@ -52,6 +52,7 @@ from torch import nn
 
 from amq.errors import InvalidArgument
 from amq.io import replace_dir
+from amq.modeling.normalize import needs_linear_layers
 from amq.quantizers.export import load_quantized, packed_modules
 from amq.quantizers.folding import find_producers, folded_norm, shared_scale
 from amq.quantizers.packed import GroupQuant, PackedLinear
@@ -179,6 +180,7 @@ def checkpoint(model: nn.Module, zero_points: ZeroPoints = "exact") -> tuple[dic
     layers = packed_modules(model)
     if not layers:
         raise InvalidArgument("model", "has no PackedLinear layer", "a model from amq.load_quantized")
+    _check_linear_layout(model)
     group_sizes = {m.group_size for m in layers.values()}
     if len(group_sizes) > 1:
         raise InvalidArgument("model", f"mixes group sizes {sorted(group_sizes)}", "one group size for all layers")
@@ -199,6 +201,23 @@ def checkpoint(model: nn.Module, zero_points: ZeroPoints = "exact") -> tuple[dic
             seen.add(ident)
             tensors[key] = overrides.get(key, t).detach().contiguous()
     return tensors, quantization_config(groups, group_sizes.pop())
+
+
+def _check_linear_layout(model: nn.Module) -> None:
+    """Refuse an architecture that transformers builds with weights other than nn.Linear (fused
+    3-D experts, GPT-2's Conv1D): amq searched them as per-layer linears, which a compressed-tensors
+    checkpoint loaded by plain transformers would not fill."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(model.config)
+    if needs_linear_layers(fresh):
+        raise InvalidArgument(
+            "model",
+            f"transformers builds {model.config.model_type} with weights that are not nn.Linear layers (fused 3-D expert tensors or Conv1D), "
+            "so a compressed-tensors checkpoint of amq's per-expert linears would not load in it",
+            "amq's own model directory: amq.load_quantized(dir) (docs/architectures.md)",
+        )
 
 
 def write_compressed_tensors(

@@ -142,12 +142,15 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", runtime
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    from amq.modeling.normalize import as_linear_layers
+
     path = Path(path)
     manifest = read_manifest(path)
     dtype = DTYPES[manifest["dtype"]]
     config = AutoConfig.from_pretrained(path)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    as_linear_layers(model, check=False)  # the module tree the model was saved from
     _swap_in_empty_packed(model, manifest["modules"], dtype)
     model.tie_weights()  # tied tensors are stored once; tying first lets the loader fill both names
     weights = path / WEIGHTS_FILE if (path / WEIGHTS_FILE).is_file() else path / LEGACY_WEIGHTS_FILE

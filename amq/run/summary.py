@@ -62,6 +62,7 @@ def search_summary(
             "keep_top": space.keep_top,
             "bits_range": list(space.bits_range()),
             "share_groups": plan.share_groups,
+            "expert_genes": plan.expert_genes,
         },
         "final_hypervolume": rows[-1]["hypervolume"],
         "stopped": stopped,  # {"reason": "max_minutes", "after_iteration": k, "of": N}: the time limit ended the search early; null: it ran to its end

@@ -69,20 +69,30 @@ BASELINE = ""  # the progress file's name for the all-high measurement
 
 
 def measure(
-    bank: ProxyBank, metric: QualityMetric, low_bits: int, high_bits: int, progress: Path | None = None, names: list[str] | None = None
+    bank: ProxyBank,
+    metric: QualityMetric,
+    low_bits: int,
+    high_bits: int,
+    progress: Path | None = None,
+    names: list[str] | None = None,
+    units: list[list[str]] | None = None,
 ) -> SensitivityTable:
     """Damage of each linear at `low_bits` with all others at `high_bits` (`names`: only these linears).
+
+    `units` probes linears together (the experts of one projection in a layer, which share a
+    gene): each unit's damage is recorded under its first linear's name.
 
     Each probe tells the metric which blocks changed, so its pass starts at the probed block.
 
     With `progress`, every measurement is appended to that file as it is made and read back on
     the next call, so a stage stopped half-way continues where it stopped instead of starting over.
     """
-    names = bank.layout.names if names is None else names
+    if units is None:
+        units = [[n] for n in (bank.layout.names if names is None else names)]
     t0 = last = time.perf_counter()
     done = {d["name"]: float(d["value"]) for d in repair_jsonl(progress)} if progress else {}
     if done:
-        log.info("sensitivity: continuing after %d of %d linears measured earlier", max(len(done) - 1, 0), len(names))
+        log.info("sensitivity: continuing after %d of %d probes measured earlier", max(len(done) - 1, 0), len(units))
 
     def measured(name: str) -> float:
         if name not in done:
@@ -94,36 +104,41 @@ def measure(
     bank.apply({n: high_bits for n in bank.layout.names})
     baseline = measured(BASELINE)
     damage: dict[str, float] = {}
-    for i, name in enumerate(names):
+    for i, unit in enumerate(units):
+        name = unit[0]
         if name not in done:
-            bank.apply({name: low_bits})
+            bank.apply(dict.fromkeys(unit, low_bits))
         damage[name] = measured(name) - baseline
-        bank.apply({name: high_bits})
-        if time.perf_counter() - last > 10 or i + 1 == len(names):
+        bank.apply(dict.fromkeys(unit, high_bits))
+        if time.perf_counter() - last > 10 or i + 1 == len(units):
             el = time.perf_counter() - t0
-            log.info("sensitivity: %d/%d linears (%.0fs, ~%.0fs left)", i + 1, len(names), el, el / (i + 1) * (len(names) - i - 1))
+            log.info("sensitivity: %d/%d probes (%.0fs, ~%.0fs left)", i + 1, len(units), el, el / (i + 1) * (len(units) - i - 1))
             last = time.perf_counter()
     return SensitivityTable(damage, baseline, low_bits, high_bits, getattr(metric, "description", metric.name), time.perf_counter() - t0)
 
 
-def cached_measure(bank: ProxyBank, metric: QualityMetric, cache_dir: str | Path, context: dict) -> SensitivityTable:
-    """`measure`, reusing a table computed earlier under identical settings.
+def cached_measure(bank: ProxyBank, metric: QualityMetric, cache_dir: str | Path, context: dict, units: list[list[str]] | None = None) -> SensitivityTable:
+    """`measure` (of each of `units`, default: each linear), reusing a table computed earlier under identical settings.
 
     `context` is everything the values depend on besides the widths (model, dtype, device,
     quantizer, metric, tokens, code: pipeline.evaluation_context), so a float32 and a bf16 run
     never share a table."""
     low, high = bank.bits[0], bank.bits[-1]
+    units = [[n] for n in bank.layout.names] if units is None else units
     payload = {**context, "low": low, "high": high}
+    if any(len(u) > 1 for u in units):
+        payload["units"] = units
     key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"{key}.json"
-    table = _load_cached_table(path, bank.layout.names)
+    names = [u[0] for u in units]
+    table = _load_cached_table(path, names)
     if table is not None:
         return table
     with file_lock(path):  # parallel jobs of a sweep: one measures, the others wait and reuse it
-        table = _load_cached_table(path, bank.layout.names)
+        table = _load_cached_table(path, names)
         if table is None:
             progress = path.with_suffix(".progress.jsonl")  # what a stopped measurement got done
-            table = measure(bank, metric, low, high, progress)
+            table = measure(bank, metric, low, high, progress, units=units)
             atomic_write_json(path, {**table.to_dict(), "key": payload})
             progress.unlink(missing_ok=True)
     return table

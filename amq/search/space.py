@@ -1,5 +1,10 @@
 """The search space: one gene per searchable linear (or per shared-precision group).
 
+In mixture-of-experts layers, one projection of all of a layer's experts shares a gene by default
+(`expert_genes="projection"`): the gene count and the sensitivity probes stay those of a dense
+model (a layer of 64 experts would otherwise add 128 genes, and 128 probes). `expert_genes="expert"`
+gives each expert's linears their own genes.
+
 A gene holds an index into the sorted bit choices. Linears pinned by the sensitivity stage stay at
 the highest width and carry no gene. Conversions between genes, bit configurations by module name,
 and the average-bits accounting all live here, vectorised over populations.
@@ -50,20 +55,28 @@ def check_share_patterns(linears: Sequence[LinearInfo], patterns: Sequence[Seque
                 raise InvalidArgument("share_groups", f"{p} matches no linear of the model", ", ".join(roles))
 
 
-def shared_groups(linears: Sequence[LinearInfo], patterns: Sequence[Sequence[str]] | None) -> list[list[str]]:
+EXPERT_GENES = ("projection", "expert")
+
+
+def shared_groups(linears: Sequence[LinearInfo], patterns: Sequence[Sequence[str]] | None, expert_genes: str = "projection") -> list[list[str]]:
     """Partition linears into precision groups: within a block, roles matching the same pattern list share one gene.
 
     `patterns` is a list of lists of role suffixes, e.g. [[q_proj, k_proj, v_proj], [gate_proj, up_proj]]
-    (what serving engines fuse). Unmatched linears form singleton groups.
+    (what serving engines fuse). Other expert linears share by projection (`expert_genes`); the
+    remaining linears form singleton groups.
     """
+    if expert_genes not in EXPERT_GENES:
+        raise InvalidArgument("expert_genes", repr(expert_genes), " or ".join(EXPERT_GENES))
     groups: list[list[str]] = []
-    seen: dict[tuple[int, int], list[str]] = {}
+    seen: dict[tuple[int, int | str], list[str]] = {}
     for li in linears:
-        key = None
+        key: tuple[int, int | str] | None = None
         for gi, pats in enumerate(patterns or []):
             if any(_matches(p, li.role) for p in pats):
                 key = (li.block, gi)
                 break
+        if key is None and li.expert is not None and expert_genes == "projection":
+            key = (li.block, li.projection)
         if key is None:
             groups.append([li.name])
         elif key in seen:
@@ -90,6 +103,7 @@ class SearchSpace:
     pruned: Iterable[str] = ()
     share_patterns: Sequence[Sequence[str]] | None = None
     keep_top: int = 1
+    expert_genes: str = "projection"
     groups: list[list[str]] = field(init=False)
     pinned: list[str] = field(init=False)
 
@@ -100,7 +114,7 @@ class SearchSpace:
         if not 1 <= self.keep_top <= len(self.bit_choices):
             raise InvalidArgument("keep_top", f"{self.keep_top}", f"1 to {len(self.bit_choices)}")
         check_share_patterns(self.linears, self.share_patterns)
-        all_groups = shared_groups(self.linears, self.share_patterns)
+        all_groups = shared_groups(self.linears, self.share_patterns, self.expert_genes)
         pruned = set(self.pruned)
         # A group that serving engines fuse is pruned whole, or it can't be served.
         pruned_groups = [g for g in all_groups if pruned.intersection(g)]
