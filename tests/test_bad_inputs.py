@@ -65,6 +65,8 @@ CASES = {
     "no targets": Case(["search.targets=[]", "finalize.enabled=true"], "search.targets"),
     "windows longer than the model's context": Case(["budget.seq_len=100000"], "budget.seq_len"),
     "misspelled share-group role": Case(["search.share_groups=[[q_proj,nonexistent]]"], "search.share_groups"),
+    "unknown expert gene unit": Case(["search.expert_genes=layer"], "search.expert_genes"),
+    "coverage above 1": Case(["search.min_coverage=2"], "search.min_coverage"),
     "bits window upside down": Case(["search.bits_window=[5.5,3.5]"], "search.bits_window"),
     "a budget with no work": Case(["budget.iterations=0", "budget.n_initial_random=0"], "budget"),
     "negative budget": Case(["budget.batch_size=-4"], "budget.batch_size"),
