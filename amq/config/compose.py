@@ -74,7 +74,12 @@ LOOP_SETTINGS = {
     "": "budget",
 }
 CALIBRATION_SETTINGS = {"n_samples": "budget.n_samples", "seq_len": "budget.seq_len", "docs": "data"}
-MODEL_SETTINGS = {"dtype": "model.source.dtype"}  # the others read model.<argument>, as the README's table shows
+MODEL_SETTINGS = {
+    "dtype": "model.source.dtype",
+    "arch": "model.source.arch",
+    "seed": "model.source.seed",
+    "overrides": "model.source.overrides",
+}  # the others read model.<argument>, as the README's table shows
 FINALIZE_SETTINGS = {
     "bits": "finalize.bits",
     "group_size": "quantizer.group_size",
@@ -382,9 +387,9 @@ def prepare(cfg: DictConfig) -> Workbench:
             protocol = perplexity_protocol(cfg.finalize, lm.add_bos).fit_to(lm.model)
             with settings_of(named=FINALIZE_SETTINGS):
                 for docs in md.splits.heldout.values():
-                    perplexity_windows(lm.tokenizer, docs, protocol)
+                    perplexity_windows(lm.tokenizer, docs, protocol, md.cache_dir)
     with settings_of(named=CALIBRATION_SETTINGS):
-        tokens = calibration_windows(lm.tokenizer, md.splits.calibration, calib, lm.add_bos)
+        tokens = calibration_windows(lm.tokenizer, md.splits.calibration, calib, lm.add_bos, md.cache_dir)
 
     # the metric's reference distributions come from the unquantized model, before the bank swaps anything
     metric = build(cfg.metric, "metric", model=lm.model, tokens=tokens)
@@ -561,7 +566,7 @@ def finalizer_for(cfg: DictConfig, wb: ModelAndData, run_dir: Path, metric_name:
     if quantizer.needs_calibration:
         with settings_of("finalize", {"docs": "data"}):
             spec = CalibrationSpec(int(node.n_samples), int(node.seq_len), seed=int(cfg.data_seed))
-            calib = calibration_windows(wb.lm.tokenizer, wb.splits.calibration, spec, wb.lm.add_bos)
+            calib = calibration_windows(wb.lm.tokenizer, wb.splits.calibration, spec, wb.lm.add_bos, wb.cache_dir)
     suite = eval_suite(node, wb.splits, wb.lm.add_bos, wb.cache_dir) if node.evaluate else None
     return Finalizer(run_dir, wb.lm, wb.layout, quantizer, finalize_settings(node), suite, metric_name, calib, out_dir)
 

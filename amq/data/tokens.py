@@ -1,14 +1,25 @@
-"""Turn documents into token windows: seeded random windows of the calibration text."""
+"""Turn documents into token windows: seeded random windows of the calibration text.
+
+Tokenizing a corpus takes seconds (one long string, one thread), and every run, finalize and
+re-evaluation needs the same streams again; with a `cache_dir` they are kept under
+`<cache_dir>/tokens/`, keyed by the tokenizer's full definition and the text.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from amq.errors import InvalidArgument, require_at_least
+from amq.io import atomic_write_bytes_with
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # transformers is slow to import: settings errors come before it
     from transformers import PreTrainedTokenizerBase
@@ -29,18 +40,42 @@ class CalibrationSpec:
         require_at_least(self, "seq_len", 8, "{value} tokens per sample")
 
 
-def token_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str]) -> torch.Tensor:
-    """All documents joined by blank lines and tokenised once, without special tokens."""
+def _cache_key(tokenizer: PreTrainedTokenizerBase, text: str) -> str | None:
+    """What the token ids depend on: the tokenizer's whole definition and the text (None: a
+    tokenizer without a serialisable definition, not cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    h = hashlib.sha256(backend.to_str().encode())
+    h.update(type(tokenizer).__name__.encode())
+    h.update(text.encode())
+    return h.hexdigest()[:32]
+
+
+def token_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str], cache_dir: str | Path | None = None) -> torch.Tensor:
+    """All documents joined by blank lines and tokenised once, without special tokens (kept under
+    `cache_dir`/tokens when given)."""
     text = DOC_SEPARATOR.join(d for d in docs if d.strip())
     if not text.strip():
         raise InvalidArgument("docs", "the calibration text is empty", "a corpus with at least one non-empty document")
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    key = _cache_key(tokenizer, text) if cache_dir is not None else None
+    path = Path(cache_dir) / "tokens" / f"{key}.pt" if key is not None else None
+    if path is not None and path.is_file():
+        try:
+            return torch.load(path).long()
+        except (OSError, RuntimeError, EOFError):
+            log.warning("token cache %s is unreadable; tokenizing again", path.name)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"], dtype=torch.long)
+    if path is not None:
+        atomic_write_bytes_with(path, lambda tmp: torch.save(ids.int(), tmp))
+    return ids
 
 
-def calibration_windows(tokenizer: PreTrainedTokenizerBase, docs: list[str], spec: CalibrationSpec, add_bos: bool) -> torch.Tensor:
+def calibration_windows(
+    tokenizer: PreTrainedTokenizerBase, docs: list[str], spec: CalibrationSpec, add_bos: bool, cache_dir: str | Path | None = None
+) -> torch.Tensor:
     """`n_samples` windows of `seq_len` tokens at seeded random offsets (BOS first when the model wants it)."""
-    stream = token_stream(tokenizer, docs)
+    stream = token_stream(tokenizer, docs, cache_dir)
     body = spec.seq_len - 1 if add_bos else spec.seq_len
     if len(stream) <= body:
         raise InvalidArgument(

@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,9 +55,9 @@ class PerplexityProtocol:
         return {**asdict(self), "overlap": 0, "loss": "mean token NLL over all predicted tokens, exp()"}
 
 
-def perplexity_windows(tokenizer: PreTrainedTokenizerBase, docs: list[str], protocol: PerplexityProtocol) -> torch.Tensor:
+def perplexity_windows(tokenizer: PreTrainedTokenizerBase, docs: list[str], protocol: PerplexityProtocol, cache_dir: str | Path | None = None) -> torch.Tensor:
     """(n, window) token windows, laid end to end from the start of the text."""
-    stream = token_stream(tokenizer, docs)
+    stream = token_stream(tokenizer, docs, cache_dir)
     body = protocol.window - 1 if protocol.add_bos else protocol.window
     n = len(stream) // body
     if n == 0:

@@ -38,7 +38,7 @@ class EvalSuite:
     def windows(self, tokenizer: Any, model: nn.Module) -> dict[str, torch.Tensor]:
         if not self._windows:
             proto = self.fitted(model)
-            self._windows = {name: perplexity_windows(tokenizer, docs, proto) for name, docs in self.heldout.items()}
+            self._windows = {name: perplexity_windows(tokenizer, docs, proto, self.cache_dir) for name, docs in self.heldout.items()}
         return self._windows
 
     def describe(self, model: nn.Module) -> dict:

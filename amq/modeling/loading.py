@@ -200,13 +200,18 @@ class EmbeddedGGUF:
             raise
         log.info("converted in %.1fs", time.perf_counter() - t0)
 
+    def converted_dir(self, cache_dir: str | Path) -> tuple[Path, str]:
+        """(where the safetensors conversion of the GGUF lives, the GGUF's short sha). The
+        directory is complete once it holds config.json (published by one rename)."""
+        sha = file_sha256(self._gguf_path(Path(cache_dir)))[:16]
+        return Path(cache_dir) / "models" / f"{self.name}-{sha}", sha
+
     def load(self, cache_dir: str | Path) -> LoadedModel:
         cache_dir = Path(cache_dir)
         device, compute = _device_and_dtype(self.device, self.dtype)
         dtype = compute.dtype
         gguf = self._gguf_path(cache_dir)
-        sha = file_sha256(gguf)[:16]
-        out_dir = cache_dir / "models" / f"{self.name}-{sha}"
+        out_dir, sha = self.converted_dir(cache_dir)
         if not (out_dir / "config.json").is_file():
             # Parallel jobs of a sweep: one converts, the others wait and load its result. (Two
             # directory renames onto the same name would fail with ENOTEMPTY for the second.)

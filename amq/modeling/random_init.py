@@ -24,7 +24,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from amq.errors import InvalidArgument, require_at_least
-from amq.io import file_sha256
 from amq.modeling.loading import LoadedModel, _device_and_dtype, _finish, _wants_bos
 
 log = logging.getLogger(__name__)
@@ -160,8 +159,7 @@ def shipped_tokenizer(cache_dir: Path) -> PreTrainedTokenizerBase:
     from omegaconf import OmegaConf
 
     source = instantiate(OmegaConf.load(TOKENIZER_SOURCE).source, device="cpu", dtype="float32")
-    # where EmbeddedGGUF.load publishes its conversion (atomically: config.json means complete)
-    converted = cache_dir / "models" / f"{source.name}-{file_sha256(source._gguf_path(cache_dir))[:16]}"
+    converted, _ = source.converted_dir(cache_dir)
     if (converted / "config.json").is_file():
         return AutoTokenizer.from_pretrained(converted)
     return source.load(cache_dir).tokenizer
