@@ -93,3 +93,30 @@ def test_each_expert_is_calibrated_on_the_tokens_routed_to_it():
     assert sum(routed.values()) == 2 * 16 * 2  # tokens x experts per token
     for li in linears:
         assert seen[li.name] == (routed[li.expert] or 1), li.name  # 1: uncalibrated (no token reached it)
+
+
+def test_a_layers_experts_are_measured_in_one_rerun_per_projection():
+    """Sequential calibration re-runs a block to measure each stage's inputs after the earlier
+    stages were quantized; the experts of one projection share that re-run."""
+    model = _model("mixtral")
+    as_linear_layers(model)
+    layout = discover_layout(model)
+    linears = [li for li in layout.linears if li.block == 0]
+    block = model.model.layers[0]
+    runs = []
+    hook = block.register_forward_pre_hook(lambda m, a: runs.append(1))
+    stages: list[list[str]] = []
+
+    def stage(names: list[str], weights: list[torch.Tensor], stats: InputStats) -> list[GroupQuant]:
+        stages.append(names)
+        return [rtn_quant(w, 4, 32) for w in weights]
+
+    calib = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    quants = quantize_blocks(model, linears, calib, stage, batch_size=2, sequential=True)
+    hook.remove()
+    assert set(quants) == {li.name for li in linears}
+    expert_stages = [s for s in stages if ".experts." in s[0]]
+    assert [s[0].rsplit(".", 1)[1] for s in expert_stages] == ["gate_up_proj"] * 4 + ["down_proj"] * 4  # projection by projection
+    # one batch: the capture of the block's inputs, the first pass, then re-runs for o_proj, the
+    # experts' gate_up and their down_proj (one re-run per expert stage would make 11)
+    assert len(runs) == 5
