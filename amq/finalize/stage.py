@@ -152,7 +152,7 @@ class Finalizer:
                     info["llama_cpp"] = True
                 info["bytes_weights_file"] = (tmp / WEIGHTS_FILE).stat().st_size
                 info["bytes_on_disk"] = directory_bytes(tmp)
-                info["formats"] = self._standard_formats(model, tmp)
+                info["formats"] = self._standard_formats(model, tmp, out_dir.name)
                 if evaluation is not None:
                     atomic_write_json(tmp / "eval.json", {"model_dir": str(out_dir), **evaluation})
                 atomic_write_text(tmp / "README.md", render(info, config, evaluation))
@@ -163,7 +163,7 @@ class Finalizer:
             "target", self._bits(config), cand.metric, evaluation, target=target, dir=str(out_dir), bytes_on_disk=info["bytes_on_disk"], bytes_bf16=total_bf16
         )
 
-    def _standard_formats(self, model: nn.Module, model_dir: Path) -> dict[str, dict]:
+    def _standard_formats(self, model: nn.Module, model_dir: Path, label: str) -> dict[str, dict]:
         """Write the standard checkpoints `finalize.formats` asks for into subfolders of `model_dir`;
         per format, where it went and its size, or why this model has no such checkpoint."""
         writers = {"compressed-tensors": write_compressed_tensors}  # one per name in finalize.settings.FORMATS
@@ -173,7 +173,7 @@ class Finalizer:
             try:
                 writers[fmt](model, target, source_dir=model_dir)
             except InvalidArgument as exc:  # a layer the format cannot hold (AWQ's input scales)
-                log.warning("%s: no %s checkpoint: %s", model_dir.name, fmt, exc.problem)
+                log.warning("models/%s: no %s checkpoint: %s", label, fmt, exc.problem)
                 out[fmt] = {"written": False, "why": exc.problem}
                 continue
             out[fmt] = {"written": True, "dir": fmt, "bytes_on_disk": directory_bytes(target), **compressed_tensors_summary(target)}
