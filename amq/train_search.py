@@ -23,6 +23,7 @@ from amq.config import compose
 from amq.errors import ConfigError, ResourceError
 from amq.run.interrupts import Interrupted
 from amq.run.session import RunSession
+from amq.run.stage_clock import StageClock
 from amq.run.summary import finalize_summary, search_summary
 from amq.search.archive import Archive
 from amq.search.loop import IterativeSearch
@@ -44,6 +45,7 @@ class SearchRun:
     archive: Archive
     search: IterativeSearch
     run_dir: Path
+    clock: StageClock  # per-stage wall time and peak GPU memory (summary.json `stages`)
 
 
 def run(cfg: DictConfig) -> tuple[dict, SearchRun]:
@@ -57,8 +59,10 @@ def run(cfg: DictConfig) -> tuple[dict, SearchRun]:
         session.begin(config_yaml)
 
         # ---- model, data, proxy, metric; then sensitivity and pruning
-        wb = compose.prepare(cfg)
-        table, space = compose.prune(wb, plan.pruning, plan.sensitivity_samples, plan.share_groups, plan.expert_genes)
+        clock = StageClock()
+        wb = compose.prepare(cfg, clock)
+        with clock.stage("sensitivity"):
+            table, space = compose.prune(wb, plan.pruning, plan.sensitivity_samples, plan.share_groups, plan.expert_genes)
         space_fp = space.fingerprint(wb.lm.fingerprint)
         if plan.finalize is not None:
             plan.finalize.check_reachable(space)  # after pruning: the smallest configuration may have grown
@@ -73,7 +77,7 @@ def run(cfg: DictConfig) -> tuple[dict, SearchRun]:
         title = f"{wb.lm.name}: {wb.metric.name} vs bits ({plan.predictor_name}, seed {plan.seed})"
         observer = session.iteration_observer(rows, wb.metric.name, title, space_fp, plan.seed, plan.tracker)
         search = compose.assemble_search(plan, wb, table, space, archive, [observer], stop.deferred, deadline)
-        objects = SearchRun(plan, wb, table, space, archive, search, session.dir)
+        objects = SearchRun(plan, wb, table, space, archive, search, session.dir, clock)
         return _search_and_finalize(cfg, config, objects, session, rows, start, title, started), objects
 
 
@@ -85,17 +89,21 @@ def _search_and_finalize(cfg: DictConfig, config: dict, o: SearchRun, session: R
     failed = True
     try:
         t_search = time.perf_counter()
-        search.run(start)
+        with o.clock.stage("search"):
+            search.run(start)
         search_s = time.perf_counter() - t_search
         if search.stopped:
             session.log_time_limit_stop(search.stopped, plan.max_minutes)
         front = session.outputs.write_front(archive, wb.metric.name, title)
         summary = search_summary(plan, wb, o.table, o.space, archive, rows, front, search.stopped, search_s, time.monotonic() - started)
+        summary["stages"] = o.clock.stages
         session.write_summary(summary)
         if plan.finalize is not None:
             wb.bank.restore()
-            report = compose.run_finalize(cfg, wb, session.dir, wb.metric.name, o.space.bit_choices)
+            with o.clock.stage("finalize"):
+                report = compose.run_finalize(cfg, wb, session.dir, wb.metric.name, o.space.bit_choices)
             summary["finalize"] = finalize_summary(report)
+            summary["stages"] = o.clock.stages
             session.write_summary(summary)
         plan.tracker.summary(summary_values(summary))
         plan.tracker.log_artifacts(artifact_paths(session.dir))

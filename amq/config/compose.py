@@ -36,6 +36,7 @@ from amq.metrics.base import QualityMetric
 from amq.modeling.discovery import Coverage, ModelLayout, coverage, discover_layout
 from amq.proxy.bank import ProxyBank
 from amq.run.resume import TIME_LIMIT, comparable_settings
+from amq.run.stage_clock import StageClock
 from amq.search import sensitivity
 from amq.search.archive import Archive
 from amq.search.eval_cache import with_cache
@@ -364,14 +365,17 @@ def check_serve_with(serve_with: str | None, bits: list[int], group_size: int, l
     check_servable(bits, group_size, (li.in_features for li in layout.linears))
 
 
-def prepare(cfg: DictConfig) -> Workbench:
-    """Model, layout, data, proxy and metric, with every setting checked before the first forward pass."""
+def prepare(cfg: DictConfig, clock: StageClock | None = None) -> Workbench:
+    """Model, layout, data, proxy and metric, with every setting checked before the first forward pass
+    (timed by `clock` as the stages load, reference and proxy_build)."""
+    clock = clock or StageClock()
     torch.manual_seed(int(cfg.seed))
     quantizer = build(cfg.quantizer, "quantizer")
     calib = calibration_spec(cfg)
     bits = [int(b) for b in cfg.search.bits]
 
-    md = load_model_and_data(cfg)
+    with clock.stage("load"):
+        md = load_model_and_data(cfg)
     lm, layout = md.lm, md.layout
     with settings_of("quantizer", SPACE_SETTINGS):
         quantizer.validate(bits, layout.linears)
@@ -388,14 +392,14 @@ def prepare(cfg: DictConfig) -> Workbench:
             with settings_of(named=FINALIZE_SETTINGS):
                 for docs in md.splits.heldout.values():
                     perplexity_windows(lm.tokenizer, docs, protocol, md.cache_dir)
-    with settings_of(named=CALIBRATION_SETTINGS):
-        tokens = calibration_windows(lm.tokenizer, md.splits.calibration, calib, lm.add_bos, md.cache_dir)
-
-    # the metric's reference distributions come from the unquantized model, before the bank swaps anything
-    metric = build(cfg.metric, "metric", model=lm.model, tokens=tokens)
-    if hasattr(metric, "reuse_prefix"):  # passes start at the first changed block
-        metric.reuse_prefix(lm.model.get_submodule(layout.blocks_name))
-    with settings_of("quantizer"):
+    with clock.stage("reference"):
+        with settings_of(named=CALIBRATION_SETTINGS):
+            tokens = calibration_windows(lm.tokenizer, md.splits.calibration, calib, lm.add_bos, md.cache_dir)
+        # the metric's reference distributions come from the unquantized model, before the bank swaps anything
+        metric = build(cfg.metric, "metric", model=lm.model, tokens=tokens)
+        if hasattr(metric, "reuse_prefix"):  # passes start at the first changed block
+            metric.reuse_prefix(lm.model.get_submodule(layout.blocks_name))
+    with clock.stage("proxy_build"), settings_of("quantizer"):
         bank = ProxyBank(lm.model, layout, quantizer, bits, storage=quantizer.storage).build(md.cache_dir / "proxy", lm.fingerprint)
     return Workbench(lm, layout, md.splits, md.cache_dir, md.coverage, tokens, bank, metric, bits, targets)
 

@@ -28,6 +28,7 @@ from amq.metrics.block_prefix import BlockPrefixCache, BlockStates, verify_prefi
 log = logging.getLogger(__name__)
 
 REFERENCES = ("probs", "hidden")
+AUTO_REFERENCE = "auto"  # hidden on a GPU (where it saves memory and time; docs/benchmarks.md), probs elsewhere
 
 
 def forward_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -113,8 +114,10 @@ class OutputDivergence:
     def __post_init__(self) -> None:
         if self.kind not in _ROW_FNS:
             raise InvalidArgument("kind", f"unknown divergence {self.kind!r}", ", ".join(_ROW_FNS))
+        if self.reference == AUTO_REFERENCE:
+            self.reference = self._auto_reference()
         if self.reference not in REFERENCES:
-            raise InvalidArgument("reference", f"unknown reference storage {self.reference!r}", ", ".join(REFERENCES))
+            raise InvalidArgument("reference", f"unknown reference storage {self.reference!r}", ", ".join((*REFERENCES, AUTO_REFERENCE)))
         for key in ("batch_size", "chunk_tokens"):
             if int(getattr(self, key)) < 1:
                 raise InvalidArgument(key, f"{getattr(self, key)}", "an integer >= 1")
@@ -130,6 +133,20 @@ class OutputDivergence:
                     self._refs.append(reference_stats(forward_logits(self.model, ids).flatten(0, 1)))
                 else:
                     self._refs.append(final_hidden(self.model, ids).flatten(0, 1))
+
+    def _auto_reference(self) -> str:
+        """`hidden` on a GPU when the model's logits are its head applied to the last hidden state, else `probs`."""
+        device = next(self.model.parameters()).device
+        choice = "probs"
+        if device.type == "cuda":
+            try:
+                with torch.inference_mode():
+                    self._check_head_split()
+                choice = "hidden"
+            except InvalidArgument:
+                pass
+        log.info("metric reference auto: %s on %s", choice, device.type)
+        return choice
 
     def _check_head_split(self) -> None:
         """`reference=hidden` assumes logits = head(last hidden state); refuse models where it isn't so."""

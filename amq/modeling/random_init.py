@@ -171,7 +171,9 @@ class RandomArchitecture:
     at scale and architecture checks with no download. Its quality numbers mean nothing.
 
     `overrides` are more config arguments (e.g. {num_hidden_layers: 4}). Tiny presets take the
-    tokenizer's vocabulary; full-size ones keep their published one unless it is smaller."""
+    tokenizer's vocabulary; full-size ones keep their published one unless it is smaller.
+    `tokenizer`, a local directory (or hub id) holding a tokenizer, replaces the shipped one, e.g.
+    on a machine where the embedded GGUF is not installed."""
 
     arch: str
     dtype: str = "auto"
@@ -179,12 +181,23 @@ class RandomArchitecture:
     seed: int = 0
     add_bos: bool | None = None
     overrides: dict | None = None
+    tokenizer: str | None = None
+
+    def _tokenizer(self, cache_dir: Path) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            return shipped_tokenizer(cache_dir)
+        try:
+            return AutoTokenizer.from_pretrained(self.tokenizer)
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(
+                "tokenizer", f"cannot load a tokenizer from {self.tokenizer!r} ({str(exc).splitlines()[0]})", "a directory holding tokenizer.json, or null"
+            ) from None
 
     def load(self, cache_dir: str | Path) -> LoadedModel:
         device, compute = _device_and_dtype(self.device, self.dtype)
         require_at_least(self, "seed", 0)
         preset_kwargs(self.arch, self.overrides)  # a bad preset fails before the tokenizer loads
-        tokenizer = shipped_tokenizer(Path(cache_dir))
+        tokenizer = self._tokenizer(Path(cache_dir))
         model_type, kwargs = preset_kwargs(self.arch, self.overrides, tokenizer)
         t0 = time.perf_counter()
         model = _instantiate(model_type, kwargs, device, compute.dtype, self.seed)

@@ -33,6 +33,7 @@ import gpytorch
 import numpy as np
 import torch
 
+from amq.devices import resolve_device
 from amq.errors import InvalidArgument
 from amq.predictors.base import TargetTransform
 
@@ -132,7 +133,7 @@ class GPPredictor:
         self.kernel, self.method, self.max_exact, self.n_inducing = kernel, method, max_exact, n_inducing
         self.iterations, self.lr, self.svgp_steps, self.svgp_batch_size = iterations, lr, svgp_steps, svgp_batch_size
         self.ngd_lr = ngd_lr
-        self.noise_floor, self.seed, self.device = noise_floor, seed, torch.device(device)
+        self.noise_floor, self.seed, self.device = noise_floor, seed, resolve_device(device)
         self._model: gpytorch.models.GP | None = None
         self._likelihood: gpytorch.likelihoods.GaussianLikelihood | None = None
         self._mu, self._sd = 0.0, 1.0

@@ -30,6 +30,7 @@ from amq.quantizers.base import WeightQuantizer
 log = logging.getLogger(__name__)
 
 STORAGES = ("dequantized", "packed")
+AUTO = "auto"  # by the model's device
 _SWAP_GRAPHS = 64  # compiled swap graphs allowed: (bit widths) x (distinct linear shapes), e.g. 3 x 3 for Llama-2-7B
 
 
@@ -58,8 +59,12 @@ class ProxyBank:
         bits: list[int],
         storage: str = "dequantized",
     ) -> None:
+        if storage == AUTO:  # packed where memory is short and dequantizing is cheap (a GPU); else the fastest swaps
+            device = next(model.parameters()).device
+            storage = "packed" if device.type == "cuda" else "dequantized"
+            log.info("proxy storage auto: %s on %s", storage, device.type)
         if storage not in STORAGES:
-            raise InvalidArgument("storage", f"{storage!r}", ", ".join(STORAGES))
+            raise InvalidArgument("storage", f"{storage!r}", ", ".join((*STORAGES, AUTO)))
         self.model, self.layout, self.quantizer = model, layout, quantizer
         self.bits, self.storage = sorted(bits), storage
         self.modules: dict[str, nn.Linear] = {n: model.get_submodule(n) for n in layout.names}
