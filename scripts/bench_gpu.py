@@ -41,7 +41,15 @@ from omegaconf import DictConfig
 
 from amq.bench.cost_model import MeasuredCurve, SearchWork, StageCosts, project
 from amq.bench.script_args import script_parser
-from amq.bench.timing import forward_floor_seconds, search_step_seconds, sensitivity_seconds_per_linear, swap_seconds, synchronizer, true_eval_seconds
+from amq.bench.timing import (
+    forward_floor_seconds,
+    search_step_seconds,
+    sensitivity_seconds_per_linear,
+    spread_linears,
+    swap_seconds,
+    synchronizer,
+    true_eval_seconds,
+)
 from amq.config.compose import build, parse_overrides
 from amq.io import atomic_write_json
 from amq.modeling.discovery import discover_layout
@@ -142,8 +150,10 @@ def run_calibration(cfg: DictConfig, args, model, bank: ProxyBank, space: Search
     configured = f"{cfg.metric.reference}:{int(cfg.metric.chunk_tokens)}"
     bank.restore()  # the reference comes from the unquantized model
     metric = build(cfg.metric, "metric", model=model, tokens=tokens)
+    if hasattr(metric, "reuse_prefix"):  # passes start at the probed block, as in a search
+        metric.reuse_prefix(model.get_submodule(bank.layout.blocks_name))
     sens = metric.subset(min(int(cfg.budget.sensitivity_samples), n_samples))
-    names = bank.layout.names[: args.sensitivity_linears]
+    names = spread_linears(bank.layout.names, args.sensitivity_linears)
     res["sensitivity"] = {
         "metric": configured,
         "n_samples": int(sens.tokens.shape[0]),

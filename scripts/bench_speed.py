@@ -29,7 +29,15 @@ from hydra import compose, initialize_config_dir
 
 from amq.bench.cost_model import MeasuredCurve, SearchWork, StageCosts, project
 from amq.bench.script_args import script_parser
-from amq.bench.timing import forward_floor_seconds, search_step_seconds, sensitivity_seconds_per_linear, swap_seconds, synchronizer, true_eval_seconds
+from amq.bench.timing import (
+    forward_floor_seconds,
+    search_step_seconds,
+    sensitivity_seconds_per_linear,
+    spread_linears,
+    swap_seconds,
+    synchronizer,
+    true_eval_seconds,
+)
 from amq.config.compose import build, prepare
 from amq.metrics.divergence import OutputDivergence
 from amq.search.space import SearchSpace
@@ -88,7 +96,7 @@ def main() -> None:
 
     # sensitivity: per-linear cost measured on a few linears, extrapolated to all
     sens = wb.metric.subset(int(cfg.budget.sensitivity_samples))
-    per = sensitivity_seconds_per_linear(bank, sens, layout.names[: args.sensitivity_linears], wb.bits[0], wb.bits[-1], sync)
+    per = sensitivity_seconds_per_linear(bank, sens, spread_linears(layout.names, args.sensitivity_linears), wb.bits[0], wb.bits[-1], sync)
     res["sensitivity_s"] = {"per_linear": per, "all_linears_estimate": per * len(layout.names)}
 
     # predictor fit and NSGA-II on a realistic archive size

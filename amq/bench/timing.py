@@ -75,14 +75,24 @@ def swap_seconds(bank: ProxyBank, a: Mapping[str, int], b: Mapping[str, int], re
     return median_seconds(lambda: (bank.apply(b), bank.apply(a)), repeats, sync) / 2
 
 
+def spread_linears(names: Sequence[str], n: int) -> list[str]:
+    """`n` linears evenly spread over the model (first to last block): the probes a timing of the
+    sensitivity stage should average over, since a probe's pass starts at its own block."""
+    idx = np.unique(np.linspace(0, len(names) - 1, max(1, min(n, len(names)))).round().astype(int))
+    return [names[i] for i in idx]
+
+
 def sensitivity_seconds_per_linear(bank: ProxyBank, metric: QualityMetric, names: Sequence[str], low: int, high: int, sync: Callable[[], None]) -> float:
-    """The sensitivity stage's cost per linear: drop it to `low`, score, put it back (others at `high`)."""
+    """The sensitivity stage's cost per linear: drop it to `low`, score, put it back (others at
+    `high`), each pass starting at the probed block as `amq.search.sensitivity.measure` does
+    (give `names` from `spread_linears`, or the average leans to one end of the model)."""
     bank.apply({n: high for n in bank.layout.names})
+    metric.evaluate(bank.model, bank.block_states())  # the all-high pass the probes start from
     sync()
     t0 = time.perf_counter()
     for n in names:
         bank.apply({n: low})
-        metric.evaluate(bank.model)
+        metric.evaluate(bank.model, bank.block_states())
         bank.apply({n: high})
     sync()
     return (time.perf_counter() - t0) / len(names)
