@@ -99,7 +99,7 @@ def _search_and_finalize(cfg: DictConfig, config: dict, o: SearchRun, session: R
         summary["stages"] = o.clock.stages
         session.write_summary(summary)
         if plan.finalize is not None:
-            wb.bank.restore()
+            wb.bank.release()
             with o.clock.stage("finalize"):
                 report = compose.run_finalize(cfg, wb, session.dir, wb.metric.name, o.space.bit_choices)
             summary["finalize"] = finalize_summary(report)

@@ -193,6 +193,15 @@ class ProxyBank:
         """Put the unquantized weights back everywhere."""
         self.apply({n: None for n in self.layout.names})
 
+    def release(self) -> None:
+        """Put the unquantized weights back and drop the quantized ones: the finalize stage after a
+        search needs the memory (7.5 GiB of a GPU at 7B), not the bank."""
+        self.restore()
+        self._bank.clear()
+        self._fused_copy = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def memory_bytes(self) -> int:
         total = 0
         for per_bits in self._bank.values():
