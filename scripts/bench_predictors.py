@@ -182,8 +182,8 @@ def accuracy_rows(args: argparse.Namespace) -> list[dict]:
             results.append({"n": n, "predictor": spec, **r})
             nx, rd = r["next"], r.get("random", {})
             line = (
-                f"| {n} | {spec} | {r['fit_s']:.2f} | {_fmt(nx['predictor/kendall_tau'])} | {_fmt(nx['predictor/spearman'])} | "
-                f"{_fmt(nx['predictor/rmse'], 4)} | {_fmt(rd.get('predictor/kendall_tau'))} | {_fmt(rd.get('predictor/spearman'))} | "
+                f"| {n} | {spec} | {r['fit_s']:.2f} | {_fmt(nx['predictor/kendall_tau_all_bits'])} | {_fmt(nx['predictor/spearman_all_bits'])} | "
+                f"{_fmt(nx['predictor/rmse'], 4)} | {_fmt(rd.get('predictor/kendall_tau_all_bits'))} | {_fmt(rd.get('predictor/spearman_all_bits'))} | "
                 f"{_fmt(rd.get('predictor/rmse'), 4)} |"
             )
             lines.append(line)

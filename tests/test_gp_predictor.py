@@ -77,7 +77,7 @@ def test_gp_on_a_real_looking_archive(tmp_path):
     assert set(np.unique(X)) <= {0.0, 0.2, 1.0}
     p = _fast_gp().fit(X[:60], data.metric[:60])
     s = heldout_scores(p.predict(X[60:]), data.metric[60:])
-    assert s["predictor/kendall_tau"] > 0.6, s
+    assert s["predictor/kendall_tau_all_bits"] > 0.6, s
 
 
 def test_heldout_scores_differ_from_in_sample():
@@ -86,8 +86,8 @@ def test_heldout_scores_differ_from_in_sample():
     rbf = RBFPredictor().fit(X[:60], y[:60])
     in_sample = heldout_scores(rbf.predict(X[:60]), y[:60])
     held_out = heldout_scores(rbf.predict(X[60:]), y[60:])
-    assert in_sample["predictor/kendall_tau"] == pytest.approx(1.0)
-    assert held_out["predictor/kendall_tau"] < 0.95
+    assert in_sample["predictor/kendall_tau_all_bits"] == pytest.approx(1.0)
+    assert held_out["predictor/kendall_tau_all_bits"] < 0.95
     assert held_out["predictor/rmse"] > 10 * in_sample["predictor/rmse"]
     assert held_out["predictor/n_heldout"] == 60
 
@@ -125,3 +125,19 @@ def test_gp_config_composes_and_fits(compose_cfg):
     p = make(seed=0).fit(X, y)
     assert isinstance(p, UncertainPredictor) and p.name == "gp"
     assert p.predict(X).shape == (40,)
+
+
+def test_a_bits_only_predictor_ranks_a_spread_batch_but_not_configurations_at_equal_bits():
+    """The overall tau rewards knowing that fewer bits hurt; the within-bits tau does not."""
+    rng = np.random.default_rng(0)
+    bits = np.repeat([3.0, 3.5, 4.0, 4.5], 10) + rng.uniform(0, 0.2, 40)
+    interaction = rng.normal(0, 1, 40)  # what separates configurations of equal bits
+    actual = np.exp(-bits) * (1 + 0.3 * interaction)
+    bits_only = np.exp(-np.floor(bits * 4) / 4)  # constant within each 0.25-bit bin
+    s = heldout_scores(bits_only, actual, bits, targets=[3.5, 4.0])
+    assert s["predictor/kendall_tau_all_bits"] > 0.6
+    assert s["predictor/kendall_tau_within_bits"] == pytest.approx(0.0)
+    assert s["predictor/pairs_within_bits"] > 0
+    informed = heldout_scores(np.exp(-bits) * (1 + 0.3 * interaction + 0.05 * rng.normal(0, 1, 40)), actual, bits, targets=[3.5, 4.0])
+    assert informed["predictor/kendall_tau_within_bits"] > 0.7
+    assert informed["predictor/rel_error_near_targets"] < s["predictor/rel_error_near_targets"]

@@ -189,7 +189,8 @@ class IterativeSearch:
         if not recs:
             return heldout_scores(np.zeros(0), np.zeros(0))
         genes = np.stack([r.genes for r in recs])
-        return heldout_scores(predictor.predict(self.space.features(genes)), np.array([r.metric for r in recs]))
+        actual, bits = np.array([r.metric for r in recs]), np.array([r.avg_bits for r in recs])
+        return heldout_scores(predictor.predict(self.space.features(genes)), actual, bits, self.targets)
 
     def iteration_row(self, iteration: int, timings: dict, n_new: int, eval_s: float) -> dict:
         _, y, bits = self.archive.arrays()
@@ -238,9 +239,9 @@ class IterativeSearch:
             row["search/iteration_seconds"] = seconds[it] = self.clock() - t0
             rows.append(row)
             best = ", ".join(f"{k.split('@')[1]}b: {v:.4g}" for k, v in row.items() if k.startswith("best/") and v is not None)
-            tau = row.get("predictor/kendall_tau")
+            tau = row.get("predictor/kendall_tau_within_bits")
             if tau is not None:
-                best += f"; predictor tau on the new batch {tau:.3f}"
+                best += f"; predictor tau within bits bins {tau:.2f} ({row['predictor/pairs_within_bits']} pairs)"
             extra = "".join(f", {row[k]} {word}" for k, word in (("n_reused", "reused from the cache"), ("n_failed", "failed")) if row[k])
             log.info(
                 "iteration %d/%d: %d new%s, %d in archive, hypervolume %.4f, best %s [%.1fs%s]",
