@@ -75,7 +75,7 @@ def run(cfg: DictConfig) -> tuple[dict, SearchRun]:
         if session.resuming:
             log.info("resuming %s at iteration %d with %d archived configurations", session.dir, start, len(archive))
         title = f"{wb.lm.name}: {wb.metric.name} vs bits ({plan.predictor_name}, seed {plan.seed})"
-        observer = session.iteration_observer(rows, wb.metric.name, title, space_fp, plan.seed, plan.tracker)
+        observer = session.iteration_observer(rows, wb.metric.name, title, space_fp, plan.seed, plan.tracker, wb.targets)
         search = compose.assemble_search(plan, wb, table, space, archive, [observer], stop.deferred, deadline)
         objects = SearchRun(plan, wb, table, space, archive, search, session.dir, clock)
         return _search_and_finalize(cfg, config, objects, session, rows, start, title, started), objects
@@ -94,7 +94,7 @@ def _search_and_finalize(cfg: DictConfig, config: dict, o: SearchRun, session: R
         search_s = time.perf_counter() - t_search
         if search.stopped:
             session.log_time_limit_stop(search.stopped, plan.max_minutes)
-        front = session.outputs.write_front(archive, wb.metric.name, title)
+        front = session.outputs.write_front(archive, wb.metric.name, title, wb.targets)
         summary = search_summary(plan, wb, o.table, o.space, archive, rows, front, search.stopped, search_s, time.monotonic() - started)
         summary["stages"] = o.clock.stages
         session.write_summary(summary)

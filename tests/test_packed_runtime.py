@@ -111,3 +111,28 @@ def test_bench_runtime_compares_both_runtimes(model_dir):
     result = json.loads(proc.stdout.split("\n\n| runtime")[0])
     assert result["same_tokens"] is True and result["max_abs_logit_diff"] < 0.1
     assert result["packed_over_dequantized"]["linear_bytes"] < 0.5
+
+
+@pytest.mark.slow
+def test_reevaluations_are_kept_and_an_environment_change_is_reported_not_failed(model_dir, keep_threads, tmp_path):
+    common = ["--window", "128", "--max-windows", "1", "--threads", "2"]
+    text = tmp_path / "news.txt"
+    text.write_text("\n\n".join(f"Story {i}: the council met on Tuesday and voted on the new budget for the harbour." * 8 for i in range(6)))
+    assert evaluate_main([str(model_dir), *common]) == 0
+    first = json.loads((model_dir / "eval.json").read_text())
+    assert evaluate_main([str(model_dir), *common, "--data", str(text)]) == 0  # another text
+    second = json.loads((model_dir / "eval.json").read_text())
+    assert set(second["perplexity"]) == {"news"} and "reproduction" not in second
+    assert second["history"][-1]["perplexity"] == first["perplexity"]  # the first result is kept
+    assert evaluate_main([str(model_dir), *common]) == 0  # the first text again: compared with its own earlier result
+    third = json.loads((model_dir / "eval.json").read_text())
+    assert set(third["reproduction"]) == set(first["perplexity"]) and len(third["history"]) == len(first.get("history", [])) + 2
+    # an earlier result 1% off: a failure in the same environment, a report in another
+    tampered = {**third, "perplexity": {k: {**v, "perplexity": v["perplexity"] * 1.01} for k, v in third["perplexity"].items()}, "history": []}
+    (model_dir / "eval.json").write_text(json.dumps(tampered))
+    assert evaluate_main([str(model_dir), *common]) == 1
+    other = {**tampered, "environment": {**tampered["environment"], "torch": "0.0"}}
+    (model_dir / "eval.json").write_text(json.dumps(other))
+    assert evaluate_main([str(model_dir), *common]) == 0
+    last = json.loads((model_dir / "eval.json").read_text())
+    assert last["same_environment"] is False and any(r["rel_diff"] > 5e-3 for r in last["reproduction"].values())

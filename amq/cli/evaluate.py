@@ -3,8 +3,14 @@
 PATH is a model directory (`<run>/models/<target>/`) or a run directory (every model under its
 `models/`). Each model is reloaded with `amq.load_quantized`, measured on held-out text (and
 zero-shot tasks with --tasks), and the results go to its `eval.json`. When the model directory
-already holds an `eval.json` (written before saving), the same protocol is reused by default and
-the new perplexities are compared with the recorded ones, so a reload is verified, not assumed.
+already holds an `eval.json` (written before saving), the same protocol and the run's own text
+(its config.yaml's `data`) are reused by default, and the new perplexities are compared with the
+latest earlier evaluation under that protocol, so a reload is verified, not assumed.
+
+eval.json holds the latest evaluation at its top level and every earlier one, each with its
+environment, under `history`: nothing measured before is written over. A difference in the same
+environment (device, threads, torch, dtype) beyond 1e-3 is a failure (exit 1); in another
+environment the sums round differently, so the difference is reported, not failed.
 """
 
 from __future__ import annotations
@@ -42,11 +48,47 @@ def model_dirs(path: Path) -> list[Path]:
     return found
 
 
+DEFAULT_DATA = "wiki_lee"  # for a model directory whose run left no config.yaml
+
+
 def load_corpus(name: str):
+    """A data config under conf/data, or a text file or folder of *.txt files (held-out only)."""
+    if Path(name).exists():
+        from amq.data.corpora import TextFiles
+
+        with settings_of(named={"heldout": "--data", "calibration": "--data"}):
+            return TextFiles(calibration=name, heldout=name)
     options = sorted(p.stem for p in CONF_DATA.glob("*.yaml"))
     if name not in options:
-        raise ConfigError("--data", f"unknown data config {name!r}", ", ".join(options))
+        raise ConfigError("--data", f"unknown data config {name!r}", ", ".join(options) + ", or a text file or folder")
     return instantiate(OmegaConf.load(CONF_DATA / f"{name}.yaml"))
+
+
+def run_corpus(model_dir: Path, cache_dir: str):
+    """The text the model was evaluated on: the `data` of the run's config.yaml (next to models/), or None."""
+    config = model_dir.parent.parent / "config.yaml"
+    if not config.is_file():
+        return None
+    node = OmegaConf.load(config).get("data")
+    if node is None:
+        return None
+    corpus = instantiate(node)
+    if getattr(corpus, "cache_dir", "") is None:
+        corpus.cache_dir = cache_dir
+    return corpus
+
+
+def earlier_same_protocol(recorded: dict, protocol: dict) -> dict | None:
+    """The latest earlier evaluation (top level, then history newest first) of the same text under
+    the same perplexity protocol (zero-shot tasks may differ)."""
+
+    def key(p: dict) -> tuple:
+        return p.get("data"), p.get("perplexity")
+
+    for ev in [recorded, *reversed(recorded.get("history", []))]:
+        if key(ev.get("protocol") or {}) == key(protocol):
+            return ev
+    return None
 
 
 def reproduction(recorded: dict, measured: dict) -> dict:
@@ -95,9 +137,15 @@ def evaluate_dir(model_dir: Path, args: argparse.Namespace, corpus_cache: dict) 
     add_bos = rec_proto.get("add_bos", tokenizer.bos_token_id is not None and bool(getattr(tokenizer, "add_bos_token", False)))
     window = args.window or rec_proto.get("window", 2048)
     max_windows = args.max_windows if args.max_windows is not None else rec_proto.get("max_windows", 4)
-    if args.data not in corpus_cache:
-        corpus_cache[args.data] = load_corpus(args.data).load()
-    splits = corpus_cache[args.data]
+    data = args.data
+    if data is None:
+        corpus = run_corpus(model_dir, args.cache_dir)
+        data = f"run:{model_dir.parent.parent}" if corpus is not None else DEFAULT_DATA
+        if data not in corpus_cache:
+            corpus_cache[data] = corpus.load() if corpus is not None else load_corpus(DEFAULT_DATA).load()
+    elif data not in corpus_cache:
+        corpus_cache[data] = load_corpus(data).load()
+    splits = corpus_cache[data]
     with settings_of(named={"window": "--window", "max_windows": "--max-windows"}):
         protocol = PerplexityProtocol(int(window), None if max_windows in (None, 0) else int(max_windows), bool(add_bos))
         suite = EvalSuite(dict(splits.heldout), splits.description, protocol, tuple(args.tasks), args.task_limit, Path(args.cache_dir))
@@ -105,9 +153,11 @@ def evaluate_dir(model_dir: Path, args: argparse.Namespace, corpus_cache: dict) 
     kept = carried_zero_shot(recorded, result)
     if kept:
         log.info("%s: kept the recorded zero-shot results of %s (not re-measured)", model_dir.name, ", ".join(sorted(kept)))
-    if recorded and recorded.get("protocol", {}).get("perplexity") == result["protocol"]["perplexity"]:
-        result["reproduction"] = reproduction(recorded, result)
-        moved = environment_change(recorded_env, result["environment"])
+    earlier = earlier_same_protocol(recorded, result["protocol"]) if recorded else None
+    if earlier is not None:
+        result["reproduction"] = reproduction(earlier, result)
+        moved = environment_change(earlier.get("environment") or {}, result["environment"])
+        result["same_environment"] = not moved
         for text, r in result["reproduction"].items():
             ok = r["rel_diff"] < REPRODUCE_RTOL
             (log.info if ok else log.warning)(
@@ -117,8 +167,12 @@ def evaluate_dir(model_dir: Path, args: argparse.Namespace, corpus_cache: dict) 
                 r["measured"],
                 r["recorded"],
                 r["rel_diff"],
-                "" if ok else f": NOT reproduced{moved}",
+                "" if ok else (f": NOT reproduced{moved}" if not moved else f"; reported, not failed: the environment differs{moved}"),
             )
+    elif recorded:
+        log.info("%s: no earlier evaluation under this protocol and text; recorded as a new one", model_dir.name)
+    if recorded and args.output is None:  # every earlier evaluation is kept, with its environment
+        result["history"] = [*recorded.get("history", []), {k: v for k, v in recorded.items() if k != "history"}]
     atomic_write_json(args.output or model_dir / "eval.json", result)
     return result
 
@@ -128,7 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="amq-evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("path", type=Path, help="a model directory (models/<target>) or a run directory")
-    ap.add_argument("--data", default="wiki_lee", help="held-out text: a config name under conf/data (default wiki_lee)")
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="held-out text: a config name under conf/data, or a text file or folder (default: the run's own text, from its config.yaml; else wiki_lee)",
+    )
     ap.add_argument("--window", type=int, default=None, help="perplexity window in tokens (default: as recorded, else 2048)")
     ap.add_argument("--max-windows", type=int, default=None, help="windows per held-out text (0: all; default: as recorded, else 4)")
     ap.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks through lm-eval, e.g. bigbench_social_iqa")
@@ -164,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    failed = [r["model_dir"] for r in results for x in r.get("reproduction", {}).values() if x["rel_diff"] >= REPRODUCE_RTOL]
+    failed = [r["model_dir"] for r in results if r.get("same_environment", True) for x in r.get("reproduction", {}).values() if x["rel_diff"] >= REPRODUCE_RTOL]
     print(
         json.dumps(
             [

@@ -23,6 +23,7 @@ from amq.bits import BitConfig, average_bits, meta_overhead
 from amq.errors import InvalidArgument
 from amq.evaluation.report import fidelity, write_report
 from amq.evaluation.suite import EvalSuite
+from amq.finalize.charts import write_charts
 from amq.finalize.model_card import render
 from amq.finalize.selection import Candidate, front_extras, read_candidates, select_for_targets
 from amq.finalize.settings import FinalizeSettings
@@ -220,4 +221,5 @@ class Finalizer:
             "seconds": time.perf_counter() - t0,
         }
         write_report(self.output_dir, report)
+        write_charts(report, self.output_dir)
         return report

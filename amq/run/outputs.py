@@ -10,12 +10,13 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META
 from amq.io import atomic_write_json, atomic_write_text, read_jsonl
-from amq.run.plotting import plot_front
+from amq.run.plotting import UniformPoint, plot_front
 from amq.run.state import RunState, read_state, write_state
 from amq.search.archive import Archive
 from amq.search.pareto import nondominated
@@ -57,7 +58,8 @@ class RunOutputs:
         atomic_write_text(self.path("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
 
     # -------------------------------------------------------------- front
-    def write_front(self, archive: Archive, metric_name: str, title: str) -> list[dict]:
+    def write_front(self, archive: Archive, metric_name: str, title: str, targets: Sequence[float] = ()) -> list[dict]:
+        """front.json, front.csv and front.png (with `targets` marked); returns the front's rows."""
         X, y, bits = archive.arrays()
         finite = np.isfinite(y)
         idx = np.flatnonzero(finite)[nondominated(np.column_stack([y[finite], bits[finite]]))]
@@ -87,5 +89,18 @@ class RunOutputs:
             w.writerow([f"{r['avg_bits']:.6f}", f"{r['avg_bits_weights_only']:.6f}", f"{r[metric_name]:.8g}", r["iteration"], "".join(map(str, r["genes"]))])
         atomic_write_text(self.path("front.csv"), buf.getvalue())
         iters = np.array([r.iteration for r in archive.records])
-        plot_front(self.path("front.png"), bits, y, iters, idx, metric_name, title, f"average bits ({CONVENTION_WITH_META})")
+        plot_front(self.path("front.png"), bits, y, iters, idx, metric_name, title, f"average bits ({CONVENTION_WITH_META})", targets, uniform_points(archive))
         return rows
+
+
+def uniform_points(archive: Archive) -> list[UniformPoint]:
+    """The archive's uniform configurations (`SearchSpace.uniform` of each width; pinned linears keep
+    theirs) that were evaluated successfully: the baselines the front is read against."""
+    space = archive.space
+    by_key = {space.key(r.genes): r for r in archive.records}
+    out = []
+    for width in space.bit_choices:
+        rec = by_key.get(space.key(space.uniform(width)))
+        if rec is not None and np.isfinite(rec.metric):
+            out.append(UniformPoint(int(width), rec.avg_bits, rec.metric))
+    return out

@@ -1,12 +1,76 @@
-"""front.png: every archived configuration and the Pareto front, metric against average bits."""
+"""front.png: every archived configuration and the Pareto front, metric against average bits.
+
+The front alone says little without its references, so the plot also marks the search targets
+(where the reports and finalize pick their configurations) and the uniform configurations (every
+searchable linear at one width: what the search has to beat).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 
 from amq.io import atomic_write_bytes_with
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.axis import Axis
+    from matplotlib.figure import Figure
+
+
+class UniformPoint(NamedTuple):
+    """A uniform configuration of the archive: its width, average bits and metric."""
+
+    width: int
+    avg_bits: float
+    metric: float
+
+
+def new_figure(figsize: tuple[float, float] = (7, 4.5)) -> tuple[Figure, Axes]:
+    """A figure on the Agg backend: runs write plots on machines without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize, dpi=110)
+
+
+def save_figure(fig: Figure, path: str | Path) -> None:
+    """Write the figure as PNG atomically (a reader never sees half a file), then free it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.tight_layout()
+        atomic_write_bytes_with(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def label_point(ax: Axes, text: str, x: float, y: float) -> None:
+    """A small label beside a point, on the side facing the middle so it stays inside the axes.
+    Call it once the data are drawn (it reads the x limits)."""
+    lo, hi = ax.get_xlim()
+    right_half = x > (lo + hi) / 2 if ax.get_xscale() == "linear" else x > (lo * hi) ** 0.5
+    ax.annotate(text, (x, y), xytext=(-5 if right_half else 5, 4), textcoords="offset points", ha="right" if right_half else "left", fontsize=7)
+
+
+def plain_log_ticks(axis: Axis) -> None:
+    """Tick labels of a log axis as plain numbers (30, 0.05), not 3x10^1: perplexities read better."""
+    from matplotlib.ticker import LogFormatter
+
+    axis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
+
+
+def mark_targets(ax: Axes, targets: Sequence[float]) -> None:
+    """Dashed vertical lines at the bit budgets, each labelled at the foot of the axes (the low-bits
+    corner a front leaves empty)."""
+    for t in targets:
+        ax.axvline(t, color="0.35", ls="--", lw=1, zorder=1)
+        ax.text(t, 0.02, f"target {t:g} ", transform=ax.get_xaxis_transform(), rotation=90, va="bottom", ha="right", fontsize=7, color="0.25")
 
 
 def plot_front(
@@ -18,24 +82,35 @@ def plot_front(
     metric_name: str,
     title: str,
     bits_label: str,
+    targets: Sequence[float] = (),
+    uniform: Sequence[UniformPoint] = (),
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    """The archive coloured by iteration and its front, against the targets and uniform widths."""
+    fig, ax = new_figure()
     finite = np.isfinite(metric)
     sc = ax.scatter(bits[finite], metric[finite], c=iterations[finite], s=12, cmap="viridis", alpha=0.7, label="archive")
     fig.colorbar(sc, ax=ax, label="iteration")
     order = front_idx[np.argsort(bits[front_idx])]
     ax.step(bits[order], metric[order], where="post", color="crimson", lw=1.5, marker="o", ms=4, label="Pareto front")
+    if uniform:
+        ax.scatter(
+            [u.avg_bits for u in uniform],
+            [u.metric for u in uniform],
+            marker="D",
+            s=45,
+            facecolors="none",
+            edgecolors="black",
+            lw=1.3,
+            zorder=4,
+            label="uniform width",
+        )
+    mark_targets(ax, targets)
+    for u in uniform:
+        label_point(ax, f"uniform {u.width}-bit", u.avg_bits, u.metric)
     ax.set_yscale("log")
     ax.set_xlabel(bits_label)
     ax.set_ylabel(f"{metric_name} (log scale, lower is better)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
-    fig.tight_layout()
-    atomic_write_bytes_with(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from amq.errors import ConfigError
 from amq.io import atomic_write_json, atomic_write_text
@@ -99,14 +99,14 @@ class RunSession:
         return state.next_iteration if state else 0
 
     def iteration_observer(
-        self, rows: list[dict], metric_name: str, title: str, space_fingerprint: str, seed: int, tracker: Any
+        self, rows: list[dict], metric_name: str, title: str, space_fingerprint: str, seed: int, tracker: Any, targets: Sequence[float] = ()
     ) -> Callable[[dict, Archive], None]:
         """What happens after every iteration: metrics, front and checkpoint on disk, then the tracker."""
 
         def on_iteration(row: dict, archive: Archive) -> None:
             rows.append(row)
             self.outputs.write_metrics(rows)
-            front = self.outputs.write_front(archive, metric_name, title)
+            front = self.outputs.write_front(archive, metric_name, title, targets)
             self.outputs.write_state(RunState(space_fingerprint, row["iteration"], seed))
             tracker.log(row, step=row["iteration"])
             tracker.log_front(front, metric_name, self.outputs.path("front.png"), step=row["iteration"])

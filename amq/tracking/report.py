@@ -7,7 +7,16 @@ from typing import Any
 
 # Result files attached to the tracker run (see outputs/README.md). front.json carries the bit
 # configuration of every front point, so the selected model at each target is among them.
-RUN_ARTIFACTS = ("archive.jsonl", "front.json", "sensitivity.json", "summary.json", "evaluation.json", "evaluation.md")
+RUN_ARTIFACTS = (
+    "archive.jsonl",
+    "front.json",
+    "sensitivity.json",
+    "summary.json",
+    "evaluation.json",
+    "evaluation.md",
+    "perplexity_vs_bits.png",
+    "proxy_vs_perplexity.png",
+)
 
 
 def summary_values(summary: dict[str, Any]) -> dict[str, Any]:
