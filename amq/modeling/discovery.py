@@ -82,6 +82,10 @@ def _linear_lists(module: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     ]
 
 
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
 def _experts_and_routers(block: nn.Module) -> tuple[dict[str, int], set[str]]:
     """Within a block: {linear name: expert index} for linears in expert lists, and router names."""
     experts: dict[str, int] = {}
@@ -90,12 +94,12 @@ def _experts_and_routers(block: nn.Module) -> tuple[dict[str, int], set[str]]:
         for e, expert in enumerate(lst):
             for sub, m in expert.named_modules():
                 if isinstance(m, nn.Linear):
-                    experts[f"{list_name}.{e}.{sub}" if sub else f"{list_name}.{e}"] = e
+                    experts[_join(f"{list_name}.{e}", sub)] = e
         parent_name = list_name.rpartition(".")[0]
         parent = block.get_submodule(parent_name) if parent_name else block
         for child, m in parent.named_children():
             if isinstance(m, nn.Linear) and m.out_features <= len(lst):
-                routers.add(f"{parent_name}.{child}" if parent_name else child)
+                routers.add(_join(parent_name, child))
     return experts, routers
 
 

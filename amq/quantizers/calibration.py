@@ -121,6 +121,11 @@ class _Recorder:
             self._last = None
         return self
 
+    def stats_of(self, name: str) -> InputStats | None:
+        """The statistics of the stage `name` was measured in (None: not called, or not measured)."""
+        k = self._stage_of.get(name)
+        return None if k is None else self.stats[k]
+
     @property
     def missing(self) -> list[str]:
         """Linears the block's forward never called (experts no token was routed to)."""
@@ -253,8 +258,7 @@ def quantize_blocks(
     by_block: dict[int, list[str]] = {}
     for li in linears:
         by_block.setdefault(li.block, []).append(li.name)
-    experts = {li.name for li in linears if li.expert is not None}
-    projection = {li.name: li.projection for li in linears if li.expert is not None}
+    projection = {li.name: li.projection for li in linears if li.expert is not None}  # expert linears only
     uncalibrated: list[str] = []
     if not by_block:
         return {}
@@ -270,16 +274,15 @@ def quantize_blocks(
             if modules:
                 rec = _Recorder(modules, measure=1 if sequential else None).run(block, hidden, calls[b])
                 not_called = rec.missing
-                if set(not_called) - experts:
-                    raise RuntimeError(f"{sorted(set(not_called) - experts)[0]} was never called by its block's forward; it cannot be calibrated")
-                first = {st[0]: rec.stats[k] for k, st in enumerate(rec.stages)}
+                never_called = sorted(set(not_called) - projection.keys())
+                if never_called:
+                    raise RuntimeError(f"{never_called[0]} was never called by its block's forward; it cannot be calibrated")
                 for j, step in enumerate(_steps([*rec.stages, *([n] for n in not_called)], projection)):
-                    stats_of = {st[0]: first.get(st[0]) for st in step}
+                    measured = rec
                     if sequential and (j > 0 or len(step) > 1):  # inputs changed by the stages quantized before (or not measured yet)
-                        again = _Recorder({n: modules[n] for st in step for n in st if n not in not_called}).run(block, hidden, calls[b])
-                        stats_of = {st[0]: again.stats[again._stage_of[st[0]]] if st[0] in again._stage_of else None for st in step}
+                        measured = _Recorder({n: modules[n] for st in step for n in st if n not in not_called}).run(block, hidden, calls[b])
                     for stage in step:
-                        stats = stats_of[stage[0]]
+                        stats = measured.stats_of(stage[0])
                         if stats is None:  # an expert no calibration token was routed to
                             uncalibrated.extend(stage)
                             stats = InputStats.uncalibrated(modules[stage[0]].in_features, modules[stage[0]].weight.device)
