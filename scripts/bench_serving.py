@@ -281,12 +281,22 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def decode_speed(model: nn.Module, batch: int, steps: int, prompt: int) -> tuple[float, str]:
-    """Tokens/s of greedy decoding with a static KV cache, one step replayed from a CUDA graph."""
+def decode_speed(model: nn.Module, batch: int, steps: int, prompt: int, compiled: bool = False) -> tuple[float, str]:
+    """Tokens/s of greedy decoding with a static KV cache, one step replayed from a CUDA graph.
+
+    With `compiled`, the step's forward goes through torch.compile first (as a serving engine
+    fuses the norms, rotary embeddings and cache updates between the products), then the whole
+    step, compiled code included, is captured in the graph. A compile failure is logged and the
+    step is timed eagerly captured instead (the mode says which)."""
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
+    fwd: Callable[..., Any] = model
+    label = "cuda graph"
+    if compiled:
+        torch._dynamo.reset()
+        fwd, label = torch.compile(model, dynamic=False), "compiled + cuda graph"
     with torch.no_grad():
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt, device="cuda"), logits_to_keep=1)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -294,12 +304,21 @@ def decode_speed(model: nn.Module, batch: int, steps: int, prompt: int) -> tuple
         pos = cpos.view(1, 1).expand(batch, 1).clone()
 
         def step() -> None:
-            logits = model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=cpos, position_ids=pos, logits_to_keep=1).logits
+            logits = fwd(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=cpos, position_ids=pos, logits_to_keep=1).logits
             tok.copy_(logits[:, -1].argmax(-1, keepdim=True))
             cpos.add_(1)
             pos.add_(1)
 
-        mode = "cuda graph"
+        if compiled:
+            t0 = time.monotonic()
+            try:
+                step()
+                torch.cuda.synchronize()
+                log.info("decode step compiled in %.1f s (batch %d)", time.monotonic() - t0, batch)
+            except Exception as e:  # time the uncompiled step rather than nothing
+                log.warning("torch.compile of the decode step failed (%s); timing it uncompiled", e)
+                fwd, label = model, "cuda graph (compile failed)"
+        mode = label
         try:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
@@ -357,15 +376,11 @@ def e2e(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     log.info("quantized %d linears x %d widths in %.1f s", len(names), len(WIDTHS), time.monotonic() - t0)
     info = {"linears": len(names), "linear_params": sum(numel.values()), "non_linear_bytes": non_linear}
 
-    configs: list[tuple[str, dict[str, int] | None, str]] = [
-        ("bf16", None, "planes"),
-        ("uniform 4", {n: 4 for n in names}, "planes"),
-        ("uniform 4", {n: 4 for n in names}, "tinygemm"),
-    ]
+    configs: list[tuple[str, dict[str, int] | None, str]] = [("bf16", None, "planes")]
+    configs += [("uniform 4", {n: 4 for n in names}, four) for four in args.four_bit]
     for target in args.targets:
         alloc = allocate(numel, target)
-        configs.append((f"mixed {target:g}", alloc, "planes"))
-        configs.append((f"mixed {target:g}", alloc, "tinygemm"))
+        configs += [(f"mixed {target:g}", alloc, four) for four in args.mixed_four_bit]
     rows = []
     for label, alloc, four in configs:
         if alloc is None:
@@ -385,8 +400,8 @@ def e2e(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
             row["avg_bits"] = sum(numel[n] * b for n, b in alloc.items()) / sum(numel.values())
             row["widths"] = {str(b): sum(v == b for v in alloc.values()) for b in WIDTHS}
         try:
-            row["decode_b1"], row["decode_mode"] = decode_speed(model, 1, args.steps, args.prompt)
-            row["decode_b16"], _ = decode_speed(model, 16, args.steps, args.prompt)
+            row["decode_b1"], row["decode_mode"] = decode_speed(model, 1, args.steps, args.prompt, args.compile_decode)
+            row["decode_b16"], _ = decode_speed(model, 16, args.steps, args.prompt, args.compile_decode)
             row["prefill"] = prefill_speed(model, args.prefill)
         except Exception as e:
             log.exception("config %s failed", label)
@@ -447,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold-bytes", type=float, default=256e6, help="weight bytes each timed graph walks (> L2)")
     p.add_argument("--compile-candidates", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--gemlite", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the decode step before capturing it")
+    p.add_argument("--four-bit", nargs="+", choices=["planes", "tinygemm"], default=["planes", "tinygemm"], help="kernels tried for uniform 4-bit")
+    p.add_argument(
+        "--mixed-four-bit", nargs="+", choices=["planes", "tinygemm"], default=["planes"], help="kernels tried for the 4-bit layers of mixed configurations"
+    )
     p.add_argument("--micro-seconds", type=float, default=200, help="stop adding optional candidates after this")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--targets", nargs="+", type=float, default=[2.5, 3.0, 3.5, 4.0])

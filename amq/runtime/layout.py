@@ -21,6 +21,7 @@ import torch
 
 WORD_BITS = 32
 MAX_TILE = 256
+SPLIT_MAX = 4  # most K-slices the GEMV kernel cuts a product into (layers of few rows fill the GPU)
 
 
 def plane_widths(bits: int) -> tuple[int, ...]:
@@ -74,3 +75,11 @@ def unpack_planes(planes: list[torch.Tensor], bits: int, in_features: int, tile:
         offset += p
     assert codes is not None
     return codes
+
+
+def gemv_workspace(out_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K scratch of one layer's GEMV: SPLIT_MAX float32 partial sums per row and one
+    counter per block of 8 rows (the smallest block the kernel uses). Both are zero between calls:
+    the kernel resets what it used, so no memset runs per product."""
+    blocks = -(-out_features // 8)
+    return torch.zeros((SPLIT_MAX, out_features), dtype=torch.float32, device=device), torch.zeros(blocks, dtype=torch.int32, device=device)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amq.quantizers.packed import PackedLinear, dequantize_groups, unpack_codes
-from amq.runtime.layout import pack_planes, plane_widths, tile_size, unpack_planes
+from amq.runtime.layout import gemv_workspace, pack_planes, plane_widths, tile_size, unpack_planes
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ class PlanesLinear(nn.Module):
         self.register_buffer("zero", layer.zero.detach().clone())
         self.register_buffer("input_scale", None if layer.input_scale is None else layer.input_scale.detach().clone())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        partial, count = gemv_workspace(layer.out_features, layer.scale.device)
+        self.register_buffer("gemv_partial", partial, persistent=False)  # split-K scratch of the GEMV
+        self.register_buffer("gemv_count", count, persistent=False)
 
     def planes(self) -> list[torch.Tensor]:
         return [getattr(self, f"plane{i}") for i in range(self.n_planes)]
@@ -81,13 +84,13 @@ class PlanesLinear(nn.Module):
             from amq.runtime import triton_kernels as tk
 
             m = x2.shape[0]
-            args = (self.planes(), self.scale, self.zero, self.bits, self.group_size, self.tile)
+            planes, geometry = self.planes(), (self.bits, self.group_size, self.tile, self.out_features)
             if m == 1:
-                y = tk.gemv(x2, *args, self.out_features)
+                y = tk.planes_gemv(x2, planes, self.scale, self.zero, self.gemv_partial, self.gemv_count, *geometry)
             elif m <= self.gemm_max_rows and self.tile * plane_widths(self.bits)[0] // 32 >= 16:  # tl.dot needs runs of 16
-                y = tk.gemm(x2, *args, self.out_features)
+                y = tk.planes_gemm(x2, planes, self.scale, self.zero, *geometry)
             else:
-                y = F.linear(x2, tk.dequantize(*args, self.out_features, self.in_features, x2.dtype))
+                y = F.linear(x2, tk.dequantize(planes, self.scale, self.zero, *geometry[:3], self.out_features, self.in_features, x2.dtype))
         else:
             codes = unpack_planes(self.planes(), self.bits, self.in_features, self.tile)
             y = F.linear(x2, dequantize_groups(codes, self.scale, self.zero, self.group_size).to(x2.dtype))

@@ -23,23 +23,25 @@ import torch
 import triton
 import triton.language as tl
 
-from amq.runtime.layout import plane_widths
+from amq.runtime.layout import SPLIT_MAX, plane_widths
 
 
 @triton.jit
 def _run(words0, words1, j: tl.constexpr, cols, P0: tl.constexpr, P1: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr):
-    """float32 1 + code / 256 for run j of a tile: (BN, W0).
+    """float32 1 + code / 2**B (B = P0 + P1 bits) for run j of a tile: (BN, W0).
 
-    Code bit 0 goes to mantissa bit 15 (the 2**-8 place), then or 0x3F800000 (float32 1.0)."""
+    Code bit 0 goes to mantissa bit 23 - B, then or 0x3F800000 (float32 1.0). Putting the code at the
+    top of the mantissa keeps the constant 2**B that `_affine` subtracts again as small as it can be."""
+    BASE: tl.constexpr = 23 - P0 - P1
     SH: tl.constexpr = j * P0
-    MASK: tl.constexpr = ((1 << P0) - 1) << 15
-    if SH >= 15:
-        v = (words0 >> (SH - 15)) & MASK
+    MASK: tl.constexpr = ((1 << P0) - 1) << BASE
+    if SH >= BASE:
+        v = (words0 >> (SH - BASE)) & MASK
     else:
-        v = (words0 << (15 - SH)) & MASK
+        v = (words0 << (BASE - SH)) & MASK
     if P1 > 0:
         sh1 = P1 * (j * (W0 // W1) + cols // W1)
-        v = v | (((words1 >> sh1[None, :]) & ((1 << P1) - 1)) << (15 + P0))
+        v = v | (((words1 >> sh1[None, :]) & ((1 << P1) - 1)) << (BASE + P0))
     return (v | 0x3F800000).to(tl.float32, bitcast=True)
 
 
@@ -53,11 +55,11 @@ def _load_tile(p0, p1, offs_n, n_mask, t, K, cols, P0: tl.constexpr, P1: tl.cons
 
 
 @triton.jit
-def _affine(s, z, offs_n, n_mask, g, groups):
-    """Per row of group g: (256 * scale, -(256 + zero) * scale), so w = f * a + b."""
+def _affine(s, z, offs_n, n_mask, g, groups, B: tl.constexpr):
+    """Per row of group g: (2**B * scale, -(2**B + zero) * scale), so w = f * a + b."""
     sc = tl.load(s + offs_n * groups + g, mask=n_mask, other=0.0).to(tl.float32)
     ze = tl.load(z + offs_n * groups + g, mask=n_mask, other=0.0).to(tl.float32)
-    return sc * 256.0, -(ze + 256.0) * sc
+    return sc * (1 << B), -(ze + (1 << B)) * sc
 
 
 @triton.jit
@@ -83,20 +85,31 @@ def _gemv_tile(
     GPT: tl.constexpr,
     RPG: tl.constexpr,
 ):
-    """acc (BN, W0) += this tile's weights * activations; one scale/zero load per group."""
+    """Adds one tile's products: sum_k (f_k a + b) x_k = a sum_k f_k x_k + b sum_k x_k per group.
+
+    Per weight that is one fused multiply-add on top of unpacking; the scale and the zero point
+    are applied once per group, row and column of the run (`acc` (BN, W0) is reduced over its
+    columns only at the end, so no cross-thread sum runs inside the loop)."""
     for gi in tl.static_range(GPT):
-        a, b = _affine(s, z, offs_n, m, (t * T + gi * RPG * W0) // G, groups)
-        for r in tl.static_range(RPG):
-            k = t * T + (gi * RPG + r) * W0
-            f = _run(words0, words1, gi * RPG + r, cols, P0, P1, W0, W1)
-            xv = tl.load(x + k + cols, mask=(k + cols) < K, other=0.0).to(tl.float32)
-            acc += (f * a[:, None] + b[:, None]) * xv[None, :]
+        a, b = _affine(s, z, offs_n, m, (t * T + gi * RPG * W0) // G, groups, P0 + P1)
+        k0 = t * T + gi * RPG * W0
+        xv = tl.load(x + k0 + cols, mask=(k0 + cols) < K, other=0.0).to(tl.float32)
+        part = _run(words0, words1, gi * RPG, cols, P0, P1, W0, W1) * xv[None, :]
+        xs = xv
+        for r in tl.static_range(1, RPG):
+            xv = tl.load(x + k0 + r * W0 + cols, mask=(k0 + r * W0 + cols) < K, other=0.0).to(tl.float32)
+            part += _run(words0, words1, gi * RPG + r, cols, P0, P1, W0, W1) * xv[None, :]
+            xs += xv
+        acc += part * a[:, None] + b[:, None] * xs[None, :]
     return acc
 
 
 def _gemv_configs() -> list[triton.Config]:
     shapes = [(16, 1, 4, 3), (16, 2, 4, 2), (32, 2, 4, 2), (16, 4, 4, 1), (32, 4, 8, 1), (64, 2, 8, 2), (8, 4, 4, 2), (32, 1, 4, 3)]
-    return [triton.Config({"BN": bn, "TPI": tpi}, num_warps=w, num_stages=st) for bn, tpi, w, st in shapes]
+    splits = [(16, 2, 4, 2, 2), (16, 2, 4, 2, 4), (32, 2, 4, 2, 2), (32, 2, 4, 2, 4), (8, 2, 4, 2, 4), (16, 4, 4, 1, 2), (64, 2, 8, 2, 4)]
+    return [triton.Config({"BN": bn, "TPI": tpi, "SPLIT": 1}, num_warps=w, num_stages=st) for bn, tpi, w, st in shapes] + [
+        triton.Config({"BN": bn, "TPI": tpi, "SPLIT": sp}, num_warps=w, num_stages=st) for bn, tpi, w, st, sp in splits if sp <= SPLIT_MAX
+    ]
 
 
 @triton.autotune(configs=_gemv_configs(), key=["N", "K", "P0", "P1", "G", "T"])
@@ -108,6 +121,8 @@ def _gemv_kernel(
     s,
     z,
     y,
+    partial,
+    count,
     N,
     K,
     G: tl.constexpr,
@@ -121,23 +136,36 @@ def _gemv_kernel(
     RPG: tl.constexpr,
     BN: tl.constexpr,
     TPI: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """TPI (1, 2 or 4) tiles per iteration, all their words loaded before any is used (bytes in flight)."""
-    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    """Program (i, j) takes BN rows and the j-th of SPLIT slices of the tiles, TPI (1, 2 or 4) tiles
+    per iteration with all their words loaded before any is used (bytes in flight).
+
+    With SPLIT > 1, a layer with few rows (4096) still fills the GPU. Each slice writes its float32
+    sums to `partial`; the last slice of a row block to finish (a counter per block, acquire/release)
+    adds the slices in order, so the result does not depend on which finished first, writes y and
+    sets the counter back to 0 for the next call (no memset: CUDA-graph friendly)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
     n_mask = offs_n < N
     cols = tl.arange(0, W0)
     groups = K // G
     tiles = K // T
+    per = (tiles + SPLIT - 1) // SPLIT
+    t_lo = pid_k * per
+    t_hi = t_lo + per  # the last slice may run past the tiles: masked below
     acc = tl.zeros((BN, W0), dtype=tl.float32)
-    for t0 in range(0, tiles, TPI):
-        ma = n_mask & (t0 < tiles)
+    for i in range(0, per, TPI):  # bounds free of program_id (the loop is the same for every program)
+        t0 = t_lo + i
+        ma = n_mask & (t0 < t_hi) & (t0 < tiles)
         a0, a1 = _load_tile(p0, p1, offs_n, ma, t0, K, cols, P0, P1, W0, W1)
         if TPI >= 2:
-            mb = n_mask & (t0 + 1 < tiles)
+            mb = n_mask & (t0 + 1 < t_hi) & (t0 + 1 < tiles)
             b0, b1 = _load_tile(p0, p1, offs_n, mb, t0 + 1, K, cols, P0, P1, W0, W1)
         if TPI >= 4:
-            mc = n_mask & (t0 + 2 < tiles)
-            md = n_mask & (t0 + 3 < tiles)
+            mc = n_mask & (t0 + 2 < t_hi) & (t0 + 2 < tiles)
+            md = n_mask & (t0 + 3 < t_hi) & (t0 + 3 < tiles)
             c0, c1 = _load_tile(p0, p1, offs_n, mc, t0 + 2, K, cols, P0, P1, W0, W1)
             d0, d1 = _load_tile(p0, p1, offs_n, md, t0 + 3, K, cols, P0, P1, W0, W1)
         acc = _gemv_tile(acc, a0, a1, x, s, z, offs_n, ma, t0, K, cols, groups, G, T, P0, P1, W0, W1, GPT, RPG)
@@ -146,7 +174,18 @@ def _gemv_kernel(
         if TPI >= 4:
             acc = _gemv_tile(acc, c0, c1, x, s, z, offs_n, mc, t0 + 2, K, cols, groups, G, T, P0, P1, W0, W1, GPT, RPG)
             acc = _gemv_tile(acc, d0, d1, x, s, z, offs_n, md, t0 + 3, K, cols, groups, G, T, P0, P1, W0, W1, GPT, RPG)
-    tl.store(y + offs_n, tl.sum(acc, axis=1).to(y.dtype.element_ty), mask=n_mask)
+    out = tl.sum(acc, axis=1)
+    if SPLIT == 1:
+        tl.store(y + offs_n, out.to(y.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(partial + pid_k * N + offs_n, out, mask=n_mask)
+        done = tl.atomic_add(count + pid_n, 1, sem="acq_rel")
+        if done == SPLIT - 1:
+            total = tl.zeros((BN,), dtype=tl.float32)
+            for sl in tl.static_range(SPLIT):
+                total += tl.load(partial + sl * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y + offs_n, total.to(y.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(count + pid_n, 0)
 
 
 def _gemm_configs() -> list[triton.Config]:
@@ -188,7 +227,7 @@ def _gemm_kernel(
     for t in range(0, K // T):
         words0, words1 = _load_tile(p0, p1, offs_n, n_mask, t, K, cols, P0, P1, W0, W1)
         for gi in tl.static_range(GPT):
-            a, b = _affine(s, z, offs_n, n_mask, (t * T + gi * RPG * W0) // G, groups)
+            a, b = _affine(s, z, offs_n, n_mask, (t * T + gi * RPG * W0) // G, groups, P0 + P1)
             for r in tl.static_range(RPG):
                 k = t * T + (gi * RPG + r) * W0
                 f = _run(words0, words1, gi * RPG + r, cols, P0, P1, W0, W1)
@@ -225,7 +264,7 @@ def _dequant_kernel(
     groups = K // G
     words0, words1 = _load_tile(p0, p1, offs_n, n_mask, t, K, cols, P0, P1, W0, W1)
     for gi in tl.static_range(GPT):
-        a, b = _affine(s, z, offs_n, n_mask, (t * T + gi * RPG * W0) // G, groups)
+        a, b = _affine(s, z, offs_n, n_mask, (t * T + gi * RPG * W0) // G, groups, P0 + P1)
         for r in tl.static_range(RPG):
             k = t * T + (gi * RPG + r) * W0
             f = _run(words0, words1, gi * RPG + r, cols, P0, P1, W0, W1)
@@ -245,12 +284,24 @@ def _planes(planes: list[torch.Tensor], bits: int, tile: int, group_size: int) -
     return planes[0], planes[-1], meta
 
 
-def gemv(x: torch.Tensor, planes: list[torch.Tensor], scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, tile: int, n: int) -> torch.Tensor:
-    """y (1, n) = x (1, k) @ W.T for one activation row."""
+def gemv(
+    x: torch.Tensor,
+    planes: list[torch.Tensor],
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    tile: int,
+    n: int,
+    workspace: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """y (1, n) = x (1, k) @ W.T for one activation row. `workspace` (`layout.gemv_workspace`) belongs to
+    the layer: two launches of one layer must not run concurrently on different streams."""
     k = x.shape[-1]
     p0, p1, meta = _planes(planes, bits, tile, group_size)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    _gemv_kernel[lambda c: (triton.cdiv(n, c["BN"]),)](x, p0, p1, scale, zero, y, n, k, G=group_size, **meta)
+    partial, count = workspace
+    _gemv_kernel[lambda c: (triton.cdiv(n, c["BN"]), c["SPLIT"])](x, p0, p1, scale, zero, y, partial, count, n, k, G=group_size, **meta)
     return y
 
 
@@ -272,3 +323,40 @@ def dequantize(
     w = torch.empty((n, k), dtype=dtype, device=p0.device)
     _dequant_kernel[(triton.cdiv(n, 32), k // tile)](p0, p1, scale, zero, w, n, k, G=group_size, BN=32, num_warps=4, **meta)
     return w
+
+
+# torch.compile sees the two decode kernels as opaque operators: it then neither traces nor
+# re-autotunes each call site (150 s of compile for a 7B decode step, against 25 s this way), and
+# the compiled step still launches them inside its CUDA graph. The GEMV's scratch is back to zero
+# after every call, so to the outside the operator is pure (no mutated arguments declared).
+@torch.library.custom_op("amq::planes_gemv", mutates_args=())
+def planes_gemv(
+    x: torch.Tensor,
+    planes: list[torch.Tensor],
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    partial: torch.Tensor,
+    count: torch.Tensor,
+    bits: int,
+    group_size: int,
+    tile: int,
+    n: int,
+) -> torch.Tensor:
+    return gemv(x, planes, scale, zero, bits, group_size, tile, n, (partial, count))
+
+
+@planes_gemv.register_fake
+def _planes_gemv_shape(x, planes, scale, zero, partial, count, bits, group_size, tile, n):  # noqa: ANN001, ANN202
+    return x.new_empty((x.shape[0], n))
+
+
+@torch.library.custom_op("amq::planes_gemm", mutates_args=())
+def planes_gemm(
+    x: torch.Tensor, planes: list[torch.Tensor], scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, tile: int, n: int
+) -> torch.Tensor:
+    return gemm(x, planes, scale, zero, bits, group_size, tile, n)
+
+
+@planes_gemm.register_fake
+def _planes_gemm_shape(x, planes, scale, zero, bits, group_size, tile, n):  # noqa: ANN001, ANN202
+    return x.new_empty((x.shape[0], n))
