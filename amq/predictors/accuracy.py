@@ -7,6 +7,12 @@ of two 4-bit allocations is better), and the error where the targets are. So bes
 scores (named `..._all_bits` to say what they measure), the batch is cut into bins of average bits
 and the tau is pooled over pairs within one bin; a prediction that is constant within a bin scores 0
 there, as a bits-only predictor does.
+
+One batch has few pairs inside a bin, so the search also pools over iterations (`pooled_scores`):
+every evaluated record keeps the prediction made when it was proposed, and pairs are formed within
+one iteration and one bin, so each pair is judged by the one predictor that ranked it (pairs across
+iterations would compare two predictors' offsets, which a bits-only predictor refitted on better
+data would "win").
 """
 
 from __future__ import annotations
@@ -30,13 +36,22 @@ def _tau(p: np.ndarray, a: np.ndarray) -> float | None:
     return None if np.isnan(tau) else float(tau)
 
 
-def within_bits_tau(predicted: np.ndarray, actual: np.ndarray, bits: np.ndarray, bin_width: float = BIN_WIDTH) -> tuple[float | None, int]:
+def within_bits_tau(
+    predicted: np.ndarray,
+    actual: np.ndarray,
+    bits: np.ndarray,
+    bin_width: float = BIN_WIDTH,
+    groups: np.ndarray | None = None,
+) -> tuple[float | None, int]:
     """Kendall tau pooled over pairs of configurations in the same bin of average bits (weighted by
-    each bin's number of pairs), and that number of pairs."""
+    each bin's number of pairs), and that number of pairs; with `groups` (e.g. the iteration that
+    proposed each configuration) a pair must also share its group."""
     bins = np.floor(np.asarray(bits, float) / bin_width).astype(int)
+    keys = bins[:, None] if groups is None else np.column_stack([np.asarray(groups, int), bins])
+    cells = np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1) if len(keys) else bins
     total, pairs = 0.0, 0
-    for b in np.unique(bins):
-        idx = bins == b
+    for c in np.unique(cells):
+        idx = cells == c
         n = int(idx.sum())
         tau = _tau(predicted[idx], actual[idx])
         if tau is not None:
@@ -75,9 +90,39 @@ def heldout_scores(
     if bits is not None:
         b = np.asarray(bits, float)[ok]
         out["predictor/kendall_tau_within_bits"], out["predictor/pairs_within_bits"] = within_bits_tau(p, a, b, bin_width)
-        near = np.zeros(len(b), dtype=bool)
-        for t in targets:
-            near |= np.abs(b - float(t)) <= bin_width / 2
-        if near.any():
-            out["predictor/rel_error_near_targets"] = float(np.mean(np.abs(p[near] - a[near]) / np.maximum(np.abs(a[near]), 1e-12)))
+        out["predictor/rel_error_near_targets"] = rel_error_near_targets(p, a, b, targets, bin_width)
     return out
+
+
+def rel_error_near_targets(predicted: np.ndarray, actual: np.ndarray, bits: np.ndarray, targets: Sequence[float], bin_width: float = BIN_WIDTH) -> float | None:
+    """Mean |predicted - actual| / |actual| of the configurations within half a bin of any target (None: none there)."""
+    near = np.zeros(len(bits), dtype=bool)
+    for t in targets:
+        near |= np.abs(np.asarray(bits, float) - float(t)) <= bin_width / 2
+    if not near.any():
+        return None
+    return float(np.mean(np.abs(predicted[near] - actual[near]) / np.maximum(np.abs(actual[near]), 1e-12)))
+
+
+def pooled_scores(
+    predicted: np.ndarray,
+    actual: np.ndarray,
+    bits: np.ndarray,
+    iterations: np.ndarray,
+    targets: Sequence[float] = (),
+    bin_width: float = BIN_WIDTH,
+) -> dict[str, float | int | None]:
+    """Accuracy of proposal-time predictions pooled over iterations (finite pairs only): the
+    within-bits tau over pairs of one iteration and one bin, and the relative error near `targets`.
+
+    Every prediction was made before its configuration was evaluated, so all of it is held out."""
+    predicted, actual = np.asarray(predicted, float), np.asarray(actual, float)
+    ok = np.isfinite(predicted) & np.isfinite(actual)
+    p, a, b = predicted[ok], actual[ok], np.asarray(bits, float)[ok]
+    tau, pairs = within_bits_tau(p, a, b, bin_width, groups=np.asarray(iterations, int)[ok])
+    return {
+        "predictor/kendall_tau_within_bits_pooled": tau,
+        "predictor/pairs_within_bits_pooled": pairs,
+        "predictor/rel_error_near_targets_pooled": rel_error_near_targets(p, a, b, targets, bin_width),
+        "predictor/n_pooled": int(len(p)),
+    }

@@ -5,6 +5,11 @@ drops a torn last line (a crash mid-append), refuses a damaged line anywhere els
 trusted, and dropping it would lose a result silently), and de-duplicates by gene key, so a line
 written twice never counts twice. A failed evaluation (non-finite metric) is kept with its reason
 and a null metric, so it is never proposed again.
+
+Each record proposed by a predictor keeps that prediction (`predicted`, made before the evaluation),
+so the predictor's held-out accuracy can be pooled over the whole search, a resumed one included;
+records of the initial design, lines written before this field existed and non-finite predictions
+have none.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class Record:
     seconds: float
     failure: str | None = None  # why the evaluation failed (metric is then inf)
     reused: bool = False  # taken from the evaluation cache
+    predicted: float | None = None  # the predictor's value when it proposed the configuration (None: not proposed by one)
 
 
 class Archive:
@@ -49,7 +55,8 @@ class Archive:
     def __contains__(self, genes: np.ndarray) -> bool:
         return self.space.key(genes) in self._keys
 
-    def add(self, genes: np.ndarray, result: Evaluation, iteration: int, metric_name: str) -> Record:
+    def add(self, genes: np.ndarray, result: Evaluation, iteration: int, metric_name: str, predicted: float | None = None) -> Record:
+        """Record (and append to the file) one true evaluation; `predicted`: the proposing predictor's value."""
         genes = np.asarray(genes, dtype=int)
         rec = Record(
             genes=genes,
@@ -60,6 +67,7 @@ class Archive:
             seconds=result.seconds,
             failure=result.failure,
             reused=result.reused,
+            predicted=float(predicted) if predicted is not None and math.isfinite(predicted) else None,
         )
         if self.path is not None:
             append_jsonl(self.path, self._to_json(rec, metric_name))
@@ -84,6 +92,8 @@ class Archive:
             out["failed"] = rec.failure
         if rec.reused:
             out["reused"] = True
+        if rec.predicted is not None:
+            out["predicted"] = rec.predicted
         return out
 
     def _from_json(self, d: dict, metric_name: str) -> Record:
@@ -97,6 +107,7 @@ class Archive:
             seconds=float(d.get("eval_seconds", 0.0)),
             failure=d.get("failed"),
             reused=bool(d.get("reused", False)),
+            predicted=None if d.get("predicted") is None else float(d["predicted"]),
         )
 
     def load(self, metric_name: str) -> int:

@@ -1,9 +1,15 @@
 """Stage: per-linear sensitivity and search-space pruning.
 
 With every linear at the highest bit width, drop one linear at a time to the lowest width and
-measure the damage with the search metric. Linears whose damage exceeds `threshold x median` are
-pinned to the highest width and leave the search (AMQ's pruning; threshold 2.0 in the reference),
-or, with `keep_top` > 1, keep only the highest few widths.
+measure the search metric. Linears whose score exceeds `threshold x median` are pinned to the
+highest width and leave the search (AMQ's pruning; threshold 2.0 in the reference), or, with
+`keep_top` > 1, keep only the highest few widths.
+
+The score is, as in the AMQ reference, the probe's own metric against the unquantized model
+(`score=total`), which includes the error of the all-highest configuration; or, with
+`score=damage`, only the increase over it. The total rule pins a linear when
+`damage > 2 x median damage + baseline` (threshold 2), so when the highest width is itself lossy
+it pins only outliers (docs/benchmarks.md, "Search-space pruning against the reference").
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amq.errors import InvalidArgument
 from amq.io import append_jsonl, atomic_write_json, file_lock, repair_jsonl
 from amq.metrics.base import QualityMetric
 from amq.proxy.bank import ProxyBank
@@ -48,21 +55,38 @@ class SensitivityTable:
         return cls(d["damage"], d["baseline_all_high"], d["low_bits"], d["high_bits"], d["metric"], d["seconds"])
 
 
+PRUNING_SCORES = ("total", "damage")
+
+
 @dataclass(frozen=True)
 class Pruning:
-    """Prune linears whose damage exceeds threshold x median (threshold <= 0 disables pruning).
+    """Prune linears whose score exceeds threshold x the median score (threshold <= 0 disables pruning).
 
-    Pruned linears keep only the `keep_top` highest bit widths (1: pinned at the highest, as in AMQ).
+    `score`: `total`, the probe's metric against the unquantized model (the AMQ reference's
+    sensitivity), or `damage`, that minus the all-highest baseline. Pruned linears keep only the
+    `keep_top` highest bit widths (1: pinned at the highest, as in AMQ).
     """
 
     threshold: float = 2.0
     keep_top: int = 1
+    score: str = "total"
+
+    def __post_init__(self) -> None:
+        if self.score not in PRUNING_SCORES:
+            raise InvalidArgument("score", f"{self.score!r}", " or ".join(PRUNING_SCORES))
+
+    def scores(self, table: SensitivityTable) -> dict[str, float]:
+        """Each linear's score under this rule."""
+        if self.score == "damage":
+            return dict(table.damage)
+        return {n: d + table.baseline for n, d in table.damage.items()}
 
     def pruned(self, table: SensitivityTable) -> list[str]:
         if self.threshold <= 0:
             return []
-        med = float(np.median(list(table.damage.values())))
-        return sorted(n for n, d in table.damage.items() if d > self.threshold * med)
+        scores = self.scores(table)
+        bar = self.threshold * float(np.median(list(scores.values())))
+        return sorted(n for n, v in scores.items() if v > bar)
 
 
 BASELINE = ""  # the progress file's name for the all-high measurement
