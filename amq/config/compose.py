@@ -218,6 +218,7 @@ def load_model_and_data(cfg: DictConfig) -> ModelAndData:
     source, corpus = build(cfg.model.source, "model", MODEL_SETTINGS), build(cfg.data, "data")
     if getattr(corpus, "cache_dir", "") is None:  # a corpus that caches what it parses: in the run's cache
         corpus.cache_dir = str(cache_dir)
+    splits = corpus.load()  # before the model: text that cannot be read (offline hub data) fails at once
     with settings_of("model", MODEL_SETTINGS):
         lm = source.load(cache_dir)
     with settings_of("model"):
@@ -225,7 +226,7 @@ def load_model_and_data(cfg: DictConfig) -> ModelAndData:
     log.info("model %s: %d decoder blocks (%s), %d linears", lm.name, layout.n_blocks, layout.blocks_name, len(layout.linears))
     cov = coverage(lm.model, layout)
     check_coverage(lm.name, cov, float(cfg.search.get("min_coverage", MIN_COVERAGE)))
-    return ModelAndData(lm, layout, corpus.load(), cache_dir, cov)
+    return ModelAndData(lm, layout, splits, cache_dir, cov)
 
 
 @dataclass
@@ -391,7 +392,7 @@ def prepare(cfg: DictConfig, clock: StageClock | None = None) -> Workbench:
             protocol = perplexity_protocol(cfg.finalize, lm.add_bos).fit_to(lm.model)
             with settings_of(named=FINALIZE_SETTINGS):
                 for docs in md.splits.heldout.values():
-                    perplexity_windows(lm.tokenizer, docs, protocol, md.cache_dir)
+                    perplexity_windows(lm.tokenizer, docs, protocol, md.cache_dir, md.splits.preparation)
     with clock.stage("reference"):
         with settings_of(named=CALIBRATION_SETTINGS):
             tokens = calibration_windows(lm.tokenizer, md.splits.calibration, calib, lm.add_bos, md.cache_dir)
@@ -435,12 +436,13 @@ def prune(
     with settings_of(named=SPACE_SETTINGS):
         space = SearchSpace(wb.layout.linears, wb.bits, wb.bank.quantizer.group_size, pruning.pruned(table), share_groups, pruning.keep_top, expert_genes)
     log.info(
-        "pruning: %d of %d linears limited to the top %d width(s) %s (threshold %.2f x median); %d genes, %.3f-%.3f bits",
+        "pruning: %d of %d linears limited to the top %d width(s) %s (threshold %.2f x median %s); %d genes, %.3f-%.3f bits",
         len(space.pruned),
         len(wb.layout.linears),
         pruning.keep_top,
         wb.bits[-pruning.keep_top :],
         pruning.threshold,
+        pruning.score,
         space.n_genes,
         *space.bits_range(),
     )
@@ -539,23 +541,28 @@ def perplexity_protocol(node: DictConfig, add_bos: bool) -> PerplexityProtocol:
 def eval_suite(node: DictConfig, splits: TextSplits, add_bos: bool, cache_dir: Path) -> "EvalSuite":
     """Held-out texts of the run's data plus the finalize node's perplexity protocol and tasks."""
     from amq.evaluation.suite import EvalSuite
+    from amq.finalize.settings import task_settings
 
-    proto = perplexity_protocol(node, add_bos)
-    limit = None if node.task_limit is None else int(node.task_limit)
-    return EvalSuite(dict(splits.heldout), splits.description, proto, tuple(node.tasks or ()), limit, cache_dir)
+    proto, tasks = perplexity_protocol(node, add_bos), task_settings(node)
+    return EvalSuite(
+        dict(splits.heldout), splits.description, proto, tasks.tasks, tasks.limit, cache_dir, tasks.num_fewshot, tasks.batch_size, splits.preparation
+    )
 
 
 def check_finalize_components(cfg: DictConfig) -> None:
     """Build the final quantizer and the perplexity protocol and ready the zero-shot tasks now, so bad
     settings, an unreachable hub or missing task files fail before the minutes of work that come
     before the finalize stage."""
+    from amq.finalize.settings import task_settings
+
     build(cfg.finalizer, "finalizer")
     if cfg.finalize.evaluate:
         perplexity_protocol(cfg.finalize, add_bos=False)
-    if cfg.finalize.evaluate and cfg.finalize.tasks:
-        from amq.evaluation.zeroshot import prepare_zero_shot
+        tasks = task_settings(cfg.finalize)
+        if tasks.tasks:
+            from amq.evaluation.zeroshot import prepare_zero_shot
 
-        prepare_zero_shot(list(cfg.finalize.tasks), cfg.paths.cache_dir)
+            prepare_zero_shot(tasks.tasks, cfg.paths.cache_dir, tasks.num_fewshot)
 
 
 def finalizer_for(cfg: DictConfig, wb: ModelAndData, run_dir: Path, metric_name: str, out_dir: Path | None = None) -> "Finalizer":

@@ -4,7 +4,9 @@ The embedded default reads real text that ships inside the `gensim` package: an 
 English Wikipedia dump (parsed with gensim's own wiki parser) and the Lee news corpus. Nothing is
 downloaded. Your own text files (`data=text`) are read directly, offline. Hub datasets (wikitext2, c4)
 go through `datasets` and fail with a clear message offline; `datasets`' local builders (`text`,
-`json`, `csv`, ...) reading local files need no hub.
+`json`, `csv`, ...) reading local files, a local copy of a dataset's files, or a folder written by
+`save_to_disk` need no hub. The `*_gptq` presets prepare the held-out text as GPTQ and the papers
+that follow it do (amq.data.preparation).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from amq.data.preparation import AMQ, HeldoutPreparation
+from amq.data.preparation import preparation as named_preparation
 from amq.data.tokens import DOC_SEPARATOR
 from amq.errors import ConfigError
 from amq.hub import hub_reachable, offline_mode
@@ -34,11 +38,13 @@ LEE_FILE = "lee_background.cor"
 
 @dataclass(frozen=True)
 class TextSplits:
-    """Calibration and held-out documents, plus a description for the protocol record."""
+    """Calibration and held-out documents, a description for the protocol record, and how the
+    held-out documents become perplexity windows (a paper's rule holds one document: its text)."""
 
     calibration: list[str]
     heldout: dict[str, list[str]]
     description: str
+    preparation: HeldoutPreparation = AMQ
 
 
 class Corpus(Protocol):
@@ -278,12 +284,27 @@ def _file_names(data_files: str | list | dict | None) -> list[str]:
     return [str(f) for f in data_files] if isinstance(data_files, list) else [str(data_files)]
 
 
+def _saved_to_disk(path: Path) -> bool:
+    """Whether `path` is a folder written by `datasets`' save_to_disk (a DatasetDict or one Dataset)."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+HUB_HELP = (
+    "run once with network so `datasets` caches it (then HF_DATASETS_OFFLINE=1 reads that cache), "
+    "or a local copy: data.path=<folder> (a save_to_disk folder, or the dataset's files); data=wiki_lee is embedded and offline"
+)
+
+
 @dataclass
 class HubDataset:
     """A dataset from the Hugging Face hub (needs network on first use; cached by `datasets` after).
 
     `path` may also be one of `datasets`' local builders (`text`, `json`, `csv`, ...) or a local
-    folder, with local `data_files` (a file, a list, or split -> files): then no hub is needed.
+    folder (a copy of the dataset's files, read with the same `data_files`, or a folder written by
+    `save_to_disk`): then no hub is needed. Calibration documents are the split's non-empty rows
+    (the first `max_docs`). `preparation` is how the held-out split becomes text
+    (amq.data.preparation): `amq` keeps its non-empty rows (the first `max_docs`) as documents;
+    `gptq_wikitext2` / `gptq_c4` build the one text GPTQ evaluates on.
     """
 
     path: str
@@ -293,9 +314,12 @@ class HubDataset:
     text_field: str = "text"
     data_files: str | list | dict | None = None
     max_docs: int | None = 20000
+    preparation: str = AMQ.name
+    heldout_name: str | None = None  # the held-out text's name in the reports (None: the last part of `path`)
 
     def __post_init__(self) -> None:
         self.data_files = plain(self.data_files)
+        self._preparation = named_preparation(self.preparation)
 
     @property
     def local(self) -> bool:
@@ -303,20 +327,17 @@ class HubDataset:
         reader_is_local = self.path in LOCAL_BUILDERS or Path(self.path).expanduser().is_dir()
         return reader_is_local and not any("://" in f for f in _file_names(self.data_files))
 
-    def _split(self, split: str) -> list[str]:
+    def _rows(self, split: str, count: int | None) -> list[str]:
+        """The `text_field` of the split's first `count` rows (None: all), as stored."""
         local = self.local
         if not local and not offline_mode("dataset") and not hub_reachable():
-            raise ConfigError(
-                "data",
-                f"dataset {self.path!r} needs the Hugging Face hub, which is unreachable from here",
-                "data=wiki_lee (embedded, offline), or HF_DATASETS_OFFLINE=1 to use a copy `datasets` cached earlier",
-            )
+            raise ConfigError("data", f"dataset {self.path!r} needs the Hugging Face hub, which is unreachable from here", HUB_HELP)
         try:
-            import datasets
-
-            ds = datasets.load_dataset(self.path, self.name, split=split, data_files=self.data_files)
+            ds = self._dataset(split)
         except Exception as exc:  # datasets raises many types for "offline"
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
+            if _saved_to_disk(Path(self.path).expanduser()):
+                raise ConfigError("data.path", f"cannot read split {split!r} of {self.path} ({reason})", "a save_to_disk folder holding the split") from None
             if local:
                 raise ConfigError(
                     "data.data_files",
@@ -324,16 +345,41 @@ class HubDataset:
                     "existing local files, e.g. data.data_files={train:calib.txt,validation:heldout.txt}, or data=text",
                 ) from None
             raise ConfigError(
-                "data",
-                f"cannot load dataset {self.path!r} split {split!r}: the dataset hub is unreachable or the dataset is not cached ({reason})",
-                "data=wiki_lee (embedded, offline), or run once with network so `datasets` caches it",
+                "data", f"cannot load dataset {self.path!r} split {split!r}: the dataset hub is unreachable or the dataset is not cached ({reason})", HUB_HELP
             ) from None
-        rows = ds[self.text_field][: self.max_docs] if self.max_docs else ds[self.text_field]
-        return [t for t in rows if t and t.strip()]
+        if self.text_field not in ds.column_names:
+            raise ConfigError("data.text_field", f"split {split!r} of {self.path!r} has no column {self.text_field!r}", ", ".join(ds.column_names))
+        if count is not None and count < len(ds):
+            ds = ds.select(range(count))
+        return list(ds[self.text_field])
+
+    def _dataset(self, split: str):
+        import datasets
+
+        folder = Path(self.path).expanduser()
+        if folder.is_dir() and _saved_to_disk(folder):
+            saved = datasets.load_from_disk(str(folder))
+            if isinstance(saved, datasets.DatasetDict):
+                if split not in saved:
+                    raise KeyError(f"no split {split!r} in {folder} (it has {', '.join(saved)})")
+                return saved[split]
+            return saved
+        return datasets.load_dataset(self.path, self.name, split=split, data_files=self.data_files)
+
+    def _split(self, split: str) -> list[str]:
+        """amq's documents: the non-empty rows among the first `max_docs`."""
+        return [t for t in self._rows(split, self.max_docs) if t and t.strip()]
 
     def load(self) -> TextSplits:
+        prep = self._preparation
         calib = self._split(self.calibration_split)
-        held = self._split(self.heldout_split)
+        held = [prep.text(self._rows(self.heldout_split, prep.rows))] if prep.joined else self._split(self.heldout_split)
         files = f" data_files={self.data_files}" if self.data_files else ""
-        desc = f"{self.path}/{self.name}{files}: calibration={self.calibration_split}, held-out={self.heldout_split}"
-        return TextSplits(calibration=calib, heldout={self.path.split("/")[-1]: held}, description=desc)
+        first = f"the first {self.max_docs} rows" if self.max_docs else "all rows"
+        desc = (
+            f"{self.path}/{self.name}{files}: calibration={self.calibration_split} (the non-empty rows among {first}, joined by blank lines; "
+            f"seeded random windows), held-out={self.heldout_split} (preparation {prep.name}: {prep.text_rule})"
+        )
+        log.info("data: %s", desc)
+        name = self.heldout_name or self.path.rstrip("/").split("/")[-1]
+        return TextSplits(calibration=calib, heldout={name: held}, description=desc, preparation=prep)

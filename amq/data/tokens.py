@@ -40,32 +40,35 @@ class CalibrationSpec:
         require_at_least(self, "seq_len", 8, "{value} tokens per sample")
 
 
-def _cache_key(tokenizer: PreTrainedTokenizerBase, text: str) -> str | None:
-    """What the token ids depend on: the tokenizer's whole definition and the text (None: a
-    tokenizer without a serialisable definition, not cached)."""
+def _cache_key(tokenizer: PreTrainedTokenizerBase, text: str, special_tokens: bool = False) -> str | None:
+    """What the token ids depend on: the tokenizer's whole definition, the text and whether special
+    tokens are added (None: a tokenizer without a serialisable definition, not cached)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
     h = hashlib.sha256(backend.to_str().encode())
     h.update(type(tokenizer).__name__.encode())
     h.update(text.encode())
+    if special_tokens:  # only then: the keys of streams cached without them stay valid
+        h.update(b"\0special_tokens")
     return h.hexdigest()[:32]
 
 
-def token_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str], cache_dir: str | Path | None = None) -> torch.Tensor:
-    """All documents joined by blank lines and tokenised once, without special tokens (kept under
-    `cache_dir`/tokens when given)."""
+def token_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str], cache_dir: str | Path | None = None, special_tokens: bool = False) -> torch.Tensor:
+    """All documents joined by blank lines and tokenised once (kept under `cache_dir`/tokens when
+    given); with `special_tokens`, as `tokenizer(text)` does by default (GPTQ's evaluation text:
+    BOS once at the start for Llama-style tokenizers), else without any."""
     text = DOC_SEPARATOR.join(d for d in docs if d.strip())
     if not text.strip():
         raise InvalidArgument("docs", "the calibration text is empty", "a corpus with at least one non-empty document")
-    key = _cache_key(tokenizer, text) if cache_dir is not None else None
+    key = _cache_key(tokenizer, text, special_tokens) if cache_dir is not None else None
     path = Path(cache_dir) / "tokens" / f"{key}.pt" if key is not None else None
     if path is not None and path.is_file():
         try:
             return torch.load(path).long()
         except (OSError, RuntimeError, EOFError):
             log.warning("token cache %s is unreadable; tokenizing again", path.name)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=special_tokens, return_attention_mask=False)["input_ids"], dtype=torch.long)
     if path is not None:
         atomic_write_bytes_with(path, lambda tmp: torch.save(ids.int(), tmp))
     return ids

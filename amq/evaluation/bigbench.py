@@ -8,8 +8,10 @@ of it enters the repository (the files carry BIG-bench's do-not-train canary).
 
 Prompts use BIG-bench's own prefixes (task prefix, input prefix, output prefix) in lm-eval's
 cloze style (the choices are not listed in the prompt), and each choice is scored as the
-continuation, as BIG-bench's multiple_choice_grade does. Set `AMQ_OFFLINE=1` to forbid the
-download (then a missing package is an error that says how to fetch it by hand).
+continuation, as BIG-bench's multiple_choice_grade does. BIG-bench has no training split: with
+`finalize.num_fewshot`, the examples are drawn (seeded) from the task's other documents, never the
+one being scored, as BIG-bench's own few-shot mode does. Set `AMQ_OFFLINE=1` to forbid the download
+(then a missing package is an error that says how to fetch it by hand).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2
 SDIST_ENV = "AMQ_BIGBENCH_SDIST"
 OFFLINE_ENV = "AMQ_OFFLINE"
 # Bump when the conversion below changes, so caches built by an older one are not reused.
-FORMAT = "lm_eval-v2"
+FORMAT = "lm_eval-v3"
 
 # Offline task name -> BIG-bench task directory: multiple-choice tasks with short prompts, so a
 # full pass costs seconds to minutes on CPU. At 135M only social_iqa scores clearly above chance
@@ -188,6 +190,8 @@ def task_yaml(name: str, bigbench_name: str, data: Path, hf_cache: Path) -> str:
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(hf_cache)},
         "test_split": "test",
+        # Few-shot examples come from the same documents; lm-eval never shows a document its own answer.
+        "fewshot_split": "test",
         "output_type": "multiple_choice",
         "doc_to_text": "prompt",
         "doc_to_choice": "choices",
@@ -239,6 +243,8 @@ def prepare_tasks(names: Sequence[str], cache_dir: str | Path) -> list[PreparedT
     unknown = [n for n in names if n not in OFFLINE_TASKS]
     if unknown:
         raise ConfigError("finalize.tasks", f"not an offline BIG-bench task: {', '.join(unknown)}", ", ".join(OFFLINE_TASKS))
+    if not names:  # nothing asked: neither the package nor the cache is needed
+        return []
     root = Path(cache_dir) / "bigbench" / FORMAT
     tasks = {n: PreparedTask(n, OFFLINE_TASKS[n], root / n, root / n / "docs.jsonl") for n in OFFLINE_TASKS}
     with file_lock(root):  # parallel callers: one converts, the others wait and reuse it

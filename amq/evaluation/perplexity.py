@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from amq.data.preparation import AMQ, HeldoutPreparation
 from amq.data.tokens import token_stream
 from amq.errors import InvalidArgument
 
@@ -55,17 +56,28 @@ class PerplexityProtocol:
         return {**asdict(self), "overlap": 0, "loss": "mean token NLL over all predicted tokens, exp()"}
 
 
-def perplexity_windows(tokenizer: PreTrainedTokenizerBase, docs: list[str], protocol: PerplexityProtocol, cache_dir: str | Path | None = None) -> torch.Tensor:
-    """(n, window) token windows, laid end to end from the start of the text."""
-    stream = token_stream(tokenizer, docs, cache_dir)
-    body = protocol.window - 1 if protocol.add_bos else protocol.window
+def perplexity_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    docs: list[str],
+    protocol: PerplexityProtocol,
+    cache_dir: str | Path | None = None,
+    preparation: HeldoutPreparation = AMQ,
+) -> torch.Tensor:
+    """(n, window) token windows, laid end to end from the start of the text.
+
+    `preparation` says how the text is tokenized and cut (amq.data.preparation): amq's rule puts
+    BOS at the start of every window when the protocol asks for it; a paper's rule tokenizes with
+    the tokenizer's special tokens once and cuts plain windows, at most its own `max_windows`.
+    """
+    stream = token_stream(tokenizer, docs, cache_dir, special_tokens=preparation.special_tokens)
+    add_bos = protocol.add_bos and preparation.window_bos
+    body = protocol.window - 1 if add_bos else protocol.window
     n = len(stream) // body
     if n == 0:
         raise InvalidArgument("window", f"the held-out text has {len(stream)} tokens, fewer than one window of {protocol.window}", "a shorter window")
-    if protocol.max_windows is not None:
-        n = min(n, protocol.max_windows)
+    n = min([n] + [cap for cap in (protocol.max_windows, preparation.max_windows) if cap is not None])
     windows = stream[: n * body].view(n, body)
-    if protocol.add_bos:
+    if add_bos:
         windows = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long), windows], dim=1)
     return windows
 

@@ -44,7 +44,8 @@ def render(info: dict[str, Any], config: BitConfig, evaluation: dict | None) -> 
         for name, r in evaluation["perplexity"].items():
             lines.append(f"| {name} | {r['perplexity']:.4f} | {r['tokens']} |")
         for task, r in (evaluation.get("zero_shot") or {}).items():
-            lines.append(f"| {task} (zero-shot accuracy) | {r.get('acc', float('nan')):.4f} | n={r.get('n')} |")
+            acc = "-" if r.get("acc") is None else f"{r['acc']:.4f}"
+            lines.append(f"| {task} ({r.get('num_fewshot') or 0}-shot accuracy) | {acc} | n={r.get('n')} |")
         lines += ["", "Protocol:", "```json", json.dumps(evaluation["protocol"], indent=2), "```"]
     lines += [
         "",

@@ -7,9 +7,12 @@ here fails in the time it takes to read the config.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import OmegaConf
 
 from amq.errors import ConfigError
+from amq.evaluation.zeroshot import TaskSettings
 from amq.finalize.selection import CONVENTIONS
 
 if TYPE_CHECKING:
@@ -47,3 +50,19 @@ class FinalizeSettings:
         low = [t for t in self.targets if t < lo - 1e-9]
         if low:
             raise ConfigError("finalize.targets", f"{low} below the smallest reachable {lo:.3f} average bits ({self.bits_convention})", f"targets >= {lo:.3f}")
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def task_settings(node: Any) -> TaskSettings:
+    """The finalize node's lm-eval settings (`tasks`, `task_limit`, `num_fewshot`,
+    `task_batch_size`), checked without importing lm-eval: a bad value fails before the search."""
+    tasks = _plain(node.get("tasks")) or ()
+    return TaskSettings(
+        tasks if isinstance(tasks, str) else tuple(tasks),
+        _plain(node.get("task_limit")),
+        _plain(node.get("num_fewshot")),
+        _plain(node.get("task_batch_size", TaskSettings.batch_size)),
+    )

@@ -23,6 +23,7 @@ from amq.bits import BitConfig, average_bits, meta_overhead
 from amq.errors import InvalidArgument
 from amq.evaluation.report import fidelity, write_report
 from amq.evaluation.suite import EvalSuite
+from amq.evaluation.zeroshot import LM_EVAL_RESULTS, write_lm_eval_results
 from amq.finalize.charts import write_charts
 from amq.finalize.model_card import render
 from amq.finalize.selection import Candidate, front_extras, read_candidates, select_for_targets
@@ -104,8 +105,10 @@ class Finalizer:
         log.info("%s: quantized %d linears in %.1fs", self.quantizer.name, len(quants), time.perf_counter() - t0)
         return quants
 
-    def _evaluate(self, label: str) -> dict | None:
-        return self.suite.run(self.lm.model, self.lm.tokenizer, label) if self.suite is not None and self.settings.evaluate else None
+    def _evaluate(self, label: str, keep_lm_eval: bool = False) -> dict | None:
+        if self.suite is None or not self.settings.evaluate:
+            return None
+        return self.suite.run(self.lm.model, self.lm.tokenizer, label, keep_lm_eval=keep_lm_eval)
 
     def _bits(self, config: BitConfig) -> tuple[float, float]:
         numels = self.layout.numels
@@ -127,7 +130,8 @@ class Finalizer:
         linears_bf16 = bf16_bytes(model, config.bits)
         total_bf16 = bf16_bytes(model)
         with packed_swap(model, self._quantize(config)):
-            evaluation = self._evaluate(f"{target:g} bits")
+            evaluation = self._evaluate(f"{target:g} bits", keep_lm_eval=True)
+            lm_eval_results = evaluation.pop("lm_eval", None) if evaluation is not None else None  # its own file, not eval.json
             packed = sum(b.numel() * b.element_size() for m in packed_modules(model).values() for b in m.buffers())
             info = {
                 "model": self.lm.name,
@@ -156,6 +160,8 @@ class Finalizer:
                 info["formats"] = self._standard_formats(model, tmp, out_dir.name)
                 if evaluation is not None:
                     atomic_write_json(tmp / "eval.json", {"model_dir": str(out_dir), **evaluation})
+                if lm_eval_results is not None:
+                    write_lm_eval_results(tmp / LM_EVAL_RESULTS, lm_eval_results)
                 atomic_write_text(tmp / "README.md", render(info, config, evaluation))
 
             write_model_dir(out_dir, model, self.lm.tokenizer, config, info["quantizer"], extras)

@@ -94,4 +94,5 @@ def finalize_summary(report: dict) -> dict:
         for r in report["rows"]
         if r["kind"] == "target"
     }
-    return {"models": models, "proxy_fidelity": report["proxy_fidelity"], "seconds": report["seconds"]}
+    # the protocol of those numbers: data, held-out preparation, window, windows, tasks and shots
+    return {"models": models, "protocol": report["protocol"], "proxy_fidelity": report["proxy_fidelity"], "seconds": report["seconds"]}
