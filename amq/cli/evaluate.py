@@ -11,6 +11,11 @@ eval.json holds the latest evaluation at its top level and every earlier one, ea
 environment, under `history`: nothing measured before is written over. A difference in the same
 environment (device, threads, torch, dtype) beyond 1e-3 is a failure (exit 1); in another
 environment the sums round differently, so the difference is reported, not failed.
+
+When the models' search run logged to W&B (its config.yaml's `logger`; `--logger` overrides), the
+evaluation is a W&B run of its own in the search's group (job type `evaluate`): a table of the
+re-measured models and their perplexities in the summary. Its files go to the `wandb/` folder next
+to the `models/` folder evaluated.
 """
 
 from __future__ import annotations
@@ -32,10 +37,15 @@ from amq.evaluation.perplexity import PerplexityProtocol
 from amq.evaluation.suite import EvalSuite
 from amq.io import atomic_write_json
 from amq.quantizers.export import LOAD_RUNTIMES, QUANT_FILE, load_quantized, read_manifest
+from amq.tracking.base import MetricLogger
+from amq.tracking.null_logger import NullLogger
+from amq.tracking.stages import search_run_of, stage_config, stage_logger
 
 log = logging.getLogger("amq.evaluate")
 CONF_DATA = Path(CONF_DIR) / "data"
 REPRODUCE_RTOL = 1e-3
+JOB_TYPE = "evaluate"  # the W&B job type of the evaluation's run (the search's is `search`)
+LOGGERS = ("run", "wandb", "none")  # --logger: as the search run recorded, W&B regardless, nothing
 
 
 def model_dirs(path: Path) -> list[Path]:
@@ -83,7 +93,8 @@ def earlier_same_protocol(recorded: dict, protocol: dict) -> dict | None:
     the same perplexity protocol (zero-shot tasks may differ)."""
 
     def key(p: dict) -> tuple:
-        return p.get("data"), p.get("perplexity")
+        ppl = {"preparation": "amq", "paper_protocol": False, **(p.get("perplexity") or {})}  # records older than paper protocols
+        return p.get("data"), ppl
 
     for ev in [recorded, *reversed(recorded.get("history", []))]:
         if key(ev.get("protocol") or {}) == key(protocol):
@@ -148,7 +159,9 @@ def evaluate_dir(model_dir: Path, args: argparse.Namespace, corpus_cache: dict) 
     splits = corpus_cache[data]
     with settings_of(named={"window": "--window", "max_windows": "--max-windows"}):
         protocol = PerplexityProtocol(int(window), None if max_windows in (None, 0) else int(max_windows), bool(add_bos))
-        suite = EvalSuite(dict(splits.heldout), splits.description, protocol, tuple(args.tasks), args.task_limit, Path(args.cache_dir))
+        suite = EvalSuite(
+            dict(splits.heldout), splits.description, protocol, tuple(args.tasks), args.task_limit, Path(args.cache_dir), preparation=splits.preparation
+        )
         result = {"model_dir": str(model_dir), **suite.run(model, tokenizer, model_dir.name)}
     kept = carried_zero_shot(recorded, result)
     if kept:
@@ -177,6 +190,17 @@ def evaluate_dir(model_dir: Path, args: argparse.Namespace, corpus_cache: dict) 
     return result
 
 
+def evaluation_tracker(search: Path | None, choice: str, tags: Sequence[str]) -> MetricLogger:
+    """The tracker of this evaluation: the `search` run's recorded logger (`run`), W&B with
+    conf/logger/wandb.yaml (`wandb`), or none. Models outside a search run (None) log nothing."""
+    if choice == "none" or search is None:
+        if search is None and choice == "wandb":
+            log.warning("the models lie in no amq-search run directory: no search group to join in W&B, not logged")
+        return NullLogger()
+    node = OmegaConf.load(Path(CONF_DIR) / "logger" / "wandb.yaml") if choice == "wandb" else None
+    return stage_logger(search, JOB_TYPE, node, tags)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import os
 
@@ -202,6 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as recorded in eval.json, else torch's default)")
     ap.add_argument("--output", type=Path, default=None, help="write the result here instead of <model dir>/eval.json (one model only)")
     ap.add_argument("--cache-dir", default=os.environ.get("AMQ_CACHE_DIR", str(Path.home() / ".cache" / "amq")))
+    ap.add_argument(
+        "--logger",
+        default="run",
+        choices=LOGGERS,
+        help="run: log to W&B as the models' search run did (its config.yaml); wandb: to W&B regardless (offline unless WANDB_MODE says otherwise); none",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(name)s: %(message)s", stream=sys.stderr)
     quiet_libraries()
@@ -217,8 +247,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             prepare_zero_shot(args.tasks, args.cache_dir)
         if args.output and len(dirs) > 1:
             raise ConfigError("--output", f"{args.path} holds {len(dirs)} models", "omit --output for a run directory")
-        cache: dict = {}
-        results = [evaluate_dir(d, args, cache) for d in dirs]
+        tags = [*(f"task={t}" for t in args.tasks), f"runtime={args.runtime}"]
+        search = search_run_of(dirs[0])
+        tracker = evaluation_tracker(search, args.logger, tags)  # bad settings fail before the work
+        home = dirs[0].parent.parent  # the run (or finalized/<time>/) directory that holds models/
+        stage = {"job_type": JOB_TYPE, "models": [str(d) for d in dirs], "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+        tracker.start(str(home), stage_config(search, stage=stage) if search is not None else {"stage": stage}, name=home.name)
+        failed = True
+        try:
+            cache: dict = {}
+            results = [evaluate_dir(d, args, cache) for d in dirs]
+            tracker.log_evaluations(results)
+            failed = False
+        finally:
+            tracker.finish(failed=failed)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2

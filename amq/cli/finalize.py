@@ -6,10 +6,15 @@ another evaluation protocol, without searching again: e.g.
     amq-finalize outputs/search/runs/<time> finalizer=gptq finalize.targets=[3.75,4.25]
 
 OVERRIDES are Hydra overrides of the finalize stage only (`finalize.*`, `finalizer=`,
-`finalizer.*`, `num_threads`); everything else comes from the run's own command line, and the
-composed settings must still match the run's `config.yaml`. Results go to a new directory,
-`<run>/finalized/<time>/` (models/<target>/, evaluation.json, evaluation.md, config.yaml), so the
-models the search exported are never replaced; `amq-evaluate` accepts that directory too.
+`finalizer.*`, `num_threads`) and of its tracking (`logger=`, `logger.*`); everything else comes
+from the run's own command line, and the composed settings must still match the run's
+`config.yaml`. Results go to a new directory, `<run>/finalized/<time>/` (models/<target>/,
+evaluation.json, evaluation.md, config.yaml), so the models the search exported are never replaced;
+`amq-evaluate` accepts that directory too.
+
+With the run's logger (or `logger=wandb`), the stage is a W&B run of its own in the search's group
+(job type `finalize`): the evaluation table, perplexity against bits, and a `model` artifact per
+exported model (amq/tracking/). Its files go to `<run>/finalized/<time>/wandb/`.
 """
 
 from __future__ import annotations
@@ -31,10 +36,14 @@ from amq.errors import ConfigError
 from amq.io import atomic_write_text
 from amq.run.outputs import ARCHIVE_FILE, CONFIG_FILE, SUMMARY_FILE
 from amq.run.resume import comparable_settings, differences, shown_differences, task_overrides, under
+from amq.tracking.base import MetricLogger
+from amq.tracking.report import final_values
+from amq.tracking.stages import stage_config, stage_logger
 
 log = logging.getLogger("amq.finalize")
-FINALIZE_KEYS = ("finalize", "finalizer", "num_threads")
-VALID_OVERRIDES = "finalize.<key>=..., finalizer=hqq|gptq|awq, finalizer.<key>=..., num_threads=N"
+FINALIZE_KEYS = ("finalize", "finalizer", "num_threads", "logger")
+VALID_OVERRIDES = "finalize.<key>=..., finalizer=hqq|gptq|awq, finalizer.<key>=..., num_threads=N, logger=wandb|none, logger.<key>=..."
+JOB_TYPE = "finalize"  # the W&B job type of the stage's run (the search's is `search`)
 
 
 def _key(override: str) -> str:
@@ -83,10 +92,17 @@ def compose_for_run(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
+def stage_tracker(run_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> MetricLogger:
+    """The stage's tracker: the run's recorded logger, or the one the overrides compose (`logger=...`)."""
+    node = cfg.logger if any(under(_key(o), ("logger",)) for o in overrides) else None
+    return stage_logger(run_dir, JOB_TYPE, node, tags=[o for o in overrides if not under(_key(o), ("logger",))])
+
+
 def finalize_run(run_dir: Path, overrides: Sequence[str]) -> Path:
     """Run the finalize stage on `run_dir` into a new `finalized/<time>/` directory; returns it."""
     from amq.config.compose import check_finalize_components, finalize_settings, load_model_and_data, run_finalize
     from amq.finalize.selection import archive_metric, read_candidates, select_for_targets
+    from amq.run.summary import finalize_summary
 
     check_finished(run_dir)
     cfg = compose_for_run(run_dir, overrides)
@@ -94,19 +110,29 @@ def finalize_run(run_dir: Path, overrides: Sequence[str]) -> Path:
     check_finalize_components(cfg)
     metric = archive_metric(run_dir / ARCHIVE_FILE)
     select_for_targets(read_candidates(run_dir / ARCHIVE_FILE, metric), settings.targets, settings.bits_convention)  # unreachable budgets fail now
+    tracker = stage_tracker(run_dir, cfg, overrides)  # bad logger settings fail before the work
     out_dir = run_dir / "finalized" / time.strftime("%Y-%m-%d_%H-%M-%S")
     if out_dir.exists():
         raise ConfigError("run_dir", f"{out_dir} already exists", "wait a second and run again")
     md = load_model_and_data(cfg)
     record = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("finalize", "finalizer")}
     out_dir.mkdir(parents=True)
+    failed = True
     try:
         atomic_write_text(out_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create({**record, "overrides": list(overrides)})))
-        run_finalize(cfg, md, run_dir, metric, [int(b) for b in cfg.search.bits], out_dir)
-    except BaseException:
-        if not any((out_dir / "models").glob("*")):  # keep models already exported (each written atomically)
+        tracker.start(
+            str(out_dir),
+            stage_config(run_dir, **record, stage={"job_type": JOB_TYPE, "run_dir": str(run_dir), "overrides": list(overrides)}),
+            name=out_dir.name,
+        )
+        report = run_finalize(cfg, md, run_dir, metric, [int(b) for b in cfg.search.bits], out_dir)
+        tracker.summary(final_values(finalize_summary(report)))
+        tracker.log_finalize(out_dir)
+        failed = False
+    finally:
+        tracker.finish(failed=failed)  # a failed stage's run is closed as failed
+        if failed and not any((out_dir / "models").glob("*")):  # keep models already exported (each written atomically)
             shutil.rmtree(out_dir, ignore_errors=True)
-        raise
     return out_dir
 
 

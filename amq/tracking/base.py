@@ -25,7 +25,14 @@ class MetricLogger(Protocol):
         """Final values shown on the run's overview (hypervolume, best per target, timings)."""
 
     def log_artifacts(self, paths: Sequence[Path]) -> None:
-        """Attach the run's result files (archive, front, sensitivity, summary)."""
+        """Attach the run's result files (archive, front, sensitivity, summary) and, when the search's
+        finalize stage ran, its evaluation and exported models (as `log_finalize`)."""
+
+    def log_finalize(self, output_dir: Path) -> None:
+        """The finalize stage's results in `output_dir` (evaluation.json, its charts, models/<target>/)."""
+
+    def log_evaluations(self, results: Sequence[dict[str, Any]]) -> None:
+        """amq-evaluate's results, one eval.json per re-measured model."""
 
     def finish(self, failed: bool = False) -> None:
         """Close the run; always called, also when the search raised."""

@@ -22,5 +22,11 @@ class NullLogger:
     def log_artifacts(self, paths: Sequence[Path]) -> None:
         pass
 
+    def log_finalize(self, output_dir: Path) -> None:
+        pass
+
+    def log_evaluations(self, results: Sequence[dict[str, Any]]) -> None:
+        pass
+
     def finish(self, failed: bool = False) -> None:
         pass

@@ -29,6 +29,13 @@ def sweep_group() -> str | None:
     return Path(str(hc.sweep.dir)).name
 
 
+def tracking_group(configured: str | None, search_dir: str | Path) -> str:
+    """The group of a search's tracker run and of the runs of its later stages (amq-finalize,
+    amq-evaluate): the configured one (a sweep's), else the search's run directory name, so that a
+    single search and everything done with its results sit in one group."""
+    return str(configured) if configured else Path(search_dir).name
+
+
 def run_name() -> str | None:
     """The overridden settings (`hydra.job.override_dirname`, e.g. `predictor=mlp,seed=1`).
 
