@@ -66,7 +66,7 @@ def run(cfg: DictConfig) -> tuple[dict, SearchRun]:
         space_fp = space.fingerprint(wb.lm.fingerprint)
         if plan.finalize is not None:
             plan.finalize.check_reachable(space)  # after pruning: the smallest configuration may have grown
-        sens = {**table.to_dict(), "threshold": plan.pruning.threshold, "keep_top": plan.pruning.keep_top, "pruned": space.pruned}
+        sens = {**table.to_dict(), "threshold": plan.pruning.threshold, "score": plan.pruning.score, "keep_top": plan.pruning.keep_top, "pruned": space.pruned}
         start = session.start_search(space_fp, plan.seed, sens)
 
         # ---- the search, checkpointed after every iteration

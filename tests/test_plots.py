@@ -111,3 +111,18 @@ def test_a_report_without_evaluations_writes_no_chart(tmp_path, caplog):
 def test_too_few_points_for_the_proxy_chart_still_draw_perplexity(tmp_path):
     rows = [_row("target", 4.0, 0.05, _ppl(1.3), target=4.0), _row("uniform", 4.5, None, _ppl(1.4)), _row("unquantized", 16.0, 0.0, _ppl(1.0))]
     assert [p.name for p in write_charts(_report(tmp_path, rows), tmp_path)] == [PERPLEXITY_VS_BITS]
+
+
+def test_predictor_plot_appears_once_a_predictor_proposed(tmp_path):
+    archive = _archive(tmp_path)
+    out = RunOutputs(tmp_path / "run")
+    assert out.write_predictor_plot(archive, METRIC, "toy") is None  # initial design only: nothing to show
+    assert not out.path("predictor.png").exists()
+    space = archive.space
+    rng = np.random.default_rng(1)
+    for g in space.random(rng, 6):
+        if g not in archive:
+            bits = float(space.avg_bits(g))
+            archive.add(g, Evaluation(4.0 ** -(bits - 3) * 0.3, 1.0), 5, METRIC, predicted=4.0 ** -(bits - 3) * 0.25)
+    path = out.write_predictor_plot(archive, METRIC, "toy")
+    assert path == out.path("predictor.png") and path.read_bytes()[:8] == PNG

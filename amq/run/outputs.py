@@ -1,6 +1,6 @@
 """The run directory contract: what every run writes, where, and how (atomically).
 
-config.yaml, sensitivity.json, archive.jsonl, front.json, front.csv, front.png, metrics.jsonl,
+config.yaml, sensitivity.json, archive.jsonl, front.json, front.csv, front.png, predictor.png, metrics.jsonl,
 summary.json, and state.json (what resume needs). See outputs/README.md.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META
 from amq.io import atomic_write_json, atomic_write_text, read_jsonl
-from amq.run.plotting import UniformPoint, plot_front
+from amq.run.plotting import UniformPoint, plot_front, plot_predictions
 from amq.run.state import RunState, read_state, write_state
 from amq.search.archive import Archive
 from amq.search.pareto import nondominated
@@ -24,6 +24,7 @@ from amq.search.pareto import nondominated
 CONFIG_FILE = "config.yaml"
 ARCHIVE_FILE = "archive.jsonl"
 SUMMARY_FILE = "summary.json"
+PREDICTOR_PLOT = "predictor.png"
 
 
 class RunOutputs:
@@ -91,6 +92,23 @@ class RunOutputs:
         iters = np.array([r.iteration for r in archive.records])
         plot_front(self.path("front.png"), bits, y, iters, idx, metric_name, title, f"average bits ({CONVENTION_WITH_META})", targets, uniform_points(archive))
         return rows
+
+    def write_predictor_plot(self, archive: Archive, metric_name: str, title: str) -> Path | None:
+        """predictor.png from every record a predictor proposed (its `predicted` value against the
+        measured metric); None, and no file, before any such record is evaluated."""
+        recs = [r for r in archive.records if r.predicted is not None and r.predicted > 0 and np.isfinite(r.metric) and r.metric > 0]
+        if not recs:
+            return None
+        path = self.path(PREDICTOR_PLOT)
+        plot_predictions(
+            path,
+            np.array([r.predicted for r in recs]),
+            np.array([r.metric for r in recs]),
+            np.array([r.iteration for r in recs]),
+            metric_name,
+            title,
+        )
+        return path
 
 
 def uniform_points(archive: Archive) -> list[UniformPoint]:

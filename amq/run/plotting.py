@@ -1,8 +1,12 @@
-"""front.png: every archived configuration and the Pareto front, metric against average bits.
+"""The search's plots: front.png and predictor.png.
 
-The front alone says little without its references, so the plot also marks the search targets
-(where the reports and finalize pick their configurations) and the uniform configurations (every
+front.png: every archived configuration and the Pareto front, metric against average bits. The
+front alone says little without its references, so the plot also marks the search targets (where
+the reports and finalize pick their configurations) and the uniform configurations (every
 searchable linear at one width: what the search has to beat).
+
+predictor.png: what the predictor said of each configuration it proposed, against what the true
+evaluation measured, coloured by iteration: how far to trust the predictor, and whether it learns.
 """
 
 from __future__ import annotations
@@ -113,4 +117,25 @@ def plot_front(
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
+    save_figure(fig, path)
+
+
+def plot_predictions(path: str | Path, predicted: np.ndarray, measured: np.ndarray, iterations: np.ndarray, metric_name: str, title: str) -> None:
+    """Predicted against measured metric (log-log, with the line of perfect prediction); the last
+    iteration's configurations are ringed."""
+    fig, ax = new_figure((5.5, 5))
+    sc = ax.scatter(measured, predicted, c=iterations, s=14, cmap="viridis", alpha=0.8)
+    fig.colorbar(sc, ax=ax, label="iteration proposed")
+    last = iterations == iterations.max()
+    ax.scatter(measured[last], predicted[last], s=60, facecolors="none", edgecolors="crimson", lw=1.2, label=f"iteration {int(iterations.max())}")
+    lo = float(min(measured.min(), predicted.min()))
+    hi = float(max(measured.max(), predicted.max()))
+    ax.plot([lo, hi], [lo, hi], color="grey", ls="--", lw=1, label="predicted = measured")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"measured {metric_name}")
+    ax.set_ylabel(f"predicted {metric_name} (when proposed)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
     save_figure(fig, path)

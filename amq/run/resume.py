@@ -56,6 +56,9 @@ RESUME_MAY_DIFFER = (
     "quantizer.storage",
     "data.cache_dir",
 )
+# Settings added after runs were saved without them: the behaviour such a run had. A run saved
+# before `search.pruning.score` existed pruned on damage, so it resumes with score=damage.
+ADDED_LATER: dict[str, Any] = {"search.pruning.score": "damage"}
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 VALID_DIR = "the directory of an unfinished amq-search run (outputs/search/runs/<time>), or auto"
 
@@ -92,6 +95,7 @@ def comparable_settings(cfg: DictConfig) -> dict[str, Any]:
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    saved = {**{k: v for k, v in ADDED_LATER.items() if k not in saved and k in current}, **saved}
     keys = sorted(set(saved) | set(current))
     return [f"{k}={current.get(k)!r} (the run has {saved.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
 

@@ -110,6 +110,9 @@ class RunSession:
             self.outputs.write_state(RunState(space_fingerprint, row["iteration"], seed))
             tracker.log(row, step=row["iteration"])
             tracker.log_front(front, metric_name, self.outputs.path("front.png"), step=row["iteration"])
+            predictor_png = self.outputs.write_predictor_plot(archive, metric_name, title)
+            if predictor_png is not None:
+                tracker.log_image("predictor/predicted_vs_measured", predictor_png, step=row["iteration"])
 
         return on_iteration
 

@@ -21,6 +21,9 @@ class MetricLogger(Protocol):
     def log_front(self, front: list[dict[str, Any]], metric_name: str, image: Path | None, step: int) -> None:
         """The current Pareto front (rows of front.json) and its plot (front.png)."""
 
+    def log_image(self, key: str, image: Path, step: int) -> None:
+        """A plot of the run directory (predictor.png) under `key`."""
+
     def summary(self, values: dict[str, Any]) -> None:
         """Final values shown on the run's overview (hypervolume, best per target, timings)."""
 

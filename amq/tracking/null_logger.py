@@ -16,6 +16,9 @@ class NullLogger:
     def log_front(self, front: list[dict[str, Any]], metric_name: str, image: Path | None, step: int) -> None:
         pass
 
+    def log_image(self, key: str, image: Path, step: int) -> None:
+        pass
+
     def summary(self, values: dict[str, Any]) -> None:
         pass
 

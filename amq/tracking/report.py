@@ -26,6 +26,7 @@ RUN_ARTIFACTS = (
     "evaluation.md",
     "perplexity_vs_bits.png",
     "proxy_vs_perplexity.png",
+    "predictor.png",
 )
 
 

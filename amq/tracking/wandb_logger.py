@@ -108,6 +108,12 @@ class WandbLogger:
         if self._run is not None:
             self._run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
 
+    def log_image(self, key: str, image: Path, step: int) -> None:
+        if self._run is not None and Path(image).is_file():
+            import wandb
+
+            self._run.log({key: wandb.Image(str(image))}, step=step)
+
     def log_front(self, front: list[dict[str, Any]], metric_name: str, image: Path | None, step: int) -> None:
         if self._run is None:
             return
