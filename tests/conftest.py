@@ -30,6 +30,7 @@ millisecond per test. amq/, tests/, conf/ are not watched: people edit them whil
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -241,11 +242,19 @@ def run_cli_in_process(args: list[str], out_dir: Path, monkeypatch, capfd, env_e
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(sys, "argv", ["amq-search", *args])
     capfd.readouterr()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         main()
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:  # Hydra's job logging points at the run's log file, which a refused run removes
+        for h in root.handlers:
+            if h not in handlers:
+                h.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
     captured = capfd.readouterr()
     return subprocess.CompletedProcess(["amq-search", *args], code, captured.out, captured.err)
 

@@ -98,6 +98,7 @@ def test_parallel_writers_never_leave_a_bad_entry(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # make test-all: the cache's keying is checked by the fast tests of this file
 def test_another_seed_reuses_what_the_first_measured(compose_cfg, tmp_path):
     """Two initial designs (seeds 0 and 1) on the real model: the uniform and sensitivity-seeded
     configurations they share are measured once; a damaged entry is measured again, to the same value."""

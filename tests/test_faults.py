@@ -164,6 +164,7 @@ def _limit_file_size():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # make test-all: the resume and time-limit tests keep the single faults in make test
 def test_sigterm_then_a_full_disk_then_the_end_matches_an_uninterrupted_run(smoke_run, tmp_path):
     """SIGTERM mid-batch: the evaluation in flight is finished, the W&B run closed, the resume
     command printed, exit 143. That command, run on a full disk: one clear line, exit 3, the

@@ -193,6 +193,7 @@ def test_amq_evaluate_logs_in_the_search_group(searched, finalized):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # make test-all: the W&B path of amq-finalize runs in make test through the group test
 def test_amq_finalize_takes_logger_overrides(smoke_run, tmp_path):
     """A search that logged nothing (logger=none) finalized with `logger=wandb logger.mode=offline`."""
     run_dir = Path(shutil.copytree(smoke_run[0], tmp_path / "run"))
@@ -404,6 +405,7 @@ def _submitit_tasks(folder: Path) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # make test-all: resume=auto itself is checked in make test by tests/test_time_budget.py
 def test_a_requeued_sweep_job_resumes_its_own_run(tmp_path):
     """Submitit's local executor runs a one-job sweep with resume=auto; the job is signalled as
     SLURM signals it before its time limit (USR2), requeues itself, and the rerun continues the
