@@ -125,7 +125,7 @@ def plot_predictions(path: str | Path, predicted: np.ndarray, measured: np.ndarr
     iteration's configurations are ringed."""
     fig, ax = new_figure((5.5, 5))
     sc = ax.scatter(measured, predicted, c=iterations, s=14, cmap="viridis", alpha=0.8)
-    fig.colorbar(sc, ax=ax, label="iteration proposed")
+    fig.colorbar(sc, ax=ax, label="iteration proposed", ticks=np.unique(iterations))
     last = iterations == iterations.max()
     ax.scatter(measured[last], predicted[last], s=60, facecolors="none", edgecolors="crimson", lw=1.2, label=f"iteration {int(iterations.max())}")
     lo = float(min(measured.min(), predicted.min()))
@@ -133,6 +133,9 @@ def plot_predictions(path: str | Path, predicted: np.ndarray, measured: np.ndarr
     ax.plot([lo, hi], [lo, hi], color="grey", ls="--", lw=1, label="predicted = measured")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    plain_log_ticks(ax.xaxis)
+    plain_log_ticks(ax.yaxis)
+    ax.tick_params(axis="x", which="minor", labelrotation=45, labelsize=7)
     ax.set_xlabel(f"measured {metric_name}")
     ax.set_ylabel(f"predicted {metric_name} (when proposed)")
     ax.set_title(title, fontsize=10)
