@@ -72,6 +72,7 @@ LOOP_SETTINGS = {
     "n_initial_random": "budget.n_initial_random",
     "batch_size": "budget.batch_size",
     "bits_window": "search.bits_window",
+    "target_slots": "search.target_slots",
     "": "budget",
 }
 CALIBRATION_SETTINGS = {"n_samples": "budget.n_samples", "seq_len": "budget.seq_len", "docs": "data"}
@@ -416,6 +417,7 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
             nsga=nsga,
             bits_window=tuple(cfg.search.bits_window) if cfg.search.bits_window else None,
             kappa=float(cfg.search.kappa),
+            target_slots=float(cfg.search.target_slots),
         )
 
 

@@ -57,8 +57,9 @@ RESUME_MAY_DIFFER = (
     "data.cache_dir",
 )
 # Settings added after runs were saved without them: the behaviour such a run had. A run saved
-# before `search.pruning.score` existed pruned on damage, so it resumes with score=damage.
-ADDED_LATER: dict[str, Any] = {"search.pruning.score": "damage"}
+# before `search.pruning.score` existed pruned on damage, so it resumes with score=damage; one
+# saved before `search.target_slots` gave no slots to the targets.
+ADDED_LATER: dict[str, Any] = {"search.pruning.score": "damage", "search.target_slots": 0.0}
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 VALID_DIR = "the directory of an unfinished amq-search run (outputs/search/runs/<time>), or auto"
 

@@ -18,6 +18,12 @@ iteration, projected to last as long as the previous one, would end past it: the
 holds whole iterations only, so the front is valid and a continued run (with a later deadline)
 picks up at the next iteration and reaches the same archive as an uninterrupted one. Iteration 0
 always runs, so there is a front to return.
+
+With `target_slots` > 0, that share of every later batch goes to local moves around each target's
+incumbent (amq.search.local_moves), the predictor's best per target taken in turn; NSGA-II's
+selection fills the rest. They come first in the batch, and the iteration's row counts them
+(`search/target_slots`) and how many became a target's incumbent (`search/target_slot_incumbents`).
+Their randomness comes from (seed, iteration) too, so a resumed run proposes the same batches.
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ from amq.predictors.accuracy import heldout_scores, pooled_scores
 from amq.predictors.base import Predictor, UncertainPredictor
 from amq.search.archive import Archive
 from amq.search.evaluator import Evaluate
+from amq.search.local_moves import LocalMoves
 from amq.search.nsga import NSGA2Settings, PredictedQualityProblem, run_nsga2
 from amq.search.pareto import best_under_target, nondominated, normalized_hypervolume
-from amq.search.selection import select_batch
+from amq.search.selection import round_robin, select_batch
 from amq.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -58,15 +65,26 @@ class SearchSettings:
     nsga: NSGA2Settings = field(default_factory=NSGA2Settings)
     bits_window: tuple[float, float] | None = None
     kappa: float = 0.0  # > 0: NSGA-II minimises mean - kappa * std where the predictor gives a std
+    target_slots: float = 0.0  # share of each batch given to local moves around the targets' incumbents (0: NSGA-II only)
+    moves: LocalMoves = field(default_factory=LocalMoves)
 
     def __post_init__(self) -> None:
         require_at_least(self, "iterations", 0)
         require_at_least(self, "n_initial_random", 0)
         require_at_least(self, "batch_size", 1)
+        if not 0.0 <= self.target_slots <= 1.0:
+            raise InvalidArgument("target_slots", f"{self.target_slots}", "a fraction of the batch from 0 to 1 (0: off)")
         if self.bits_window is not None and not (len(self.bits_window) == 2 and self.bits_window[0] < self.bits_window[1]):
             raise InvalidArgument("bits_window", f"{list(self.bits_window)}", "[low, high] average bits with low < high, or null")
         if self.iterations == 0 and self.n_initial_random == 0:
             raise InvalidArgument("", "no iterations and no initial random configurations: nothing to search", "iterations >= 1 or n_initial_random >= 1")
+
+    @property
+    def n_target_slots(self) -> int:
+        """Slots of a batch for the targets: the share rounded half up, at least one when the share is > 0."""
+        if self.target_slots <= 0:
+            return 0
+        return max(1, min(self.batch_size, math.floor(self.target_slots * self.batch_size + 0.5)))
 
 
 def search_bits_range(space: SearchSpace, settings: SearchSettings) -> tuple[float, float]:
@@ -185,8 +203,38 @@ class IterativeSearch:
         t1 = time.perf_counter()
         popX, popF = run_nsga2(problem, self.settings.nsga, front, seed=self.seed * 100_003 + iteration, window=self.settings.bits_window and self.bits_range)
         nsga_s = time.perf_counter() - t1
-        batch = select_batch(popX, popF[:, 0], popF[:, 1], seen, self.space.key, self.settings.batch_size, self.bits_range, self.targets)
-        return batch, predictor, {"predictor/fit_seconds": fit_s, "search/nsga_seconds": nsga_s, "predictor/n_train": int(len(y))}
+        info = {"predictor/fit_seconds": fit_s, "search/nsga_seconds": nsga_s, "predictor/n_train": int(len(y))}
+        if not self.settings.n_target_slots:
+            batch = select_batch(popX, popF[:, 0], popF[:, 1], seen, self.space.key, self.settings.batch_size, self.bits_range, self.targets)
+            return batch, predictor, info
+        targeted = self.target_moves(iteration, predictor, X, y, bits, seen)
+        seen |= {self.space.key(g) for g in targeted}
+        n_rest = self.settings.batch_size - len(targeted)
+        rest = select_batch(popX, popF[:, 0], popF[:, 1], seen, self.space.key, n_rest, self.bits_range, self.targets) if n_rest else targeted[:0]
+        info["search/target_slots"] = len(targeted)
+        return np.vstack([targeted, rest]), predictor, info
+
+    def target_moves(self, iteration: int, predictor: Predictor, X: np.ndarray, y: np.ndarray, bits: np.ndarray, seen: set[str]) -> np.ndarray:
+        """The batch's target-focused share: local moves around each target's incumbent (the best measured
+        configuration at or under it, among `X`), unseen, ranked by the acquisition, taken in turn per target."""
+        rng = self._rng(iteration)
+        score = self._acquisition(predictor)
+        ranked, notes = [], []
+        for t in self.targets:
+            idx = best_under_target(y, bits, t)
+            if idx is None:
+                continue
+            cands = self.settings.moves.neighbours(self.space, X[idx], t, rng)
+            cands = cands[[self.space.key(g) not in seen for g in cands]]
+            if not len(cands):
+                continue
+            s = score(cands)
+            order = np.argsort(s, kind="stable")
+            ranked.append(cands[order])
+            notes.append(f"{t:g}b {y[idx]:.4g} -> {s[order[0]]:.4g} ({len(cands)} moves)")
+        picks = round_robin(ranked, self.settings.n_target_slots, self.space.key, seen)
+        log.info("iteration %d: %d slots to the targets' incumbents (best acquisition: %s)", iteration, len(picks), "; ".join(notes) or "no incumbent")
+        return picks.reshape(-1, self.space.n_genes)
 
     def _predicted_records(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(predicted, actual, avg_bits, iteration) of the successful records that carry a proposal-time prediction."""
@@ -207,6 +255,18 @@ class IterativeSearch:
             **heldout_scores(predicted[this], actual[this], bits[this], self.targets),
             **pooled_scores(predicted, actual, bits, iterations, self.targets),
         }
+
+    def _incumbents(self) -> dict[float, int]:
+        """{target: index into archive.records of the best measured configuration at or under it}."""
+        _, y, bits = self.archive.arrays()
+        y = np.where(np.isfinite(y), y, np.inf)
+        found = {t: best_under_target(y, bits, t) for t in self.targets}
+        return {t: i for t, i in found.items() if i is not None}
+
+    def incumbents_among(self, genes: np.ndarray) -> int:
+        """How many targets' incumbents are among `genes` (this iteration's target slots)."""
+        keys = {self.space.key(g) for g in genes}
+        return sum(self.space.key(self.archive.records[i].genes) in keys for i in self._incumbents().values())
 
     def iteration_row(self, iteration: int, timings: dict, n_new: int, eval_s: float) -> dict:
         _, y, bits = self.archive.arrays()
@@ -234,6 +294,7 @@ class IterativeSearch:
         seconds: dict[int, float] = {}  # iteration -> how long it took in this process
         last = self.settings.iterations
         self.stopped = None
+        slot_keys: set[str] = set()  # target-slot configurations proposed in this process
         for it in range(start_iteration, last + 1):
             if it > 0 and self._out_of_time(seconds):
                 self.stopped = {"reason": "max_minutes", "after_iteration": it - 1, "of": last}
@@ -252,7 +313,11 @@ class IterativeSearch:
                 timings.update(self.heldout_accuracy(it))
             if self.metric_scale is None:
                 self.metric_scale = self._lowest_uniform_metric()
+            targeted = batch[: timings.get("search/target_slots", 0)]
+            slot_keys |= {self.space.key(g) for g in targeted}
             row = self.iteration_row(it, timings, n_new, eval_s)
+            if "search/target_slots" in row:
+                row["search/target_slot_incumbents"] = self.incumbents_among(targeted)
             row["search/iteration_seconds"] = seconds[it] = self.clock() - t0
             rows.append(row)
             best = ", ".join(f"{k.split('@')[1]}b: {v:.4g}" for k, v in row.items() if k.startswith("best/") and v is not None)
@@ -272,7 +337,25 @@ class IterativeSearch:
             )
             for obs in self.observers:
                 obs(row, self.archive)
+        if self.settings.n_target_slots and rows:
+            self._log_incumbent_sources(slot_keys, start_iteration)
         return rows
+
+    def _log_incumbent_sources(self, slot_keys: set[str], start_iteration: int) -> None:
+        """One line: where each target's incumbent came from (target slot, NSGA-II, initial design)."""
+        parts = []
+        for t, i in self._incumbents().items():
+            rec = self.archive.records[i]
+            if self.space.key(rec.genes) in slot_keys:
+                source = "a target slot"
+            elif rec.iteration == 0:
+                source = "the initial design"
+            elif rec.iteration >= start_iteration:
+                source = "NSGA-II"
+            else:
+                source = "before this process"
+            parts.append(f"{t:g}b: iteration {rec.iteration}, {source}")
+        log.info("targets' incumbents: %s", "; ".join(parts) or "none")
 
     @staticmethod
     def _accuracy_text(row: dict) -> str:

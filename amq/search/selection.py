@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -61,3 +61,21 @@ def select_batch(
         chosen.append(best)
         rest.remove(best)
     return X[np.array(chosen, dtype=int)]
+
+
+def round_robin(ranked: Sequence[np.ndarray], n: int, key: Callable[[np.ndarray], str], seen: Iterable[str] = ()) -> np.ndarray:
+    """Up to `n` rows taken in turn from each list of `ranked` (best first within each), skipping
+    keys in `seen` and repeats: every target gets a slot before any gets a second."""
+    chosen: list[np.ndarray] = []
+    taken = set(seen)
+    pos = [0] * len(ranked)
+    while len(chosen) < n and any(p < len(r) for p, r in zip(pos, ranked)):
+        for t, rows in enumerate(ranked):
+            while pos[t] < len(rows) and key(rows[pos[t]]) in taken:
+                pos[t] += 1
+            if pos[t] < len(rows) and len(chosen) < n:
+                taken.add(key(rows[pos[t]]))
+                chosen.append(rows[pos[t]])
+                pos[t] += 1
+    width = ranked[0].shape[1] if ranked else 0
+    return np.stack(chosen).astype(int) if chosen else np.zeros((0, width), dtype=int)
