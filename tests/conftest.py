@@ -315,3 +315,25 @@ def smoke_run(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = run_dirs(out)
     return run_dir, proc
+
+
+SMOLLM2_SHAPES = {  # (in, out) of SmolLM2-135M's decoder linears
+    "q_proj": (576, 576),
+    "k_proj": (576, 192),
+    "v_proj": (576, 192),
+    "o_proj": (576, 576),
+    "gate_proj": (576, 1536),
+    "up_proj": (576, 1536),
+    "down_proj": (1536, 576),
+}
+
+
+def smollm2_linears(blocks: int = 30) -> list:
+    """SmolLM2-135M's 210 decoder linears as discovery describes them, without loading the model:
+    for search tests that need the real shapes and names but no weights."""
+    from amq.modeling.discovery import LinearInfo
+
+    def module(role: str) -> str:
+        return "mlp" if role in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+
+    return [LinearInfo(f"model.layers.{b}.{module(r)}.{r}", b, r, *SMOLLM2_SHAPES[r]) for b in range(blocks) for r in SMOLLM2_SHAPES]

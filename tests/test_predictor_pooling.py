@@ -13,8 +13,8 @@ import json
 
 import numpy as np
 import pytest
+from conftest import smollm2_linears
 
-from amq.modeling.discovery import LinearInfo
 from amq.predictors.accuracy import pooled_scores, within_bits_tau
 from amq.predictors.rbf import RBFPredictor
 from amq.search.archive import Archive
@@ -23,21 +23,12 @@ from amq.search.loop import IterativeSearch, SearchSettings
 from amq.search.nsga import NSGA2Settings
 from amq.search.space import SearchSpace
 
-SHAPES = {
-    "q_proj": (576, 576),
-    "k_proj": (576, 192),
-    "v_proj": (576, 192),
-    "o_proj": (576, 576),
-    "gate_proj": (576, 1536),
-    "up_proj": (576, 1536),
-    "down_proj": (1536, 576),
-}
 SETTINGS = SearchSettings(n_initial_random=20, iterations=5, batch_size=8, nsga=NSGA2Settings(pop_size=24, n_gen=3), bits_window=(3.5, 5.5))
 POOLED = ("predictor/kendall_tau_within_bits_pooled", "predictor/pairs_within_bits_pooled", "predictor/rel_error_near_targets_pooled", "predictor/n_pooled")
 
 
 def _space() -> SearchSpace:
-    lin = [LinearInfo(f"model.layers.{b}.{'mlp' if 'p_p' in r or 'down' in r else 'self_attn'}.{r}", b, r, *SHAPES[r]) for b in range(30) for r in SHAPES]
+    lin = smollm2_linears()
     damage = _damage(len(lin))
     pruned = [lin[i].name for i in np.argsort(damage)[-45:]]
     return SearchSpace(lin, [3, 4, 8], 64, pruned=pruned, keep_top=2)

@@ -13,9 +13,9 @@ import dataclasses
 
 import numpy as np
 import pytest
+from conftest import smollm2_linears
 
 from amq.errors import ConfigError
-from amq.modeling.discovery import LinearInfo
 from amq.search.archive import Archive, Record
 from amq.search.evaluator import Evaluation, measured
 from amq.search.local_moves import LocalMoves
@@ -23,15 +23,6 @@ from amq.search.loop import IterativeSearch, SearchSettings
 from amq.search.nsga import NSGA2Settings
 from amq.search.space import SearchSpace
 
-SHAPES = {
-    "q_proj": (576, 576),
-    "k_proj": (576, 192),
-    "v_proj": (576, 192),
-    "o_proj": (576, 576),
-    "gate_proj": (576, 1536),
-    "up_proj": (576, 1536),
-    "down_proj": (1536, 576),
-}
 TARGETS = [4.0, 4.25, 4.5]
 SETTINGS = SearchSettings(n_initial_random=10, iterations=3, batch_size=8, nsga=NSGA2Settings(pop_size=16, n_gen=2), bits_window=(3.5, 5.5), kappa=1.0)
 HALF = dataclasses.replace(SETTINGS, target_slots=0.5)
@@ -63,7 +54,7 @@ class Interrupted(Exception):
 
 
 def _space() -> SearchSpace:
-    lin = [LinearInfo(f"model.layers.{b}.{'mlp' if 'p_p' in r or 'down' in r else 'self_attn'}.{r}", b, r, *SHAPES[r]) for b in range(30) for r in SHAPES]
+    lin = smollm2_linears()
     pruned = [lin[i].name for i in np.argsort(_damage(len(lin)))[-30:]]
     return SearchSpace(lin, [3, 4, 8], 64, pruned=pruned, keep_top=2)
 
