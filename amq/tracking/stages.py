@@ -16,12 +16,11 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from amq.run.outputs import ARCHIVE_FILE, CONFIG_FILE
 from amq.tracking.base import MetricLogger
 from amq.tracking.null_logger import NullLogger
 from amq.tracking.run_identity import tracking_group
 
-CONFIG_FILE = "config.yaml"  # amq.run.outputs: a search run directory holds both
-ARCHIVE_FILE = "archive.jsonl"
 SEARCH_PARENTS = 4  # <run>/finalized/<time>/models/<target>: a search run lies at most this far up
 
 
