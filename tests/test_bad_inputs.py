@@ -68,6 +68,7 @@ CASES = {
     "unknown expert gene unit": Case(["search.expert_genes=layer"], "search.expert_genes"),
     "coverage above 1": Case(["search.min_coverage=2"], "search.min_coverage"),
     "bits window upside down": Case(["search.bits_window=[5.5,3.5]"], "search.bits_window"),
+    "target share out of range": Case(["search.target_slots=1.5"], "search.target_slots"),
     "a budget with no work": Case(["budget.iterations=0", "budget.n_initial_random=0"], "budget"),
     "negative budget": Case(["budget.batch_size=-4"], "budget.batch_size"),
     "negative seed": Case(["seed=-1"], "seed"),
