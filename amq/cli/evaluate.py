@@ -35,6 +35,7 @@ from amq.config.compose import CONF_DIR, quiet_libraries
 from amq.errors import ConfigError, settings_of
 from amq.evaluation.perplexity import PerplexityProtocol
 from amq.evaluation.suite import EvalSuite
+from amq.evaluation.zeroshot import TaskSettings
 from amq.io import atomic_write_json
 from amq.quantizers.export import LOAD_RUNTIMES, QUANT_FILE, load_quantized, read_manifest
 from amq.tracking.base import MetricLogger
@@ -160,7 +161,7 @@ def evaluate_dir(model_dir: Path, args: argparse.Namespace, corpus_cache: dict) 
     with settings_of(named={"window": "--window", "max_windows": "--max-windows"}):
         protocol = PerplexityProtocol(int(window), None if max_windows in (None, 0) else int(max_windows), bool(add_bos))
         suite = EvalSuite(
-            dict(splits.heldout), splits.description, protocol, tuple(args.tasks), args.task_limit, Path(args.cache_dir), preparation=splits.preparation
+            dict(splits.heldout), splits.description, protocol, TaskSettings(tuple(args.tasks), args.task_limit), Path(args.cache_dir), splits.preparation
         )
         result = {"model_dir": str(model_dir), **suite.run(model, tokenizer, model_dir.name)}
     kept = carried_zero_shot(recorded, result)

@@ -546,9 +546,7 @@ def eval_suite(node: DictConfig, splits: TextSplits, add_bos: bool, cache_dir: P
     from amq.finalize.settings import task_settings
 
     proto, tasks = perplexity_protocol(node, add_bos), task_settings(node)
-    return EvalSuite(
-        dict(splits.heldout), splits.description, proto, tasks.tasks, tasks.limit, cache_dir, tasks.num_fewshot, tasks.batch_size, splits.preparation
-    )
+    return EvalSuite(dict(splits.heldout), splits.description, proto, tasks, cache_dir, splits.preparation)
 
 
 def check_finalize_components(cfg: DictConfig) -> None:

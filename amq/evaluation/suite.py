@@ -8,10 +8,9 @@ text became windows, the window, the task settings) is written next to the numbe
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +18,7 @@ from torch import nn
 from amq.data.preparation import AMQ, HeldoutPreparation
 from amq.errors import ConfigError
 from amq.evaluation.perplexity import PerplexityProtocol, perplexity, perplexity_windows
+from amq.evaluation.zeroshot import TaskSettings
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +28,14 @@ class EvalSuite:
     """Held-out texts (name -> documents), the perplexity protocol and the lm-eval task settings.
 
     `preparation` is how the held-out documents become windows (the data's, amq.data.preparation);
-    `num_fewshot` and `task_batch_size` are amq.evaluation.zeroshot.TaskSettings'.
+    `tasks` what lm-eval runs (no task: perplexity only).
     """
 
     heldout: dict[str, list[str]]
     data_description: str
     protocol: PerplexityProtocol
-    tasks: Sequence[str] = ()
-    task_limit: int | None = None
+    tasks: TaskSettings = field(default_factory=TaskSettings)
     cache_dir: Path | None = None
-    num_fewshot: int | Mapping[str, int] | None = None
-    task_batch_size: int = 8
     preparation: HeldoutPreparation = AMQ
     _windows: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _task_runner: Any = field(default=None, repr=False)  # amq.evaluation.zeroshot.TaskRunner, built once per suite
@@ -65,12 +62,6 @@ class EvalSuite:
             self._windows = {name: perplexity_windows(tokenizer, docs, proto, self.cache_dir, prep) for name, docs in self.heldout.items()}
         return self._windows
 
-    def task_settings(self) -> Any:
-        """The zero-shot settings as amq.evaluation.zeroshot.TaskSettings (checked on creation)."""
-        from amq.evaluation.zeroshot import TaskSettings
-
-        return TaskSettings(tuple(self.tasks), self.task_limit, self.num_fewshot, self.task_batch_size)
-
     def describe(self, model: nn.Module) -> dict:
         proto, prep = self.fitted(model), self.preparation
         perplexity = {
@@ -79,7 +70,7 @@ class EvalSuite:
             "preparation": prep.describe(),
             "paper_protocol": prep.is_paper_protocol(proto.window, proto.max_windows),
         }
-        tasks = self.task_settings().describe() if self.tasks else {"tasks": [], "task_limit": self.task_limit}
+        tasks = self.tasks.describe() if self.tasks.tasks else {"tasks": [], "task_limit": self.tasks.limit}
         return {"data": self.data_description, "perplexity": perplexity, **tasks}
 
     def run(self, model: nn.Module, tokenizer: Any, label: str, keep_lm_eval: bool = False) -> dict:
@@ -92,13 +83,13 @@ class EvalSuite:
             res = perplexity(model, w, f"{label}/{name}")
             log.info("%s: %s perplexity %.3f (%d tokens, %.1fs)", label, name, res["perplexity"], res["tokens"], res["seconds"])
             out["perplexity"][name] = res
-        if self.tasks:
+        if self.tasks.tasks:
             from amq.evaluation.zeroshot import TaskRunner
 
             if self.cache_dir is None:
                 raise ConfigError("paths.cache_dir", "zero-shot tasks need a cache folder for their task files", "a writable folder")
             if self._task_runner is None:
-                self._task_runner = TaskRunner(self.task_settings(), Path(self.cache_dir))
+                self._task_runner = TaskRunner(self.tasks, Path(self.cache_dir))
             tasks = self._task_runner.run(model, tokenizer, add_bos_token=self.protocol.add_bos)
             out["zero_shot"] = tasks.rows
             if keep_lm_eval:
