@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from amq.quantizers.grid import rtn_quant  # noqa: E402
 from amq.quantizers.packed import PackedLinear, dequantize_packed  # noqa: E402
 from amq.runtime import PlanesLinear, TinyGemmLinear  # noqa: E402
+from amq.runtime.layout import split_workspace  # noqa: E402
 
 log = logging.getLogger("bench_serving")
 
@@ -169,7 +170,7 @@ def micro(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
             t = graph_time(lambda: [F.linear(xs, w) for w in dense]) / n_bf16
             rows.append({"shape": shape_name, "rows": m_rows, "bits": 16, "kernel": "bf16 cuBLAS", "us": t * 1e6, "rel_err": 0.0})
         dense.clear()
-        for bits in WIDTHS:
+        for bits in args.micro_widths:
             n = max(2, math.ceil(args.cold_bytes / (out_f * in_f * bits / 8)))
             layers = [packed_layer(out_f, in_f, bits, args.group_size, gen) for _ in range(n)]
             fast = [candidates(bits, m) for m in layers]
@@ -364,11 +365,12 @@ def e2e(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     numel = {n: m.weight.numel() for n, m in dense.items()}
     non_linear = model_bytes(model) - sum(layer_bytes(m) for m in dense.values())
     fast: dict[tuple[str, int, str], nn.Module] = {}
+    workspace = split_workspace(max(m.out_features for m in dense.values()), torch.device("cuda"))  # shared, as convert does
     for n, lin in dense.items():
         for b in WIDTHS:
             q = rtn_quant(lin.weight.detach(), b, args.group_size)
             packed = PackedLinear.from_quant(q, None, torch.bfloat16)
-            fast[(n, b, "planes")] = PlanesLinear(packed)
+            fast[(n, b, "planes")] = PlanesLinear(packed, workspace=workspace)
             if b == 4:
                 fast[(n, b, "tinygemm")] = TinyGemmLinear(packed)
             del packed, q
@@ -376,7 +378,7 @@ def e2e(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     log.info("quantized %d linears x %d widths in %.1f s", len(names), len(WIDTHS), time.monotonic() - t0)
     info = {"linears": len(names), "linear_params": sum(numel.values()), "non_linear_bytes": non_linear}
 
-    configs: list[tuple[str, dict[str, int] | None, str]] = [("bf16", None, "planes")]
+    configs: list[tuple[str, dict[str, int] | None, str]] = [("bf16", None, "planes")] if args.bf16 else []
     configs += [("uniform 4", {n: 4 for n in names}, four) for four in args.four_bit]
     for target in args.targets:
         alloc = allocate(numel, target)
@@ -430,7 +432,7 @@ def report(micro_rows: list[dict[str, Any]], e2e_rows: list[dict[str, Any]]) -> 
                 f"| {r['shape']} | {r['rows']} | {r['bits']} | {r['kernel']} | {r['us']:.1f} | {base[(r['shape'], r['rows'])] / r['us']:.2f}x | {r['rel_err']:.1e} |"
             )
     if e2e_rows:
-        ref = next(r for r in e2e_rows if r["config"] == "bf16")
+        ref = next((r for r in e2e_rows if r["config"] == "bf16"), {"decode_b1": math.nan, "decode_b16": math.nan, "prefill": math.nan})  # --no-bf16: no ratios
         lines += [
             "",
             "Llama-2-7B shape, random weights (tokens/s; memory GiB)",
@@ -459,11 +461,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--micro-shapes", nargs="+", default=list(SHAPES))
     p.add_argument("--micro-rows", nargs="+", type=int, default=[1, 16, 2048])
+    p.add_argument("--micro-widths", nargs="+", type=int, default=list(WIDTHS), choices=WIDTHS)
     p.add_argument("--cold-bytes", type=float, default=256e6, help="weight bytes each timed graph walks (> L2)")
     p.add_argument("--compile-candidates", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--gemlite", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the decode step before capturing it")
-    p.add_argument("--four-bit", nargs="+", choices=["planes", "tinygemm"], default=["planes", "tinygemm"], help="kernels tried for uniform 4-bit")
+    p.add_argument(
+        "--four-bit", nargs="*", choices=["planes", "tinygemm"], default=["planes", "tinygemm"], help="kernels tried for uniform 4-bit (none: skip it)"
+    )
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="time the bf16 model (the ratios' baseline)")
     p.add_argument(
         "--mixed-four-bit", nargs="+", choices=["planes", "tinygemm"], default=["planes"], help="kernels tried for the 4-bit layers of mixed configurations"
     )

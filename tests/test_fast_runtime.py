@@ -22,7 +22,7 @@ from amq.modeling.discovery import discover_layout
 from amq.quantizers.grid import rtn_quant
 from amq.quantizers.packed import GroupQuant, PackedLinear, packed_bytes, replace_linears
 from amq.runtime import PlanesLinear, TinyGemmLinear, convert, served
-from amq.runtime.layout import SPLIT_MAX, pack_planes, plane_widths, tile_size, unpack_planes
+from amq.runtime.layout import SPLIT_MAX, TILE_ROWS_MAX, pack_planes, plane_widths, span_tiles, tile_size, unpack_planes
 
 GROUP = 64
 SERVED = (2, 3, 4, 8)
@@ -52,27 +52,38 @@ def test_tile_interleaved_planes_round_trip_and_hold_exactly_the_bits(bits):
         assert tile is not None and in_f % tile == 0
         planes = pack_planes(codes, bits, tile)
         assert sum(plane_widths(bits)) == bits
-        assert sum(p.numel() * p.element_size() for p in planes) * 8 == codes.numel() * bits
+        held = sum(p.numel() * p.element_size() for p in planes) * 8
+        spans = [-(-(in_f // tile) // r) * r * tile for r in span_tiles(bits)]  # narrow planes pad their last span
+        assert held == 24 * sum(p * n for p, n in zip(plane_widths(bits), spans)) and held <= codes.numel() * bits * 1.25
+        if all(n == in_f for n in spans):
+            assert held == codes.numel() * bits
         assert torch.equal(unpack_planes(planes, bits, in_f, tile), codes.to(torch.int32))
     # the layout the kernels rely on: code e of a tile in word e % W at bit p * (e // W)
     codes = (torch.arange(256) % 16).to(torch.uint8).view(1, 256)
     word = pack_planes(codes, 4, 256)[0]
     assert all((int(word[0, e % 32]) >> (4 * (e // 32))) & 15 == e % 16 for e in range(256))
+    # 3 = 2 + 1: the 1-bit code of e = j * W + c in tile h of a span of two sits in column c, bit h * 16 + j
+    codes = torch.randint(0, 8, (1, 1024), dtype=torch.uint8)
+    low, high = pack_planes(codes, 3, 256)
+    assert low.shape == (1, 64) and high.shape == (1, 32)  # 16 words a tile; 16 words a span of two tiles
+    for t, j, c in ((0, 0, 0), (1, 3, 5), (2, 15, 15), (3, 7, 2)):
+        e = t * 256 + j * 16 + c
+        assert (int(high[0, (t // 2) * 16 + c]) >> ((t % 2) * 16 + j)) & 1 == int(codes[0, e]) >> 2
 
 
 @pytest.mark.parametrize("bits", SERVED)
 @pytest.mark.parametrize("awq", [False, True])
 def test_planes_layer_is_packed_linear_on_cpu(bits, awq):
-    layer = _random_layer(bits, awq=awq)
+    layer = _random_layer(bits, in_f=512, awq=awq)
     fast = PlanesLinear(layer)
     assert torch.equal(fast.weight_float(), layer.weight_float())  # fractional zeros exact
-    x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
+    x = torch.randn(3, 5, 512, dtype=torch.bfloat16)
     assert _rel(fast(x), layer(x)) < 1e-2
     held = {n: b.numel() * b.element_size() for n, b in fast.named_buffers() if n != "bias"}
-    scratch = held.pop("gemv_partial") + held.pop("gemv_count")  # the GEMV's split-K scratch, not weights
-    assert sum(held.values()) == packed_bytes(layer)
-    assert scratch <= layer.out_features * (4 * SPLIT_MAX + 1)
-    assert "gemv_partial" not in fast.state_dict()
+    scratch = held.pop("split_partial") + held.pop("split_count")  # the kernels' split-K scratch, not weights
+    assert sum(held.values()) == packed_bytes(layer)  # two tiles of 256: no narrow-plane padding
+    assert scratch <= layer.out_features * (4 * SPLIT_MAX * TILE_ROWS_MAX + 1)
+    assert "split_partial" not in fast.state_dict()
 
 
 def test_tinygemm_layer_is_packed_linear_within_bf16_rounding_on_cpu():
@@ -129,6 +140,8 @@ def test_converted_smollm2_matches_packed_logits_for_every_width(smollm2, kernel
         chosen = convert(fast, kernels)
     assert "fallback" not in chosen.values() and not caplog.records
     assert not any(isinstance(m, PackedLinear) for m in fast.modules())
+    scratch = {id(m.split_partial) for m in fast.modules() if isinstance(m, PlanesLinear)}
+    assert len(scratch) == 1  # one split-K scratch for the whole model, not one per layer
     if kernels:
         assert {k for n, k in chosen.items() if packed.get_submodule(n).bits == 4} == {"tinygemm_int4"}
     ids = torch.arange(100, 164).view(1, -1)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from amq.quantizers.packed import PackedLinear
-from amq.runtime.layout import plane_widths, tile_size
+from amq.runtime.layout import plane_widths, split_workspace, tile_size
 from amq.runtime.linear import GEMM_MAX_ROWS, PlanesLinear, TinyGemmLinear, inner_k_tiles
 
 log = logging.getLogger(__name__)
@@ -109,14 +109,20 @@ def convert(
 ) -> dict[str, str]:
     """Replace every `PackedLinear` of `model` that a kernel serves by that kernel's layer, in place.
 
-    Convert on the device the model runs on (tinygemm's layout depends on it). `dtype` is the
-    activation dtype (default: the model's first floating parameter's). Returns {layer name: kernel
-    name}, with "fallback" for layers left as PackedLinear.
+    Convert on the device the model runs on (tinygemm's layout depends on it, and the bit-plane
+    layers of one device share one split-K scratch, so moving them afterwards gives each a copy).
+    `dtype` is the activation dtype (default: the model's first floating parameter's). Returns
+    {layer name: kernel name}, with "fallback" for layers left as PackedLinear.
     """
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
     chosen: dict[str, str] = {}
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]:
+    packed = [(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]
+    rows: dict[torch.device, int] = {}
+    for _, layer in packed:
+        rows[layer.qweight.device] = max(rows.get(layer.qweight.device, 0), layer.out_features)
+    workspaces = {device: split_workspace(n, device) for device, n in rows.items()}  # layers run one after another
+    for name, layer in packed:
         kernel = served(layer.bits, layer.group_size, dtype, layer.qweight.device, kernels)
         if kernel is None or not _shape_ok(kernel, layer):
             log.warning(
@@ -124,7 +130,7 @@ def convert(
             )
             chosen[name] = "fallback"
             continue
-        new = TinyGemmLinear(layer, dtype) if kernel == TINYGEMM else PlanesLinear(layer, gemm_max_rows)
+        new = TinyGemmLinear(layer, dtype) if kernel == TINYGEMM else PlanesLinear(layer, gemm_max_rows, workspaces[layer.qweight.device])
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         chosen[name] = kernel

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from amq.quantizers.packed import PackedLinear, dequantize_groups, unpack_codes
-from amq.runtime.layout import gemv_workspace, pack_planes, plane_widths, tile_size, unpack_planes
+from amq.runtime.layout import TILE_ROWS_MAX, pack_planes, plane_widths, split_workspace, tile_size, unpack_planes
 
 log = logging.getLogger(__name__)
 
-GEMM_MAX_ROWS = 16  # above this many rows, dequantize + cuBLAS beats the fused tile kernel
+GEMM_MAX_ROWS = TILE_ROWS_MAX  # above this many rows, dequantize + cuBLAS beats the fused tile kernel
 
 
 def _codes(layer: PackedLinear) -> torch.Tensor:
@@ -49,8 +49,12 @@ class PlanesLinear(nn.Module):
 
     kernel = "triton_planes"
 
-    def __init__(self, layer: PackedLinear, gemm_max_rows: int = GEMM_MAX_ROWS) -> None:
+    def __init__(self, layer: PackedLinear, gemm_max_rows: int = GEMM_MAX_ROWS, workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """`workspace`: split-K scratch (`layout.split_workspace`) shared with the model's other layers;
+        None makes the layer its own (SPLIT_MAX x TILE_ROWS_MAX float32 per row)."""
         super().__init__()
+        if not 1 <= gemm_max_rows <= TILE_ROWS_MAX:
+            raise ValueError(f"gemm_max_rows={gemm_max_rows}: the tile kernel takes 1 to {TILE_ROWS_MAX} rows")
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.bits, self.group_size = layer.bits, layer.group_size
         self.gemm_max_rows = gemm_max_rows
@@ -66,9 +70,12 @@ class PlanesLinear(nn.Module):
         self.register_buffer("zero", layer.zero.detach().clone())
         self.register_buffer("input_scale", None if layer.input_scale is None else layer.input_scale.detach().clone())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
-        partial, count = gemv_workspace(layer.out_features, layer.scale.device)
-        self.register_buffer("gemv_partial", partial, persistent=False)  # split-K scratch of the GEMV
-        self.register_buffer("gemv_count", count, persistent=False)
+        partial, count = split_workspace(layer.out_features, layer.scale.device) if workspace is None else workspace
+        need = [t.numel() for t in split_workspace(layer.out_features, torch.device("meta"))]
+        if partial.numel() < need[0] or count.numel() < need[1]:
+            raise ValueError(f"the shared split-K workspace is for fewer than out_features={layer.out_features} rows")
+        self.register_buffer("split_partial", partial, persistent=False)  # split-K scratch of the kernels
+        self.register_buffer("split_count", count, persistent=False)
 
     def planes(self) -> list[torch.Tensor]:
         return [getattr(self, f"plane{i}") for i in range(self.n_planes)]
@@ -86,9 +93,9 @@ class PlanesLinear(nn.Module):
             m = x2.shape[0]
             planes, geometry = self.planes(), (self.bits, self.group_size, self.tile, self.out_features)
             if m == 1:
-                y = tk.planes_gemv(x2, planes, self.scale, self.zero, self.gemv_partial, self.gemv_count, *geometry)
+                y = tk.planes_gemv(x2, planes, self.scale, self.zero, self.split_partial, self.split_count, *geometry)
             elif m <= self.gemm_max_rows and self.tile * plane_widths(self.bits)[0] // 32 >= 16:  # tl.dot needs runs of 16
-                y = tk.planes_gemm(x2, planes, self.scale, self.zero, *geometry)
+                y = tk.planes_gemm(x2, planes, self.scale, self.zero, self.split_partial, self.split_count, *geometry)
             else:
                 y = F.linear(x2, tk.dequantize(planes, self.scale, self.zero, *geometry[:3], self.out_features, self.in_features, x2.dtype))
         else:

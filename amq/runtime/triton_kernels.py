@@ -6,7 +6,7 @@ a contiguous run inside one quantization group, so each run needs one scale and 
 
 - `gemv`: one activation row (batch-1 decoding), accumulating `w * x` in float32 registers;
 - `gemm`: a few rows (batched decoding): each run is dequantized to the activation dtype and
-  multiplied on the tensor cores (`tl.dot`);
+  multiplied on the tensor cores (`tl.dot`, the weight as the first operand);
 - `dequantize`: the whole weight into a transient bf16/fp16 tensor, for prefill, where cuBLAS on the
   dequantized weight wins (the weight is read once for thousands of tokens).
 
@@ -23,15 +23,17 @@ import torch
 import triton
 import triton.language as tl
 
-from amq.runtime.layout import SPLIT_MAX, plane_widths
+from amq.runtime.layout import SPLIT_MAX, TILE_ROWS_MAX, plane_widths
 
 
 @triton.jit
-def _run(words0, words1, j: tl.constexpr, cols, P0: tl.constexpr, P1: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr):
-    """float32 1 + code / 2**B (B = P0 + P1 bits) for run j of a tile: (BN, W0).
+def _run(words0, words1, j: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr):
+    """float32 1 + code / 2**B (B = P0 + P1 bits) for run j of tile t: (BN, W0).
 
     Code bit 0 goes to mantissa bit 23 - B, then or 0x3F800000 (float32 1.0). Putting the code at the
-    top of the mantissa keeps the constant 2**B that `_affine` subtracts again as small as it can be."""
+    top of the mantissa keeps the constant 2**B that `_affine` subtracts again as small as it can be.
+    The narrow plane's bits of the run sit in the same column (`amq.runtime.layout`), so both planes
+    unpack with constant shifts: two shifts and two masked ors per weight at 3 bits."""
     BASE: tl.constexpr = 23 - P0 - P1
     SH: tl.constexpr = j * P0
     MASK: tl.constexpr = ((1 << P0) - 1) << BASE
@@ -39,18 +41,28 @@ def _run(words0, words1, j: tl.constexpr, cols, P0: tl.constexpr, P1: tl.constex
         v = (words0 >> (SH - BASE)) & MASK
     else:
         v = (words0 << (BASE - SH)) & MASK
-    if P1 > 0:
-        sh1 = P1 * (j * (W0 // W1) + cols // W1)
-        v = v | (((words1 >> sh1[None, :]) & ((1 << P1) - 1)) << (BASE + P0))
+    if P1 > 0:  # words1 arrive shifted to tile t's bits (`_load_tile`): run j's are at bit P1 * j
+        TOP: tl.constexpr = BASE + P0
+        SH1: tl.constexpr = j * P1
+        MASK1: tl.constexpr = ((1 << P1) - 1) << TOP
+        if SH1 >= TOP:
+            v = v | ((words1 >> (SH1 - TOP)) & MASK1)
+        else:
+            v = v | ((words1 << (TOP - SH1)) & MASK1)
     return (v | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _load_tile(p0, p1, offs_n, n_mask, t, K, cols, P0: tl.constexpr, P1: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr):
+def _load_tile(p0, p1, offs_n, n_mask, t, K, cols, T: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, W0: tl.constexpr):
+    """The W0 words per row of tile t in the wide plane, and of its span in the narrow one, shifted so
+    that tile t's bits come first."""
     words0 = tl.load(p0 + offs_n[:, None] * (K * P0 // 32) + t * W0 + cols[None, :], mask=n_mask[:, None], other=0)
     words1 = words0
     if P1 > 0:
-        words1 = tl.load(p1 + offs_n[:, None] * (K * P1 // 32) + t * W1 + (cols % W1)[None, :], mask=n_mask[:, None], other=0)
+        R: tl.constexpr = P0 // P1
+        stride1 = ((K // T + R - 1) // R) * W0
+        words1 = tl.load(p1 + offs_n[:, None] * stride1 + (t // R) * W0 + cols[None, :], mask=n_mask[:, None], other=0)
+        words1 = words1 >> ((t % R) * (32 // P0) * P1)  # tile t is tile t % R of its span: its bits, lowest first
     return words0, words1
 
 
@@ -81,7 +93,6 @@ def _gemv_tile(
     P0: tl.constexpr,
     P1: tl.constexpr,
     W0: tl.constexpr,
-    W1: tl.constexpr,
     GPT: tl.constexpr,
     RPG: tl.constexpr,
 ):
@@ -94,11 +105,11 @@ def _gemv_tile(
         a, b = _affine(s, z, offs_n, m, (t * T + gi * RPG * W0) // G, groups, P0 + P1)
         k0 = t * T + gi * RPG * W0
         xv = tl.load(x + k0 + cols, mask=(k0 + cols) < K, other=0.0).to(tl.float32)
-        part = _run(words0, words1, gi * RPG, cols, P0, P1, W0, W1) * xv[None, :]
+        part = _run(words0, words1, gi * RPG, P0, P1) * xv[None, :]
         xs = xv
         for r in tl.static_range(1, RPG):
             xv = tl.load(x + k0 + r * W0 + cols, mask=(k0 + r * W0 + cols) < K, other=0.0).to(tl.float32)
-            part += _run(words0, words1, gi * RPG + r, cols, P0, P1, W0, W1) * xv[None, :]
+            part += _run(words0, words1, gi * RPG + r, P0, P1) * xv[None, :]
             xs += xv
         acc += part * a[:, None] + b[:, None] * xs[None, :]
     return acc
@@ -130,7 +141,6 @@ def _gemv_kernel(
     P0: tl.constexpr,
     P1: tl.constexpr,
     W0: tl.constexpr,
-    W1: tl.constexpr,
     RUNS: tl.constexpr,
     GPT: tl.constexpr,
     RPG: tl.constexpr,
@@ -159,21 +169,21 @@ def _gemv_kernel(
     for i in range(0, per, TPI):  # bounds free of program_id (the loop is the same for every program)
         t0 = t_lo + i
         ma = n_mask & (t0 < t_hi) & (t0 < tiles)
-        a0, a1 = _load_tile(p0, p1, offs_n, ma, t0, K, cols, P0, P1, W0, W1)
+        a0, a1 = _load_tile(p0, p1, offs_n, ma, t0, K, cols, T, P0, P1, W0)
         if TPI >= 2:
             mb = n_mask & (t0 + 1 < t_hi) & (t0 + 1 < tiles)
-            b0, b1 = _load_tile(p0, p1, offs_n, mb, t0 + 1, K, cols, P0, P1, W0, W1)
+            b0, b1 = _load_tile(p0, p1, offs_n, mb, t0 + 1, K, cols, T, P0, P1, W0)
         if TPI >= 4:
             mc = n_mask & (t0 + 2 < t_hi) & (t0 + 2 < tiles)
             md = n_mask & (t0 + 3 < t_hi) & (t0 + 3 < tiles)
-            c0, c1 = _load_tile(p0, p1, offs_n, mc, t0 + 2, K, cols, P0, P1, W0, W1)
-            d0, d1 = _load_tile(p0, p1, offs_n, md, t0 + 3, K, cols, P0, P1, W0, W1)
-        acc = _gemv_tile(acc, a0, a1, x, s, z, offs_n, ma, t0, K, cols, groups, G, T, P0, P1, W0, W1, GPT, RPG)
+            c0, c1 = _load_tile(p0, p1, offs_n, mc, t0 + 2, K, cols, T, P0, P1, W0)
+            d0, d1 = _load_tile(p0, p1, offs_n, md, t0 + 3, K, cols, T, P0, P1, W0)
+        acc = _gemv_tile(acc, a0, a1, x, s, z, offs_n, ma, t0, K, cols, groups, G, T, P0, P1, W0, GPT, RPG)
         if TPI >= 2:
-            acc = _gemv_tile(acc, b0, b1, x, s, z, offs_n, mb, t0 + 1, K, cols, groups, G, T, P0, P1, W0, W1, GPT, RPG)
+            acc = _gemv_tile(acc, b0, b1, x, s, z, offs_n, mb, t0 + 1, K, cols, groups, G, T, P0, P1, W0, GPT, RPG)
         if TPI >= 4:
-            acc = _gemv_tile(acc, c0, c1, x, s, z, offs_n, mc, t0 + 2, K, cols, groups, G, T, P0, P1, W0, W1, GPT, RPG)
-            acc = _gemv_tile(acc, d0, d1, x, s, z, offs_n, md, t0 + 3, K, cols, groups, G, T, P0, P1, W0, W1, GPT, RPG)
+            acc = _gemv_tile(acc, c0, c1, x, s, z, offs_n, mc, t0 + 2, K, cols, groups, G, T, P0, P1, W0, GPT, RPG)
+            acc = _gemv_tile(acc, d0, d1, x, s, z, offs_n, md, t0 + 3, K, cols, groups, G, T, P0, P1, W0, GPT, RPG)
     out = tl.sum(acc, axis=1)
     if SPLIT == 1:
         tl.store(y + offs_n, out.to(y.dtype.element_ty), mask=n_mask)
@@ -189,8 +199,9 @@ def _gemv_kernel(
 
 
 def _gemm_configs() -> list[triton.Config]:
-    shapes = [(16, 4, 3), (32, 4, 3), (64, 4, 3), (32, 8, 3), (64, 8, 4), (128, 8, 3)]
-    return [triton.Config({"BN": bn}, num_warps=w, num_stages=s) for bn, w, s in shapes]
+    # measured on one H200 (docs/benchmarks.md): 64 rows, 4 warps, 4 slices won every Llama-2-7B shape at 16 rows
+    shapes = [(64, 4, 2, 4), (64, 4, 3, 4), (64, 4, 2, 2), (32, 4, 2, 4), (128, 8, 2, 2), (64, 8, 2, 1), (16, 4, 2, 4), (32, 4, 2, 1)]
+    return [triton.Config({"BN": bn, "SPLIT": sp}, num_warps=w, num_stages=st) for bn, w, st, sp in shapes if sp <= SPLIT_MAX]
 
 
 @triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "P0", "P1", "G", "T"])
@@ -202,6 +213,8 @@ def _gemm_kernel(
     s,
     z,
     y,
+    partial,
+    count,
     M,
     N,
     K,
@@ -210,31 +223,52 @@ def _gemm_kernel(
     P0: tl.constexpr,
     P1: tl.constexpr,
     W0: tl.constexpr,
-    W1: tl.constexpr,
     RUNS: tl.constexpr,
     GPT: tl.constexpr,
     RPG: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
-    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    """y.T (BN, BM) += W (BN, W0) @ x.T (W0, BM) per run: the dequantized weight is the dot's first
+    operand, so it stays in registers (the compiler converts the loaded words to the operand layout
+    once) instead of going through shared memory as a transposed second operand; and the K slices
+    (SPLIT, as in `_gemv_kernel`) fill the GPU on layers of few rows."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m = tl.arange(0, BM)
     n_mask = offs_n < N
     m_mask = offs_m < M
     cols = tl.arange(0, W0)
     groups = K // G
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for t in range(0, K // T):
-        words0, words1 = _load_tile(p0, p1, offs_n, n_mask, t, K, cols, P0, P1, W0, W1)
+    tiles = K // T
+    per = (tiles + SPLIT - 1) // SPLIT
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for i in range(0, per):
+        t = pid_k * per + i
+        live = t < tiles  # the last slice may run past the tiles
+        words0, words1 = _load_tile(p0, p1, offs_n, n_mask & live, t, K, cols, T, P0, P1, W0)
         for gi in tl.static_range(GPT):
-            a, b = _affine(s, z, offs_n, n_mask, (t * T + gi * RPG * W0) // G, groups, P0 + P1)
+            a, b = _affine(s, z, offs_n, n_mask & live, (t * T + gi * RPG * W0) // G, groups, P0 + P1)
             for r in tl.static_range(RPG):
                 k = t * T + (gi * RPG + r) * W0
-                f = _run(words0, words1, gi * RPG + r, cols, P0, P1, W0, W1)
-                xv = tl.load(x + offs_m[:, None] * K + k + cols[None, :], mask=m_mask[:, None], other=0.0)
-                w = (f * a[:, None] + b[:, None]).to(xv.dtype)
-                acc += tl.dot(xv, tl.trans(w))
-    tl.store(y + offs_m[:, None] * N + offs_n[None, :], acc.to(y.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+                f = _run(words0, words1, gi * RPG + r, P0, P1)
+                xt = tl.load(x + offs_m[None, :] * K + k + cols[:, None], mask=m_mask[None, :] & live, other=0.0)
+                acc += tl.dot((f * a[:, None] + b[:, None]).to(xt.dtype), xt)
+    at = offs_m[None, :] * N + offs_n[:, None]
+    mask = m_mask[None, :] & n_mask[:, None]
+    if SPLIT == 1:
+        tl.store(y + at, acc.to(y.dtype.element_ty), mask=mask)
+    else:  # the last slice of the row block adds the partial sums in order (see `_gemv_kernel`)
+        tl.store(partial + pid_k * M * N + at, acc, mask=mask)
+        done = tl.atomic_add(count + pid_n, 1, sem="acq_rel")
+        if done == SPLIT - 1:
+            total = tl.zeros((BN, BM), dtype=tl.float32)
+            for sl in tl.static_range(SPLIT):
+                total += tl.load(partial + sl * M * N + at, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(y + at, total.to(y.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(count + pid_n, 0)
 
 
 @triton.jit
@@ -251,7 +285,6 @@ def _dequant_kernel(
     P0: tl.constexpr,
     P1: tl.constexpr,
     W0: tl.constexpr,
-    W1: tl.constexpr,
     RUNS: tl.constexpr,
     GPT: tl.constexpr,
     RPG: tl.constexpr,
@@ -262,12 +295,12 @@ def _dequant_kernel(
     n_mask = offs_n < N
     cols = tl.arange(0, W0)
     groups = K // G
-    words0, words1 = _load_tile(p0, p1, offs_n, n_mask, t, K, cols, P0, P1, W0, W1)
+    words0, words1 = _load_tile(p0, p1, offs_n, n_mask, t, K, cols, T, P0, P1, W0)
     for gi in tl.static_range(GPT):
         a, b = _affine(s, z, offs_n, n_mask, (t * T + gi * RPG * W0) // G, groups, P0 + P1)
         for r in tl.static_range(RPG):
             k = t * T + (gi * RPG + r) * W0
-            f = _run(words0, words1, gi * RPG + r, cols, P0, P1, W0, W1)
+            f = _run(words0, words1, gi * RPG + r, P0, P1)
             v = f * a[:, None] + b[:, None]
             tl.store(w + offs_n[:, None] * K + k + cols[None, :], v.to(w.dtype.element_ty), mask=n_mask[:, None])
 
@@ -280,7 +313,7 @@ def _planes(planes: list[torch.Tensor], bits: int, tile: int, group_size: int) -
     p0, p1 = widths[0], widths[1] if len(widths) > 1 else 0
     w0, runs = tile * p0 // 32, 32 // p0
     rpg = min(runs, group_size // w0)  # runs per group (a run never straddles groups: layout.tile_size)
-    meta = {"T": tile, "P0": p0, "P1": p1, "W0": w0, "W1": max(tile * p1 // 32, 1), "RUNS": runs, "GPT": runs // rpg, "RPG": rpg}
+    meta = {"T": tile, "P0": p0, "P1": p1, "W0": w0, "RUNS": runs, "GPT": runs // rpg, "RPG": rpg}
     return planes[0], planes[-1], meta
 
 
@@ -295,8 +328,8 @@ def gemv(
     n: int,
     workspace: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """y (1, n) = x (1, k) @ W.T for one activation row. `workspace` (`layout.gemv_workspace`) belongs to
-    the layer: two launches of one layer must not run concurrently on different streams."""
+    """y (1, n) = x (1, k) @ W.T for one activation row. `workspace` (`layout.split_workspace`) must not
+    be used by two launches running at once (on different streams)."""
     k = x.shape[-1]
     p0, p1, meta = _planes(planes, bits, tile, group_size)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
@@ -305,13 +338,26 @@ def gemv(
     return y
 
 
-def gemm(x: torch.Tensor, planes: list[torch.Tensor], scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, tile: int, n: int) -> torch.Tensor:
-    """y (m, n) = x (m, k) @ W.T for a few rows, dequantizing runs on the fly (needs runs of >= 16 codes)."""
+def gemm(
+    x: torch.Tensor,
+    planes: list[torch.Tensor],
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    tile: int,
+    n: int,
+    workspace: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """y (m, n) = x (m, k) @ W.T for 2 to TILE_ROWS_MAX rows, dequantizing runs on the fly (needs runs of >= 16 codes)."""
     m, k = x.shape
+    if m > TILE_ROWS_MAX:
+        raise ValueError(f"{m} rows: the tile kernel takes at most {TILE_ROWS_MAX}")
     p0, p1, meta = _planes(planes, bits, tile, group_size)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    partial, count = workspace
     bm = max(16, triton.next_power_of_2(m))
-    _gemm_kernel[lambda c: (triton.cdiv(n, c["BN"]), triton.cdiv(m, bm))](x, p0, p1, scale, zero, y, m, n, k, G=group_size, BM=bm, **meta)
+    _gemm_kernel[lambda c: (triton.cdiv(n, c["BN"]), c["SPLIT"])](x, p0, p1, scale, zero, y, partial, count, m, n, k, G=group_size, BM=bm, **meta)
     return y
 
 
@@ -327,7 +373,7 @@ def dequantize(
 
 # torch.compile sees the two decode kernels as opaque operators: it then neither traces nor
 # re-autotunes each call site (150 s of compile for a 7B decode step, against 25 s this way), and
-# the compiled step still launches them inside its CUDA graph. The GEMV's scratch is back to zero
+# the compiled step still launches them inside its CUDA graph. The split-K scratch is back to zero
 # after every call, so to the outside the operator is pure (no mutated arguments declared).
 @torch.library.custom_op("amq::planes_gemv", mutates_args=())
 def planes_gemv(
@@ -352,11 +398,20 @@ def _planes_gemv_shape(x, planes, scale, zero, partial, count, bits, group_size,
 
 @torch.library.custom_op("amq::planes_gemm", mutates_args=())
 def planes_gemm(
-    x: torch.Tensor, planes: list[torch.Tensor], scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, tile: int, n: int
+    x: torch.Tensor,
+    planes: list[torch.Tensor],
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    partial: torch.Tensor,
+    count: torch.Tensor,
+    bits: int,
+    group_size: int,
+    tile: int,
+    n: int,
 ) -> torch.Tensor:
-    return gemm(x, planes, scale, zero, bits, group_size, tile, n)
+    return gemm(x, planes, scale, zero, bits, group_size, tile, n, (partial, count))
 
 
 @planes_gemm.register_fake
-def _planes_gemm_shape(x, planes, scale, zero, bits, group_size, tile, n):  # noqa: ANN001, ANN202
+def _planes_gemm_shape(x, planes, scale, zero, partial, count, bits, group_size, tile, n):  # noqa: ANN001, ANN202
     return x.new_empty((x.shape[0], n))
