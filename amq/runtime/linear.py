@@ -92,10 +92,8 @@ class PlanesLinear(nn.Module):
 
             m = x2.shape[0]
             planes, geometry = self.planes(), (self.bits, self.group_size, self.tile, self.out_features)
-            if m == 1:
-                y = tk.planes_gemv(x2, planes, self.scale, self.zero, self.split_partial, self.split_count, *geometry)
-            elif m <= self.gemm_max_rows and self.tile * plane_widths(self.bits)[0] // 32 >= 16:  # tl.dot needs runs of 16
-                y = tk.planes_gemm(x2, planes, self.scale, self.zero, self.split_partial, self.split_count, *geometry)
+            if m == 1 or (m <= self.gemm_max_rows and self.tile * plane_widths(self.bits)[0] // 32 >= 16):  # tl.dot needs runs of 16
+                y = tk.planes_mm(x2, planes, self.scale, self.zero, self.split_partial, self.split_count, *geometry)
             else:
                 y = F.linear(x2, tk.dequantize(planes, self.scale, self.zero, *geometry[:3], self.out_features, self.in_features, x2.dtype))
         else:

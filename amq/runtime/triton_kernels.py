@@ -4,10 +4,10 @@ Three kernels share one unpacking step. A program loads the W words of one tile 
 (one coalesced load per plane); for each of the 32 / p shifts j it gets codes j * W .. j * W + W - 1,
 a contiguous run inside one quantization group, so each run needs one scale and zero per row:
 
-- `gemv`: one activation row (batch-1 decoding), accumulating `w * x` in float32 registers;
-- `gemm`: a few rows (batched decoding): each run is dequantized to the activation dtype and
+- `_gemv_kernel`: one activation row (batch-1 decoding), accumulating `w * x` in float32 registers;
+- `_gemm_kernel`: a few rows (batched decoding): each run is dequantized to the activation dtype and
   multiplied on the tensor cores (`tl.dot`, the weight as the first operand);
-- `dequantize`: the whole weight into a transient bf16/fp16 tensor, for prefill, where cuBLAS on the
+- `_dequant_kernel`: the whole weight into a transient bf16/fp16 tensor, for prefill, where cuBLAS on the
   dequantized weight wins (the weight is read once for thousands of tokens).
 
 Codes become floats without an int-to-float conversion (a quarter-rate instruction that bounded the
@@ -317,7 +317,7 @@ def _planes(planes: list[torch.Tensor], bits: int, tile: int, group_size: int) -
     return planes[0], planes[-1], meta
 
 
-def gemv(
+def product(
     x: torch.Tensor,
     planes: list[torch.Tensor],
     scale: torch.Tensor,
@@ -328,36 +328,20 @@ def gemv(
     n: int,
     workspace: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """y (1, n) = x (1, k) @ W.T for one activation row. `workspace` (`layout.split_workspace`) must not
-    be used by two launches running at once (on different streams)."""
-    k = x.shape[-1]
-    p0, p1, meta = _planes(planes, bits, tile, group_size)
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    partial, count = workspace
-    _gemv_kernel[lambda c: (triton.cdiv(n, c["BN"]), c["SPLIT"])](x, p0, p1, scale, zero, y, partial, count, n, k, G=group_size, **meta)
-    return y
-
-
-def gemm(
-    x: torch.Tensor,
-    planes: list[torch.Tensor],
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    bits: int,
-    group_size: int,
-    tile: int,
-    n: int,
-    workspace: tuple[torch.Tensor, torch.Tensor],
-) -> torch.Tensor:
-    """y (m, n) = x (m, k) @ W.T for 2 to TILE_ROWS_MAX rows, dequantizing runs on the fly (needs runs of >= 16 codes)."""
+    """y (m, n) = x (m, k) @ W.T for 1 to TILE_ROWS_MAX rows (decoding): the GEMV for one row, the
+    tile kernel for more (it needs runs of >= 16 codes). `workspace` (`layout.split_workspace`) must
+    not be used by two launches running at once (on different streams)."""
     m, k = x.shape
     if m > TILE_ROWS_MAX:
-        raise ValueError(f"{m} rows: the tile kernel takes at most {TILE_ROWS_MAX}")
+        raise ValueError(f"{m} rows: the decode kernels take at most {TILE_ROWS_MAX}")
     p0, p1, meta = _planes(planes, bits, tile, group_size)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     partial, count = workspace
-    bm = max(16, triton.next_power_of_2(m))
-    _gemm_kernel[lambda c: (triton.cdiv(n, c["BN"]), c["SPLIT"])](x, p0, p1, scale, zero, y, partial, count, m, n, k, G=group_size, BM=bm, **meta)
+    if m == 1:
+        _gemv_kernel[lambda c: (triton.cdiv(n, c["BN"]), c["SPLIT"])](x, p0, p1, scale, zero, y, partial, count, n, k, G=group_size, **meta)
+    else:
+        bm = max(16, triton.next_power_of_2(m))
+        _gemm_kernel[lambda c: (triton.cdiv(n, c["BN"]), c["SPLIT"])](x, p0, p1, scale, zero, y, partial, count, m, n, k, G=group_size, BM=bm, **meta)
     return y
 
 
@@ -371,12 +355,12 @@ def dequantize(
     return w
 
 
-# torch.compile sees the two decode kernels as opaque operators: it then neither traces nor
+# torch.compile sees the decode kernels as one opaque operator: it then neither traces nor
 # re-autotunes each call site (150 s of compile for a 7B decode step, against 25 s this way), and
 # the compiled step still launches them inside its CUDA graph. The split-K scratch is back to zero
 # after every call, so to the outside the operator is pure (no mutated arguments declared).
-@torch.library.custom_op("amq::planes_gemv", mutates_args=())
-def planes_gemv(
+@torch.library.custom_op("amq::planes_mm", mutates_args=())
+def planes_mm(
     x: torch.Tensor,
     planes: list[torch.Tensor],
     scale: torch.Tensor,
@@ -388,30 +372,9 @@ def planes_gemv(
     tile: int,
     n: int,
 ) -> torch.Tensor:
-    return gemv(x, planes, scale, zero, bits, group_size, tile, n, (partial, count))
+    return product(x, planes, scale, zero, bits, group_size, tile, n, (partial, count))
 
 
-@planes_gemv.register_fake
-def _planes_gemv_shape(x, planes, scale, zero, partial, count, bits, group_size, tile, n):  # noqa: ANN001, ANN202
-    return x.new_empty((x.shape[0], n))
-
-
-@torch.library.custom_op("amq::planes_gemm", mutates_args=())
-def planes_gemm(
-    x: torch.Tensor,
-    planes: list[torch.Tensor],
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    partial: torch.Tensor,
-    count: torch.Tensor,
-    bits: int,
-    group_size: int,
-    tile: int,
-    n: int,
-) -> torch.Tensor:
-    return gemm(x, planes, scale, zero, bits, group_size, tile, n, (partial, count))
-
-
-@planes_gemm.register_fake
-def _planes_gemm_shape(x, planes, scale, zero, partial, count, bits, group_size, tile, n):  # noqa: ANN001, ANN202
+@planes_mm.register_fake
+def _planes_mm_shape(x, planes, scale, zero, partial, count, bits, group_size, tile, n):  # noqa: ANN001, ANN202
     return x.new_empty((x.shape[0], n))
