@@ -22,6 +22,7 @@ Greedy, knapsack and uniform do not depend on the seed and are computed once.
     python scripts/bench_quality.py num_threads=1                       # demo budget, seeds 0 1 2
     python scripts/bench_quality.py budget=smoke --seeds 0 --ppl-windows 2   # quick look
     python scripts/bench_quality.py num_threads=1 --variant "amq, knapsack seeds" search.seed_allocator=knapsack
+    python scripts/bench_quality.py num_threads=1 --methods amq greedy knapsack   # only these rows
 
 Any Hydra override of conf/train_search.yaml may be given. Results go to --out (results.json,
 results.md, the AMQ run directories); rerunning with the same --out reuses what is finished.
@@ -245,8 +246,16 @@ def main() -> None:
         metavar=("NAME", "OVERRIDE"),
         help="one more AMQ arm: a name, then the overrides that make it (repeatable)",
     )
+    ap.add_argument("--methods", nargs="+", metavar="NAME", help="run only these methods (names as in the table; default: all)")
     args = ap.parse_args()
     variants = {"amq, no pruning": ["search.pruning.threshold=0"], **{v[0]: v[1:] for v in args.variant}}
+    valid = [*METHODS, *(v for v in variants if v not in METHODS)]
+    methods = set(args.methods or valid)
+    if unknown := sorted(methods - set(valid)):
+        ap.error(f"unknown --methods {', '.join(map(repr, unknown))}; valid: {', '.join(map(repr, valid))}")
+    variants = {name: extra for name, extra in variants.items() if name in methods}
+    # the default search sets N (the true evaluations every other method gets) and the no-predictor start
+    needs_amq = bool(methods & {"amq", "amq, no predictor", "random", "greedy", "knapsack"})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     # every method measures its own evaluations (no shared cache), and the search stops at the front
@@ -287,7 +296,7 @@ def main() -> None:
         "unquantized_perplexity": ppl(None),
         "sensitivity_seconds": table.seconds,
     }
-    if "uniform" not in results:
+    if "uniform" in methods and "uniform" not in results:
         record("uniform", "all", uniform)
     factors = width_factors(full, dict(zip(wb.bits, uniform.metric)), table.damage)
     damage = additive_damage(full, table.damage, factors)
@@ -296,21 +305,22 @@ def main() -> None:
     for seed in args.seeds:
         s = str(seed)
         cfg = _compose([*base, f"seed={seed}", f"paths.output_dir={args.out / f'seed{seed}' / 'amq'}"])
-        amq = run_amq(cfg)
-        if s not in results.get("amq", {}):
+        if needs_amq:
+            amq = run_amq(cfg)
+            n = len(amq.configs)
+        if "amq" in methods and s not in results.get("amq", {}):
             record("amq", s, amq)
-        n = len(amq.configs)
         for name, extra in variants.items():
             if s not in results.get(name, {}):
                 run_dir = args.out / f"seed{seed}" / re.sub(r"\W+", "_", name).strip("_")
                 record(name, s, run_amq(_compose([*base, f"seed={seed}", *extra, f"paths.output_dir={run_dir}"])))
-        if s not in results.get("amq, no predictor", {}):
+        if "amq, no predictor" in methods and s not in results.get("amq, no predictor", {}):
             record("amq, no predictor", s, run_no_predictor(cfg, wb, Path(cfg.paths.output_dir)))
-        if s not in results.get("random", {}):
+        if "random" in methods and s not in results.get("random", {}):
             genes = full.random(np.random.default_rng(10_000 + seed), n, settings.bits_window and brange)
             record("random", s, evaluate_distinct(full, evaluate, genes))
         for method, allocate in (("greedy", lambda b: greedy_allocations(full, damage, b)), ("knapsack", lambda b: knapsack_allocations(full, damage, b))):
-            if "all" not in results.get(method, {}):
+            if method in methods and "all" not in results.get(method, {}):
                 record(method, "all", run_allocator(full, evaluate, uniform, allocate, n, brange, wb.targets))
 
     md = markdown_table(results, wb.targets)

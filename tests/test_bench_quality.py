@@ -44,3 +44,12 @@ def test_bench_quality_smoke(tmp_path):
     assert methods["uniform"]["all"]["at_target"]["4.5"]["avg_bits"] == pytest.approx(4.5)
     table = (out / "results.md").read_text()
     assert all(f"| {m} |" in table for m in METHODS) and table in proc.stdout
+
+
+def test_bench_quality_rejects_unknown_methods(tmp_path):
+    """--methods takes the table's names (variants included) and refuses others before loading anything."""
+    proc = run_script("bench_quality.py", ["--out", str(tmp_path), "--methods", "amq", "greedyy", "--variant", "amq, slots", "search.target_slots=0.5"])
+    assert proc.returncode == 2
+    assert "unknown --methods 'greedyy'" in proc.stderr
+    assert all(repr(m) in proc.stderr for m in [*METHODS, "amq, slots"])
+    assert not any(tmp_path.iterdir())
