@@ -14,8 +14,9 @@ On the configured model, per seed, N = the true evaluations the AMQ search spend
                      budgets give the same allocation); `amq.baselines.greedy` / `.knapsack`;
 - uniform:           every linear at each bit width.
 
-Per method: hypervolume (one normalisation for all: metric over uniform lowest-width's, bits over
-the bits window), and at each target the configuration with the lowest calibration metric at or
+Per method: its cost in calibration tokens forwarded (true evaluations, plus the sensitivity table
+where the method uses it: `amq.bench.token_cost`), hypervolume (one normalisation for all: metric
+over uniform lowest-width's, bits over the bits window), and at each target the configuration with the lowest calibration metric at or
 under it, with its held-out perplexity (proxy weights applied; `amq.evaluation.perplexity`).
 Greedy, knapsack and uniform do not depend on the seed and are computed once.
 
@@ -48,6 +49,7 @@ from omegaconf import DictConfig
 from amq.baselines.evolution import true_evaluation_nsga2
 from amq.baselines.greedy import greedy_allocations
 from amq.bench.script_args import script_parser
+from amq.bench.token_cost import TokenCost
 from amq.bits import CONVENTION_WITH_META
 from amq.config import compose as amq_compose
 from amq.config.compose import Workbench, prepare, prune
@@ -67,6 +69,7 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("amq.bench_quality")
 
 METHODS = ["amq", "amq, no pruning", "amq, no predictor", "random", "greedy", "knapsack", "uniform"]
+WITHOUT_TABLE = ("random", "uniform")  # every other method (variants too) starts from the sensitivity table
 
 
 @dataclass
@@ -205,10 +208,10 @@ def _cell(values: list[float], fmt: str) -> str:
     return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
-def markdown_table(results: dict[str, dict[str, dict]], targets: Sequence[float]) -> str:
+def markdown_table(results: dict[str, dict[str, dict]], targets: Sequence[float], cost: TokenCost) -> str:
     """One row per method (the fixed ones first, then any variants), mean ± std over seeds."""
     ts = [f"{t:g}" for t in targets]
-    head = ["method", "true evals", "wall s", "hypervolume", *[f"JSD @ {t}" for t in ts], *[f"PPL @ {t}" for t in ts]]
+    head = ["method", "true evals", "calibration tokens (M)", "wall s", "hypervolume", *[f"JSD @ {t}" for t in ts], *[f"PPL @ {t}" for t in ts]]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for method in [*METHODS, *(m for m in results if m not in METHODS)]:
         rows = list(results.get(method, {}).values())
@@ -217,6 +220,7 @@ def markdown_table(results: dict[str, dict[str, dict]], targets: Sequence[float]
         cells = [
             method,
             _cell([r["true_evaluations"] for r in rows], ".0f"),
+            _cell([cost.of(r["true_evaluations"], method not in WITHOUT_TABLE) / 1e6 for r in rows], ".2f"),
             _cell([r["seconds"] for r in rows], ".0f"),
             _cell([r["hypervolume"] for r in rows], ".3f"),
         ]
@@ -279,6 +283,8 @@ def main() -> None:
         log.info("%s (seed %s): %s", method, seed, json.dumps(results[method][seed]))
         atomic_write_json(out_json, {"protocol": protocol, "methods": results})
 
+    windows, length = wb.tokens.shape
+    cost = TokenCost(windows * length, len(table.damage) + 1, max(1, min(plan0.sensitivity_samples, windows)) * length)  # as `metric.subset`
     t0 = time.perf_counter()
     uniform = evaluate_distinct(full, evaluate, np.stack([full.uniform(b) for b in wb.bits]))
     scale = float(uniform.metric[0])  # all-lowest: the common normalisation of every method's hypervolume
@@ -295,6 +301,7 @@ def main() -> None:
         "perplexity": ppl.describe(),
         "unquantized_perplexity": ppl(None),
         "sensitivity_seconds": table.seconds,
+        "calibration_tokens": cost.to_dict(),
     }
     if "uniform" in methods and "uniform" not in results:
         record("uniform", "all", uniform)
@@ -323,7 +330,7 @@ def main() -> None:
             if method in methods and "all" not in results.get(method, {}):
                 record(method, "all", run_allocator(full, evaluate, uniform, allocate, n, brange, wb.targets))
 
-    md = markdown_table(results, wb.targets)
+    md = markdown_table(results, wb.targets, cost)
     md += f"\n\nunquantized held-out perplexity: {protocol['unquantized_perplexity']:.2f}\n"
     atomic_write_text(args.out / "results.md", md)
     print(md)

@@ -7,6 +7,8 @@ import math
 import pytest
 from conftest import SMOKE, run_script
 
+from amq.bench.token_cost import TokenCost
+
 METHODS = ["amq", "amq, no pruning", "amq, no predictor", "random", "greedy", "knapsack", "uniform"]
 
 
@@ -44,6 +46,7 @@ def test_bench_quality_smoke(tmp_path):
     assert methods["uniform"]["all"]["at_target"]["4.5"]["avg_bits"] == pytest.approx(4.5)
     table = (out / "results.md").read_text()
     assert all(f"| {m} |" in table for m in METHODS) and table in proc.stdout
+    assert "| calibration tokens (M) |" in table and res["protocol"]["calibration_tokens"]["per_evaluation"] > 0
 
 
 def test_bench_quality_rejects_unknown_methods(tmp_path):
@@ -53,3 +56,12 @@ def test_bench_quality_rejects_unknown_methods(tmp_path):
     assert "unknown --methods 'greedyy'" in proc.stderr
     assert all(repr(m) in proc.stderr for m in [*METHODS, "amq, slots"])
     assert not any(tmp_path.iterdir())
+
+
+def test_token_cost_counts_the_sensitivity_table_once_and_only_for_methods_that_use_it():
+    """SmolLM2's standard budget: 8 x 256 tokens per evaluation, 210 probes + baseline of 8 x 256."""
+    cost = TokenCost(per_evaluation=8 * 256, probes=211, per_probe=8 * 256)
+    assert cost.sensitivity == 211 * 2048
+    assert cost.of(126, uses_table=True) == (126 + 211) * 2048
+    assert cost.of(3, uses_table=False) == 3 * 2048
+    assert cost.to_dict() == {"per_evaluation": 2048, "probes": 211, "per_probe": 2048, "sensitivity": 211 * 2048}
