@@ -130,9 +130,10 @@ def test_the_share_rounds_half_up_and_at_least_one_slot_when_on(share, slots):
     assert dataclasses.replace(SETTINGS, target_slots=share).n_target_slots == slots
 
 
-def test_the_config_has_the_setting_off_by_default(compose_cfg):
-    assert compose_cfg([]).search.target_slots == 0.0
-    assert compose_cfg(["search.target_slots=0.5"]).search.target_slots == 0.5
+def test_the_config_gives_half_the_batch_by_default_and_the_paper_presets_none(compose_cfg):
+    assert compose_cfg([]).search.target_slots == 0.5
+    assert compose_cfg(["search.target_slots=0"]).search.target_slots == 0.0
+    assert compose_cfg(["experiment=paper_llama2_7b"]).search.target_slots == 0.0
 
 
 # ---------------------------------------------------------------------------- the loop
