@@ -49,7 +49,7 @@ from omegaconf import DictConfig
 from amq.baselines.evolution import true_evaluation_nsga2
 from amq.baselines.greedy import greedy_allocations
 from amq.bench.script_args import script_parser
-from amq.bench.token_cost import TokenCost
+from amq.bench.token_cost import TokenCost, sensitivity_probes
 from amq.bits import CONVENTION_WITH_META
 from amq.config import compose as amq_compose
 from amq.config.compose import Workbench, prepare, prune
@@ -284,7 +284,7 @@ def main() -> None:
         atomic_write_json(out_json, {"protocol": protocol, "methods": results})
 
     windows, length = wb.tokens.shape
-    cost = TokenCost(windows * length, len(table.damage) + 1, max(1, min(plan0.sensitivity_samples, windows)) * length)  # as `metric.subset`
+    cost = TokenCost(windows * length, sensitivity_probes(table), max(1, min(plan0.sensitivity_samples, windows)) * length)  # as `metric.subset`
     t0 = time.perf_counter()
     uniform = evaluate_distinct(full, evaluate, np.stack([full.uniform(b) for b in wb.bits]))
     scale = float(uniform.metric[0])  # all-lowest: the common normalisation of every method's hypervolume

@@ -46,6 +46,7 @@ from omegaconf import DictConfig
 
 from amq.bench.script_args import script_parser
 from amq.bench.sensitivity_agreement import jaccard, mean_table, rank_agreement, replicate_windows, spread
+from amq.bench.token_cost import sensitivity_probes
 from amq.config import compose as amq_compose
 from amq.config.compose import SearchPlan, Workbench, build, compose_config, evaluation_context, prepare, prune
 from amq.data.tokens import CalibrationSpec, calibration_windows
@@ -227,7 +228,7 @@ def main() -> None:
                 rows[t] |= {name: values[space.key(g)], f"{name}_ratio": values[space.key(g)] / values[space.key(g_ref)]}
         return rows
 
-    probes = len(reference.damage) + 1  # every unit and the all-highest baseline
+    probes = sensitivity_probes(reference)
     ref_tokens = probes * n * seq_len
     res: dict = {
         "protocol": {

@@ -433,6 +433,9 @@ def e2e(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
 
 
 # ------------------------------------------------------------------------------------- report
+SPEEDS = {"decode_b1": ".1f", "decode_b16": ".0f", "prefill": ".0f", "prefill_eager": ".0f"}  # tokens/s columns, their format
+
+
 def _num(v: float, fmt: str, unit: str = "") -> str:
     """A table cell: '-' for what was not measured (NaN: --no-decode, --no-bf16, a failed capture)."""
     return "-" if math.isnan(v) else f"{v:{fmt}}{unit}"
@@ -453,9 +456,7 @@ def report(micro_rows: list[dict[str, Any]], e2e_rows: list[dict[str, Any]]) -> 
                 f"| {r['shape']} | {r['rows']} | {r['bits']} | {r['kernel']} | {r['us']:.1f} | {base[(r['shape'], r['rows'])] / r['us']:.2f}x | {r['rel_err']:.1e} |"
             )
     if e2e_rows:
-        ref = next(
-            (r for r in e2e_rows if r["config"] == "bf16"), {"decode_b1": math.nan, "decode_b16": math.nan, "prefill": math.nan, "prefill_eager": math.nan}
-        )  # --no-bf16: no ratios
+        ref = next((r for r in e2e_rows if r["config"] == "bf16"), dict.fromkeys(SPEEDS, math.nan))  # --no-bf16: no ratios
         lines += [
             "",
             "Llama-2-7B shape, random weights (tokens/s; memory GiB)",
@@ -469,8 +470,7 @@ def report(micro_rows: list[dict[str, Any]], e2e_rows: list[dict[str, Any]]) -> 
                 continue
             w = r.get("widths")
             ws = "/".join(w[str(b)].__str__() for b in WIDTHS) if w else "-"
-            speeds = [(key, ".1f" if key == "decode_b1" else ".0f") for key in ("decode_b1", "decode_b16", "prefill", "prefill_eager")]
-            cells = [f"{_num(r[key], fmt)} | {_num(r[key] / ref[key], '.2f', 'x')}" for key, fmt in speeds]
+            cells = [f"{_num(r[key], fmt)} | {_num(r[key] / ref[key], '.2f', 'x')}" for key, fmt in SPEEDS.items()]
             lines.append(
                 f"| {r['config']} | {r['kernels']} | {r.get('avg_bits', 16):.2f} | {ws} | {' | '.join(cells)} | "
                 f"{r['weight_bytes'] / gib:.2f} | {r['expected_bytes'] / gib:.2f} | {r['peak_bytes'] / gib:.2f} |"

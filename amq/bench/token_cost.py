@@ -11,6 +11,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from amq.search.sensitivity import SensitivityTable
+
+
+def sensitivity_probes(table: SensitivityTable) -> int:
+    """The forwards that made `table`: one per probed unit, plus the all-highest baseline."""
+    return len(table.damage) + 1
+
 
 @dataclass(frozen=True)
 class TokenCost:
