@@ -1,7 +1,8 @@
 """The AMQ search, end to end: `python -m amq.train_search [overrides]` or `amq-search [overrides]`.
 
 `run(cfg)` reads top to bottom: check the settings, load the model and data, build the proxy,
-measure sensitivity and prune, search, write the front, finalize. It returns the run's summary
+measure sensitivity and prune, search, confirm the targets' near-ties (when on), write the front,
+finalize. It returns the run's summary
 (its final hypervolume is what a Hydra sweeper optimises) and the objects it built (assembled by
 amq/config/compose.py, as tests and scripts assemble them). A stopped run continues with
 `resume=<run dir>` or `resume=auto` (amq/run/). `budget.max_minutes` counts from the start of
@@ -24,7 +25,7 @@ from amq.errors import ConfigError, ResourceError
 from amq.run.interrupts import Interrupted
 from amq.run.session import RunSession
 from amq.run.stage_clock import StageClock
-from amq.run.summary import finalize_summary, search_summary
+from amq.run.summary import confirmation_values, finalize_summary, search_summary
 from amq.search.archive import Archive
 from amq.search.loop import IterativeSearch
 from amq.search.sensitivity import SensitivityTable
@@ -94,8 +95,13 @@ def _search_and_finalize(cfg: DictConfig, config: dict, o: SearchRun, session: R
         search_s = time.perf_counter() - t_search
         if search.stopped:
             session.log_time_limit_stop(search.stopped, plan.max_minutes)
+        confirmation = None
+        if plan.confirm.enabled and not search.stopped:
+            with o.clock.stage("confirm"):
+                confirmation = compose.confirm(cfg, plan, wb, o.space, archive, session.dir, search.evaluation_guard)
+            plan.tracker.log(confirmation_values(confirmation[0], wb.metric.name), step=plan.settings.iterations)
         front = session.outputs.write_front(archive, wb.metric.name, title, wb.targets)
-        summary = search_summary(plan, wb, o.table, o.space, archive, rows, front, search.stopped, search_s, time.monotonic() - started)
+        summary = search_summary(plan, wb, o.table, o.space, archive, rows, front, search.stopped, search_s, time.monotonic() - started, confirmation)
         summary["stages"] = o.clock.stages
         session.write_summary(summary)
         if plan.finalize is not None:

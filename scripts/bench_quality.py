@@ -15,9 +15,11 @@ On the configured model, per seed, N = the true evaluations the AMQ search spend
 - uniform:           every linear at each bit width.
 
 Per method: its cost in calibration tokens forwarded (true evaluations, plus the sensitivity table
-where the method uses it: `amq.bench.token_cost`), hypervolume (one normalisation for all: metric
+where the method uses it: `amq.bench.token_cost`, plus a search's confirmation pass where it ran
+one: `search.confirm.samples`), hypervolume (one normalisation for all: metric
 over uniform lowest-width's, bits over the bits window), and at each target the configuration with the lowest calibration metric at or
-under it, with its held-out perplexity (proxy weights applied; `amq.evaluation.perplexity`).
+under it (where a search confirmed it, the best confirmed one over all its windows: the pick the
+run ships), with its held-out perplexity (proxy weights applied; `amq.evaluation.perplexity`).
 Greedy, knapsack and uniform do not depend on the seed and are computed once.
 
     python scripts/bench_quality.py num_threads=1                       # demo budget, seeds 0 1 2
@@ -56,10 +58,11 @@ from amq.config.compose import Workbench, prepare, prune
 from amq.evaluation.perplexity import PerplexityProtocol, perplexity, perplexity_windows
 from amq.io import atomic_write_json, atomic_write_text, read_jsonl
 from amq.search.archive import Archive
+from amq.search.confirmation import CONFIRM_FILE, confirmed_pick, read_confirmed
 from amq.search.evaluator import ProxyEvaluator, measured
 from amq.search.knapsack import knapsack_allocations
 from amq.search.loop import search_bits_range
-from amq.search.pareto import HV_CONVENTION, best_under_target, normalized_hypervolume
+from amq.search.pareto import HV_CONVENTION, normalized_hypervolume
 from amq.search.seeding import additive_damage, budget_levels, width_factors
 from amq.search.space import SearchSpace
 from amq.train_search import run as run_search
@@ -80,6 +83,8 @@ class Evaluated:
     avg_bits: np.ndarray
     metric: np.ndarray
     seconds: float
+    confirmed: np.ndarray | None = None  # a search's confirmation pass: the metric over all its windows (NaN: not confirmed)
+    confirm_tokens: int = 0  # calibration tokens that pass forwarded, on top of the true evaluations
 
     @classmethod
     def from_archive(cls, archive: Archive, seconds: float) -> "Evaluated":
@@ -116,11 +121,15 @@ def run_amq(cfg: DictConfig) -> Evaluated:
         gc.collect()
     summary = json.loads((run_dir / "summary.json").read_text())
     recs = list(read_jsonl(run_dir / "archive.jsonl"))
+    confirmed = read_confirmed(run_dir / CONFIRM_FILE, cfg.metric.kind)
+    confirmation = summary.get("confirmation") or {}
     return Evaluated(
         [r["config"]["bits"] for r in recs],
         np.array([r["avg_bits"] for r in recs]),
-        np.array([r["metrics"][cfg.metric.kind] for r in recs]),
-        float(summary["seconds"]["search"]),
+        np.array([np.inf if r["metrics"][cfg.metric.kind] is None else r["metrics"][cfg.metric.kind] for r in recs]),
+        float(summary["seconds"]["search"]) + float(confirmation.get("seconds", 0.0)),
+        np.array([confirmed.get(tuple(sorted(r["config"]["bits"].items())), np.nan) for r in recs]) if confirmed else None,
+        int(confirmation.get("tokens", 0)),
     )
 
 
@@ -193,10 +202,15 @@ def summarise(ev: Evaluated, targets: Sequence[float], scale: float, brange: tup
         "hypervolume": normalized_hypervolume(ev.metric[finite], ev.avg_bits[finite], scale, brange),
         "at_target": {},
     }
+    if ev.confirm_tokens:
+        row["confirm_tokens"] = ev.confirm_tokens
+    confirmed = ev.confirmed if ev.confirmed is not None else np.full(len(ev.configs), np.nan)
     for t in targets:
-        i = best_under_target(np.where(finite, ev.metric, np.inf), ev.avg_bits, t)
+        i = confirmed_pick(np.where(finite, ev.metric, np.inf), ev.avg_bits, confirmed, t)  # the pick the run ships
         if i is not None:
             row["at_target"][f"{t:g}"] = {"avg_bits": float(ev.avg_bits[i]), "jsd": float(ev.metric[i]), "perplexity": ppl(ev.configs[i])}
+            if np.isfinite(confirmed[i]):
+                row["at_target"][f"{t:g}"]["confirmed_jsd"] = float(confirmed[i])
     return row
 
 
@@ -220,7 +234,7 @@ def markdown_table(results: dict[str, dict[str, dict]], targets: Sequence[float]
         cells = [
             method,
             _cell([r["true_evaluations"] for r in rows], ".0f"),
-            _cell([cost.of(r["true_evaluations"], method not in WITHOUT_TABLE) / 1e6 for r in rows], ".2f"),
+            _cell([(cost.of(r["true_evaluations"], method not in WITHOUT_TABLE) + r.get("confirm_tokens", 0)) / 1e6 for r in rows], ".2f"),
             _cell([r["seconds"] for r in rows], ".0f"),
             _cell([r["hypervolume"] for r in rows], ".3f"),
         ]

@@ -39,6 +39,7 @@ from amq.run.resume import TIME_LIMIT, comparable_settings
 from amq.run.stage_clock import StageClock
 from amq.search import sensitivity
 from amq.search.archive import Archive
+from amq.search.confirmation import CONFIRM_FILE, Confirmations, ConfirmSettings, run_confirmation, window_seed
 from amq.search.eval_cache import with_cache
 from amq.search.evaluator import ProxyEvaluator
 from amq.search.loop import IterativeSearch, SearchSettings, search_bits_range
@@ -250,6 +251,7 @@ class SearchPlan:
     tracker: Any
     finalize: "FinalizeSettings | None"
     max_minutes: float | None
+    confirm: ConfirmSettings = ConfirmSettings()  # the confirmation pass after the search (off by default)
 
 
 def plan(cfg: DictConfig) -> SearchPlan:
@@ -264,6 +266,7 @@ def plan(cfg: DictConfig) -> SearchPlan:
         raise ConfigError("predictor", str(exc), "the keys documented in conf/predictor/") from None
     pruning = build(cfg.search.pruning, "search.pruning")
     settings = search_settings(cfg)
+    confirm = build(cfg.search.confirm, "search.confirm") if "confirm" in cfg.search else ConfirmSettings()
     tracker = build(cfg.logger, "logger")
     finalize = finalize_settings(cfg.finalize) if cfg.finalize.enabled else None
     if finalize is not None:
@@ -299,6 +302,7 @@ def plan(cfg: DictConfig) -> SearchPlan:
         tracker=tracker,
         finalize=finalize,
         max_minutes=None if max_minutes is None else float(max_minutes),
+        confirm=confirm,
     )
 
 
@@ -492,6 +496,29 @@ def assemble_search(
         evaluation_guard=evaluation_guard or contextlib.nullcontext,
         deadline=deadline,
     )
+
+
+def confirmation_metric(cfg: DictConfig, wb: Workbench, samples: int) -> QualityMetric:
+    """The search's metric on `samples` other calibration windows of the calibration split (their
+    own seed, from data_seed), its reference taken from the unquantized model."""
+    spec = CalibrationSpec(samples, int(cfg.budget.seq_len), seed=window_seed(int(cfg.data_seed)))
+    with settings_of(named={**CALIBRATION_SETTINGS, "n_samples": "search.confirm.samples"}):
+        tokens = calibration_windows(wb.lm.tokenizer, wb.splits.calibration, spec, wb.lm.add_bos, wb.cache_dir)
+    wb.bank.restore()  # the reference distributions are the unquantized model's
+    return build(cfg.metric, "metric", model=wb.lm.model, tokens=tokens)
+
+
+def confirm(
+    cfg: DictConfig, plan: SearchPlan, wb: Workbench, space: SearchSpace, archive: Archive, run_dir: Path, guard: Any = None
+) -> tuple[dict, Confirmations]:
+    """Stage: the confirmation pass over the finished archive (amq.search.confirmation); its
+    measurements persist in the run directory, so a resumed run adds only the missing ones."""
+    metric = confirmation_metric(cfg, wb, plan.confirm.samples)
+    evaluate = with_cache(ProxyEvaluator(wb.bank, metric, space), plan.eval_cache, evaluation_context(wb, metric), space)
+    store = Confirmations(archive, run_dir / CONFIRM_FILE, int(wb.tokens.shape[0]), plan.confirm.samples, wb.metric.name)
+    result = run_confirmation(archive, store, evaluate, wb.targets, plan.confirm, guard or contextlib.nullcontext)
+    result["tokens"] = len(store) * int(metric.tokens.numel())
+    return result, store
 
 
 def memory_settings(cfg: DictConfig) -> dict[str, Any]:

@@ -1,7 +1,10 @@
 """Pick, for each bits budget, the archived configuration with the best measured metric.
 
-Works on the archive file alone (`archive.jsonl`), so a finished run can be finalized again
-later with other budgets or another final quantizer, without rebuilding the search space.
+Works on the archive file (`archive.jsonl`, and `confirm.jsonl` beside it where the search ran its
+confirmation pass) alone, so a finished run can be finalized again later with other budgets or
+another final quantizer, without rebuilding the search space. Where the best configuration at a
+budget was confirmed, the pick is the best confirmed one there on the metric over all windows
+(`amq.search.confirmation.confirmed_pick`), as the search's summary reports it.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from amq.bits import BitConfig
 from amq.errors import ConfigError
 from amq.io import read_jsonl
+from amq.search.confirmation import CONFIRM_FILE, confirmed_pick, read_confirmed
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +36,7 @@ class Candidate:
     avg_bits_weights_only: float
     metric: float
     iteration: int
+    confirmed: float | None = None  # the metric over the search's and the confirmation's windows (None: not confirmed)
 
     def bits_in(self, convention: str) -> float:
         return self.avg_bits if convention == "with_meta" else self.avg_bits_weights_only
@@ -55,6 +62,7 @@ def read_candidates(archive_path: Path, metric_name: str) -> list[Candidate]:
     if not archive_path.is_file():
         raise ConfigError("finalize", f"{archive_path} does not exist", "the directory of a finished amq-search run")
     seen: set[tuple] = set()
+    confirmed = read_confirmed(archive_path.parent / CONFIRM_FILE, metric_name)
     out = []
     for d in read_jsonl(archive_path):
         value = float(d["metrics"].get(metric_name, math.inf))
@@ -63,7 +71,7 @@ def read_candidates(archive_path: Path, metric_name: str) -> list[Candidate]:
         if not math.isfinite(value) or key in seen:
             continue
         seen.add(key)
-        out.append(Candidate(cfg, float(d["avg_bits"]), float(d["avg_bits_weights_only"]), value, int(d["iteration"])))
+        out.append(Candidate(cfg, float(d["avg_bits"]), float(d["avg_bits_weights_only"]), value, int(d["iteration"]), confirmed.get(key)))
     return out
 
 
@@ -76,17 +84,21 @@ def select_for_targets(candidates: Sequence[Candidate], targets: Sequence[float]
     if not candidates:
         raise ConfigError("finalize", "the archive holds no configuration with a finite metric", "a run that evaluated at least one configuration")
     lowest = min(c.bits_in(convention) for c in candidates)
+    metric = np.array([c.metric for c in candidates])
+    bits = np.array([c.bits_in(convention) for c in candidates])
+    confirmed = np.array([math.nan if c.confirmed is None else c.confirmed for c in candidates])
     out = []
     for t in targets:
-        fitting = [c for c in candidates if c.bits_in(convention) <= float(t) + 1e-9]
-        if not fitting:
+        idx = confirmed_pick(metric, bits, confirmed, float(t))
+        if idx is None:
             raise ConfigError(
                 "finalize.targets",
                 f"no archived configuration fits {float(t):g} average bits ({convention}); the smallest has {lowest:.3f}",
                 f"targets >= {lowest:.3f}",
             )
-        best = min(fitting, key=lambda c: (c.metric, c.bits_in(convention)))
-        log.info("target %g bits: %.4f bits (%s), metric %.4g, from iteration %d", t, best.bits_in(convention), convention, best.metric, best.iteration)
+        best = candidates[idx]
+        note = "" if best.confirmed is None else f" ({best.confirmed:.4g} over the confirmation's windows too)"
+        log.info("target %g bits: %.4f bits (%s), metric %.4g%s, from iteration %d", t, best.bits_in(convention), convention, best.metric, note, best.iteration)
         out.append(Selection(float(t), best))
     return out
 

@@ -58,8 +58,16 @@ RESUME_MAY_DIFFER = (
 )
 # Settings added after runs were saved without them: the behaviour such a run had. A run saved
 # before `search.pruning.score` existed pruned on damage, so it resumes with score=damage; one
-# saved before `search.target_slots` gave no slots to the targets.
-ADDED_LATER: dict[str, Any] = {"search.pruning.score": "damage", "search.target_slots": 0.0}
+# saved before `search.target_slots` gave no slots to the targets; one saved before `search.confirm`
+# ran no confirmation pass (its other keys then change nothing: their defaults).
+ADDED_LATER: dict[str, Any] = {
+    "search.pruning.score": "damage",
+    "search.target_slots": 0.0,
+    "search.confirm._target_": "amq.search.confirmation.ConfirmSettings",
+    "search.confirm.samples": 0,
+    "search.confirm.candidates": 3,
+    "search.confirm.band": 0.02,
+}
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 VALID_DIR = "the directory of an unfinished amq-search run (outputs/search/runs/<time>), or auto"
 

@@ -9,29 +9,57 @@ import numpy as np
 
 from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META
 from amq.search.archive import Archive
-from amq.search.pareto import HV_CONVENTION, best_under_target
+from amq.search.confirmation import Confirmations, confirmed_pick
+from amq.search.pareto import HV_CONVENTION
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def best_at_targets(archive: Archive, targets: list[float], metric_name: str) -> dict[str, dict]:
-    """Per target, the best archived configuration within it."""
+def best_at_targets(archive: Archive, targets: list[float], metric_name: str, confirmations: Confirmations | None = None) -> dict[str, dict]:
+    """Per target, the archived configuration a run ships: the best within it, or, where the
+    confirmation pass ran, the best over both sets of windows (`confirmed_<metric>`)."""
     _, y, bits = archive.arrays()
+    y = np.where(np.isfinite(y), y, np.inf)
+    confirmed = confirmations.combined_array() if confirmations is not None else np.full(len(y), np.nan)
+    confirmed = np.where(np.isinf(confirmed), np.nan, confirmed)
     best = {}
     for t in targets:
-        idx = best_under_target(np.where(np.isfinite(y), y, np.inf), bits, t)
+        idx = confirmed_pick(y, bits, confirmed, t)
         if idx is not None:
             rec = archive.records[idx]
             best[f"{t:g}"] = {"avg_bits": rec.avg_bits, "avg_bits_weights_only": rec.avg_bits_weights_only, metric_name: rec.metric, "iteration": rec.iteration}
+            if np.isfinite(confirmed[idx]):
+                best[f"{t:g}"][f"confirmed_{metric_name}"] = float(confirmed[idx])
     return best
 
 
+def confirmation_values(result: dict, metric_name: str) -> dict[str, float]:
+    """The confirmation pass as flat tracker values: per target the confirmed metric and whether the pick changed."""
+    out: dict[str, float] = {"confirm/measured": result["measured"], "confirm/tokens": result["tokens"], "confirm/seconds": result["seconds"]}
+    for t, row in result["targets"].items():
+        if row["combined"] is not None:
+            out[f"confirm/{metric_name}@{t}"] = row["combined"]
+        out[f"confirm/changed@{t}"] = int(row["changed"])
+    return out
+
+
 def search_summary(
-    plan: Any, wb: Any, table: Any, space: Any, archive: Archive, rows: list[dict], front: list[dict], stopped: dict | None, search_s: float, total_s: float
+    plan: Any,
+    wb: Any,
+    table: Any,
+    space: Any,
+    archive: Archive,
+    rows: list[dict],
+    front: list[dict],
+    stopped: dict | None,
+    search_s: float,
+    total_s: float,
+    confirmation: tuple[dict, Confirmations] | None = None,
 ) -> dict:
-    """summary.json of a search (`plan`: amq.config.compose.SearchPlan, `wb`: its Workbench)."""
+    """summary.json of a search (`plan`: amq.config.compose.SearchPlan, `wb`: its Workbench;
+    `confirmation`: the confirmation pass's result and measurements, None where it did not run)."""
     lm, layout, metric, bank = wb.lm, wb.layout, wb.metric, wb.bank
     calib = plan.calibration
     evals = [r.seconds for r in archive.records if not r.reused]
@@ -74,7 +102,8 @@ def search_summary(
             "cache": plan.eval_cache_record,
         },
         "front_size": len(front),
-        "best_at_target": best_at_targets(archive, wb.targets, metric.name),
+        "best_at_target": best_at_targets(archive, wb.targets, metric.name, confirmation and confirmation[1]),
+        "confirmation": confirmation and confirmation[0],  # null: the pass was off (search.confirm.samples=0) or the time limit stopped the search
         "seconds": {
             "total": total_s,
             "proxy_build": bank.build_seconds,
