@@ -7,6 +7,9 @@ a contiguous run inside one quantization group, so each run needs one scale and 
 - `_gemv_kernel`: one activation row (batch-1 decoding), accumulating `w * x` in float32 registers;
 - `_gemm_kernel`: a few rows (batched decoding): each run is dequantized to the activation dtype and
   multiplied on the tensor cores (`tl.dot`, the weight as the first operand);
+- `_gemm_paired_kernel`: the same for single-plane widths of at most 4 bits, but the codes go to the
+  tensor cores undequantized, two per integer operation (`_paired_codes`), and the scale and zero point
+  are applied once per group to the products' sums;
 - `_dequant_kernel`: the whole weight into a transient bf16/fp16 tensor, for prefill, where cuBLAS on the
   dequantized weight wins (the weight is read once for thousands of tokens).
 
@@ -50,6 +53,21 @@ def _run(words0, words1, j: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr):
         else:
             v = v | ((words1 << (TOP - SH1)) & MASK1)
     return (v | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _paired_codes(words, j: tl.constexpr, HALF: tl.constexpr, P: tl.constexpr):
+    """bf16 128 + code of run j (BN, W) of a single-plane tile, exact for codes below 128.
+
+    Runs j and j + HALF (HALF = 16 / P) sit 16 bits apart in a word, so one shift, and, or makes
+    both bf16 bit patterns at once (0x4300 is bf16 128.0, whose mantissa's last bit is 1.0): half
+    the integer work per code of the float32 form `_run` builds, and no rounding of the weight."""
+    HI: tl.constexpr = j >= HALF
+    SH: tl.constexpr = (j - HALF) * P if HI else j * P
+    v = ((words >> SH) & (((1 << P) - 1) * 0x10001)) | 0x43004300
+    if HI:
+        v = v >> 16
+    return v.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -116,8 +134,22 @@ def _gemv_tile(
 
 
 def _gemv_configs() -> list[triton.Config]:
-    shapes = [(16, 1, 4, 3), (16, 2, 4, 2), (32, 2, 4, 2), (16, 4, 4, 1), (32, 4, 8, 1), (64, 2, 8, 2), (8, 4, 4, 2), (32, 1, 4, 3)]
+    # (BN, TPI, warps, stages[, SPLIT]). The 64- and 128-row blocks on 4 warps give each thread several rows of the
+    # same columns, so one converted activation serves them all: 5-11% faster at 2 and 3 bits on one H200
+    shapes = [
+        (16, 1, 4, 3),
+        (16, 2, 4, 2),
+        (32, 2, 4, 2),
+        (16, 4, 4, 1),
+        (32, 4, 8, 1),
+        (64, 2, 8, 2),
+        (8, 4, 4, 2),
+        (32, 1, 4, 3),
+        (64, 1, 4, 3),
+        (128, 1, 4, 2),
+    ]
     splits = [(16, 2, 4, 2, 2), (16, 2, 4, 2, 4), (32, 2, 4, 2, 2), (32, 2, 4, 2, 4), (8, 2, 4, 2, 4), (16, 4, 4, 1, 2), (64, 2, 8, 2, 4)]
+    splits += [(128, 1, 4, 2, 4), (128, 2, 8, 2, 4), (64, 1, 4, 3, 4), (64, 2, 4, 2, 4), (32, 4, 4, 1, 2)]
     return [triton.Config({"BN": bn, "TPI": tpi, "SPLIT": 1}, num_warps=w, num_stages=st) for bn, tpi, w, st in shapes] + [
         triton.Config({"BN": bn, "TPI": tpi, "SPLIT": sp}, num_warps=w, num_stages=st) for bn, tpi, w, st, sp in splits if sp <= SPLIT_MAX
     ]
@@ -256,11 +288,18 @@ def _gemm_kernel(
                 f = _run(words0, words1, gi * RPG + r, P0, P1)
                 xt = tl.load(x + offs_m[None, :] * K + k + cols[:, None], mask=m_mask[None, :] & live, other=0.0)
                 acc += tl.dot((f * a[:, None] + b[:, None]).to(xt.dtype), xt)
+    _store_rows(acc, y, partial, count, pid_n, pid_k, offs_m, offs_n, m_mask, n_mask, M, N, BM, BN, SPLIT)
+
+
+@triton.jit
+def _store_rows(acc, y, partial, count, pid_n, pid_k, offs_m, offs_n, m_mask, n_mask, M, N, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
+    """Writes y.T's block (BN, BM); with SPLIT > 1 the last slice of the row block adds the partial sums
+    in order (see `_gemv_kernel`)."""
     at = offs_m[None, :] * N + offs_n[:, None]
     mask = m_mask[None, :] & n_mask[:, None]
     if SPLIT == 1:
         tl.store(y + at, acc.to(y.dtype.element_ty), mask=mask)
-    else:  # the last slice of the row block adds the partial sums in order (see `_gemv_kernel`)
+    else:
         tl.store(partial + pid_k * M * N + at, acc, mask=mask)
         done = tl.atomic_add(count + pid_n, 1, sem="acq_rel")
         if done == SPLIT - 1:
@@ -269,6 +308,84 @@ def _gemm_kernel(
                 total += tl.load(partial + sl * M * N + at, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(y + at, total.to(y.dtype.element_ty), mask=mask)
             tl.atomic_xchg(count + pid_n, 0)
+
+
+def _paired_configs() -> list[triton.Config]:
+    # (BN, warps, stages, SPLIT), measured on one H200 at 1 and 16 rows on the Llama-2-7B shapes
+    shapes = [
+        (32, 4, 2, 1),
+        (32, 4, 2, 2),
+        (32, 4, 2, 4),
+        (64, 4, 2, 1),
+        (64, 4, 2, 2),
+        (64, 4, 2, 4),
+        (128, 4, 2, 1),
+        (128, 4, 2, 2),
+        (128, 8, 2, 2),
+        (128, 8, 3, 4),
+    ]
+    return [triton.Config({"BN": bn, "SPLIT": sp}, num_warps=w, num_stages=st) for bn, w, st, sp in shapes if sp <= SPLIT_MAX]
+
+
+@triton.autotune(configs=_paired_configs(), key=["M", "N", "K", "P0", "G", "T"])
+@triton.jit
+def _gemm_paired_kernel(
+    x,
+    p0,
+    s,
+    z,
+    y,
+    partial,
+    count,
+    M,
+    N,
+    K,
+    G: tl.constexpr,
+    T: tl.constexpr,
+    P0: tl.constexpr,
+    W0: tl.constexpr,
+    RUNS: tl.constexpr,
+    GPT: tl.constexpr,
+    RPG: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """y.T (BN, BM) += W (BN, W0) @ x.T (W0, BM) as `_gemm_kernel` does, for one plane of P0 <= 4 bits.
+
+    Per group, the tensor cores take the codes as bf16 128 + code (`_paired_codes`) and, in a second
+    dot with ones, the activations' sums; then (code - zero) * scale summed over the group is
+    scale * (sum (128 + code) x - (128 + zero) sum x), in float32, once per row and group. The float32
+    cancellation of the 128 offset costs about 7 of float32's 24 bits, far below bf16's 8."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m = tl.arange(0, BM)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    cols = tl.arange(0, W0)
+    groups = K // G
+    tiles = K // T
+    per = (tiles + SPLIT - 1) // SPLIT
+    ones = tl.full((BN, W0), 1.0, tl.bfloat16)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for i in range(0, per):
+        t = pid_k * per + i
+        live = t < tiles  # the last slice may run past the tiles
+        words, _ = _load_tile(p0, p0, offs_n, n_mask & live, t, K, cols, T, P0, 0, W0)
+        for gi in tl.static_range(GPT):
+            g = (t * T + gi * RPG * W0) // G
+            sc = tl.load(s + offs_n * groups + g, mask=n_mask & live, other=0.0).to(tl.float32)
+            ze = tl.load(z + offs_n * groups + g, mask=n_mask & live, other=0.0).to(tl.float32)
+            part = tl.zeros((BN, BM), dtype=tl.float32)
+            xs = tl.zeros((BN, BM), dtype=tl.float32)
+            for r in tl.static_range(RPG):
+                k = t * T + (gi * RPG + r) * W0
+                xt = tl.load(x + offs_m[None, :] * K + k + cols[:, None], mask=m_mask[None, :] & live, other=0.0)
+                part = tl.dot(_paired_codes(words, gi * RPG + r, RUNS // 2, P0), xt, part)
+                xs = tl.dot(ones, xt, xs)
+            acc += part * sc[:, None] - (sc * (ze + 128.0))[:, None] * xs
+    _store_rows(acc, y, partial, count, pid_n, pid_k, offs_m, offs_n, m_mask, n_mask, M, N, BM, BN, SPLIT)
 
 
 @triton.jit
@@ -305,6 +422,10 @@ def _dequant_kernel(
             tl.store(w + offs_n[:, None] * K + k + cols[None, :], v.to(w.dtype.element_ty), mask=n_mask[:, None])
 
 
+# widths the paired tile kernel takes (one plane); 3 bits (two planes) and 8 (codes >= 128) stay on `_gemm_kernel`
+PAIRED_MAX_BITS = 4
+
+
 def _planes(planes: list[torch.Tensor], bits: int, tile: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
     """The two plane tensors (the first twice for a single plane) and the kernels' layout constants."""
     widths = plane_widths(bits)
@@ -339,6 +460,10 @@ def product(
     partial, count = workspace
     if m == 1:
         _gemv_kernel[lambda c: (triton.cdiv(n, c["BN"]), c["SPLIT"])](x, p0, p1, scale, zero, y, partial, count, n, k, G=group_size, **meta)
+    elif meta["P1"] == 0 and meta["P0"] <= PAIRED_MAX_BITS:
+        paired = {key: v for key, v in meta.items() if key != "P1"}
+        bm = max(16, triton.next_power_of_2(m))
+        _gemm_paired_kernel[lambda c: (triton.cdiv(n, c["BN"]), c["SPLIT"])](x, p0, scale, zero, y, partial, count, m, n, k, G=group_size, BM=bm, **paired)
     else:
         bm = max(16, triton.next_power_of_2(m))
         _gemm_kernel[lambda c: (triton.cdiv(n, c["BN"]), c["SPLIT"])](x, p0, p1, scale, zero, y, partial, count, m, n, k, G=group_size, BM=bm, **meta)
