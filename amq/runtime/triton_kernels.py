@@ -266,16 +266,7 @@ def _gemm_kernel(
     operand, so it stays in registers (the compiler converts the loaded words to the operand layout
     once) instead of going through shared memory as a transposed second operand; and the K slices
     (SPLIT, as in `_gemv_kernel`) fill the GPU on layers of few rows."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_m = tl.arange(0, BM)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
-    cols = tl.arange(0, W0)
-    groups = K // G
-    tiles = K // T
-    per = (tiles + SPLIT - 1) // SPLIT
+    pid_n, pid_k, offs_n, offs_m, n_mask, m_mask, cols, groups, tiles, per = _tile_block(M, N, K, G, T, W0, BM, BN, SPLIT)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for i in range(0, per):
         t = pid_k * per + i
@@ -289,6 +280,18 @@ def _gemm_kernel(
                 xt = tl.load(x + offs_m[None, :] * K + k + cols[:, None], mask=m_mask[None, :] & live, other=0.0)
                 acc += tl.dot((f * a[:, None] + b[:, None]).to(xt.dtype), xt)
     _store_rows(acc, y, partial, count, pid_n, pid_k, offs_m, offs_n, m_mask, n_mask, M, N, BM, BN, SPLIT)
+
+
+@triton.jit
+def _tile_block(M, N, K, G: tl.constexpr, T: tl.constexpr, W0: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
+    """A tile-kernel program's rows, activation rows, columns of a run and its share of the tiles."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m = tl.arange(0, BM)
+    tiles = K // T
+    per = (tiles + SPLIT - 1) // SPLIT
+    return pid_n, pid_k, offs_n, offs_m, offs_n < N, offs_m < M, tl.arange(0, W0), K // G, tiles, per
 
 
 @triton.jit
@@ -357,16 +360,7 @@ def _gemm_paired_kernel(
     dot with ones, the activations' sums; then (code - zero) * scale summed over the group is
     scale * (sum (128 + code) x - (128 + zero) sum x), in float32, once per row and group. The float32
     cancellation of the 128 offset costs about 7 of float32's 24 bits, far below bf16's 8."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_m = tl.arange(0, BM)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
-    cols = tl.arange(0, W0)
-    groups = K // G
-    tiles = K // T
-    per = (tiles + SPLIT - 1) // SPLIT
+    pid_n, pid_k, offs_n, offs_m, n_mask, m_mask, cols, groups, tiles, per = _tile_block(M, N, K, G, T, W0, BM, BN, SPLIT)
     ones = tl.full((BN, W0), 1.0, tl.bfloat16)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for i in range(0, per):
