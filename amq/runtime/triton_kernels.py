@@ -1,6 +1,6 @@
 """Triton kernels that multiply by tile-interleaved bit-plane weights (see `amq.runtime.layout`).
 
-Three kernels share one unpacking step. A program loads the W words of one tile of its rows once
+The kernels share one loading step. A program loads the W words of one tile of its rows once
 (one coalesced load per plane); for each of the 32 / p shifts j it gets codes j * W .. j * W + W - 1,
 a contiguous run inside one quantization group, so each run needs one scale and zero per row:
 
@@ -13,7 +13,7 @@ a contiguous run inside one quantization group, so each run needs one scale and 
 - `_dequant_kernel`: the whole weight into a transient bf16/fp16 tensor, for prefill, where cuBLAS on the
   dequantized weight wins (the weight is read once for thousands of tokens).
 
-Codes become floats without an int-to-float conversion (a quarter-rate instruction that bounded the
+In the float32 kernels, codes become floats without an int-to-float conversion (a quarter-rate instruction that bounded the
 first version): the code's bits are or-ed into the mantissa of 1.0, giving exactly 1 + code / 256,
 so `(code - zero) * scale == f * (256 * scale) - (256 + zero) * scale`, one fused multiply-add per
 weight. The float32 rounding of that form is below 1e-4 of a quantization step, far under bf16's.
@@ -416,7 +416,8 @@ def _dequant_kernel(
             tl.store(w + offs_n[:, None] * K + k + cols[None, :], v.to(w.dtype.element_ty), mask=n_mask[:, None])
 
 
-# widths the paired tile kernel takes (one plane); 3 bits (two planes) and 8 (codes >= 128) stay on `_gemm_kernel`
+# widths the paired tile kernel takes (one plane, bf16 activations); 3 bits (two planes), 8 (codes >= 128)
+# and fp16 activations stay on `_gemm_kernel`
 PAIRED_MAX_BITS = 4
 
 
@@ -454,7 +455,7 @@ def product(
     partial, count = workspace
     if m == 1:
         _gemv_kernel[lambda c: (triton.cdiv(n, c["BN"]), c["SPLIT"])](x, p0, p1, scale, zero, y, partial, count, n, k, G=group_size, **meta)
-    elif meta["P1"] == 0 and meta["P0"] <= PAIRED_MAX_BITS:
+    elif meta["P1"] == 0 and meta["P0"] <= PAIRED_MAX_BITS and x.dtype == torch.bfloat16:
         paired = {key: v for key, v in meta.items() if key != "P1"}
         bm = max(16, triton.next_power_of_2(m))
         _gemm_paired_kernel[lambda c: (triton.cdiv(n, c["BN"]), c["SPLIT"])](x, p0, scale, zero, y, partial, count, m, n, k, G=group_size, BM=bm, **paired)
