@@ -34,7 +34,7 @@ from amq.runtime.linear import PlanesLinear  # noqa: E402
 if TYPE_CHECKING:
     from triton.runtime.autotuner import Autotuner
 
-WIDTHS = (1, 2, 3, 4, 8)
+WIDTHS = (1, 2, 3, 4, 5, 6, 8)
 ROWS = (1, 2, 7, 16, 20)  # 20: more rows than the decode kernels take, so the dequantize kernel and a matmul
 SHAPES = ((96, 512, 128), (40, 768, 64))  # (out, in, group): rows that no block size divides
 
