@@ -19,6 +19,7 @@ from amq.bits import average_bits
 # configuration of every front point, so the selected model at each target is among them.
 RUN_ARTIFACTS = (
     "archive.jsonl",
+    "confirm.jsonl",
     "front.json",
     "sensitivity.json",
     "summary.json",
