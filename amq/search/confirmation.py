@@ -24,7 +24,7 @@ from typing import Callable, ContextManager, Sequence
 import numpy as np
 
 from amq.errors import InvalidArgument
-from amq.io import append_jsonl, repair_jsonl
+from amq.io import append_jsonl, read_jsonl, repair_jsonl
 from amq.search.archive import Archive
 from amq.search.evaluator import Evaluate
 from amq.search.pareto import best_under_target
@@ -106,7 +106,8 @@ class Confirmations:
         return len(self.values)
 
     def combined_array(self) -> np.ndarray:
-        """`combined_of` for every archive record, in archive order."""
+        """The metric over both sets of windows of every archive record, in archive order (NaN: not
+        confirmed; inf: its confirmation failed)."""
         out = np.full(len(self.archive), math.nan)
         for i, r in enumerate(self.archive.records):
             value = self.values.get(self.archive.space.key(r.genes))
@@ -136,9 +137,10 @@ class Confirmations:
 
 
 def read_confirmed(path: Path, metric_name: str) -> dict[tuple, float]:
-    """{sorted (linear, bits) items: combined metric} of a run's confirm.jsonl (empty without one)."""
+    """{sorted (linear, bits) items: combined metric} of a run's confirm.jsonl (empty without one);
+    read only (a torn last line is skipped, not repaired: the run that resumes repairs it)."""
     out = {}
-    for d in repair_jsonl(path) if path.is_file() else []:
+    for d in read_jsonl(path):
         if d.get("combined") is not None and d["metrics"].get(metric_name) is not None:
             out[tuple(sorted(d["config"]["bits"].items()))] = float(d["combined"])
     return out
