@@ -33,11 +33,15 @@ def run_copy(smoke_run, tmp_path) -> Path:
 @pytest.mark.slow
 # GPTQ's export takes the same path as HQQ's (fractional zeros, naive-quantized; test_finalize) and
 # the min-max grid's (test_compressed_tensors), so its end-to-end run is in `make test-all` only
-@pytest.mark.parametrize("finalizer", [pytest.param("gptq", marks=pytest.mark.heavy), "awq"])
-def test_finalizes_a_finished_run_into_its_own_directory(run_copy, tmp_path, finalizer):
+# AWQ's searches are shrunk to 4 scale candidates and no clipping search: the folding, not the search, is checked
+@pytest.mark.parametrize(
+    "finalizer, shrink",
+    [pytest.param("gptq", [], marks=pytest.mark.heavy), ("awq", ["finalizer.n_grid=4", "finalizer.clip=false"])],
+    ids=["gptq", "awq"],
+)
+def test_finalizes_a_finished_run_into_its_own_directory(run_copy, tmp_path, finalizer, shrink):
     """GPTQ or AWQ, later, from the archive: a new directory, and a checkpoint plain transformers
-    reproduces (AWQ's input scales folded into the norms and up_proj). AWQ's searches are shrunk to
-    4 scale candidates and no clipping search: the folding, not the search, is what this checks."""
+    reproduces (AWQ's input scales folded into the norms and up_proj)."""
     before = _files(run_copy)
     proc = _finalize_cli(
         [
@@ -47,10 +51,9 @@ def test_finalizes_a_finished_run_into_its_own_directory(run_copy, tmp_path, fin
             "finalize.baselines=false",
             "finalize.extra_front_points=0",
             "finalize.window=256",
-            "finalizer.n_grid=4",
-            "finalizer.clip=false",
             "finalize.max_windows=1",
             "num_threads=2",
+            *shrink,
         ]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
