@@ -30,6 +30,7 @@ millisecond per test. amq/, tests/, conf/ are not watched: people edit them whil
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +317,65 @@ def smoke_run(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = run_dirs(out)
     return run_dir, proc
+
+
+# One finalized smoke search that test_finalize, test_finalize_cli and test_tracking_path share: the
+# session's smoke settings and seed (its cached proxy and sensitivity table are reused), an offline
+# W&B run, and the search's own HQQ finalize stage at the three default budgets with one extra front
+# point and one window a text.
+TRACKED_SEARCH = [o for o in SMOKE if not o.startswith(("logger=", "finalize.enabled="))]
+TRACKED_SEARCH += ["seed=3", "logger=wandb", "finalize.extra_front_points=1", "finalize.max_windows=1"]
+# `amq-finalize` on it: AWQ on one budget, its searches shrunk (the folding is checked, not the search), no baselines.
+AWQ_FINALIZE = [
+    "finalizer=awq",
+    "finalizer.n_grid=2",
+    "finalizer.clip=false",
+    "finalize.targets=[4.25]",
+    "finalize.baselines=false",
+    "finalize.extra_front_points=0",
+]
+AWQ_FINALIZE += ["finalize.max_windows=1"]
+
+
+def run_command(module: str, args: list[str], timeout: int = 1200) -> subprocess.CompletedProcess:
+    """`python -m amq.cli.<module>` with WANDB_MODE unset: the mode the search recorded applies."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    return subprocess.run([sys.executable, "-m", f"amq.cli.{module}", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tree_digest(run: Path) -> dict[str, str]:
+    """sha256 of every file under a run directory, less what `amq-finalize` adds (finalized/)."""
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*")) if p.is_file() and "finalized" not in p.parts}
+
+
+@dataclass(frozen=True)
+class Finalized:
+    """A run finalized again by `amq-finalize`: the run, the new directory, the command, the run's files before."""
+
+    run: Path
+    out: Path
+    proc: subprocess.CompletedProcess
+    before: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def searched(tmp_path_factory) -> Path:
+    """The shared finalized smoke search (TRACKED_SEARCH), with its offline W&B run."""
+    out = tmp_path_factory.mktemp("wandb_search")
+    proc = run_cli(TRACKED_SEARCH, out, timeout=1500, env_extra={"WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run_dir,) = run_dirs(out)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def awq_finalized(searched) -> Finalized:
+    """`amq-finalize <searched> finalizer=awq` (the W&B mode comes from the run's config.yaml)."""
+    before = tree_digest(searched)
+    proc = run_command("finalize", [str(searched), *AWQ_FINALIZE, "num_threads=2"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (out,) = (searched / "finalized").iterdir()
+    return Finalized(searched, out, proc, before)
 
 
 SMOLLM2_SHAPES = {  # (in, out) of SmolLM2-135M's decoder linears

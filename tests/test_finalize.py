@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import SMOKE, run_cli, run_dirs, run_module
+from conftest import SMOKE, run_module
 
 from amq.bits import BitConfig
 from amq.errors import ConfigError
@@ -63,10 +65,10 @@ def test_evaluate_refuses_a_directory_without_a_bit_configuration(tmp_path):
 
 
 @pytest.mark.slow
-def test_search_exports_models_that_reload_and_reproduce(tmp_path):
-    proc = run_cli([*SMOKE, "finalize.enabled=true", "finalize.extra_front_points=1"], tmp_path, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = run_dirs(tmp_path)[0]
+def test_search_exports_models_that_reload_and_reproduce(searched, tmp_path):
+    """The session's finalized smoke search (conftest: HQQ at the default budgets, one extra front
+    point), copied so that `amq-evaluate` writes into the copy."""
+    run = Path(shutil.copytree(searched, tmp_path / "run", ignore=shutil.ignore_patterns("finalized", "wandb")))
     summary = json.loads((run / "summary.json").read_text())
     report = json.loads((run / "evaluation.json").read_text())
     targets = [r for r in report["rows"] if r["kind"] == "target"]

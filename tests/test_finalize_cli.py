@@ -1,6 +1,7 @@
 """`amq-finalize`: the finalize stage again on a finished run, with other budgets or quantizer.
 
-Works on a copy of the session's smoke search (finished, no finalize stage of its own).
+Works on a copy of the session's smoke search (finished, no finalize stage of its own), and AWQ on
+the finalized search the session shares (conftest `awq_finalized`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import run_module
+from conftest import Finalized, run_module, tree_digest
 from omegaconf import OmegaConf
 from test_finalize import check_plain_transformers_reproduces
 
@@ -20,54 +21,43 @@ def _finalize_cli(args: list[str]) -> subprocess.CompletedProcess:
     return run_module("cli.finalize", args)
 
 
-def _files(run: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and "finalized" not in p.parts}
-
-
 @pytest.fixture
 def run_copy(smoke_run, tmp_path) -> Path:
     run_dir, _ = smoke_run
     return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
 
-@pytest.mark.slow
-# GPTQ's export takes the same path as HQQ's (fractional zeros, naive-quantized; test_finalize) and
-# the min-max grid's (test_compressed_tensors), so its end-to-end run is in `make test-all` only
-# AWQ's searches are shrunk to 4 scale candidates and no clipping search: the folding, not the search, is checked
-@pytest.mark.parametrize(
-    "finalizer, shrink",
-    [pytest.param("gptq", [], marks=pytest.mark.heavy), ("awq", ["finalizer.n_grid=4", "finalizer.clip=false"])],
-    ids=["gptq", "awq"],
-)
-def test_finalizes_a_finished_run_into_its_own_directory(run_copy, tmp_path, finalizer, shrink):
-    """GPTQ or AWQ, later, from the archive: a new directory, and a checkpoint plain transformers
-    reproduces (AWQ's input scales folded into the norms and up_proj)."""
-    before = _files(run_copy)
-    proc = _finalize_cli(
-        [
-            str(run_copy),
-            f"finalizer={finalizer}",
-            "finalize.targets=[4.25]",
-            "finalize.baselines=false",
-            "finalize.extra_front_points=0",
-            "finalize.window=256",
-            "finalize.max_windows=1",
-            "num_threads=2",
-            *shrink,
-        ]
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (out,) = list((run_copy / "finalized").iterdir())
-    assert _files(run_copy) == before  # the search's own files are untouched
-    report = json.loads((out / "evaluation.json").read_text())
+def check_finalized(done: Finalized, target: str, tmp_path: Path) -> None:
+    """A new directory under the run's finalized/, the run's own files untouched, the model files of
+    one budget, and a checkpoint plain transformers reproduces."""
+    assert tree_digest(done.run) == done.before  # the search's own files are untouched
+    report = json.loads((done.out / "evaluation.json").read_text())
     (row,) = report["rows"]
-    assert row["kind"] == "target" and row["target"] == 4.25 and row["avg_bits"] <= 4.25
-    model = out / "models" / "4.25"
+    assert row["kind"] == "target" and f"{row['target']:g}" == target and row["avg_bits"] <= row["target"]
+    model = done.out / "models" / target
     for name in ("amq_packed.safetensors", "compressed-tensors/model.safetensors", "bit_config.json", "amq_quant.json", "eval.json", "README.md"):
         assert (model / name).is_file(), name
-    assert OmegaConf.load(out / "config.yaml").finalize.targets == [4.25]
-    assert str(out) in proc.stderr
-    check_plain_transformers_reproduces(out, ["4.25"], tmp_path)
+    assert [f"{t:g}" for t in OmegaConf.load(done.out / "config.yaml").finalize.targets] == [target]
+    assert str(done.out) in done.proc.stderr
+    check_plain_transformers_reproduces(done.out, [target], tmp_path)
+
+
+@pytest.mark.slow
+def test_awq_finalizes_a_finished_run_into_its_own_directory(awq_finalized, tmp_path):
+    """AWQ, later, from the archive (the session's shared search, conftest), its input scales folded
+    into the norms and up_proj of the checkpoint."""
+    check_finalized(awq_finalized, "4.25", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # GPTQ's export takes the same path as HQQ's (fractional zeros; test_finalize) and the min-max grid's (test_compressed_tensors)
+def test_gptq_finalizes_a_finished_run_into_its_own_directory(run_copy, tmp_path):
+    before = tree_digest(run_copy)
+    args = ["finalizer=gptq", "finalize.targets=[4.25]", "finalize.baselines=false", "finalize.extra_front_points=0", "finalize.window=256"]
+    proc = _finalize_cli([str(run_copy), *args, "finalize.max_windows=1", "num_threads=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (out,) = list((run_copy / "finalized").iterdir())
+    check_finalized(Finalized(run_copy, out, proc, before), "4.25", tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, SMOKE, run_cli, run_dirs
+from conftest import ROOT, SMOKE, run_command
 from omegaconf import OmegaConf
 from test_tracking_and_sweeps import multirun_dir, read_wandb_records
 
@@ -29,13 +29,6 @@ from amq.tracking.null_logger import NullLogger
 from amq.tracking.report import evaluation_table, model_artifact_name, model_metadata, perplexity_series
 from amq.tracking.stages import search_run_of, stage_logger
 from amq.tracking.wandb_logger import WandbLogger
-
-# The session's smoke search settings (so its cached proxy and sensitivity table are reused), with
-# W&B on and a one-budget finalize stage: HQQ, uniform and unquantized baselines, one window a text.
-SEARCH = [o for o in SMOKE if not o.startswith(("logger=", "finalize.enabled="))]
-SEARCH += ["seed=3", "logger=wandb", "finalize.targets=[4.5]", "finalize.extra_front_points=0", "finalize.max_windows=1"]
-# AWQ on one budget, its searches shrunk (the export path is test_finalize_cli's), no baselines.
-AWQ = ["finalizer=awq", "finalizer.n_grid=2", "finalizer.clip=false", "finalize.targets=[4.25]", "finalize.baselines=false", "finalize.max_windows=1"]
 
 
 # ---------------------------------------------------------------------------- reading offline runs
@@ -72,12 +65,6 @@ def logged_table(run: dict, key: str) -> dict:
     """A wandb.Table the run logged under `key`, read from the run's media files."""
     assert run["history"][f"{key}/_type"] == "table-file"
     return json.loads((run["dir"] / "files" / run["history"][f"{key}/path"]).read_text())
-
-
-def run_command(module: str, args: list[str], timeout: int = 1200) -> subprocess.CompletedProcess:
-    """`python -m amq.cli.<module>` with WANDB_MODE unset: the mode the search recorded applies."""
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
-    return subprocess.run([sys.executable, "-m", f"amq.cli.{module}", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def check_model_artifacts(run: dict, output_dir: Path, finalizer: str) -> None:
@@ -126,22 +113,9 @@ def check_evaluation(run: dict, output_dir: Path) -> dict:
 
 # ---------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory) -> Path:
-    """A smoke search with an offline W&B run and its own (HQQ) finalize stage."""
-    out = tmp_path_factory.mktemp("wandb_search")
-    proc = run_cli(SEARCH, out, timeout=1500, env_extra={"WANDB_MODE": "offline"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (run_dir,) = run_dirs(out)
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def finalized(searched) -> Path:
-    """`amq-finalize <run> finalizer=awq` on it (the mode comes from the run's config.yaml)."""
-    proc = run_command("finalize", [str(searched), *AWQ, "num_threads=2"])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (out,) = (searched / "finalized").iterdir()
-    return out
+def finalized(awq_finalized) -> Path:
+    """The shared search's AWQ `amq-finalize` directory (conftest)."""
+    return awq_finalized.out
 
 
 @pytest.mark.slow
