@@ -56,6 +56,18 @@ def _interpreter_reads_bf16() -> None:
     InterpreterBuilder.create_dot = create_dot
     InterpreterBuilder.get_bf16 = get_bf16
 
+    # numpy 2.4 no longer converts a one-element 1-D array to a Python int, which the interpreter's
+    # `tensor.__index__` (a loop bound such as `range(0, per, TPI)`) relies on
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor: type, scope: interpreter._LangPatchScope) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
 
 def _layer(out_f: int, in_f: int, group: int, bits: int, gen: torch.Generator) -> PlanesLinear:
     codes = torch.randint(0, 2**bits, (out_f, in_f), generator=gen, dtype=torch.uint8)
