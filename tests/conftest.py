@@ -333,8 +333,8 @@ AWQ_FINALIZE = [
     "finalize.targets=[4.25]",
     "finalize.baselines=false",
     "finalize.extra_front_points=0",
+    "finalize.max_windows=1",
 ]
-AWQ_FINALIZE += ["finalize.max_windows=1"]
 
 
 def run_command(module: str, args: list[str], timeout: int = 1200) -> subprocess.CompletedProcess:
