@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SMOKE, run_cli, run_dirs, search_in_process
+from conftest import SMOKE, run_cli, run_cli_in_process, run_dirs, search_in_process
 
 from amq.io import read_jsonl
 
@@ -78,14 +78,15 @@ def test_same_seed_is_deterministic_and_run_returns_what_it_wrote(smoke_run, tmp
     assert summary["model"]["searched_fraction"] == 1.0  # SmolLM2's decoder weights are all nn.Linear
 
 
-def test_resume_continues_without_duplicates(smoke_run, tmp_path):
-    """Stop after iteration 1, resume with the full budget: same archive as the uninterrupted run."""
+def test_resume_continues_without_duplicates(smoke_run, tmp_path, monkeypatch, capfd):
+    """Stop after iteration 1, resume with the full budget: same archive as the uninterrupted run
+    (the CLI's entry point in this process; test_time_budget resumes in a new process)."""
     run_dir, _ = smoke_run
-    proc = run_cli([*SMOKE, "seed=3", "budget.iterations=1"], tmp_path)
+    proc = run_cli_in_process([*SMOKE, "seed=3", "budget.iterations=1"], tmp_path, monkeypatch, capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (partial,) = run_dirs(tmp_path)
     n_partial = len(_archive(partial))
-    proc = run_cli([*SMOKE, "seed=3", f"resume={partial}"], tmp_path)
+    proc = run_cli_in_process([*SMOKE, "seed=3", f"resume={partial}"], tmp_path, monkeypatch, capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(run_dirs(tmp_path)) == 1, "resume must write into the resumed directory"
     resumed = _archive(partial)
