@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONF, SMOKE, run_cli, run_dirs, settings_yaml
+from conftest import CONF, SMOKE, run_cli, run_cli_in_process, run_dirs, settings_yaml
 
 from amq.config.check import check_settings
 from amq.config.compose import resume_settings, search_deadline
@@ -216,9 +216,10 @@ def _archive(run_dir: Path) -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_cli_stops_on_its_limit_then_resume_auto_reaches_the_uninterrupted_archive(smoke_run, tmp_path):
-    # 0.001 minutes are spent before iteration 0 ends (loading alone takes longer): it stops right after it
-    proc = run_cli([*SMOKE, "seed=3", "budget.max_minutes=0.001"], tmp_path)
+def test_cli_stops_on_its_limit_then_resume_auto_reaches_the_uninterrupted_archive(smoke_run, tmp_path, monkeypatch, capfd):
+    # 0.001 minutes are spent before iteration 0 ends (loading alone takes longer): it stops right after it.
+    # The stop runs the CLI's entry point in this process; the resume, as a requeued job would, in a new one.
+    proc = run_cli_in_process([*SMOKE, "seed=3", "budget.max_minutes=0.001"], tmp_path, monkeypatch, capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
