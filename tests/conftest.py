@@ -319,6 +319,21 @@ def smoke_run(tmp_path_factory):
     return run_dir, proc
 
 
+# The smoke search again, in this process (`run(cfg)`, as scripts call it), with a confirmation pass
+# over as many other windows as the search's (64 tokens each); the pass adds no archive record, so
+# its archive is the CLI run's (test_pipeline checks that bit for bit, test_confirmation the pass).
+CONFIRM_SAMPLES = 2
+CONFIRM = [*SMOKE, "seed=3", f"search.confirm.samples={CONFIRM_SAMPLES}", "search.confirm.band=1.0"]
+
+
+@pytest.fixture(scope="session")
+def confirmed_run(tmp_path_factory) -> tuple[Path, dict, Any]:
+    """(run directory, summary, the objects the run built) of the CONFIRM search."""
+    run_dir = tmp_path_factory.mktemp("confirm") / "run"
+    summary, objects = search_in_process(CONFIRM, run_dir)
+    return run_dir, summary, objects
+
+
 # One finalized smoke search that test_finalize, test_finalize_cli and test_tracking_path share: the
 # session's smoke settings and seed (its cached proxy and sensitivity table are reused), an offline
 # W&B run, and the search's own HQQ finalize stage at the three default budgets with one extra front

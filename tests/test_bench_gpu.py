@@ -73,6 +73,7 @@ def _check(res: dict) -> None:
         assert [s["n_points"] for s in v["by_archive_size"]] == [20, 40] and all(s["fit_s"] > 0 and s["nsga_s"] > 0 for s in v["by_archive_size"])
 
 
+@pytest.mark.heavy  # make test-all: a benchmark script's smoke run (the cost model's tests below stay in make test)
 def test_bench_gpu_runs_end_to_end_on_cpu(tmp_path):
     _check(_run_bench(tmp_path, "cpu"))
 

@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import SMOKE, run_cli_in_process, search_in_process
+from conftest import CONFIRM, CONFIRM_SAMPLES, SMOKE, run_cli_in_process, search_in_process
 from omegaconf import OmegaConf
 
 from amq.config import compose
@@ -22,15 +22,7 @@ from amq.search.confirmation import CONFIRM_FILE, near_ties
 
 pytestmark = pytest.mark.slow
 
-SAMPLES = 2  # confirmation windows, as many as the smoke budget's search windows (64 tokens each)
-CONFIRM = [*SMOKE, "seed=3", f"search.confirm.samples={SAMPLES}", "search.confirm.band=1.0"]
-
-
-@pytest.fixture(scope="module")
-def confirmed_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("confirm") / "run"
-    summary, objects = search_in_process(CONFIRM, run_dir)
-    return run_dir, summary, objects
+SAMPLES = CONFIRM_SAMPLES
 
 
 def _lines(run_dir) -> list[dict]:

@@ -105,6 +105,7 @@ def test_compiled_dequantization_gives_the_same_outputs():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # make test-all: a benchmark script's smoke run; the runtimes' outputs are compared by the tests above
 def test_bench_runtime_compares_both_runtimes(model_dir):
     proc = run_script("bench_runtime.py", [str(model_dir), "--window", "32", "--decode", "2", "--repeats", "1", "--threads", "2"])
     assert proc.returncode == 0, proc.stderr[-2000:]
