@@ -18,7 +18,8 @@ from conftest import SMOKE, run_cli_in_process, run_dirs
 from amq.bits import BitConfig
 from amq.config.compose import build, eval_suite, finalizer_for, load_model_and_data
 from amq.errors import ConfigError
-from amq.evaluation import zeroshot
+from amq.evaluation import task_index, zeroshot
+from amq.evaluation.task_index import INDEX_DIR, index_file, task_manager
 from amq.evaluation.zeroshot import LM_EVAL_RESULTS, write_lm_eval_results
 from amq.finalize.selection import Candidate
 from amq.finalize.settings import task_settings
@@ -131,3 +132,23 @@ def test_hub_task_offline_is_one_line_naming_the_setting(offline, tmp_path, monk
     line = _refused(["finalize.tasks=[hellaswag]"], tmp_path, monkeypatch, capfd, env)
     assert line.startswith("finalize.tasks: ") and "hellaswag (dataset Rowan/hellaswag)" in line and expected in line, line
     assert "run once with network" in line and TASK in line, line
+
+
+def test_builtin_task_index_is_kept_in_the_cache_and_read_back(compose_cfg, tmp_path):
+    """lm-eval's index of its built-in tasks is built once per cache (seconds of YAML parsing) and
+    read back after, the same names; lm-eval's own index builder is left as it was."""
+    from lm_eval.tasks import _index
+
+    builder = _index.TaskIndex.__dict__["build"]
+    cache = Path(compose_cfg(SMOKE).paths.cache_dir)
+    first = task_manager(["hellaswag"], [], cache)
+    path = index_file(cache / INDEX_DIR)
+    stamp = path.stat().st_mtime_ns
+    second = task_manager(["hellaswag", "arc_easy"], [], cache)
+    assert path.stat().st_mtime_ns == stamp  # read, not built again
+    assert second.all_tasks == first.all_tasks and {"hellaswag", "arc_easy"} <= set(second.all_tasks)
+    assert second.all_groups == first.all_groups and second.all_tags == first.all_tags
+    assert _index.TaskIndex.__dict__["build"] is builder
+    damaged = tmp_path / "index.pkl"
+    damaged.write_bytes(b"\x80\x05 not a pickle")
+    assert task_index._read(damaged) is None  # a damaged file is built again, not trusted

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from amq.errors import ConfigError
 from amq.evaluation.bigbench import OFFLINE_TASKS, PreparedTask, chance_accuracy, prepare_tasks
+from amq.evaluation.task_index import task_manager
 from amq.hub import hub_reachable, offline_mode
 from amq.io import atomic_write_text
 
@@ -123,14 +124,6 @@ class TaskResults:
     lm_eval: dict = field(repr=False)
 
 
-def task_manager(tasks: Sequence[str], offline: Sequence[PreparedTask]) -> TaskManager:
-    """lm-eval's task index over amq's offline tasks, plus its built-in tasks when a name is not
-    one of them (building that index takes seconds: only when needed)."""
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=[str(t.directory) for t in offline] or None, include_defaults=any(t not in OFFLINE_TASKS for t in tasks))
-
-
 def _hub_tasks(tasks: Sequence[str]) -> list[str]:
     return [t for t in tasks if t not in OFFLINE_TASKS]
 
@@ -201,7 +194,7 @@ def prepare_zero_shot(tasks: Sequence[str], cache_dir: str | Path, num_fewshot: 
         return
     _quiet_lm_eval()
     t0 = time.perf_counter()
-    manager = task_manager(settings.tasks, offline)
+    manager = task_manager(settings.tasks, offline, cache_dir)
     _check_names(settings.tasks, manager)
     _check_hub(settings.tasks, manager)
     _load(manager, settings)
@@ -283,7 +276,7 @@ class TaskRunner:
         if self._manager is None:
             names = self.settings.tasks
             self._offline = {t.name: t for t in prepare_tasks([t for t in names if t in OFFLINE_TASKS], self.cache_dir)}
-            self._manager = task_manager(names, list(self._offline.values()))
+            self._manager = task_manager(names, list(self._offline.values()), self.cache_dir)
             if _hub_tasks(names):
                 _check_names(names, self._manager)
         return self._manager
