@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import CONF, SMOKE, run_cli, run_dirs
+from conftest import CONF, SMOKE, run_cli, run_cli_in_process, run_dirs
 from omegaconf import ListConfig, OmegaConf
 
 from amq.config.check import check_settings
@@ -196,12 +196,15 @@ def test_cli_missing_text_file_is_one_line_and_no_run_dir(tmp_path, texts):
 
 
 @pytest.mark.slow
-def test_cli_search_on_local_text(tmp_path, texts, embedded):
+def test_cli_search_on_local_text(tmp_path, texts, embedded, monkeypatch, capfd):
     # The embedded calibration text, written out: the same calibration tokens as the other smoke
     # runs, so the sensitivity table they measured is reused (any new text costs minutes of it on CPU);
     # one search iteration is enough to show the data path works end to end.
     calib, out = _embedded_calibration_file(tmp_path, embedded), tmp_path / "out"
-    proc = run_cli([*SMOKE, "budget.iterations=1", "data=text", f"data.calibration={calib}", f"data.heldout={texts['held']}"], out)
+    # (the CLI's entry point, in this process)
+    proc = run_cli_in_process(
+        [*SMOKE, "budget.iterations=1", "data=text", f"data.calibration={calib}", f"data.heldout={texts['held']}"], out, monkeypatch, capfd
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = run_dirs(out)
     data = json.loads((run_dir / "summary.json").read_text())["protocol"]["data"]
