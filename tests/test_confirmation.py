@@ -22,8 +22,6 @@ from amq.search.confirmation import CONFIRM_FILE, near_ties
 
 pytestmark = pytest.mark.slow
 
-SAMPLES = CONFIRM_SAMPLES
-
 
 def _lines(run_dir) -> list[dict]:
     return [{k: v for k, v in d.items() if k != "eval_seconds"} for d in read_jsonl(run_dir / CONFIRM_FILE)]
@@ -39,10 +37,10 @@ def test_confirmation_measures_each_targets_near_ties_once_and_counts_its_tokens
     metric_of = {archive.space.key(r.genes): r.metric for r in archive.records}
     for d in lines:  # over both sets of windows: every window counted once
         search, confirm = metric_of[archive.space.key(np.array(d["genes"]))], d["metrics"]["jsd"]
-        assert d["search_metric"] == search and d["combined"] == pytest.approx((2 * search + SAMPLES * confirm) / (2 + SAMPLES))
+        assert d["search_metric"] == search and d["combined"] == pytest.approx((2 * search + CONFIRM_SAMPLES * confirm) / (2 + CONFIRM_SAMPLES))
         assert confirm != search  # other windows than the search's
     conf = summary["confirmation"]
-    assert conf["measured"] == len(lines) and conf["tokens"] == len(lines) * SAMPLES * 64
+    assert conf["measured"] == len(lines) and conf["tokens"] == len(lines) * CONFIRM_SAMPLES * 64
     assert summary["true_evaluations"] == len(archive)  # the pass adds no archive record...
     same = [json.loads(line) for line in (smoke_run[0] / "archive.jsonl").read_text().splitlines()]
     assert [r["genes"] for r in read_jsonl(run_dir / "archive.jsonl")] == [r["genes"] for r in same]  # ...and changes no search result
@@ -101,8 +99,8 @@ def test_a_run_saved_before_the_setting_resumes_without_confirmation(confirmed_r
 def test_confirmation_windows_are_other_calibration_windows(confirmed_run, compose_cfg):
     _, _, objects = confirmed_run
     wb = objects.workbench
-    metric = compose.confirmation_metric(compose_cfg(CONFIRM), wb, SAMPLES)
-    assert metric.tokens.shape == (SAMPLES, wb.tokens.shape[1])
+    metric = compose.confirmation_metric(compose_cfg(CONFIRM), wb, CONFIRM_SAMPLES)
+    assert metric.tokens.shape == (CONFIRM_SAMPLES, wb.tokens.shape[1])
     assert not any(bool((row == other).all()) for row in metric.tokens for other in wb.tokens)
 
 

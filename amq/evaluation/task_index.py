@@ -43,12 +43,18 @@ def task_manager(tasks: Sequence[str], offline: Sequence[PreparedTask], cache_di
         return TaskManager(include_path=include, include_defaults=True)
 
 
+def _builtin_tasks_dir() -> Path:
+    """The folder of lm-eval's built-in task YAMLs (the one `include_defaults` indexes)."""
+    from lm_eval.tasks import _index
+
+    return Path(_index.__file__).parent.resolve()
+
+
 def index_file(folder: Path) -> Path:
     """Where the built-in tasks' index of the installed lm-eval is kept."""
     import lm_eval
 
-    tasks_dir = Path(lm_eval.__file__).parent / "tasks"
-    key = hashlib.sha256(f"{lm_eval.__version__}|{tasks_dir.resolve()}|{sys.version_info[:2]}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{lm_eval.__version__}|{_builtin_tasks_dir()}|{sys.version_info[:2]}".encode()).hexdigest()[:16]
     return folder / f"lm_eval-{lm_eval.__version__}-{key}.pkl"
 
 
@@ -60,13 +66,13 @@ def _saved_default_index(folder: Path) -> Iterator[None]:
 
     original = _index.TaskIndex.__dict__["build"]
     build = original.__func__
-    default_root = (Path(_index.__file__).parent).resolve()
+    default_root, saved = _builtin_tasks_dir(), index_file(folder)
 
     def cached_build(paths: Iterable[Path], *, resolve_includes: bool = True) -> dict[str, Any]:
         merged: dict[str, Any] = {}
         for root in paths:
             if Path(root).resolve() == default_root and resolve_includes:
-                merged.update(_load_or_build(index_file(folder), lambda r=root: build([r], resolve_includes=True)))
+                merged.update(_load_or_build(saved, lambda r=root: build([r], resolve_includes=True)))
             else:
                 merged.update(build([root], resolve_includes=resolve_includes))
         return merged
