@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -243,12 +243,21 @@ def run_cli_in_process(args: list[str], out_dir: Path, monkeypatch, capfd, env_e
     for key, value in {"AMQ_OUTPUT_DIR": str(out_dir), "WANDB_MODE": "disabled", **(env_extra or {})}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(sys, "argv", ["amq-search", *args])
+    return main_in_process("amq-search", main, None, capfd)  # Hydra reads sys.argv
+
+
+def main_in_process(prog: str, main: Callable[..., int | None], argv: list[str] | None, capfd) -> subprocess.CompletedProcess:
+    """`main(argv)` (`main()`, reading sys.argv, if argv is None) of one of amq's commands in this
+    process, as its console script runs it: the exit status it returns or exits with, and what it
+    wrote, with its own logging set up as in a new process (the root logger's handlers are set aside
+    while it runs, then restored)."""
     capfd.readouterr()
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    root.handlers[:] = []  # logging.basicConfig configures only a root logger without handlers
     try:
-        main()
-        code = 0
+        result = main() if argv is None else main(argv)
+        code = result if isinstance(result, int) else 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:  # Hydra's job logging points at the run's log file, which a refused run removes
@@ -258,7 +267,7 @@ def run_cli_in_process(args: list[str], out_dir: Path, monkeypatch, capfd, env_e
         root.handlers[:] = handlers
         root.setLevel(level)
     captured = capfd.readouterr()
-    return subprocess.CompletedProcess(["amq-search", *args], code, captured.out, captured.err)
+    return subprocess.CompletedProcess([prog, *(sys.argv[1:] if argv is None else argv)], code, captured.out, captured.err)
 
 
 def search_in_process(overrides: list[str], run_dir: Path) -> tuple[dict, Any]:

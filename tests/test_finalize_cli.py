@@ -12,13 +12,20 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Finalized, run_module, tree_digest
+from conftest import Finalized, main_in_process, run_module, tree_digest
 from omegaconf import OmegaConf
 from test_finalize import check_plain_transformers_reproduces
 
 
 def _finalize_cli(args: list[str]) -> subprocess.CompletedProcess:
     return run_module("cli.finalize", args)
+
+
+def _refused(args: list[str], capfd) -> subprocess.CompletedProcess:
+    """`amq-finalize` in this process, for requests it refuses before any work."""
+    from amq.cli.finalize import main
+
+    return main_in_process("amq-finalize", main, args, capfd)
 
 
 @pytest.fixture
@@ -69,8 +76,8 @@ def test_gptq_finalizes_a_finished_run_into_its_own_directory(run_copy, tmp_path
         (["finalize.targets=[2.0]"], "finalize.targets"),
     ],
 )
-def test_bad_requests_are_refused_and_leave_nothing(run_copy, args, setting):
-    proc = _finalize_cli([str(run_copy), *args])
+def test_bad_requests_are_refused_and_leave_nothing(run_copy, args, setting, capfd):
+    proc = _refused([str(run_copy), *args], capfd)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "[ERROR]" in line]
     assert len(errors) == 1 and errors[0].split("] - ", 1)[1].startswith(f"{setting}:"), proc.stderr[-2000:]
@@ -78,8 +85,8 @@ def test_bad_requests_are_refused_and_leave_nothing(run_copy, args, setting):
     assert not (run_copy / "finalized").exists()
 
 
-def test_an_unfinished_run_is_refused(run_copy):
+def test_an_unfinished_run_is_refused(run_copy, capfd):
     (run_copy / "summary.json").unlink()
-    proc = _finalize_cli([str(run_copy)])
+    proc = _refused([str(run_copy)], capfd)
     assert proc.returncode == 2 and "has not finished its search" in proc.stderr and "resume=" in proc.stderr
     assert not (run_copy / "finalized").exists()

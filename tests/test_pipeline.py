@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SMOKE, run_cli, run_cli_in_process, run_dirs
+from conftest import SMOKE, run_cli_in_process, run_dirs
 
 from amq.io import read_jsonl
 
@@ -95,10 +95,10 @@ def test_resume_continues_without_duplicates(smoke_run, tmp_path, monkeypatch, c
     assert [m["iteration"] for m in read_jsonl(partial / "metrics.jsonl")] == [0, 1, 2]
 
 
-def test_resume_with_a_different_space_is_refused(smoke_run, tmp_path):
+def test_resume_with_a_different_space_is_refused(smoke_run, tmp_path, monkeypatch, capfd):
     run_dir, _ = smoke_run
     before = (run_dir / "archive.jsonl").read_text()
-    proc = run_cli([*SMOKE, "seed=3", "search.pruning.threshold=5.0", f"resume={run_dir}"], tmp_path)
+    proc = run_cli_in_process([*SMOKE, "seed=3", "search.pruning.threshold=5.0", f"resume={run_dir}"], tmp_path, monkeypatch, capfd)
     assert proc.returncode == 2
     assert "resume" in proc.stderr and "other settings: search.pruning.threshold=5.0" in proc.stderr
     assert (run_dir / "archive.jsonl").read_text() == before

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import CONF, SMOKE, run_cli, run_cli_in_process, run_dirs
+from conftest import CONF, SMOKE, run_cli_in_process, run_dirs
 from omegaconf import ListConfig, OmegaConf
 
 from amq.config.check import check_settings
@@ -185,9 +185,9 @@ def test_hub_dataset_from_the_hub_still_needs_it(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- the command line
-def test_cli_missing_text_file_is_one_line_and_no_run_dir(tmp_path, texts):
+def test_cli_missing_text_file_is_one_line_and_no_run_dir(tmp_path, texts, monkeypatch, capfd):
     out = tmp_path / "out"
-    proc = run_cli([*SMOKE, "data=text", f"data.calibration={tmp_path / 'missing.txt'}", f"data.heldout={texts['held']}"], out, timeout=300)
+    proc = run_cli_in_process([*SMOKE, "data=text", f"data.calibration={tmp_path / 'missing.txt'}", f"data.heldout={texts['held']}"], out, monkeypatch, capfd)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

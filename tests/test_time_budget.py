@@ -247,8 +247,8 @@ def test_cli_stops_on_its_limit_then_resume_auto_reaches_the_uninterrupted_archi
 
 
 @pytest.mark.slow
-def test_cli_refuses_a_bad_limit_before_anything_runs(tmp_path):
-    proc = run_cli([*SMOKE, "budget.max_minutes=0"], tmp_path, timeout=300)
+def test_cli_refuses_a_bad_limit_before_anything_runs(tmp_path, monkeypatch, capfd):
+    proc = run_cli_in_process([*SMOKE, "budget.max_minutes=0"], tmp_path, monkeypatch, capfd)
     assert proc.returncode == 2, proc.stderr[-3000:]
     (error,) = [line for line in proc.stderr.splitlines() if "[ERROR]" in line]
     assert error.split("] - ", 1)[1].startswith("budget.max_minutes: 0 (valid: ") and "Traceback" not in proc.stderr

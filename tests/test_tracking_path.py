@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, SMOKE, run_command
+from conftest import ROOT, SMOKE, main_in_process, run_command
 from omegaconf import OmegaConf
 from test_tracking_and_sweeps import multirun_dir, read_wandb_records
 
@@ -187,8 +187,11 @@ def test_amq_finalize_takes_logger_overrides(smoke_run, tmp_path):
     "args, setting",
     [(["logger.mode=sometimes"], "logger.mode"), (["logger.model_files=all"], "logger.model_files"), (["logger=mlflow"], "overrides")],
 )
-def test_amq_finalize_refuses_bad_logger_settings(searched, args, setting):
-    proc = run_command("finalize", [str(searched), *args])
+def test_amq_finalize_refuses_bad_logger_settings(searched, args, setting, monkeypatch, capfd):
+    from amq.cli.finalize import main
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # as run_command: the mode the search recorded applies
+    proc = main_in_process("amq-finalize", main, [str(searched), *args], capfd)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "[ERROR]" in line]
     assert len(errors) == 1 and errors[0].split("] - ", 1)[1].startswith(f"{setting}:") and "(valid: " in errors[0], proc.stderr[-2000:]
