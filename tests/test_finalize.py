@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SMOKE, run_module
+from conftest import SMOKE, main_in_process, run_module
 
 from amq.bits import BitConfig
 from amq.errors import ConfigError
@@ -58,8 +58,10 @@ def _evaluate_cli(args: list[str]) -> subprocess.CompletedProcess:
     return run_module("cli.evaluate", args, timeout=1200)
 
 
-def test_evaluate_refuses_a_directory_without_a_bit_configuration(tmp_path):
-    proc = _evaluate_cli([str(tmp_path)])
+def test_evaluate_refuses_a_directory_without_a_bit_configuration(tmp_path, capfd):
+    from amq.cli.evaluate import main
+
+    proc = main_in_process("amq-evaluate", main, [str(tmp_path)], capfd)
     assert proc.returncode == 2
     assert "amq_quant.json" in proc.stderr and "Traceback" not in proc.stderr
 
