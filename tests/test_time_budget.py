@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONF, SMOKE, run_cli_in_process, run_dirs, settings_yaml
+from conftest import CONF, SMOKE, run_cli, run_cli_in_process, run_dirs, settings_yaml
 
 from amq.config.check import check_settings
 from amq.config.compose import resume_settings, search_deadline
@@ -218,8 +218,7 @@ def _archive(run_dir: Path) -> list[tuple]:
 @pytest.mark.slow
 def test_cli_stops_on_its_limit_then_resume_auto_reaches_the_uninterrupted_archive(smoke_run, tmp_path, monkeypatch, capfd):
     # 0.001 minutes are spent before iteration 0 ends (loading alone takes longer): it stops right after it.
-    # Both the stop and the resume run the CLI's entry point in this process (test_pipeline compares
-    # a new process's search with an in-process one).
+    # The stop runs the CLI's entry point in this process; the resume, as a requeued job would, in a new one.
     proc = run_cli_in_process([*SMOKE, "seed=3", "budget.max_minutes=0.001"], tmp_path, monkeypatch, capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
@@ -238,7 +237,7 @@ def test_cli_stops_on_its_limit_then_resume_auto_reaches_the_uninterrupted_archi
 
     # the printed settings with resume=auto (what a requeued job script reruns): continues in place
     overrides = [o for o in command.split()[1:] if not o.startswith("resume=")]
-    proc = run_cli_in_process([*overrides, "resume=auto"], tmp_path, monkeypatch, capfd)
+    proc = run_cli([*overrides, "resume=auto"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert run_dirs(tmp_path) == [run_dir] and f"resume=auto: continuing {run_dir}" in proc.stderr
     assert re.search(r"iteration 1/2: .*\[\d+\.\ds, ~\d+s left\]", proc.stderr), proc.stderr[-3000:]
