@@ -200,6 +200,62 @@ def test_triton_kernels_match_packed_linear_on_cuda(bits, rows):
     assert _rel(fast(x), ref) < 1e-2
 
 
+# ---------------------------------------------------------------------------- the CUDA GEMV (one row)
+def test_cuda_gemv_is_off_with_its_variable_and_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
+    import torch.utils.cpp_extension as cpp
+
+    from amq.runtime import cuda_gemv
+
+    layer = PlanesLinear(_random_layer(4, out_f=64, in_f=256, group=128))
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    assert not cuda_gemv.fits(x, layer.planes(), layer.scale, layer.zero, 4, 128, layer.tile)  # a CPU tensor: never
+    assert cuda_gemv.gemv(x, layer.planes(), layer.scale, layer.zero, 4, 128, layer.tile, 64) is None
+    cuda_gemv._module.cache_clear()
+    try:
+        monkeypatch.setenv(cuda_gemv.ENV, "0")
+        assert cuda_gemv._module((9, 0)) is None  # off: nothing is built
+        cuda_gemv._module.cache_clear()
+        monkeypatch.delenv(cuda_gemv.ENV)
+
+        def no_nvcc(**kwargs):
+            raise RuntimeError("nvcc not found")
+
+        monkeypatch.setattr(cpp, "load_inline", no_nvcc)
+        with caplog.at_level(logging.WARNING, logger="amq.runtime"):
+            assert cuda_gemv._module((9, 0)) is None and cuda_gemv._module((9, 0)) is None
+        assert caplog.text.count("could not be built") == 1 and "Triton GEMV" in caplog.text
+    finally:
+        cuda_gemv._module.cache_clear()
+
+
+def test_cuda_gemv_takes_the_group_layouts_it_was_built_for():
+    from amq.runtime.cuda_gemv import GROUPS_PER_TILE, _groups_per_tile, block_shape
+
+    assert [_groups_per_tile(4, 256, g) for g in (128, 256, 64)] == [2, 1, 4]
+    assert _groups_per_tile(3, 64, 64) == 1 and _groups_per_tile(8, 256, 128) == 2
+    assert 4 not in GROUPS_PER_TILE  # group 64 under 256-wide tiles stays on the Triton GEMV
+    assert {block_shape(b, n, k) for b in SERVED for n, k in ((11008, 4096), (4096, 11008), (4096, 4096))} <= {0, 1, 2}
+
+
+@cuda
+@pytest.mark.parametrize("bits", SERVED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_gemv_matches_packed_linear(bits, dtype):
+    from amq.runtime import cuda_gemv
+
+    if not cuda_gemv.available(torch.device("cuda")):
+        pytest.skip("the CUDA GEMV could not be built here (no nvcc?)")
+    # rows no block size divides; one group per tile (576 / 64), two (512 / 128), an odd tile count (1280 / 128)
+    for out_f, in_f, group in ((390, 576, 64), (384, 512, 128), (200, 1280, 128)):
+        layer = _random_layer(bits, out_f=out_f, in_f=in_f, group=group, device="cuda")
+        fast = PlanesLinear(layer)
+        x = torch.randn(1, in_f, dtype=dtype, device="cuda")
+        ref = x.float() @ layer.weight_float().t()
+        y = cuda_gemv.gemv(x, fast.planes(), fast.scale, fast.zero, bits, group, fast.tile, out_f)
+        assert y is not None and y.dtype == dtype and _rel(y, ref) < 1e-2, (out_f, in_f, group)
+        assert _rel(fast(x), ref + layer.bias.float()) < 1e-2
+
+
 @cuda
 def test_tinygemm_matches_packed_linear_on_cuda():
     layer = _random_layer(4, out_f=384, in_f=512, group=128, device="cuda")

@@ -1,0 +1,136 @@
+"""The one-row product (batch-1 decoding) in CUDA C++: `cuda/gemv_planes.cu`, built on first use.
+
+Why a second GEMV beside the Triton one: batch-1 decoding reads every weight once per token, so a
+product should cost its bytes, and the Triton GEMV is bound by instruction issue (9-11 instructions
+per weight; docs/benchmarks.md). The CUDA kernel reads the same bit-plane layout, so a layer holds
+one copy of its bits for every batch size; it serves widths 2, 3, 4 and 8 at one row, and every
+other case goes on to the Triton kernels.
+
+It is built with torch's extension builder (nvcc and a C++ compiler, once per machine and source;
+the build is cached in torch's extensions folder, outside the repository). Where it cannot be built
+(no nvcc, a failed build) one warning says so and the Triton GEMV serves: slower, never wrong.
+`AMQ_CUDA_GEMV=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from amq.runtime.layout import plane_widths
+
+log = logging.getLogger(__name__)
+
+ENV = "AMQ_CUDA_GEMV"
+SOURCE = Path(__file__).with_name("cuda") / "gemv_planes.cu"
+WIDTHS = (2, 3, 4, 8)  # the instantiated plane pairs: (2, 0), (2, 1), (4, 0), (8, 0)
+# (rows per block, warps per block, 16-byte loads per thread, row and step): the `shape` of the .cu
+SHAPES = ((4, 4, 1), (8, 4, 1), (4, 2, 2))
+GROUPS_PER_TILE = (1, 2)  # instantiated: a tile's runs fall into 1 or 2 quantization groups
+
+_WRAPPER = """
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+
+bool amq_gemv_planes(const void* x, bool bf16, const int32_t* p0, const int32_t* p1, const void* scale, const void* zero, void* y,
+                     int p0w, int p1w, int n, int k, int tile, int group, int gpt, int shape, cudaStream_t stream);
+
+torch::Tensor gemv(torch::Tensor x, torch::Tensor p0, torch::Tensor p1, torch::Tensor scale, torch::Tensor zero,
+                   int64_t p0w, int64_t p1w, int64_t n, int64_t tile, int64_t group, int64_t gpt, int64_t shape) {
+  auto y = torch::empty({1, n}, x.options());
+  const bool ok = amq_gemv_planes(x.data_ptr(), x.scalar_type() == at::kBFloat16, p0.data_ptr<int32_t>(), p1.data_ptr<int32_t>(),
+                                  scale.data_ptr(), zero.data_ptr(), y.data_ptr(), p0w, p1w, n, x.size(1), tile, group, gpt, shape,
+                                  at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(ok, "amq gemv_planes: no kernel for planes (", p0w, ", ", p1w, "), shape ", shape);
+  return y;
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _module(capability: tuple[int, int]) -> ModuleType | None:
+    """The built extension for one compute capability, or None (logged once) where it cannot be built."""
+    if os.environ.get(ENV, "1").strip() == "0":
+        return None
+    arch = f"{capability[0]}{capability[1]}"
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        log.info("building the CUDA GEMV for sm_%s (once per machine; cached by torch)", arch)
+        return load_inline(
+            name=f"amq_gemv_planes_sm{arch}",
+            cpp_sources=_WRAPPER,
+            cuda_sources=SOURCE.read_text(),
+            functions=["gemv"],
+            extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+            verbose=False,
+        )
+    except Exception as exc:  # no nvcc, no compiler, a failed build: the Triton GEMV serves
+        log.warning(
+            "the CUDA GEMV could not be built (%s: %s); one-row products use the Triton GEMV (%s=0 silences this)", type(exc).__name__, str(exc)[:300], ENV
+        )
+        return None
+
+
+def available(device: torch.device) -> bool:
+    """Whether the CUDA GEMV is built (building it now if need be) for this device."""
+    return device.type == "cuda" and _module(torch.cuda.get_device_capability(device)) is not None
+
+
+def fits(x: torch.Tensor, planes: list[torch.Tensor], scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, tile: int) -> bool:
+    """Whether the kernel takes this product: one row of bf16/fp16 activations, a width it was built
+    for, whole 16-byte loads of every row's words (4 words per tile and plane), 1 or 2 groups per
+    tile, fp16 scale and zero."""
+    if not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous()):
+        return False
+    if bits not in WIDTHS or (tile * plane_widths(bits)[0] // 32) % 4 or _groups_per_tile(bits, tile, group_size) not in GROUPS_PER_TILE:
+        return False
+    if x.data_ptr() % 8 or any(p.dtype != torch.int32 or not p.is_contiguous() or p.data_ptr() % 16 for p in planes):
+        return False
+    return all(t.dtype == torch.float16 and t.is_contiguous() for t in (scale, zero))
+
+
+def gemv(
+    x: torch.Tensor,
+    planes: list[torch.Tensor],
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    tile: int,
+    n: int,
+    shape: int | None = None,
+) -> torch.Tensor | None:
+    """y (1, n) = x (1, k) @ W.T, or None where the kernel does not take the product (`fits`) or is
+    not built: the caller then uses the Triton GEMV."""
+    if not fits(x, planes, scale, zero, bits, group_size, tile):
+        return None
+    module = _module(torch.cuda.get_device_capability(x.device))
+    if module is None:
+        return None
+    widths = plane_widths(bits)
+    p0w, p1w = widths[0], widths[1] if len(widths) > 1 else 0
+    gpt = _groups_per_tile(bits, tile, group_size)
+    return module.gemv(x, planes[0], planes[-1], scale, zero, p0w, p1w, n, tile, group_size, gpt, block_shape(bits, n, x.shape[1]) if shape is None else shape)
+
+
+def block_shape(bits: int, n: int, k: int) -> int:
+    """The block shape (index into SHAPES) measured best for this width and layer shape on one H200
+    (Llama-2-7B's three shapes, docs/benchmarks.md): with few words per row (k <= 4096) two loads per
+    thread and row hide more latency; 4 and 8 bits want 8 rows per block on the large layers."""
+    if bits == 8:
+        return 1
+    if bits == 4:
+        return 1 if max(n, k) > 4096 else 2
+    return 2 if k <= 4096 else 0
+
+
+def _groups_per_tile(bits: int, tile: int, group_size: int) -> int:
+    """Groups a tile's runs fall into (a run never straddles two: `layout.tile_size`)."""
+    runs, w_tile = 32 // plane_widths(bits)[0], tile * plane_widths(bits)[0] // 32
+    return runs // min(runs, max(1, group_size // w_tile))
