@@ -24,8 +24,8 @@ PLANES, TINYGEMM = PlanesLinear.kernel, TinyGemmLinear.kernel
 KERNELS: dict[str, type[nn.Module]] = {PLANES: PlanesLinear, TINYGEMM: TinyGemmLinear}
 
 # Measured on one H200 (bf16 activations, group 128; docs/benchmarks.md): the bit-plane kernels
-# serve every width and every batch size; tinygemm is faster for 4-bit at one row (1.7-1.9x bf16
-# per product against 0.9-1.1x) but slower than bf16 from 16 rows on (0.5x) and 25x slower at
+# serve every width and every batch size; tinygemm is a little faster for 4-bit at one row (1.8-2.0x
+# bf16 per product against 1.66-1.79x for the CUDA GEMV) but slower than bf16 from 16 rows on (0.5x) and 25x slower at
 # prefill, so it is opt-in (`kernels={4: "tinygemm_int4"}`) for batch-1 decoding only.
 DEFAULT_KERNELS: dict[int, str] = {2: PLANES, 3: PLANES, 4: PLANES, 8: PLANES}
 TINYGEMM_GROUPS = (32, 64, 128, 256)
