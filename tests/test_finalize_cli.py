@@ -17,10 +17,6 @@ from omegaconf import OmegaConf
 from test_finalize import check_plain_transformers_reproduces
 
 
-def _finalize_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return run_module("cli.finalize", args)
-
-
 def _refused(args: list[str], capfd) -> subprocess.CompletedProcess:
     """`amq-finalize` in this process, for requests it refuses before any work."""
     from amq.cli.finalize import main
@@ -61,7 +57,7 @@ def test_awq_finalizes_a_finished_run_into_its_own_directory(awq_finalized, tmp_
 def test_gptq_finalizes_a_finished_run_into_its_own_directory(run_copy, tmp_path):
     before = tree_digest(run_copy)
     args = ["finalizer=gptq", "finalize.targets=[4.25]", "finalize.baselines=false", "finalize.extra_front_points=0", "finalize.window=256"]
-    proc = _finalize_cli([str(run_copy), *args, "finalize.max_windows=1", "num_threads=2"])
+    proc = run_module("cli.finalize", [str(run_copy), *args, "finalize.max_windows=1", "num_threads=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     (out,) = list((run_copy / "finalized").iterdir())
     check_finalized(Finalized(run_copy, out, proc, before), "4.25", tmp_path)

@@ -201,7 +201,6 @@ def test_cli_search_on_local_text(tmp_path, texts, embedded, monkeypatch, capfd)
     # runs, so the sensitivity table they measured is reused (any new text costs minutes of it on CPU);
     # one search iteration is enough to show the data path works end to end.
     calib, out = _embedded_calibration_file(tmp_path, embedded), tmp_path / "out"
-    # (the CLI's entry point, in this process)
     proc = run_cli_in_process(
         [*SMOKE, "budget.iterations=1", "data=text", f"data.calibration={calib}", f"data.heldout={texts['held']}"], out, monkeypatch, capfd
     )
