@@ -4,7 +4,8 @@ The kernels share one loading step. A program loads the W words of one tile of i
 (one coalesced load per plane); for each of the 32 / p shifts j it gets codes j * W .. j * W + W - 1,
 a contiguous run inside one quantization group, so each run needs one scale and zero per row:
 
-- `_gemv_kernel`: one activation row (batch-1 decoding), accumulating `w * x` in float32 registers;
+- `_gemv_kernel`: one activation row (batch-1 decoding), accumulating `w * x` in float32 registers,
+  where the faster CUDA GEMV (`amq.runtime.cuda_gemv`) is not built or does not take the layer;
 - `_gemm_kernel`: a few rows (batched decoding): each run is dequantized to the activation dtype and
   multiplied on the tensor cores (`tl.dot`, the weight as the first operand);
 - `_gemm_paired_kernel`: the same for single-plane widths of at most 4 bits, but the codes go to the
