@@ -22,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-from amq.runtime.layout import plane_widths
+from amq.runtime.layout import plane_widths, runs_per_group
 
 log = logging.getLogger(__name__)
 
@@ -132,5 +132,4 @@ def block_shape(bits: int, n: int, k: int) -> int:
 
 def _groups_per_tile(bits: int, tile: int, group_size: int) -> int:
     """Groups a tile's runs fall into (a run never straddles two: `layout.tile_size`)."""
-    runs, w_tile = 32 // plane_widths(bits)[0], tile * plane_widths(bits)[0] // 32
-    return runs // min(runs, max(1, group_size // w_tile))
+    return 32 // plane_widths(bits)[0] // runs_per_group(bits, tile, group_size)

@@ -53,6 +53,14 @@ def tile_size(in_features: int, bits: int, group_size: int) -> int | None:
     return None
 
 
+def runs_per_group(bits: int, tile: int, group_size: int) -> int:
+    """How many of a tile's runs (32 / p of them, W = tile * p / 32 codes each, p the widest plane)
+    share one quantization group; `tile_size` makes the group a whole number of runs."""
+    widest = plane_widths(bits)[0]
+    runs = WORD_BITS // widest
+    return min(runs, group_size // (tile * widest // WORD_BITS))
+
+
 def span_tiles(bits: int) -> tuple[int, ...]:
     """Per plane, how many tiles share one block of its words (1 for the widest, p / q for a q-bit plane)."""
     widths = plane_widths(bits)

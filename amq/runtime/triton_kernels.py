@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from amq.runtime.cuda_gemv import gemv
-from amq.runtime.layout import SPLIT_MAX, TILE_ROWS_MAX, plane_widths
+from amq.runtime.layout import SPLIT_MAX, TILE_ROWS_MAX, plane_widths, runs_per_group
 
 
 @triton.jit
@@ -431,7 +431,7 @@ def _planes(planes: list[torch.Tensor], bits: int, tile: int, group_size: int) -
         raise ValueError(f"bits={bits}: the kernels read at most two planes")
     p0, p1 = widths[0], widths[1] if len(widths) > 1 else 0
     w0, runs = tile * p0 // 32, 32 // p0
-    rpg = min(runs, group_size // w0)  # runs per group (a run never straddles groups: layout.tile_size)
+    rpg = runs_per_group(bits, tile, group_size)
     meta = {"T": tile, "P0": p0, "P1": p1, "W0": w0, "RUNS": runs, "GPT": runs // rpg, "RPG": rpg}
     return planes[0], planes[-1], meta
 

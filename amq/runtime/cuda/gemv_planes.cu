@@ -21,7 +21,6 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 #include <cuda_runtime.h>
-#include <utility>
 
 namespace {
 
