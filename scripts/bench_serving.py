@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from amq.quantizers.grid import rtn_quant  # noqa: E402
 from amq.quantizers.packed import PackedLinear, dequantize_packed  # noqa: E402
 from amq.runtime import PlanesLinear, TinyGemmLinear  # noqa: E402
+from amq.runtime.fuse import SiblingGroup, fuse_siblings  # noqa: E402
 from amq.runtime.layout import split_workspace  # noqa: E402
 
 log = logging.getLogger("bench_serving")
@@ -267,6 +268,10 @@ def allocate(numel: dict[str, int], target: float, widths: tuple[int, ...] = WID
 
 
 def set_layers(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Swap `modules` in by name; the stacked sibling layers of the previous configuration go."""
+    for parent in list(model.modules()):
+        for child in [n for n, m in parent.named_children() if isinstance(m, SiblingGroup)]:
+            delattr(parent, child)
     for name, m in modules.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, m)
@@ -390,13 +395,13 @@ def e2e(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     log.info("quantized %d linears x %d widths in %.1f s", len(names), len(WIDTHS), time.monotonic() - t0)
     info = {"linears": len(names), "linear_params": sum(numel.values()), "non_linear_bytes": non_linear}
 
-    configs: list[tuple[str, dict[str, int] | None, str]] = [("bf16", None, "planes")] if args.bf16 else []
-    configs += [("uniform 4", {n: 4 for n in names}, four) for four in args.four_bit]
+    configs: list[tuple[str, dict[str, int] | None, str, bool]] = [("bf16", None, "planes", False)] if args.bf16 else []
+    configs += [("uniform 4", {n: 4 for n in names}, four, stacked) for four in args.four_bit for stacked in args.stack]
     for target in args.targets:
         alloc = allocate(numel, target)
-        configs += [(f"mixed {target:g}", alloc, four) for four in args.mixed_four_bit]
+        configs += [(f"mixed {target:g}", alloc, four, stacked) for four in args.mixed_four_bit for stacked in args.stack]
     rows = []
-    for label, alloc, four in configs:
+    for label, alloc, four, stacked in configs:
         if alloc is None:
             set_layers(model, dense)
             kernels = "cuBLAS bf16"
@@ -404,6 +409,8 @@ def e2e(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         else:
             set_layers(model, {n: fast[(n, b, four if b == 4 else "planes")] for n, b in alloc.items()})
             kernels = "planes" if four == "planes" else "planes + tinygemm (4-bit)"
+            if stacked:
+                kernels += f", {len(fuse_siblings(model))} stacked"
             expected = non_linear + sum(numel[n] * (b + 32 / args.group_size) / 8 for n, b in alloc.items())
         weights = model_bytes(model)
         torch.cuda.synchronize()
@@ -497,6 +504,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="time the bf16 model (the ratios' baseline)")
     p.add_argument(
         "--mixed-four-bit", nargs="+", choices=["planes", "tinygemm"], default=["planes"], help="kernels tried for the 4-bit layers of mixed configurations"
+    )
+    p.add_argument(
+        "--stack",
+        nargs="+",
+        type=lambda v: {"on": True, "off": False}[v],
+        default=[True],
+        metavar="{on,off}",
+        help="stack q/k/v and gate/up of one width into one layer (amq.runtime.fuse); 'on off' times both",
     )
     p.add_argument("--micro-seconds", type=float, default=200, help="stop adding optional candidates after this")
     p.add_argument("--group-size", type=int, default=128)

@@ -22,6 +22,7 @@ from amq.modeling.discovery import discover_layout
 from amq.quantizers.grid import rtn_quant
 from amq.quantizers.packed import GroupQuant, PackedLinear, packed_bytes, replace_linears
 from amq.runtime import PlanesLinear, TinyGemmLinear, convert, served
+from amq.runtime.fuse import SiblingGroup, SiblingLinear, stack
 from amq.runtime.layout import SPLIT_MAX, TILE_ROWS_MAX, pack_planes, plane_widths, span_tiles, tile_size, unpack_planes
 
 GROUP = 64
@@ -184,6 +185,52 @@ def test_width_without_kernel_falls_back_and_says_so(smollm2, caplog):
     assert list(chosen.values()).count("fallback") == 1 and "no fast kernel" in caplog.text
 
 
+def test_sibling_group_computes_once_per_input_and_stays_right_on_other_inputs(monkeypatch):
+    """Stacked q/k/v: one product per input for all three members; a member called on another
+    input, on the same tensor changed in place, or twice, gets a fresh product, never a stale one."""
+    layers = [PlanesLinear(_random_layer(4, out_f=n)) for n in (96, 32, 32)]
+    group = SiblingGroup(stack(layers), [m.out_features for m in layers])
+    members = [SiblingLinear(group, i) for i in range(3)]
+    calls = []
+    real = PlanesLinear.forward
+    monkeypatch.setattr(PlanesLinear, "forward", lambda self, x: calls.append(1) or real(self, x))
+    x, other = torch.randn(2, 5, 256, dtype=torch.bfloat16), torch.randn(2, 5, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ys = [m(x) for m in members]
+        assert len(calls) == 1 and group._output is None  # one product; released once all took theirs
+        for y, layer in zip(ys, layers):
+            assert y.shape == (2, 5, layer.out_features) and torch.equal(y, real(layer, x))
+        assert torch.equal(members[0](x), ys[0]) and torch.equal(members[1](other), real(layers[1], other))
+        assert torch.equal(members[1](x), ys[1]) and len(calls) == 4  # k on another input, then back on x: fresh each time
+        members[0](x), members[0](x)  # the same member twice: the second is a fresh product
+        x.mul_(2)
+        assert torch.equal(members[2](x), real(layers[2], x))  # changed in place: not the stale rows
+
+
+def test_convert_stacks_siblings_of_one_width_and_keeps_the_logits(smollm2):
+    """Uniform 4-bit SmolLM2: q/k/v and gate/up become one layer each (no copy of their planes) with
+    the unstacked model's logits; in a mixed model only the sets that share a width are stacked."""
+    packed = _packed_model(smollm2, lambda i: 4)
+    plain, fused = copy.deepcopy(packed), copy.deepcopy(packed)
+    convert(plain, fuse=False)
+    convert(fused)
+    groups = [m for m in fused.modules() if isinstance(m, SiblingGroup)]
+    assert len(groups) == 2 * BLOCKS and not any(isinstance(m, SiblingGroup) for m in plain.modules())
+    assert isinstance(fused.model.layers[0].self_attn.k_proj, SiblingLinear)
+
+    def plane_bytes(model):
+        return sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "plane" in n)
+
+    assert plane_bytes(fused) == plane_bytes(plain)
+    ids = torch.arange(100, 164).view(1, -1)
+    with torch.no_grad():
+        assert torch.equal(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
+    mixed = _packed_model(smollm2, lambda i: 8 if i % 7 == 4 else 4)  # gate of every block at 8 bits
+    convert(mixed)
+    assert [type(m).__name__ for m in mixed.modules() if isinstance(m, SiblingGroup)] == ["SiblingGroup"] * BLOCKS
+    assert isinstance(mixed.model.layers[0].mlp.up_proj, PlanesLinear)
+
+
 @cuda
 def test_served_on_cuda():
     assert all(served(b, 128) is not None for b in SERVED)
@@ -254,6 +301,19 @@ def test_cuda_gemv_matches_packed_linear(bits, dtype):
         y = cuda_gemv.gemv(x, fast.planes(), fast.scale, fast.zero, bits, group, fast.tile, out_f)
         assert y is not None and y.dtype == dtype and _rel(y, ref) < 1e-2, (out_f, in_f, group)
         assert _rel(fast(x), ref + layer.bias.float()) < 1e-2
+
+
+@cuda
+@pytest.mark.parametrize("bits", SERVED)
+@pytest.mark.parametrize("rows", [1, 7, 100])
+def test_stacked_siblings_match_their_own_layers_on_cuda(bits, rows):
+    """The stacked product (GEMV, tile kernel, dequantize + cuBLAS by rows) sliced per member is each
+    member's own product."""
+    layers = [PlanesLinear(_random_layer(bits, out_f=n, in_f=512, group=128, device="cuda")) for n in (384, 128, 128)]
+    group = SiblingGroup(stack(layers), [m.out_features for m in layers])
+    x = torch.randn(rows, 512, dtype=torch.bfloat16, device="cuda")
+    for i, layer in enumerate(layers):
+        assert _rel(SiblingLinear(group, i)(x), layer(x)) < 1e-3
 
 
 @cuda

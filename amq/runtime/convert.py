@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from amq.quantizers.packed import PackedLinear
+from amq.runtime.fuse import fuse_siblings
 from amq.runtime.layout import plane_widths, split_workspace, tile_size
 from amq.runtime.linear import GEMM_MAX_ROWS, PlanesLinear, TinyGemmLinear, inner_k_tiles
 
@@ -106,13 +107,16 @@ def convert(
     kernels: Mapping[int, str] | None = None,
     dtype: torch.dtype | None = None,
     gemm_max_rows: int = GEMM_MAX_ROWS,
+    fuse: bool = True,
 ) -> dict[str, str]:
     """Replace every `PackedLinear` of `model` that a kernel serves by that kernel's layer, in place.
 
     Convert on the device the model runs on (tinygemm's layout depends on it, and the bit-plane
     layers of one device share one split-K scratch, so moving them afterwards gives each a copy).
-    `dtype` is the activation dtype (default: the model's first floating parameter's). Returns
-    {layer name: kernel name}, with "fallback" for layers left as PackedLinear.
+    `dtype` is the activation dtype (default: the model's first floating parameter's). With `fuse`,
+    sibling projections of one width (q/k/v, gate/up) are then stacked into one layer each
+    (`amq.runtime.fuse`). Returns {layer name: kernel name}, with "fallback" for layers left as
+    PackedLinear.
     """
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
@@ -136,4 +140,6 @@ def convert(
         chosen[name] = kernel
     counts = {k: sum(v == k for v in chosen.values()) for k in sorted(set(chosen.values()))}
     log.info("converted %d packed layers: %s", len(chosen), counts)
+    if fuse:
+        fuse_siblings(model)
     return chosen

@@ -1,0 +1,158 @@
+"""Sibling projections that read the same input, multiplied as one layer (q/k/v, gate/up).
+
+Why: at batch-1 decoding a product costs its bytes plus a fixed part (launch, ramp-up, the tail of
+the last wave), and the fixed part weighs most on the smaller layers. q, k and v (and gate and up)
+multiply the same activations, so when they share a width, group size and tile their bit planes
+can be stacked row-wise into one layer: one launch instead of three, over a taller weight that
+fills the GPU better. The members' planes are rows of the stacked ones, so the model holds no copy.
+
+Each member becomes a `SiblingLinear` that asks its `SiblingGroup` for its rows of the stacked
+product. The group computes the product once per input and hands out slices (views, no copy) until
+every member has taken its own; a member called with another input (or the same tensor changed in
+place) gets a fresh product, so a model that calls the members on different inputs stays right,
+only without the saving. Which children are siblings is named per architecture family in
+`SIBLINGS`; children missing, or of different widths, stay as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from amq.runtime.layout import split_workspace
+from amq.runtime.linear import PlanesLinear
+
+log = logging.getLogger(__name__)
+
+# Child names that multiply one input, in the order the stacked rows take (Llama, Mistral, Qwen2,
+# Gemma 1-3, Phi-3's split form, OLMo; the fused GPT-2 / Falcon forms are one layer already).
+SIBLINGS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def _key(layer: PlanesLinear) -> tuple:
+    """What members must share to be stacked: the kernel geometry and the dtypes and devices."""
+    return (
+        layer.in_features,
+        layer.bits,
+        layer.group_size,
+        layer.tile,
+        layer.gemm_max_rows,
+        layer.scale.dtype,
+        layer.scale.device,
+        layer.input_scale is None,
+        layer.bias is None,
+    )
+
+
+def stackable(layers: Sequence[nn.Module]) -> bool:
+    """True when every layer is a `PlanesLinear` and all share geometry and input scale."""
+    if len(layers) < 2 or not all(type(m) is PlanesLinear for m in layers):
+        return False
+    first = layers[0]
+    if any(_key(m) != _key(first) for m in layers[1:]):
+        return False
+    return first.input_scale is None or all(torch.equal(m.input_scale, first.input_scale) for m in layers[1:])
+
+
+class SiblingGroup(nn.Module):
+    """The stacked layer of a sibling set and the one product it shares among its members."""
+
+    def __init__(self, stacked: PlanesLinear, sizes: Sequence[int]) -> None:
+        super().__init__()
+        self.stacked = stacked
+        self.bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
+        self._input: torch.Tensor | None = None
+        self._version = -1
+        self._output: torch.Tensor | None = None
+        self._taken: set[int] = set()
+
+    def _fresh(self, x: torch.Tensor, index: int) -> bool:
+        if self._input is not x or index in self._taken:
+            return False
+        return torch.compiler.is_compiling() or x._version == self._version  # traced code sees no in-place change
+
+    def rows(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Member `index`'s output for `x`: its columns of the stacked product (a view)."""
+        if not self._fresh(x, index):
+            self._input, self._output, self._taken = x, self.stacked(x), set()
+            if not torch.compiler.is_compiling():
+                self._version = x._version
+        start, stop = self.bounds[index]
+        y = self._output[..., start:stop]
+        self._taken.add(index)
+        if len(self._taken) == len(self.bounds):  # every member served: let the tensors go
+            self._input, self._output, self._taken = None, None, set()
+        return y
+
+
+class SiblingLinear(nn.Module):
+    """One member of a sibling set: rows `bounds[index]` of its group's stacked layer."""
+
+    def __init__(self, group: SiblingGroup, index: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "group", group)  # owned by the parent module, not by each member
+        self.index = index
+        start, stop = group.bounds[index]
+        self.in_features, self.out_features = group.stacked.in_features, stop - start
+        self.bits, self.group_size = group.stacked.bits, group.stacked.group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.rows(x, self.index)
+
+    def extra_repr(self) -> str:
+        start, stop = self.group.bounds[self.index]
+        return f"rows {start}:{stop} of a stacked {self.bits}-bit layer, in_features={self.in_features}"
+
+
+def stack(layers: Sequence[PlanesLinear], workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> PlanesLinear:
+    """One `PlanesLinear` whose rows are `layers`' rows in order (`stackable` must hold)."""
+    first = layers[0]
+    out = PlanesLinear.__new__(PlanesLinear)
+    nn.Module.__init__(out)
+    out.in_features, out.out_features = first.in_features, sum(m.out_features for m in layers)
+    out.bits, out.group_size, out.gemm_max_rows, out.tile, out.n_planes = first.bits, first.group_size, first.gemm_max_rows, first.tile, first.n_planes
+    for i in range(first.n_planes):
+        out.register_buffer(f"plane{i}", torch.cat([m.planes()[i] for m in layers]))
+    out.register_buffer("scale", torch.cat([m.scale for m in layers]))
+    out.register_buffer("zero", torch.cat([m.zero for m in layers]))
+    out.register_buffer("input_scale", first.input_scale)
+    out.register_buffer("bias", None if first.bias is None else torch.cat([m.bias for m in layers]))
+    partial, count = split_workspace(out.out_features, first.scale.device) if workspace is None else workspace
+    out.register_buffer("split_partial", partial, persistent=False)
+    out.register_buffer("split_count", count, persistent=False)
+    return out
+
+
+def fuse_siblings(model: nn.Module, siblings: Sequence[Sequence[str]] = SIBLINGS) -> list[str]:
+    """Stack every sibling set of `PlanesLinear` children that `stackable` allows, in place.
+
+    The stacked layer goes on the parent as `<first>_<last>_stacked` (e.g. `q_proj_v_proj_stacked`)
+    and each member is replaced by a `SiblingLinear`; the members' own planes are freed. Sets on
+    one device share one split-K scratch sized for the tallest stack. Returns the names of the
+    stacked layers."""
+    found: list[tuple[nn.Module, str, list[str]]] = []
+    for name, parent in model.named_modules():
+        for names in siblings:
+            layers = [getattr(parent, n, None) for n in names]
+            if all(m is not None for m in layers) and stackable(layers):
+                found.append((parent, name, list(names)))
+    rows: dict[torch.device, int] = {}
+    for parent, _, names in found:
+        device = getattr(parent, names[0]).scale.device
+        rows[device] = max(rows.get(device, 0), sum(getattr(parent, n).out_features for n in names))
+    workspaces = {device: split_workspace(n, device) for device, n in rows.items()}
+    stacked_names = []
+    for parent, name, names in found:
+        layers = [getattr(parent, n) for n in names]
+        stacked = stack(layers, workspaces[layers[0].scale.device])
+        group = SiblingGroup(stacked, [m.out_features for m in layers])
+        attr = f"{names[0]}_{names[-1]}_stacked"
+        setattr(parent, attr, group)
+        for i, n in enumerate(names):
+            setattr(parent, n, SiblingLinear(group, i))
+        stacked_names.append(f"{name}.{attr}" if name else attr)
+    log.info("stacked %d sibling sets of bit-plane layers", len(stacked_names))
+    return stacked_names
