@@ -26,8 +26,9 @@ KERNELS: dict[str, type[nn.Module]] = {PLANES: PlanesLinear, TINYGEMM: TinyGemmL
 
 # Measured on one H200 (bf16 activations, group 128; docs/benchmarks.md): the bit-plane kernels
 # serve every width and every batch size; tinygemm is a little faster for 4-bit at one row (1.8-2.0x
-# bf16 per product against 1.66-1.79x for the CUDA GEMV) but slower than bf16 from 16 rows on (0.5x) and 25x slower at
-# prefill, so it is opt-in (`kernels={4: "tinygemm_int4"}`) for batch-1 decoding only.
+# bf16 per product against 1.66-1.79x for the CUDA GEMV) but slower than bf16 from 16 rows on (0.5x)
+# and 25x slower at prefill, so it is opt-in (`kernels={4: "tinygemm_int4"}`) for batch-1 decoding
+# only; its layers are never stacked (`amq.runtime.fuse` stacks bit-plane layers).
 DEFAULT_KERNELS: dict[int, str] = {2: PLANES, 3: PLANES, 4: PLANES, 8: PLANES}
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)

@@ -27,8 +27,9 @@ from amq.runtime.linear import PlanesLinear
 
 log = logging.getLogger(__name__)
 
-# Child names that multiply one input, in the order the stacked rows take (Llama, Mistral, Qwen2,
-# Gemma 1-3, Phi-3's split form, OLMo; the fused GPT-2 / Falcon forms are one layer already).
+# Child names that multiply one input, in the order the stacked rows take: attention and MLP of
+# Llama, Mistral, Qwen2/3, Gemma 1-3 and OLMo, and Mixtral's experts (w1, w3). Phi-3, GPT-2, Falcon
+# and GPT-NeoX hold these projections as one layer already.
 SIBLINGS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 
