@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from amq.quantizers.grid import rtn_quant  # noqa: E402
 from amq.quantizers.packed import PackedLinear, dequantize_packed  # noqa: E402
 from amq.runtime import PlanesLinear, TinyGemmLinear  # noqa: E402
-from amq.runtime.fuse import SiblingGroup, fuse_siblings  # noqa: E402
+from amq.runtime.fuse import SIBLINGS, SiblingGroup, fuse_siblings  # noqa: E402
 from amq.runtime.layout import split_workspace  # noqa: E402
 
 log = logging.getLogger("bench_serving")
@@ -241,29 +241,37 @@ def layer_score(name: str) -> float:
     return role_w * edge * (1.0 + 0.3 * math.sin(1.7 * block + len(role)))
 
 
-def allocate(numel: dict[str, int], target: float, widths: tuple[int, ...] = WIDTHS) -> dict[str, int]:
+def allocate(numel: dict[str, int], target: float, widths: tuple[int, ...] = WIDTHS, share: bool = False) -> dict[str, int]:
     """Greedy allocation to `target` average bits (weights only, by numel): start all at the lowest
-    width; repeatedly move up the layer whose noise (score * 4**-bits) falls most per added bit."""
-    bits = {n: widths[0] for n in numel}
-    total = sum(numel.values())
-    budget = target * total - sum(numel[n] * bits[n] for n in numel)
+    width; repeatedly move up the unit whose noise (score * 4**-bits) falls most per added bit. A
+    unit is one linear, or with `share` one sibling set of a block (q/k/v, gate/up: one width, as
+    `search=amq_fused` gives them), whose score is its members' total."""
+    units: dict[str, list[str]] = {}
+    for n in numel:
+        role = n.rsplit(".", 1)[-1]
+        sibling = next((s for s in SIBLINGS if role in s), None) if share else None
+        units.setdefault(n.rsplit(".", 1)[0] + "." + "+".join(sibling) if sibling else n, []).append(n)
+    size = {u: sum(numel[n] for n in ns) for u, ns in units.items()}
+    score = {u: sum(layer_score(n) for n in ns) for u, ns in units.items()}
+    bits = {u: widths[0] for u in units}
+    budget = target * sum(numel.values()) - sum(size[u] * bits[u] for u in units)
 
-    def gain(n: str) -> tuple[float, int] | None:
-        i = widths.index(bits[n])
+    def gain(u: str) -> tuple[float, int] | None:
+        i = widths.index(bits[u])
         if i + 1 == len(widths):
             return None
         up = widths[i + 1]
-        return layer_score(n) * (4.0 ** -bits[n] - 4.0**-up) / (up - bits[n]), up
+        return score[u] * (4.0 ** -bits[u] - 4.0**-up) / (up - bits[u]), up
 
     while True:
         best = None
-        for n in numel:
-            g = gain(n)
-            if g is not None and numel[n] * (g[1] - bits[n]) <= budget + 1e-6 and (best is None or g[0] > best[1]):
-                best = (n, g[0], g[1])
+        for u in units:
+            g = gain(u)
+            if g is not None and size[u] * (g[1] - bits[u]) <= budget + 1e-6 and (best is None or g[0] > best[1]):
+                best = (u, g[0], g[1])
         if best is None:
-            return bits
-        budget -= numel[best[0]] * (best[2] - bits[best[0]])
+            return {n: bits[u] for u, ns in units.items() for n in ns}
+        budget -= size[best[0]] * (best[2] - bits[best[0]])
         bits[best[0]] = best[2]
 
 
@@ -398,7 +406,7 @@ def e2e(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     configs: list[tuple[str, dict[str, int] | None, str, bool]] = [("bf16", None, "planes", False)] if args.bf16 else []
     configs += [("uniform 4", {n: 4 for n in names}, four, stacked) for four in args.four_bit for stacked in args.stack]
     for target in args.targets:
-        alloc = allocate(numel, target)
+        alloc = allocate(numel, target, share=args.share_siblings)
         configs += [(f"mixed {target:g}", alloc, four, stacked) for four in args.mixed_four_bit for stacked in args.stack]
     rows = []
     for label, alloc, four, stacked in configs:
@@ -512,6 +520,11 @@ def main(argv: list[str] | None = None) -> int:
         default=[True],
         metavar="{on,off}",
         help="stack q/k/v and gate/up of one width into one layer (amq.runtime.fuse); 'on off' times both",
+    )
+    p.add_argument(
+        "--share-siblings",
+        action="store_true",
+        help="mixed allocations give each block's q/k/v and gate/up one width (as search=amq_fused does), so every set stacks",
     )
     p.add_argument("--micro-seconds", type=float, default=200, help="stop adding optional candidates after this")
     p.add_argument("--group-size", type=int, default=128)
