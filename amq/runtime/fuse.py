@@ -10,8 +10,10 @@ Each member becomes a `SiblingLinear` that asks its `SiblingGroup` for its rows 
 product. The group computes the product once per input and hands out slices (views, no copy) until
 every member has taken its own; a member called with another input (or the same tensor changed in
 place) gets a fresh product, so a model that calls the members on different inputs stays right,
-only without the saving. Which children are siblings is named per architecture family in
-`SIBLINGS`; children missing, or of different widths, stay as they are.
+only without the saving (under torch.compile only identity is checked; `SiblingGroup._fresh`).
+Which children are siblings is named per architecture family in `SIBLINGS`; children missing, or
+of different widths, stay as they are. A search with `search=amq_fused` gives siblings one width,
+so every set of its configurations stacks.
 """
 
 from __future__ import annotations
@@ -73,7 +75,10 @@ class SiblingGroup(nn.Module):
     def _fresh(self, x: torch.Tensor, index: int) -> bool:
         if self._input is not x or index in self._taken:
             return False
-        return torch.compiler.is_compiling() or x._version == self._version  # traced code sees no in-place change
+        # torch.compile does not trace version counters: there only identity is checked, so an
+        # in-place change of the input between two members' calls would go unseen (no Hugging Face
+        # block makes one)
+        return torch.compiler.is_compiling() or x._version == self._version
 
     def rows(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Member `index`'s output for `x`: its columns of the stacked product (a view)."""
