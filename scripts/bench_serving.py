@@ -13,7 +13,9 @@ One command builds, checks and times everything (docs/benchmarks.md, "Serving sp
    round-to-nearest at group 128 once per width; a configuration swaps the converted layers in.
    Configurations: bf16, uniform 4-bit (each 4-bit kernel), and mixed allocations at 2.5 / 3 / 3.5 /
    4 average bits over {2, 3, 4, 8} (greedy allocation from a deterministic per-layer score: there
-   is no searched 7B front here). Measured: decode tokens/s at batch 1 and 16 (HF StaticCache, one
+   is no searched 7B front here; `--share-siblings` gives each q/k/v and gate/up set one width, as
+   `search=amq_fused` does). Sibling sets of one width are stacked into one layer as `convert` does
+   (`--stack on off` also times them apart). Measured: decode tokens/s at batch 1 and 16 (HF StaticCache, one
    decode step captured as a CUDA graph, greedy next token inside the graph), prefill tokens/s over
    2048 tokens (last-token logits; eager and as a CUDA graph replay; timed first), weight bytes and peak GPU memory.
 
