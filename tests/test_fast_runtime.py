@@ -185,6 +185,23 @@ def test_width_without_kernel_falls_back_and_says_so(smollm2, caplog):
     assert list(chosen.values()).count("fallback") == 1 and "no fast kernel" in caplog.text
 
 
+def test_serve_with_fast_says_when_siblings_may_not_stack(caplog):
+    """Without shared-precision groups the check says that q/k/v and gate/up may not stack, and
+    which search makes them; with them it says nothing."""
+    from types import SimpleNamespace
+
+    from amq.config.compose import check_serve_with
+
+    layout = SimpleNamespace(linears=[SimpleNamespace(in_features=576), SimpleNamespace(in_features=1536)])  # SmolLM2's widths
+    with caplog.at_level(logging.INFO, logger="amq.config.compose"):
+        check_serve_with("fast", [2, 3, 4], 64, layout, shared=False)
+        assert "search=amq_fused" in caplog.text
+        caplog.clear()
+        check_serve_with("fast", [2, 3, 4], 64, layout, shared=True)
+        check_serve_with(None, [2, 3, 4], 64, layout)
+    assert "amq_fused" not in caplog.text
+
+
 def test_sibling_group_computes_once_per_input_and_stays_right_on_other_inputs(monkeypatch):
     """Stacked q/k/v: one product per input for all three members; a member called on another
     input, on the same tensor changed in place, or twice, gets a fresh product, never a stale one."""
