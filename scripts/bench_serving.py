@@ -405,11 +405,12 @@ def e2e(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     log.info("quantized %d linears x %d widths in %.1f s", len(names), len(WIDTHS), time.monotonic() - t0)
     info = {"linears": len(names), "linear_params": sum(numel.values()), "non_linear_bytes": non_linear}
 
+    stacking = [v == "on" for v in args.stack]
     configs: list[tuple[str, dict[str, int] | None, str, bool]] = [("bf16", None, "planes", False)] if args.bf16 else []
-    configs += [("uniform 4", {n: 4 for n in names}, four, stacked) for four in args.four_bit for stacked in args.stack]
+    configs += [("uniform 4", {n: 4 for n in names}, four, stacked) for four in args.four_bit for stacked in stacking]
     for target in args.targets:
         alloc = allocate(numel, target, share=args.share_siblings)
-        configs += [(f"mixed {target:g}", alloc, four, stacked) for four in args.mixed_four_bit for stacked in args.stack]
+        configs += [(f"mixed {target:g}", alloc, four, stacked) for four in args.mixed_four_bit for stacked in stacking]
     rows = []
     for label, alloc, four, stacked in configs:
         if alloc is None:
@@ -518,9 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--stack",
         nargs="+",
-        type=lambda v: {"on": True, "off": False}[v],
-        default=[True],
-        metavar="{on,off}",
+        choices=["on", "off"],
+        default=["on"],
         help="stack q/k/v and gate/up of one width into one layer (amq.runtime.fuse); 'on off' times both",
     )
     p.add_argument(

@@ -119,16 +119,10 @@ def stack(layers: Sequence[PlanesLinear], workspace: tuple[torch.Tensor, torch.T
     out = PlanesLinear.__new__(PlanesLinear)
     nn.Module.__init__(out)
     out.in_features, out.out_features = first.in_features, sum(m.out_features for m in layers)
-    out.bits, out.group_size, out.gemm_max_rows, out.tile, out.n_planes = first.bits, first.group_size, first.gemm_max_rows, first.tile, first.n_planes
-    for i in range(first.n_planes):
-        out.register_buffer(f"plane{i}", torch.cat([m.planes()[i] for m in layers]))
-    out.register_buffer("scale", torch.cat([m.scale for m in layers]))
-    out.register_buffer("zero", torch.cat([m.zero for m in layers]))
-    out.register_buffer("input_scale", first.input_scale)
-    out.register_buffer("bias", None if first.bias is None else torch.cat([m.bias for m in layers]))
-    partial, count = split_workspace(out.out_features, first.scale.device) if workspace is None else workspace
-    out.register_buffer("split_partial", partial, persistent=False)
-    out.register_buffer("split_count", count, persistent=False)
+    out.bits, out.group_size, out.gemm_max_rows, out.tile = first.bits, first.group_size, first.gemm_max_rows, first.tile
+    planes = [torch.cat(rows) for rows in zip(*(m.planes() for m in layers))]
+    bias = None if first.bias is None else torch.cat([m.bias for m in layers])
+    out.hold(planes, torch.cat([m.scale for m in layers]), torch.cat([m.zero for m in layers]), first.input_scale, bias, workspace)
     return out
 
 
@@ -139,22 +133,20 @@ def fuse_siblings(model: nn.Module, siblings: Sequence[Sequence[str]] = SIBLINGS
     and each member is replaced by a `SiblingLinear`; the members' own planes are freed. Sets on
     one device share one split-K scratch sized for the tallest stack. Returns the names of the
     stacked layers."""
-    found: list[tuple[nn.Module, str, list[str]]] = []
+    found: list[tuple[nn.Module, str, tuple[str, ...], list[PlanesLinear]]] = []
     for name, parent in model.named_modules():
         for names in siblings:
             layers = [getattr(parent, n, None) for n in names]
             if all(m is not None for m in layers) and stackable(layers):
-                found.append((parent, name, list(names)))
+                found.append((parent, name, tuple(names), layers))
     rows: dict[torch.device, int] = {}
-    for parent, _, names in found:
-        device = getattr(parent, names[0]).scale.device
-        rows[device] = max(rows.get(device, 0), sum(getattr(parent, n).out_features for n in names))
+    for *_, layers in found:
+        device = layers[0].scale.device
+        rows[device] = max(rows.get(device, 0), sum(m.out_features for m in layers))
     workspaces = {device: split_workspace(n, device) for device, n in rows.items()}
     stacked_names = []
-    for parent, name, names in found:
-        layers = [getattr(parent, n) for n in names]
-        stacked = stack(layers, workspaces[layers[0].scale.device])
-        group = SiblingGroup(stacked, [m.out_features for m in layers])
+    for parent, name, names, layers in found:
+        group = SiblingGroup(stack(layers, workspaces[layers[0].scale.device]), [m.out_features for m in layers])
         attr = f"{names[0]}_{names[-1]}_stacked"
         setattr(parent, attr, group)
         for i, n in enumerate(names):

@@ -62,18 +62,36 @@ class PlanesLinear(nn.Module):
         if tile is None:
             raise ValueError(f"in_features={layer.in_features}, group_size={layer.group_size}: no tile of the bit-plane layout fits")
         self.tile = tile
-        planes = pack_planes(_codes(layer), layer.bits, tile)
+        self.hold(
+            pack_planes(_codes(layer), layer.bits, tile),
+            layer.scale.detach().clone(),
+            layer.zero.detach().clone(),
+            None if layer.input_scale is None else layer.input_scale.detach().clone(),
+            None if layer.bias is None else layer.bias.detach().clone(),
+            workspace,
+        )
+
+    def hold(
+        self,
+        planes: list[torch.Tensor],
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        input_scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        workspace: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        """Register the layer's tensors as buffers (`amq.runtime.fuse` gives a stacked layer its own)."""
         self.n_planes = len(planes)
         for i, p in enumerate(planes):
             self.register_buffer(f"plane{i}", p)
-        self.register_buffer("scale", layer.scale.detach().clone())
-        self.register_buffer("zero", layer.zero.detach().clone())
-        self.register_buffer("input_scale", None if layer.input_scale is None else layer.input_scale.detach().clone())
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
-        partial, count = split_workspace(layer.out_features, layer.scale.device) if workspace is None else workspace
-        need = [t.numel() for t in split_workspace(layer.out_features, torch.device("meta"))]
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.register_buffer("input_scale", input_scale)
+        self.register_buffer("bias", bias)
+        partial, count = split_workspace(self.out_features, scale.device) if workspace is None else workspace
+        need = [t.numel() for t in split_workspace(self.out_features, torch.device("meta"))]
         if partial.numel() < need[0] or count.numel() < need[1]:
-            raise ValueError(f"the shared split-K workspace is for fewer than out_features={layer.out_features} rows")
+            raise ValueError(f"the shared split-K workspace is for fewer than out_features={self.out_features} rows")
         self.register_buffer("split_partial", partial, persistent=False)  # split-K scratch of the kernels
         self.register_buffer("split_count", count, persistent=False)
 
