@@ -19,7 +19,10 @@ where the method uses it: `amq.bench.token_cost`, plus a search's confirmation p
 one: `search.confirm.samples`), hypervolume (one normalisation for all: metric
 over uniform lowest-width's, bits over the bits window), and at each target the configuration with the lowest calibration metric at or
 under it (where a search confirmed it, the best confirmed one over all its windows: the pick the
-run ships), with its held-out perplexity (proxy weights applied; `amq.evaluation.perplexity`).
+run ships), with its held-out perplexity on every held-out text of the data (proxy weights applied;
+`amq.evaluation.perplexity`): the calibration text's held-out part (`PPL @ t`) and texts of other
+domains (`PPL lee @ t` for the embedded Lee news corpus). A results.json of an earlier version
+that lacks a text is completed on the next run with the same --out.
 Greedy, knapsack and uniform do not depend on the seed and are computed once.
 
     python scripts/bench_quality.py num_threads=1                       # demo budget, seeds 0 1 2
@@ -169,27 +172,35 @@ def run_allocator(
 
 # ------------------------------------------------------------------ reporting
 class HeldoutPerplexity:
-    """Held-out perplexity of a bit configuration with the proxy weights applied (cached per configuration)."""
+    """Held-out perplexity of a bit configuration on every held-out text (the calibration text's
+    held-out part first, then texts of other domains, e.g. the Lee corpus), with the proxy weights
+    applied; cached per configuration."""
 
     def __init__(self, wb: Workbench, protocol: PerplexityProtocol) -> None:
         self.wb, self.protocol = wb, protocol.fit_to(wb.lm.model)
-        self.windows = perplexity_windows(wb.lm.tokenizer, wb.splits.heldout[next(iter(wb.splits.heldout))], self.protocol)
-        self._cache: dict[tuple, float] = {}
+        self.windows = {name: perplexity_windows(wb.lm.tokenizer, docs, self.protocol) for name, docs in wb.splits.heldout.items()}
+        self._cache: dict[tuple, dict[str, float]] = {}
 
-    def __call__(self, bits: dict[str, int] | None) -> float:
+    @property
+    def texts(self) -> list[str]:
+        """The held-out texts' names; the first is the one the `perplexity` columns report."""
+        return list(self.windows)
+
+    def __call__(self, bits: dict[str, int] | None) -> dict[str, float]:
+        """Perplexity per held-out text of `bits` (None: the unquantized model)."""
         key = tuple(sorted(bits.items())) if bits is not None else ()
         if key not in self._cache:
             if bits is None:
                 self.wb.bank.restore()
             else:
                 self.wb.bank.apply(bits)
-            self._cache[key] = perplexity(self.wb.lm.model, self.windows)["perplexity"]
+            self._cache[key] = {name: perplexity(self.wb.lm.model, w, name)["perplexity"] for name, w in self.windows.items()}
         return self._cache[key]
 
     def describe(self) -> dict:
         return {
-            "text": f"held-out {next(iter(self.wb.splits.heldout))} of {self.wb.splits.description}",
-            "tokens": int(self.windows.numel()),
+            "texts": {name: f"held-out {name} of {self.wb.splits.description}" for name in self.windows},
+            "tokens": {name: int(w.numel()) for name, w in self.windows.items()},
             **self.protocol.describe(),
         }
 
@@ -208,7 +219,13 @@ def summarise(ev: Evaluated, targets: Sequence[float], scale: float, brange: tup
     for t in targets:
         i = confirmed_pick(np.where(finite, ev.metric, np.inf), ev.avg_bits, confirmed, t)  # the pick the run ships
         if i is not None:
-            row["at_target"][f"{t:g}"] = {"avg_bits": float(ev.avg_bits[i]), "jsd": float(ev.metric[i]), "perplexity": ppl(ev.configs[i])}
+            by_text = ppl(ev.configs[i])
+            row["at_target"][f"{t:g}"] = {
+                "avg_bits": float(ev.avg_bits[i]),
+                "jsd": float(ev.metric[i]),
+                "perplexity": by_text[ppl.texts[0]],
+                "perplexity_by_text": by_text,
+            }
             if np.isfinite(confirmed[i]):
                 row["at_target"][f"{t:g}"]["confirmed_jsd"] = float(confirmed[i])
     return row
@@ -222,10 +239,12 @@ def _cell(values: list[float], fmt: str) -> str:
     return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
-def markdown_table(results: dict[str, dict[str, dict]], targets: Sequence[float], cost: TokenCost) -> str:
-    """One row per method (the fixed ones first, then any variants), mean ± std over seeds."""
+def markdown_table(results: dict[str, dict[str, dict]], targets: Sequence[float], cost: TokenCost, texts: Sequence[str]) -> str:
+    """One row per method (the fixed ones first, then any variants), mean ± std over seeds; held-out
+    perplexity of the first text as `PPL @ t`, of every other text as `PPL <text> @ t`."""
     ts = [f"{t:g}" for t in targets]
-    head = ["method", "true evals", "calibration tokens (M)", "wall s", "hypervolume", *[f"JSD @ {t}" for t in ts], *[f"PPL @ {t}" for t in ts]]
+    ppl_heads = [f"PPL @ {t}" if i == 0 else f"PPL {text} @ {t}" for i, text in enumerate(texts) for t in ts]
+    head = ["method", "true evals", "calibration tokens (M)", "wall s", "hypervolume", *[f"JSD @ {t}" for t in ts], *ppl_heads]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for method in [*METHODS, *(m for m in results if m not in METHODS)]:
         rows = list(results.get(method, {}).values())
@@ -238,10 +257,22 @@ def markdown_table(results: dict[str, dict[str, dict]], targets: Sequence[float]
             _cell([r["seconds"] for r in rows], ".0f"),
             _cell([r["hypervolume"] for r in rows], ".3f"),
         ]
-        for key, fmt in (("jsd", ".4f"), ("perplexity", ".1f")):
-            cells += [_cell([r["at_target"][t][key] for r in rows if t in r["at_target"]], fmt) for t in ts]
+        cells += [_cell([r["at_target"][t]["jsd"] for r in rows if t in r["at_target"]], ".4f") for t in ts]
+        for text in texts:
+            cells += [_cell([v for r in rows if (v := _perplexity(r, t, text)) is not None], ".1f") for t in ts]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _perplexity(row: dict, target: str, text: str) -> float | None:
+    """A row's held-out perplexity of `text` at `target`, None where it was not measured."""
+    return row["at_target"].get(target, {}).get("perplexity_by_text", {}).get(text)
+
+
+def complete(row: dict | None, texts: Sequence[str]) -> bool:
+    """Whether a stored row has every held-out text at every target it reached (rows of an earlier
+    version measured the first text only: they are summarised again)."""
+    return row is not None and all(_perplexity(row, t, text) is not None for t in row["at_target"] for text in texts)
 
 
 # ------------------------------------------------------------------ driver
@@ -317,7 +348,7 @@ def main() -> None:
         "sensitivity_seconds": table.seconds,
         "calibration_tokens": cost.to_dict(),
     }
-    if "uniform" in methods and "uniform" not in results:
+    if "uniform" in methods and not complete(results.get("uniform", {}).get("all"), ppl.texts):
         record("uniform", "all", uniform)
     factors = width_factors(full, dict(zip(wb.bits, uniform.metric)), table.damage)
     damage = additive_damage(full, table.damage, factors)
@@ -329,23 +360,24 @@ def main() -> None:
         if needs_amq:
             amq = run_amq(cfg)
             n = len(amq.configs)
-        if "amq" in methods and s not in results.get("amq", {}):
+        if "amq" in methods and not complete(results.get("amq", {}).get(s), ppl.texts):
             record("amq", s, amq)
         for name, extra in variants.items():
-            if s not in results.get(name, {}):
+            if not complete(results.get(name, {}).get(s), ppl.texts):
                 run_dir = args.out / f"seed{seed}" / re.sub(r"\W+", "_", name).strip("_")
                 record(name, s, run_amq(_compose([*base, f"seed={seed}", *extra, f"paths.output_dir={run_dir}"])))
-        if "amq, no predictor" in methods and s not in results.get("amq, no predictor", {}):
+        if "amq, no predictor" in methods and not complete(results.get("amq, no predictor", {}).get(s), ppl.texts):
             record("amq, no predictor", s, run_no_predictor(cfg, wb, Path(cfg.paths.output_dir)))
-        if "random" in methods and s not in results.get("random", {}):
+        if "random" in methods and not complete(results.get("random", {}).get(s), ppl.texts):
             genes = full.random(np.random.default_rng(10_000 + seed), n, settings.bits_window and brange)
             record("random", s, evaluate_distinct(full, evaluate, genes))
         for method, allocate in (("greedy", lambda b: greedy_allocations(full, damage, b)), ("knapsack", lambda b: knapsack_allocations(full, damage, b))):
-            if method in methods and "all" not in results.get(method, {}):
+            if method in methods and not complete(results.get(method, {}).get("all"), ppl.texts):
                 record(method, "all", run_allocator(full, evaluate, uniform, allocate, n, brange, wb.targets))
 
-    md = markdown_table(results, wb.targets, cost)
-    md += f"\n\nunquantized held-out perplexity: {protocol['unquantized_perplexity']:.2f}\n"
+    md = markdown_table(results, wb.targets, cost, ppl.texts)
+    unquantized = ", ".join(f"{text} {v:.2f}" for text, v in protocol["unquantized_perplexity"].items())
+    md += f"\n\nunquantized held-out perplexity: {unquantized}\n"
     atomic_write_text(args.out / "results.md", md)
     print(md)
 

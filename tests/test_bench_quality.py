@@ -1,8 +1,11 @@
 """The quality benchmark end to end on the real SmolLM2 with the smoke budget: every method runs,
 spends at most the search's true evaluations, and reports bits, JSD and held-out perplexity."""
 
+import importlib.util
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import SMOKE, run_script
@@ -32,8 +35,8 @@ def test_bench_quality_smoke(tmp_path):
     for m in ("amq, no predictor", "greedy", "knapsack"):
         key = "all" if m in ("greedy", "knapsack") else "0"
         assert 3 < methods[m][key]["true_evaluations"] <= n
-    ppl0 = res["protocol"]["unquantized_perplexity"]
-    assert 1 < ppl0 < 1e3
+    ppl0 = res["protocol"]["unquantized_perplexity"]  # every held-out text: wiki (the calibration text's domain) and lee
+    assert set(ppl0) == {"wiki", "lee"} and all(1 < v < 1e3 for v in ppl0.values())
     for m, rows in methods.items():
         for row in rows.values():
             assert 0 < row["hypervolume"] <= 1.1 * 1.1
@@ -41,11 +44,14 @@ def test_bench_quality_smoke(tmp_path):
             for t, sel in row["at_target"].items():
                 assert sel["avg_bits"] <= float(t) + 1e-9
                 assert math.isfinite(sel["jsd"]) and sel["jsd"] > 0
-                assert math.isfinite(sel["perplexity"]) and sel["perplexity"] > ppl0 * 0.9
+                assert sel["perplexity"] == sel["perplexity_by_text"]["wiki"]
+                for text, value in sel["perplexity_by_text"].items():
+                    assert math.isfinite(value) and value > ppl0[text] * 0.9
     # uniform 4-bit (4.5 bits with scale/zero) is the best uniform config at or under 4.5 and 5.0 bits
     assert methods["uniform"]["all"]["at_target"]["4.5"]["avg_bits"] == pytest.approx(4.5)
     table = (out / "results.md").read_text()
     assert all(f"| {m} |" in table for m in METHODS) and table in proc.stdout
+    assert "| PPL @ 4.5 |" in table and "| PPL lee @ 4.5 |" in table
     assert "| calibration tokens (M) |" in table and res["protocol"]["calibration_tokens"]["per_evaluation"] > 0
 
 
@@ -65,3 +71,28 @@ def test_token_cost_counts_the_sensitivity_table_once_and_only_for_methods_that_
     assert cost.of(126, uses_table=True) == (126 + 211) * 2048
     assert cost.of(3, uses_table=False) == 3 * 2048
     assert cost.to_dict() == {"per_evaluation": 2048, "probes": 211, "per_probe": 2048, "sensitivity": 211 * 2048}
+
+
+def _bench_quality_module(monkeypatch):
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_quality", module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_quality_reports_every_heldout_text_and_redoes_rows_that_lack_one(monkeypatch):
+    """A row of an earlier version (the first text only) counts as unfinished, so rerunning on the
+    same --out measures the other texts; the table has one perplexity column set per text."""
+    bq = _bench_quality_module(monkeypatch)
+    texts = ["wiki", "lee"]
+    old = {"true_evaluations": 12, "seconds": 3.0, "hypervolume": 0.7, "at_target": {"4": {"avg_bits": 4.0, "jsd": 0.1, "perplexity": 40.0}}}
+    new = {**old, "at_target": {"4": {**old["at_target"]["4"], "perplexity_by_text": {"wiki": 40.0, "lee": 55.5}}}}
+    assert not bq.complete(None, texts) and not bq.complete(old, texts)
+    assert bq.complete(new, texts) and not bq.complete(new, [*texts, "news"])
+    table = bq.markdown_table({"amq": {"0": new}, "greedy": {"all": old}}, [4.0], TokenCost(512, 211, 512), texts)
+    head, _, amq_row, greedy_row = table.splitlines()
+    assert head.endswith("| JSD @ 4 | PPL @ 4 | PPL lee @ 4 |")
+    assert amq_row.endswith("| 0.1000 | 40.0 | 55.5 |")
+    assert greedy_row.endswith("| 0.1000 | - | - |")  # not measured by this version: no number
