@@ -68,14 +68,26 @@ def _finalizer(compose_cfg, name: str, *overrides: str):
     return build(compose_cfg(["logger=none", f"finalizer={name}", *overrides]).finalizer, "finalizer")
 
 
+class _Reached(Exception):
+    """Raised by the hook once block `block` has run: the blocks after it would not change its output."""
+
+
 def _block_output(model, calib: torch.Tensor, block: int) -> torch.Tensor:
-    """Hidden states leaving decoder block `block` on the calibration windows (float32)."""
+    """Hidden states leaving decoder block `block` on the calibration windows (float32); the forward
+    stops there (the later blocks and the head are most of its cost)."""
     _, blocks = find_decoder_blocks(model)
     out = []
-    hook = blocks[block].register_forward_hook(lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o))
+
+    def keep(module, args, output):
+        out.append(output[0] if isinstance(output, tuple) else output)
+        raise _Reached
+
+    hook = blocks[block].register_forward_hook(keep)
     try:
         with torch.no_grad():
             model(input_ids=calib, use_cache=False)
+    except _Reached:
+        pass
     finally:
         hook.remove()
     return out[0].float()
