@@ -63,7 +63,7 @@ def run(cfg: DictConfig) -> tuple[dict, SearchRun]:
         clock = StageClock()
         wb = compose.prepare(cfg, clock)
         with clock.stage("sensitivity"):
-            table, space = compose.prune(wb, plan.pruning, plan.sensitivity_samples, plan.share_groups, plan.expert_genes)
+            table, space = compose.prune(wb, plan.pruning, plan.sensitivity_samples, plan.share_groups, plan.expert_genes, plan.sensitivity_widths)
         space_fp = space.fingerprint(wb.lm.fingerprint)
         if plan.finalize is not None:
             plan.finalize.check_reachable(space)  # after pruning: the smallest configuration may have grown

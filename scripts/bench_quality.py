@@ -140,7 +140,7 @@ def run_no_predictor(cfg: DictConfig, wb: Workbench, amq_dir: Path) -> Evaluated
     """The search's own initial design (read from its archive), then NSGA-II on true evaluations."""
     plan = amq_compose.plan(cfg)
     settings = plan.settings
-    _, space = prune(wb, plan.pruning, plan.sensitivity_samples, plan.share_groups)
+    _, space = prune(wb, plan.pruning, plan.sensitivity_samples, plan.share_groups, widths=plan.sensitivity_widths)
     archive = Archive(space)
     initial_s = 0.0
     for r in read_jsonl(amq_dir / "archive.jsonl"):
@@ -317,7 +317,7 @@ def main() -> None:
     evaluate = ProxyEvaluator(wb.bank, wb.metric, full)
     brange = search_bits_range(full, settings)
     ppl = HeldoutPerplexity(wb, PerplexityProtocol(args.ppl_window, args.ppl_windows, wb.lm.add_bos))
-    table, _ = prune(wb, plan0.pruning, plan0.sensitivity_samples, plan0.share_groups)
+    table, _ = prune(wb, plan0.pruning, plan0.sensitivity_samples, plan0.share_groups, widths=plan0.sensitivity_widths)
 
     out_json = args.out / "results.json"
     state = json.loads(out_json.read_text()) if out_json.exists() else {}
@@ -351,7 +351,7 @@ def main() -> None:
     if "uniform" in methods and not complete(results.get("uniform", {}).get("all"), ppl.texts):
         record("uniform", "all", uniform)
     factors = width_factors(full, dict(zip(wb.bits, uniform.metric)), table.damage)
-    damage = additive_damage(full, table.damage, factors)
+    damage = additive_damage(full, table.damage, factors, table.mid)
     log.info("uniform configurations and reference perplexity: %.0fs; width factors %s", time.perf_counter() - t0, np.round(factors, 4).tolist())
 
     for seed in args.seeds:

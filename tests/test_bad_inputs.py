@@ -69,6 +69,7 @@ CASES = {
     "coverage above 1": Case(["search.min_coverage=2"], "search.min_coverage"),
     "bits window upside down": Case(["search.bits_window=[5.5,3.5]"], "search.bits_window"),
     "target share out of range": Case(["search.target_slots=1.5"], "search.target_slots"),
+    "unknown sensitivity widths": Case(["search.sensitivity_widths=middle"], "search.sensitivity_widths"),
     "a budget with no work": Case(["budget.iterations=0", "budget.n_initial_random=0"], "budget"),
     "negative budget": Case(["budget.batch_size=-4"], "budget.batch_size"),
     "negative seed": Case(["seed=-1"], "seed"),

@@ -110,3 +110,28 @@ def test_random_draws_nothing_when_asked_for_nothing():
     space, _ = _space()
     for window in (None, (4.0, 5.0)):
         assert space.random(np.random.default_rng(0), 0, window).shape == (0, space.n_genes)
+
+
+def test_measured_middle_widths_replace_the_width_factors():
+    """With damage probed at 4 bits too (search.sensitivity_widths=all), each width costs what it
+    measured over the all-8-bit configuration (8 bits cost 0), not the 3-bit damage times a factor
+    per width; the knapsack then keeps off 4 bits a linear whose 4-bit probe hurts."""
+    from amq.search.knapsack import knapsack_allocations
+    from amq.search.seeding import additive_damage
+
+    space, damage = _space(keep_top=3)  # every gene keeps {3, 4, 8}
+    names = [g[0] for g in space.groups]
+    at4 = {n: damage[n] / 4 for n in names}
+    odd = sorted(names, key=damage.get)[len(names) // 2]  # a middling linear at 3 bits...
+    at4[odd] = 2 * damage[odd]  # ...that 4 bits hurt more than 3 (a measured fact no factor model can hold)
+    cost = additive_damage(space, damage, None, {4: at4})
+    i = names.index(odd)
+    assert cost[i].tolist() == [damage[odd], at4[odd], 0.0]
+    assert np.all(cost[:, 2] == 0.0) and np.allclose(cost[:, 0], [damage[n] for n in names])
+    plain = additive_damage(space, damage)  # factors 4^-(b - 3): 4 bits at a quarter of 3 bits
+    assert plain[i, 1] == damage[odd] / 4
+    budgets = [float(space.avg_bits(space.uniform(b))) for b in (3, 4)] + [4.2, 4.6]
+    for with_probe, without in zip(knapsack_allocations(space, cost, budgets), knapsack_allocations(space, plain, budgets)):
+        assert space.gene_bits(with_probe[None])[0, i] != 4  # 3 bits is both cheaper and less damaging
+        total = cost[np.arange(space.n_genes), with_probe].sum()
+        assert total <= cost[np.arange(space.n_genes), without].sum() + 1e-12  # optimal under what was measured

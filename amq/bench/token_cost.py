@@ -15,8 +15,8 @@ from amq.search.sensitivity import SensitivityTable
 
 
 def sensitivity_probes(table: SensitivityTable) -> int:
-    """The forwards that made `table`: one per probed unit, plus the all-highest baseline."""
-    return len(table.damage) + 1
+    """The forwards that made `table`: one per probed unit and width, plus each width's all-highest baseline."""
+    return table.probes
 
 
 @dataclass(frozen=True)

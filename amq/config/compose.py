@@ -252,6 +252,7 @@ class SearchPlan:
     finalize: "FinalizeSettings | None"
     max_minutes: float | None
     confirm: ConfirmSettings = ConfirmSettings()  # the confirmation pass after the search (off by default)
+    sensitivity_widths: str = sensitivity.SENSITIVITY_WIDTHS[0]  # lowest | all: the widths each linear is probed at
 
 
 def plan(cfg: DictConfig) -> SearchPlan:
@@ -279,6 +280,9 @@ def plan(cfg: DictConfig) -> SearchPlan:
         raise ConfigError("search.sensitivity_seeds", f"{cfg.search.sensitivity_seeds}", "an integer >= 0 (0: the reference's uniform + random initial design)")
     if cfg.search.seed_allocator not in SEED_ALLOCATORS:
         raise ConfigError("search.seed_allocator", f"{cfg.search.seed_allocator!r}", " or ".join(SEED_ALLOCATORS))
+    sensitivity_widths = cfg.search.get("sensitivity_widths", sensitivity.SENSITIVITY_WIDTHS[0])
+    if sensitivity_widths not in sensitivity.SENSITIVITY_WIDTHS:
+        raise ConfigError("search.sensitivity_widths", f"{sensitivity_widths!r}", " or ".join(sensitivity.SENSITIVITY_WIDTHS))
     max_minutes = cfg.budget.max_minutes
     search_deadline(max_minutes, 0.0)  # refuses a bad limit now
     min_coverage = cfg.search.get("min_coverage", MIN_COVERAGE)
@@ -303,6 +307,7 @@ def plan(cfg: DictConfig) -> SearchPlan:
         finalize=finalize,
         max_minutes=None if max_minutes is None else float(max_minutes),
         confirm=confirm,
+        sensitivity_widths=str(sensitivity_widths),
     )
 
 
@@ -440,14 +445,19 @@ def prune(
     sensitivity_samples: int,
     share_groups: Sequence[Sequence[str]] | None,
     expert_genes: str = EXPERT_GENES[0],
+    widths: str = sensitivity.SENSITIVITY_WIDTHS[0],
 ) -> tuple[sensitivity.SensitivityTable, SearchSpace]:
     """Stage: sensitivity (cached) and pruning; returns the table and the pruned search space.
 
-    Linears that share a gene as experts of one projection are probed together."""
+    Linears that share a gene as experts of one projection are probed together; with `widths`
+    `all` also at every width between the lowest and the highest (pruning reads the lowest)."""
     sens_metric = wb.metric.subset(sensitivity_samples)
     context = {**evaluation_context(wb, sens_metric, sensitivity.measure), "description": sens_metric.description}
     units = shared_groups(wb.layout.linears, None, expert_genes)
     table = sensitivity.cached_measure(wb.bank, sens_metric, wb.cache_dir / "sensitivity", context, units)
+    if widths == "all" and len(wb.bits) > 2:
+        mids = [sensitivity.cached_measure(wb.bank, sens_metric, wb.cache_dir / "sensitivity", context, units, low=b) for b in wb.bits[1:-1]]
+        table = table.with_mid(mids)
     with settings_of(named=SPACE_SETTINGS):
         space = SearchSpace(wb.layout.linears, wb.bits, wb.bank.quantizer.group_size, pruning.pruned(table), share_groups, pruning.keep_top, expert_genes)
     log.info(
@@ -500,7 +510,14 @@ def assemble_search(
         seed=plan.seed,
         observers=list(observers),
         seeder=lambda uniform_metric: sensitivity_seeds(
-            space, table.damage, plan.sensitivity_seeds, search_bits_range(space, settings), wb.targets, uniform_metric, plan.seed_allocator
+            space,
+            table.damage,
+            plan.sensitivity_seeds,
+            search_bits_range(space, settings),
+            wb.targets,
+            uniform_metric,
+            plan.seed_allocator,
+            table.mid,
         ),
         evaluation_guard=evaluation_guard or contextlib.nullcontext,
         deadline=deadline,

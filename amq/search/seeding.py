@@ -52,23 +52,42 @@ def gene_damage(space: SearchSpace, damage: Mapping[str, float]) -> np.ndarray:
     return np.array([sum(max(damage.get(n, 0.0), 0.0) for n in g) for g in space.groups])
 
 
-def additive_damage(space: SearchSpace, damage: Mapping[str, float], factors: np.ndarray | None = None) -> np.ndarray:
+def additive_damage(
+    space: SearchSpace, damage: Mapping[str, float], factors: np.ndarray | None = None, measured: Mapping[int, Mapping[str, float]] | None = None
+) -> np.ndarray:
     """[n_genes, n_widths] predicted damage of each gene at each of its choices (inf past `sizes`).
 
     The model every sensitivity-based allocator here shares: damage adds up over genes, and a
-    gene's damage at a width is its lowest-width damage times that width's factor.
+    gene's damage at a width is its lowest-width damage times that width's factor. With
+    `measured` damage at the middle widths (`SensitivityTable.mid`), every width's damage is what
+    its probes measured, as an increase over the all-highest configuration (so the highest width
+    costs 0): no width factor is assumed. A gene that shares one width across several linears
+    sums their damages.
     """
     factors = width_factors(space) if factors is None else np.asarray(factors, dtype=float)
     index = {b: i for i, b in enumerate(space.bit_choices)}
     table = space.choice_bits
     valid = np.arange(table.shape[1])[None, :] < space.sizes[:, None]
-    cost = gene_damage(space, damage)[:, None] * factors[np.vectorize(index.get)(table.astype(int))]
+    low_damage = gene_damage(space, damage)[:, None]
+    if measured:
+        cost = np.zeros(table.shape)
+        cost = np.where(table == space.bit_choices[0], low_damage, cost)
+        for bits, values in measured.items():
+            cost = np.where(table == bits, gene_damage(space, values)[:, None], cost)
+    else:
+        cost = low_damage * factors[np.vectorize(index.get)(table.astype(int))]
     return np.where(valid, cost, np.inf)
 
 
-def allocation_family(space: SearchSpace, damage: Mapping[str, float], factors: np.ndarray | None = None, n_lambdas: int = 400) -> np.ndarray:
+def allocation_family(
+    space: SearchSpace,
+    damage: Mapping[str, float],
+    factors: np.ndarray | None = None,
+    n_lambdas: int = 400,
+    measured: Mapping[int, Mapping[str, float]] | None = None,
+) -> np.ndarray:
     """Distinct Lagrangian allocations (gene vectors), ordered by average bits."""
-    cost = additive_damage(space, damage, factors)
+    cost = additive_damage(space, damage, factors, measured)
     gene_numel = space.gene_numel
     scale = (gene_damage(space, damage).max() + 1e-30) / gene_numel.min()
     out, seen = [], set()
@@ -100,12 +119,14 @@ def sensitivity_seeds(
     targets: Sequence[float] = (),
     uniform_metric: Mapping[int, float] | None = None,
     allocator: str = "lagrangian",
+    measured: Mapping[int, Mapping[str, float]] | None = None,
 ) -> np.ndarray:
     """Up to `n` allocations: the best under each target first, then under evenly spaced levels.
 
     `lagrangian` picks, under each level, the best allocation of the Lagrangian family (the convex
     hull of the additive model, which can leave part of a level's bits unspent); `knapsack` solves
-    the additive model exactly at each level (`amq.search.knapsack`).
+    the additive model exactly at each level (`amq.search.knapsack`). `measured`: the damage
+    probed at the middle widths (`additive_damage`).
     """
     if allocator not in SEED_ALLOCATORS:
         raise InvalidArgument("allocator", f"{allocator!r}", " or ".join(SEED_ALLOCATORS))
@@ -114,10 +135,10 @@ def sensitivity_seeds(
     factors = width_factors(space, uniform_metric, damage)
     levels = budget_levels(n, bits_range, targets)
     if allocator == "knapsack":
-        genes = knapsack_allocations(space, additive_damage(space, damage, factors), levels)
+        genes = knapsack_allocations(space, additive_damage(space, damage, factors, measured), levels)
         _, first = np.unique(genes, axis=0, return_index=True)
         return genes[np.sort(first)]
-    family = allocation_family(space, damage, factors)
+    family = allocation_family(space, damage, factors, measured=measured)
     fbits = space.avg_bits(family)
     picks: list[int] = []
     for level in levels:

@@ -1,7 +1,10 @@
 """Stage: per-linear sensitivity and search-space pruning.
 
 With every linear at the highest bit width, drop one linear at a time to the lowest width and
-measure the search metric. Linears whose score exceeds `threshold x median` are pinned to the
+measure the search metric. With `search.sensitivity_widths=all` each linear is also probed at every
+width between the lowest and the highest (`SensitivityTable.mid`): the allocations built from the
+table then use each width's measured damage instead of scaling the lowest width's by one factor
+per width (docs/benchmarks.md, "Probing every width"). Linears whose score exceeds `threshold x median` are pinned to the
 highest width and leave the search (AMQ's pruning; threshold 2.0 in the reference), or, with
 `keep_top` > 1, keep only the highest few widths.
 
@@ -18,7 +21,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +42,10 @@ class SensitivityTable:
     high_bits: int
     metric: str
     seconds: float
+    mid: dict[int, dict[str, float]] = field(default_factory=dict)  # width -> damage at that width (sensitivity_widths=all)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "low_bits": self.low_bits,
             "high_bits": self.high_bits,
             "metric": self.metric,
@@ -49,10 +53,27 @@ class SensitivityTable:
             "seconds": round(self.seconds, 3),
             "damage": self.damage,
         }
+        if self.mid:
+            out["mid"] = {str(b): d for b, d in self.mid.items()}
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "SensitivityTable":
-        return cls(d["damage"], d["baseline_all_high"], d["low_bits"], d["high_bits"], d["metric"], d["seconds"])
+        mid = {int(b): dict(v) for b, v in d.get("mid", {}).items()}
+        return cls(d["damage"], d["baseline_all_high"], d["low_bits"], d["high_bits"], d["metric"], d["seconds"], mid)
+
+    @property
+    def probes(self) -> int:
+        """Forwards that made the table: one per probed unit and width, plus each width's all-highest baseline."""
+        return (len(self.damage) + 1) * (1 + len(self.mid))
+
+    def with_mid(self, tables: list["SensitivityTable"]) -> "SensitivityTable":
+        """This (lowest-width) table with the damage of `tables` (one per middle width) attached."""
+        mid = {t.low_bits: dict(t.damage) for t in tables}
+        return SensitivityTable(self.damage, self.baseline, self.low_bits, self.high_bits, self.metric, self.seconds + sum(t.seconds for t in tables), mid)
+
+
+SENSITIVITY_WIDTHS = ("lowest", "all")  # search.sensitivity_widths: probe the lowest width only (AMQ) or every width below the highest
 
 
 PRUNING_SCORES = ("total", "damage")
@@ -141,13 +162,16 @@ def measure(
     return SensitivityTable(damage, baseline, low_bits, high_bits, getattr(metric, "description", metric.name), time.perf_counter() - t0)
 
 
-def cached_measure(bank: ProxyBank, metric: QualityMetric, cache_dir: str | Path, context: dict, units: list[list[str]] | None = None) -> SensitivityTable:
-    """`measure` (of each of `units`, default: each linear), reusing a table computed earlier under identical settings.
+def cached_measure(
+    bank: ProxyBank, metric: QualityMetric, cache_dir: str | Path, context: dict, units: list[list[str]] | None = None, low: int | None = None
+) -> SensitivityTable:
+    """`measure` (of each of `units`, default: each linear) at width `low` (default: the lowest),
+    reusing a table computed earlier under identical settings.
 
     `context` is everything the values depend on besides the widths (model, dtype, device,
     quantizer, metric, tokens, code: pipeline.evaluation_context), so a float32 and a bf16 run
     never share a table."""
-    low, high = bank.bits[0], bank.bits[-1]
+    low, high = bank.bits[0] if low is None else int(low), bank.bits[-1]
     units = [[n] for n in bank.layout.names] if units is None else units
     payload = {**context, "low": low, "high": high}
     if any(len(u) > 1 for u in units):
