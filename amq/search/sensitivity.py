@@ -1,12 +1,14 @@
 """Stage: per-linear sensitivity and search-space pruning.
 
 With every linear at the highest bit width, drop one linear at a time to the lowest width and
-measure the search metric. With `search.sensitivity_widths=all` each linear is also probed at every
-width between the lowest and the highest (`SensitivityTable.mid`): the allocations built from the
-table then use each width's measured damage instead of scaling the lowest width's by one factor
-per width (docs/benchmarks.md, "Probing every width"). Linears whose score exceeds `threshold x median` are pinned to the
+measure the search metric. Linears whose score exceeds `threshold x median` are pinned to the
 highest width and leave the search (AMQ's pruning; threshold 2.0 in the reference), or, with
 `keep_top` > 1, keep only the highest few widths.
+
+With `search.sensitivity_widths=all` each linear is also probed at every width between the lowest
+and the highest (`SensitivityTable.mid`; pruning still reads the lowest width): the allocations
+built from the table then use each width's measured damage instead of scaling the lowest width's
+by one factor per width (docs/benchmarks.md, "Probing every width").
 
 The score is, as in the AMQ reference, the probe's own metric against the unquantized model
 (`score=total`), which includes the error of the all-highest configuration; or, with
