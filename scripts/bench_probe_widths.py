@@ -25,15 +25,13 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
-from hydra import compose, initialize_config_dir
-
 from amq.bench.heldout import HeldoutPerplexity
 from amq.bench.script_args import script_parser
 from amq.config import compose as amq_compose
-from amq.config.compose import prepare, prune
+from amq.config.compose import compose_config, prepare, prune
 from amq.evaluation.perplexity import PerplexityProtocol
 from amq.io import atomic_write_json, atomic_write_text
+from amq.search.evaluator import ProxyEvaluator
 from amq.search.knapsack import knapsack_allocations
 from amq.search.seeding import additive_damage, width_factors
 from amq.search.sensitivity import SENSITIVITY_WIDTHS
@@ -67,8 +65,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     overrides = ["logger=none", "eval_cache=none", "finalize.enabled=false", *args.overrides, f"paths.output_dir={args.out / 'run'}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train_search", overrides=overrides)
+    cfg = compose_config(overrides)
     plan = amq_compose.plan(cfg)
     wb = prepare(cfg)
     windows, length = wb.tokens.shape
@@ -77,11 +74,8 @@ def main() -> None:
     full = SearchSpace(wb.layout.linears, wb.bits, wb.bank.quantizer.group_size)
     budgets = args.budgets or list(wb.targets)
 
-    def true_metric(genes: np.ndarray) -> float:
-        wb.bank.apply(full.to_bits(genes))
-        return wb.metric.evaluate(wb.lm.model)
-
-    uniform = {b: true_metric(full.uniform(b)) for b in wb.bits}
+    evaluate = ProxyEvaluator(wb.bank, wb.metric, full)
+    uniform = {b: evaluate(full.uniform(b)).value for b in wb.bits}
     ppl = HeldoutPerplexity(wb, PerplexityProtocol(args.ppl_window, args.ppl_windows, wb.lm.add_bos))
     rows = []
     for k in args.windows:
@@ -92,7 +86,7 @@ def main() -> None:
             allocations = []
             for budget, genes in zip(budgets, knapsack_allocations(full, cost, budgets), strict=True):
                 bits = full.to_bits(genes)
-                allocations.append({"budget": budget, "avg_bits": float(full.avg_bits(genes)), "jsd": true_metric(genes), "perplexity": ppl(bits)})
+                allocations.append({"budget": budget, "avg_bits": float(full.avg_bits(genes)), "jsd": evaluate(genes).value, "perplexity": ppl(bits)})
             rows.append(
                 {
                     "table": f"{widths} x {k} window{'s' if k > 1 else ''}",

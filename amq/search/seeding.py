@@ -64,17 +64,16 @@ def additive_damage(
     costs 0): no width factor is assumed. A gene that shares one width across several linears
     sums their damages.
     """
-    factors = width_factors(space) if factors is None else np.asarray(factors, dtype=float)
-    index = {b: i for i, b in enumerate(space.bit_choices)}
     table = space.choice_bits
     valid = np.arange(table.shape[1])[None, :] < space.sizes[:, None]
     low_damage = gene_damage(space, damage)[:, None]
     if measured:
-        cost = np.zeros(table.shape)
-        cost = np.where(table == space.bit_choices[0], low_damage, cost)
+        cost = np.where(table == space.bit_choices[0], low_damage, 0.0)
         for bits, values in measured.items():
             cost = np.where(table == bits, gene_damage(space, values)[:, None], cost)
     else:
+        factors = width_factors(space) if factors is None else np.asarray(factors, dtype=float)
+        index = {b: i for i, b in enumerate(space.bit_choices)}
         cost = low_damage * factors[np.vectorize(index.get)(table.astype(int))]
     return np.where(valid, cost, np.inf)
 
