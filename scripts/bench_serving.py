@@ -393,8 +393,9 @@ def e2e(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     non_linear = model_bytes(model) - sum(layer_bytes(m) for m in dense.values())
     fast: dict[tuple[str, int, str], nn.Module] = {}
     workspace = split_workspace(max(m.out_features for m in dense.values()), torch.device("cuda"))  # shared, as convert does
+    widths = tuple(sorted(set(args.widths)))
     for n, lin in dense.items():
-        for b in WIDTHS:
+        for b in sorted(set(widths) | {4}):  # uniform 4-bit is every call's comparison
             q = rtn_quant(lin.weight.detach(), b, args.group_size)
             packed = PackedLinear.from_quant(q, None, torch.bfloat16)
             fast[(n, b, "planes")] = PlanesLinear(packed, workspace=workspace)
@@ -402,15 +403,16 @@ def e2e(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                 fast[(n, b, "tinygemm")] = TinyGemmLinear(packed)
             del packed, q
     torch.cuda.synchronize()
-    log.info("quantized %d linears x %d widths in %.1f s", len(names), len(WIDTHS), time.monotonic() - t0)
-    info = {"linears": len(names), "linear_params": sum(numel.values()), "non_linear_bytes": non_linear}
+    log.info("quantized %d linears x %d widths in %.1f s", len(names), len(set(widths) | {4}), time.monotonic() - t0)
+    info = {"linears": len(names), "linear_params": sum(numel.values()), "non_linear_bytes": non_linear, "widths": list(widths)}
 
     stacking = [v == "on" for v in args.stack]
     configs: list[tuple[str, dict[str, int] | None, str, bool]] = [("bf16", None, "planes", False)] if args.bf16 else []
     configs += [("uniform 4", {n: 4 for n in names}, four, stacked) for four in args.four_bit for stacked in stacking]
     for target in args.targets:
-        alloc = allocate(numel, target, share=args.share_siblings)
-        configs += [(f"mixed {target:g}", alloc, four, stacked) for four in args.mixed_four_bit for stacked in stacking]
+        alloc = allocate(numel, target, widths, share=args.share_siblings)
+        label = f"mixed {target:g}" if widths == WIDTHS else f"mixed {target:g} of {{{','.join(map(str, widths))}}}"
+        configs += [(label, alloc, four, stacked) for four in args.mixed_four_bit for stacked in stacking]
     rows = []
     for label, alloc, four, stacked in configs:
         if alloc is None:
@@ -528,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="mixed allocations give each block's q/k/v and gate/up one width (as search=amq_fused does), so every set stacks",
     )
+    p.add_argument("--widths", nargs="+", type=int, default=list(WIDTHS), choices=WIDTHS, help="widths the mixed allocations use (e.g. 2 4 8: no 3-bit layers)")
     p.add_argument("--micro-seconds", type=float, default=200, help="stop adding optional candidates after this")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--targets", nargs="+", type=float, default=[2.5, 3.0, 3.5, 4.0])

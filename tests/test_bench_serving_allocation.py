@@ -1,0 +1,52 @@
+"""The serving benchmark's mixed allocations (scripts/bench_serving.py, no GPU needed): they spend
+the target's bits, use only the widths asked for (`--widths 2 4 8`: no 3-bit layers), and with
+shared siblings give each block's q/k/v and gate/up one width, so every set stacks."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHAPES = {"q_proj": 4096 * 4096, "k_proj": 4096 * 4096, "v_proj": 4096 * 4096, "o_proj": 4096 * 4096}
+SHAPES |= {"gate_proj": 11008 * 4096, "up_proj": 11008 * 4096, "down_proj": 4096 * 11008}
+
+
+@pytest.fixture(scope="module")
+def bench_serving():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_serving.py"
+    spec = importlib.util.spec_from_file_location("bench_serving", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serving"] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("bench_serving", None)
+
+
+def _numel(blocks: int = 32) -> dict[str, int]:
+    attn = {"q_proj", "k_proj", "v_proj", "o_proj"}
+    return {f"model.layers.{i}.{'self_attn' if r in attn else 'mlp'}.{r}": SHAPES[r] for i in range(blocks) for r in ROLES}
+
+
+def _avg(alloc: dict[str, int], numel: dict[str, int]) -> float:
+    return sum(alloc[n] * numel[n] for n in numel) / sum(numel.values())
+
+
+@pytest.mark.parametrize("widths", [(2, 3, 4, 8), (2, 4, 8)])
+@pytest.mark.parametrize("share", [False, True])
+def test_allocation_spends_the_target_on_the_asked_widths(bench_serving, widths, share):
+    numel = _numel()
+    for target in (2.5, 3.0, 3.5):
+        alloc = bench_serving.allocate(numel, target, widths, share=share)
+        assert set(alloc.values()) <= set(widths) and len(set(alloc.values())) > 1
+        avg = _avg(alloc, numel)
+        assert target - 0.1 < avg <= target + 1e-9  # within one gate/up set's step of the budget
+        if share:
+            for i in range(32):
+                block = {n.rsplit(".", 1)[-1]: b for n, b in alloc.items() if f".{i}." in n}
+                assert block["q_proj"] == block["k_proj"] == block["v_proj"] and block["gate_proj"] == block["up_proj"]
