@@ -317,7 +317,9 @@ def _store_rows(acc, y, partial, count, pid_n, pid_k, offs_m, offs_n, m_mask, n_
 
 
 def _paired_configs() -> list[triton.Config]:
-    # (BN, warps, stages, SPLIT), measured on one H200 at 1 and 16 rows on the Llama-2-7B shapes
+    # (BN, warps, stages, SPLIT), measured on one H200 at 1 and 16 rows on the Llama-2-7B shapes; the two 64-row,
+    # 3-stage shapes (the next tile's loads issued a step ahead) won a sweep of 36 shapes at 2 and 4 bits, 16 rows:
+    # 7-17% less time than the former picks (docs/benchmarks.md, "Pipelined loads in the paired kernel")
     shapes = [
         (32, 4, 2, 1),
         (32, 4, 2, 2),
@@ -325,6 +327,8 @@ def _paired_configs() -> list[triton.Config]:
         (64, 4, 2, 1),
         (64, 4, 2, 2),
         (64, 4, 2, 4),
+        (64, 4, 3, 2),
+        (64, 4, 3, 4),
         (128, 4, 2, 1),
         (128, 4, 2, 2),
         (128, 8, 2, 2),
