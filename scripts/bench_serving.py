@@ -495,7 +495,27 @@ def report(micro_rows: list[dict[str, Any]], e2e_rows: list[dict[str, Any]]) -> 
                 f"| {r['config']} | {r['kernels']} | {r.get('avg_bits', 16):.2f} | {ws} | {' | '.join(cells)} | "
                 f"{r['weight_bytes'] / gib:.2f} | {r['expected_bytes'] / gib:.2f} | {r['peak_bytes'] / gib:.2f} |"
             )
+        lines += against_uniform_four(e2e_rows)
     return "\n".join(lines)
+
+
+def against_uniform_four(e2e_rows: list[dict[str, Any]]) -> list[str]:
+    """Each mixed point's speeds as a ratio of the call's first uniform 4-bit row (the target: no
+    point of a front slower than uniform 4-bit); nothing without such a row."""
+    four = next((r for r in e2e_rows if r["config"] == "uniform 4" and "error" not in r), None)
+    mixed = [r for r in e2e_rows if r["config"].startswith("mixed") and "error" not in r]
+    if four is None or not mixed:
+        return []
+    lines = [
+        "",
+        f"mixed points against uniform 4-bit ({four['kernels']})",
+        "| config | kernels | decode b1 | decode b16 | prefill 2048 (graph) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in mixed:
+        cells = [_num(r[key] / four[key], ".3f", "x") for key in ("decode_b1", "decode_b16", "prefill")]
+        lines.append(f"| {r['config']} | {r['kernels']} | {' | '.join(cells)} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

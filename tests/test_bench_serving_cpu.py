@@ -1,6 +1,7 @@
-"""The serving benchmark's mixed allocations (scripts/bench_serving.py, no GPU needed): they spend
-the target's bits, use only the widths asked for (`--widths 2 4 8`: no 3-bit layers), and with
-shared siblings give each block's q/k/v and gate/up one width, so every set stacks."""
+"""The serving benchmark's CPU-side pieces (scripts/bench_serving.py, no GPU needed): its mixed
+allocations spend the target's bits, use only the widths asked for (`--widths 2 4 8`: no 3-bit
+layers), and with shared siblings give each block's q/k/v and gate/up one width, so every set
+stacks; its report puts each mixed point against uniform 4-bit (issue target: none slower)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,19 @@ def test_allocation_spends_the_target_on_the_asked_widths(bench_serving, widths,
             for i in range(32):
                 block = {n.rsplit(".", 1)[-1]: b for n, b in alloc.items() if f".{i}." in n}
                 assert block["q_proj"] == block["k_proj"] == block["v_proj"] and block["gate_proj"] == block["up_proj"]
+
+
+def _row(config: str, b1: float, b16: float, prefill: float) -> dict:
+    return {"config": config, "kernels": "planes", "decode_b1": b1, "decode_b16": b16, "prefill": prefill}
+
+
+def test_report_gives_each_mixed_point_against_uniform_four(bench_serving):
+    rows = [
+        _row("uniform 4", 300.0, 4000.0, 30000.0),
+        _row("mixed 3", 330.0, 3000.0, float("nan")),
+        {"config": "mixed 2.5", "kernels": "planes", "error": "OOM"},
+    ]
+    lines = bench_serving.against_uniform_four(rows)
+    assert lines[-1] == "| mixed 3 | planes | 1.100x | 0.750x | - |"  # a NaN (not measured) shows as '-'
+    assert not any("mixed 2.5" in line for line in lines)  # a failed configuration has no ratios
+    assert bench_serving.against_uniform_four([_row("mixed 3", 1.0, 1.0, 1.0)]) == []  # no uniform 4-bit row: no table
