@@ -394,8 +394,9 @@ def e2e(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     fast: dict[tuple[str, int, str], nn.Module] = {}
     workspace = split_workspace(max(m.out_features for m in dense.values()), torch.device("cuda"))  # shared, as convert does
     widths = tuple(sorted(set(args.widths)))
+    quantized = sorted(set(widths) | {4})  # uniform 4-bit is every call's comparison
     for n, lin in dense.items():
-        for b in sorted(set(widths) | {4}):  # uniform 4-bit is every call's comparison
+        for b in quantized:
             q = rtn_quant(lin.weight.detach(), b, args.group_size)
             packed = PackedLinear.from_quant(q, None, torch.bfloat16)
             fast[(n, b, "planes")] = PlanesLinear(packed, workspace=workspace)
@@ -403,7 +404,7 @@ def e2e(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                 fast[(n, b, "tinygemm")] = TinyGemmLinear(packed)
             del packed, q
     torch.cuda.synchronize()
-    log.info("quantized %d linears x %d widths in %.1f s", len(names), len(set(widths) | {4}), time.monotonic() - t0)
+    log.info("quantized %d linears x %d widths in %.1f s", len(names), len(quantized), time.monotonic() - t0)
     info = {"linears": len(names), "linear_params": sum(numel.values()), "non_linear_bytes": non_linear, "widths": list(widths)}
 
     stacking = [v == "on" for v in args.stack]

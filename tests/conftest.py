@@ -293,6 +293,19 @@ def run_script(script: str, args: list[str], timeout: int = 600) -> subprocess.C
     )
 
 
+def load_script(script: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """One of scripts/ imported as a module (to test its pieces in this process), registered in
+    sys.modules while `monkeypatch` lasts (dataclasses look their module up there)."""
+    import importlib.util
+
+    name = Path(script).stem
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_module(module: str, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     """Run one of amq's command-line modules (`python -m amq.<module>`) from the repository root."""
     return subprocess.run([sys.executable, "-m", f"amq.{module}", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)

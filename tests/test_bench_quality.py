@@ -1,14 +1,11 @@
 """The quality benchmark end to end on the real SmolLM2 with the smoke budget: every method runs,
 spends at most the search's true evaluations, and reports bits, JSD and held-out perplexity."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import SMOKE, run_script
+from conftest import SMOKE, load_script, run_script
 
 from amq.bench.token_cost import TokenCost
 
@@ -73,19 +70,10 @@ def test_token_cost_counts_the_sensitivity_table_once_and_only_for_methods_that_
     assert cost.to_dict() == {"per_evaluation": 2048, "probes": 211, "per_probe": 2048, "sensitivity": 211 * 2048}
 
 
-def _bench_quality_module(monkeypatch):
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_quality.py"
-    spec = importlib.util.spec_from_file_location("bench_quality", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_quality", module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_quality_reports_every_heldout_text_and_redoes_rows_that_lack_one(monkeypatch):
     """A row of an earlier version (the first text only) counts as unfinished, so rerunning on the
     same --out measures the other texts; the table has one perplexity column set per text."""
-    bq = _bench_quality_module(monkeypatch)
+    bq = load_script("bench_quality.py", monkeypatch)
     texts = ["wiki", "lee"]
     old = {"true_evaluations": 12, "seconds": 3.0, "hypervolume": 0.7, "at_target": {"4": {"avg_bits": 4.0, "jsd": 0.1, "perplexity": 40.0}}}
     new = {**old, "at_target": {"4": {**old["at_target"]["4"], "perplexity_by_text": {"wiki": 40.0, "lee": 55.5}}}}

@@ -5,11 +5,8 @@ stacks; its report puts each mixed point against uniform 4-bit (issue target: no
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import load_script
 
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHAPES = {"q_proj": 4096 * 4096, "k_proj": 4096 * 4096, "v_proj": 4096 * 4096, "o_proj": 4096 * 4096}
@@ -18,15 +15,8 @@ SHAPES |= {"gate_proj": 11008 * 4096, "up_proj": 11008 * 4096, "down_proj": 4096
 
 @pytest.fixture(scope="module")
 def bench_serving():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_serving.py"
-    spec = importlib.util.spec_from_file_location("bench_serving", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_serving"] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("bench_serving", None)
+    with pytest.MonkeyPatch.context() as mp:
+        yield load_script("bench_serving.py", mp)
 
 
 def _numel(blocks: int = 32) -> dict[str, int]:

@@ -131,7 +131,7 @@ def sensitivity_seeds(
         raise InvalidArgument("allocator", f"{allocator!r}", " or ".join(SEED_ALLOCATORS))
     if n <= 0:
         return np.zeros((0, space.n_genes), dtype=int)
-    factors = width_factors(space, uniform_metric, damage)
+    factors = None if measured else width_factors(space, uniform_metric, damage)  # measured widths need no factors
     levels = budget_levels(n, bits_range, targets)
     if allocator == "knapsack":
         genes = knapsack_allocations(space, additive_damage(space, damage, factors, measured), levels)
