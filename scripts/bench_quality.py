@@ -206,12 +206,13 @@ def _cell(values: list[float], fmt: str) -> str:
     return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
-def markdown_table(results: dict[str, dict[str, dict]], targets: Sequence[float], cost: TokenCost, texts: Sequence[str]) -> str:
-    """One row per method (the fixed ones first, then any variants), mean ± std over seeds; held-out
+def markdown_table(results: dict[str, dict[str, dict]], targets: Sequence[float], cost: TokenCost, texts: Sequence[str], metric: str = "jsd") -> str:
+    """One row per method (the fixed ones first, then any variants), mean ± std over seeds; the
+    calibration metric (`metric`'s kind; stored under "jsd" whatever it is) as `<KIND> @ t`; held-out
     perplexity of the first text as `PPL @ t`, of every other text as `PPL <text> @ t`."""
     ts = [f"{t:g}" for t in targets]
     ppl_heads = [f"PPL @ {t}" if i == 0 else f"PPL {text} @ {t}" for i, text in enumerate(texts) for t in ts]
-    head = ["method", "true evals", "calibration tokens (M)", "wall s", "hypervolume", *[f"JSD @ {t}" for t in ts], *ppl_heads]
+    head = ["method", "true evals", "calibration tokens (M)", "wall s", "hypervolume", *[f"{metric.upper()} @ {t}" for t in ts], *ppl_heads]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for method in [*METHODS, *(m for m in results if m not in METHODS)]:
         rows = list(results.get(method, {}).values())
@@ -342,7 +343,7 @@ def main() -> None:
             if method in methods and not complete(results.get(method, {}).get("all"), ppl.texts):
                 record(method, "all", run_allocator(full, evaluate, uniform, allocate, n, brange, wb.targets))
 
-    md = markdown_table(results, wb.targets, cost, ppl.texts)
+    md = markdown_table(results, wb.targets, cost, ppl.texts, wb.metric.name)
     unquantized = ", ".join(f"{text} {v:.2f}" for text, v in protocol["unquantized_perplexity"].items())
     md += f"\n\nunquantized held-out perplexity: {unquantized}\n"
     atomic_write_text(args.out / "results.md", md)

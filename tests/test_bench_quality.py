@@ -84,3 +84,5 @@ def test_bench_quality_reports_every_heldout_text_and_redoes_rows_that_lack_one(
     assert head.endswith("| JSD @ 4 | PPL @ 4 | PPL lee @ 4 |")
     assert amq_row.endswith("| 0.1000 | 40.0 | 55.5 |")
     assert greedy_row.endswith("| 0.1000 | - | - |")  # not measured by this version: no number
+    kl_head = bq.markdown_table({"amq": {"0": new}}, [4.0], TokenCost(512, 211, 512), texts, "kl").splitlines()[0]
+    assert kl_head.endswith("| KL @ 4 | PPL @ 4 | PPL lee @ 4 |")  # the column is named for the run's metric
