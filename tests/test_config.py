@@ -161,3 +161,13 @@ def test_settings_check_covers_the_gptq_range_search(compose_cfg, override):
     with pytest.raises(ConfigError) as info:
         check_settings(compose_cfg(["finalizer=gptq", override]), CONF)
     assert info.value.setting == override.lstrip("+").split("=")[0]
+
+
+@pytest.mark.parametrize("kind, bits, hinted", [("jsd", [2, 3, 4], True), ("kl", [2, 3, 4], False), ("jsd", [3, 4, 8], False)])
+def test_jsd_with_two_bit_widths_points_to_kl(caplog, kind, bits, hinted):
+    """A search with 2-bit widths on JSD is told that KL ranks such configurations better."""
+    from amq.config.compose import _hint_metric
+
+    with caplog.at_level("INFO", logger="amq.config.compose"):
+        _hint_metric(kind, bits)
+    assert ("metric=kl" in caplog.text) == hinted

@@ -385,6 +385,17 @@ def check_serve_with(serve_with: str | None, bits: list[int], group_size: int, l
         )
 
 
+def _hint_metric(kind: str | None, bits: list[int]) -> None:
+    """JSD (the reference's metric) is bounded, so it ranks configurations with many 2-bit linears
+    poorly; say so where a search is set up that way (docs/benchmarks.md, "KL instead of JSD")."""
+    if kind == "jsd" and min(bits) <= 2:
+        log.info(
+            "metric jsd with %d-bit widths: JSD saturates where low-bit linears wreck the output; metric=kl picked configurations "
+            "with far lower held-out perplexity in such spaces (docs/benchmarks.md, 'KL instead of JSD as the search metric')",
+            min(bits),
+        )
+
+
 def prepare(cfg: DictConfig, clock: StageClock | None = None) -> Workbench:
     """Model, layout, data, proxy and metric, with every setting checked before the first forward pass
     (timed by `clock` as the stages load, reference and proxy_build)."""
@@ -419,6 +430,7 @@ def prepare(cfg: DictConfig, clock: StageClock | None = None) -> Workbench:
         metric = build(cfg.metric, "metric", model=lm.model, tokens=tokens)
         if hasattr(metric, "reuse_prefix"):  # passes start at the first changed block
             metric.reuse_prefix(lm.model.get_submodule(layout.blocks_name))
+        _hint_metric(getattr(metric, "kind", None), bits)
     with clock.stage("proxy_build"), settings_of("quantizer"):
         bank = ProxyBank(lm.model, layout, quantizer, bits, storage=quantizer.storage).build(md.cache_dir / "proxy", lm.fingerprint)
     return Workbench(lm, layout, md.splits, md.cache_dir, md.coverage, tokens, bank, metric, bits, targets)
