@@ -163,9 +163,10 @@ def test_settings_check_covers_the_gptq_range_search(compose_cfg, override):
     assert info.value.setting == override.lstrip("+").split("=")[0]
 
 
-@pytest.mark.parametrize("kind, bits, hinted", [("jsd", [2, 3, 4], True), ("kl", [2, 3, 4], False), ("jsd", [3, 4, 8], False)])
-def test_jsd_with_two_bit_widths_points_to_kl(caplog, kind, bits, hinted):
-    """A search with 2-bit widths on JSD is told that KL ranks such configurations better."""
+@pytest.mark.parametrize("kind, bits, hinted", [("jsd", [2, 3, 4], True), ("kl", [2, 3, 4], False), ("jsd", [3, 4, 8], False), ("jsd", [2, 4], False)])
+def test_jsd_with_two_and_three_bit_widths_points_to_kl(caplog, kind, bits, hinted):
+    """A search where 2- and 3-bit widths compete on JSD is told that KL ranks such configurations
+    better (measured there; in {2, 4} the metrics were within a few percent)."""
     from amq.config.compose import _hint_metric
 
     with caplog.at_level("INFO", logger="amq.config.compose"):
