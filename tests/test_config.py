@@ -7,6 +7,7 @@ from conftest import CONF
 from hydra.utils import instantiate
 
 from amq.config.check import check_settings
+from amq.config.compose import hint_metric
 from amq.data.corpora import EmbeddedWikiLee, HubDataset
 from amq.errors import ConfigError
 from amq.modeling.loading import EmbeddedGGUF, HFModel
@@ -167,8 +168,6 @@ def test_settings_check_covers_the_gptq_range_search(compose_cfg, override):
 def test_jsd_with_two_and_three_bit_widths_points_to_kl(caplog, kind, bits, hinted):
     """A search where 2- and 3-bit widths compete on JSD is told that KL ranks such configurations
     better (measured there; in {2, 4} the metrics were within a few percent)."""
-    from amq.config.compose import _hint_metric
-
     with caplog.at_level("INFO", logger="amq.config.compose"):
-        _hint_metric(kind, bits)
+        hint_metric(kind, bits)
     assert ("metric=kl" in caplog.text) == hinted
