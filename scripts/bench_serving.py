@@ -394,7 +394,7 @@ def e2e(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     fast: dict[tuple[str, int, str], nn.Module] = {}
     workspace = split_workspace(max(m.out_features for m in dense.values()), torch.device("cuda"))  # shared, as convert does
     widths = tuple(sorted(set(args.widths)))
-    quantized = sorted(set(widths) | {4})  # uniform 4-bit is every call's comparison
+    quantized = sorted({*widths, 4})  # uniform 4-bit is every call's comparison
     for n, lin in dense.items():
         for b in quantized:
             q = rtn_quant(lin.weight.detach(), b, args.group_size)

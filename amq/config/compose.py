@@ -385,11 +385,11 @@ def check_serve_with(serve_with: str | None, bits: list[int], group_size: int, l
         )
 
 
-def hint_metric(kind: str | None, bits: list[int]) -> None:
+def hint_metric(name: str, bits: list[int]) -> None:
     """JSD (the reference's metric) is bounded, so where 2- and 3-bit widths compete it undercounts
     what a 2-bit linear costs; say so where a search is set up that way (docs/benchmarks.md, "KL
     instead of JSD": measured in {2, 3, 4}; in {2, 4} the two metrics were within a few percent)."""
-    if kind == "jsd" and 2 in bits and 3 in bits:
+    if name == "jsd" and 2 in bits and 3 in bits:
         log.info(
             "metric jsd with 2- and 3-bit widths: JSD saturates where a 2-bit linear wrecks the output; metric=kl picked configurations "
             "with 14-55%% lower held-out perplexity in {2, 3, 4} (docs/benchmarks.md, 'KL instead of JSD as the search metric')"
@@ -430,7 +430,7 @@ def prepare(cfg: DictConfig, clock: StageClock | None = None) -> Workbench:
         metric = build(cfg.metric, "metric", model=lm.model, tokens=tokens)
         if hasattr(metric, "reuse_prefix"):  # passes start at the first changed block
             metric.reuse_prefix(lm.model.get_submodule(layout.blocks_name))
-        hint_metric(getattr(metric, "kind", None), bits)
+        hint_metric(metric.name, bits)
     with clock.stage("proxy_build"), settings_of("quantizer"):
         bank = ProxyBank(lm.model, layout, quantizer, bits, storage=quantizer.storage).build(md.cache_dir / "proxy", lm.fingerprint)
     return Workbench(lm, layout, md.splits, md.cache_dir, md.coverage, tokens, bank, metric, bits, targets)
