@@ -70,6 +70,8 @@ CASES = {
     "bits window upside down": Case(["search.bits_window=[5.5,3.5]"], "search.bits_window"),
     "target share out of range": Case(["search.target_slots=1.5"], "search.target_slots"),
     "unknown sensitivity widths": Case(["search.sensitivity_widths=middle"], "search.sensitivity_widths"),
+    "unknown predictor prior": Case(["search.predictor_prior=knapsack"], "search.predictor_prior"),
+    "table prior under a log target": Case(["search.predictor_prior=table", "predictor=mlp"], "search.predictor_prior"),
     "a budget with no work": Case(["budget.iterations=0", "budget.n_initial_random=0"], "budget"),
     "negative budget": Case(["budget.batch_size=-4"], "budget.batch_size"),
     "negative seed": Case(["seed=-1"], "seed"),

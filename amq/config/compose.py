@@ -34,6 +34,7 @@ from amq.errors import ConfigError, InvalidArgument, setting_for, settings_of
 from amq.evaluation.perplexity import PerplexityProtocol, perplexity_windows
 from amq.metrics.base import QualityMetric
 from amq.modeling.discovery import Coverage, ModelLayout, coverage, discover_layout
+from amq.predictors.table_prior import PRIORS, damage_features, with_prior
 from amq.proxy.bank import ProxyBank
 from amq.run.resume import TIME_LIMIT, comparable_settings
 from amq.run.stage_clock import StageClock
@@ -253,6 +254,7 @@ class SearchPlan:
     max_minutes: float | None
     confirm: ConfirmSettings = ConfirmSettings()  # the confirmation pass after the search (off by default)
     sensitivity_widths: str = sensitivity.SENSITIVITY_WIDTHS[0]  # lowest | all: the widths each linear is probed at
+    predictor_prior: str = PRIORS[0]  # none | table: the predictor learns what the table's additive model leaves
 
 
 def plan(cfg: DictConfig) -> SearchPlan:
@@ -283,6 +285,7 @@ def plan(cfg: DictConfig) -> SearchPlan:
     sensitivity_widths = cfg.search.get("sensitivity_widths", sensitivity.SENSITIVITY_WIDTHS[0])
     if sensitivity_widths not in sensitivity.SENSITIVITY_WIDTHS:
         raise ConfigError("search.sensitivity_widths", f"{sensitivity_widths!r}", " or ".join(sensitivity.SENSITIVITY_WIDTHS))
+    predictor_prior = _predictor_prior(cfg)
     max_minutes = cfg.budget.max_minutes
     search_deadline(max_minutes, 0.0)  # refuses a bad limit now
     min_coverage = cfg.search.get("min_coverage", MIN_COVERAGE)
@@ -298,7 +301,7 @@ def plan(cfg: DictConfig) -> SearchPlan:
         expert_genes=expert_genes(cfg),
         settings=settings,
         make_predictor=make_predictor,
-        predictor_name=str(cfg.predictor._target_).rsplit(".", 1)[-1],
+        predictor_name=str(cfg.predictor._target_).rsplit(".", 1)[-1] + (f" + {predictor_prior} prior" if predictor_prior != "none" else ""),
         sensitivity_seeds=int(cfg.search.sensitivity_seeds),
         seed_allocator=str(cfg.search.seed_allocator),
         eval_cache=eval_cache,
@@ -308,6 +311,7 @@ def plan(cfg: DictConfig) -> SearchPlan:
         max_minutes=None if max_minutes is None else float(max_minutes),
         confirm=confirm,
         sensitivity_widths=str(sensitivity_widths),
+        predictor_prior=predictor_prior,
     )
 
 
@@ -436,6 +440,21 @@ def prepare(cfg: DictConfig, clock: StageClock | None = None) -> Workbench:
     return Workbench(lm, layout, md.splits, md.cache_dir, md.coverage, tokens, bank, metric, bits, targets)
 
 
+def _predictor_prior(cfg: DictConfig) -> str:
+    """`search.predictor_prior`, checked against the predictor: the residual it hands on can be
+    negative, which a predictor fitting log(metric) cannot take."""
+    prior = cfg.search.get("predictor_prior", PRIORS[0])
+    if prior not in PRIORS:
+        raise ConfigError("search.predictor_prior", f"{prior!r}", " or ".join(PRIORS))
+    if prior != "none" and cfg.predictor.get("target", "none") != "none":
+        raise ConfigError(
+            "search.predictor_prior",
+            f"{prior} with predictor.target={cfg.predictor.target} (the predictor then fits residuals, which can be negative)",
+            "predictor.target=none, or search.predictor_prior=none",
+        )
+    return str(prior)
+
+
 def search_settings(cfg: DictConfig) -> SearchSettings:
     """The loop's amount of work and operators, from the budget and search groups."""
     nsga = build(cfg.search.nsga, "search.nsga")
@@ -514,7 +533,7 @@ def assemble_search(
     return IterativeSearch(
         space=space,
         evaluate=with_cache(ProxyEvaluator(wb.bank, wb.metric, space), plan.eval_cache, evaluation_context(wb), space),
-        make_predictor=lambda seed: plan.make_predictor(seed=seed),
+        make_predictor=predictor_factory(plan, space, table),
         settings=settings,
         archive=archive,
         metric_name=wb.metric.name,
@@ -534,6 +553,14 @@ def assemble_search(
         evaluation_guard=evaluation_guard or contextlib.nullcontext,
         deadline=deadline,
     )
+
+
+def predictor_factory(plan: SearchPlan, space: SearchSpace, table: sensitivity.SensitivityTable) -> Callable[[int], Any]:
+    """seed -> a fresh predictor, under the sensitivity table's prior where the plan asks for it."""
+    if plan.predictor_prior == "none":
+        return lambda seed: plan.make_predictor(seed=seed)
+    features = damage_features(space, table.damage, table.mid)
+    return lambda seed: with_prior(plan.make_predictor(seed=seed), features)
 
 
 def confirmation_metric(cfg: DictConfig, wb: Workbench, samples: int) -> QualityMetric:

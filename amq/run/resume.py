@@ -68,6 +68,7 @@ ADDED_LATER: dict[str, Any] = {
     "search.confirm.candidates": 3,
     "search.confirm.band": 0.02,
     "search.sensitivity_widths": "lowest",
+    "search.predictor_prior": "none",
 }
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 VALID_DIR = "the directory of an unfinished amq-search run (outputs/search/runs/<time>), or auto"
