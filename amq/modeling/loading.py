@@ -27,6 +27,7 @@ from amq.devices import ComputeDtype, resolve_device, resolve_dtype
 from amq.errors import InvalidArgument
 from amq.hub import hub_reachable, offline_mode
 from amq.io import file_lock, file_sha256
+from amq.modeling.gguf_reads import shared_gguf_reads
 from amq.modeling.normalize import as_linear_layers
 
 log = logging.getLogger(__name__)
@@ -175,8 +176,9 @@ class EmbeddedGGUF:
         """Dequantize the GGUF through transformers and save it as safetensors, atomically."""
         log.info("converting %s to safetensors (once; cached in %s)", gguf.name, out_dir)
         t0 = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with shared_gguf_reads():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model keeps its quantizer and refuses save_pretrained; the weights are
         # already dequantized, so drop that state.
         model.hf_quantizer = None
