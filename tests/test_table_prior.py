@@ -1,5 +1,5 @@
 """The sensitivity table as the predictor's prior (`search.predictor_prior=table`): the fitted
-prior recovers an additive metric, the wrapped predictor learns only the rest (and ranks better
+prior recovers a power of the additive model, the wrapped predictor learns only the rest (and ranks better
 than the bare GP where the metric is not additive), and on the real SmolLM2 a search runs with it."""
 
 import numpy as np
@@ -8,7 +8,7 @@ from conftest import SMOKE, search_in_process
 
 from amq.modeling.discovery import LinearInfo
 from amq.predictors.gp import GPPredictor
-from amq.predictors.table_prior import TablePrior, UncertainTablePrior, damage_features, with_prior
+from amq.predictors.table_prior import TablePrior, UncertainTablePrior, table_model, with_prior
 from amq.search.space import SearchSpace
 
 
@@ -21,44 +21,43 @@ def _space():
 
 
 def _metric(space, low, mid, genes, interaction=0.0):
-    """Additive damage (the table's own numbers) plus a base, and optionally a pairwise term."""
+    """The table's additive model (base 0.01) raised to a power, plus an optional pairwise term."""
     gb = space.gene_bits(genes)
     d2 = np.array([sum(low[n] for n in g) for g in space.groups])
     d3 = np.array([sum(mid[3][n] for n in g) for g in space.groups])
-    additive = ((gb == 2) * d2 + (gb == 3) * d3).sum(1)
-    return 0.01 + 1.3 * additive + interaction * additive**2
+    additive = 0.01 + ((gb == 2) * d2 + (gb == 3) * d3).sum(1)
+    return 1.7 * additive**1.2 + interaction * additive**2
 
 
-def test_prior_recovers_an_additive_metric_from_few_points():
+def _tau(a, b):
+    s = np.sign(a[:, None] - a[None, :]) * np.sign(b[:, None] - b[None, :])
+    return s[np.triu_indices(len(a), 1)].mean()
+
+
+def test_prior_recovers_a_power_of_the_additive_model_from_few_points():
     space, low, mid = _space()
     rng = np.random.default_rng(1)
     train, test = space.random(rng, 12), space.random(rng, 200)
-    features = damage_features(space, low, mid)
-    model = TablePrior(GPPredictor(iterations=30), features).fit(space.features(train), _metric(space, low, mid, train))
-    np.testing.assert_allclose(model.coef[0], 0.01, atol=1e-6)
-    np.testing.assert_allclose(model.coef[1:], [1.3, 1.3], rtol=1e-6)  # one per width below the highest
-    truth = _metric(space, low, mid, test)
-    np.testing.assert_allclose(model.predict(space.features(test)), truth, rtol=1e-4, atol=1e-6)
+    model = table_model(space, low, 0.01, mid)
+    np.testing.assert_allclose(model(space.features(space.uniform(4))), 0.01)  # all-highest: the baseline
+    fitted = TablePrior(GPPredictor(kernel="linear", iterations=30), model).fit(space.features(train), _metric(space, low, mid, train))
+    np.testing.assert_allclose(fitted.coef, [np.log(1.7), 1.2], rtol=1e-6)
+    np.testing.assert_allclose(fitted.predict(space.features(test)), _metric(space, low, mid, test), rtol=1e-3)
 
 
-def test_lowest_width_table_learns_the_width_factor_and_beats_the_bare_gp_on_interactions():
+def test_lowest_width_table_under_interactions_ranks_better_than_the_bare_gp():
     space, low, mid = _space()
     rng = np.random.default_rng(2)
     train, test = space.random(rng, 20), space.random(rng, 300)
     y, truth = _metric(space, low, mid, train, 5.0), _metric(space, low, mid, test, 5.0)
     X, Xt = space.features(train), space.features(test)
     bare = GPPredictor(iterations=60).fit(X, y).predict(Xt)
-    prior = with_prior(GPPredictor(iterations=60), damage_features(space, low)).fit(X, y)  # no middle-width probes
+    prior = with_prior(GPPredictor(kernel="linear", iterations=60), table_model(space, low, 0.01)).fit(X, y)  # no middle-width probes
     assert isinstance(prior, UncertainTablePrior)
     mean, std = prior.predict_dist(Xt)
-    assert np.all(std > 0) and np.allclose(mean, prior.predict(Xt))
-
-    def tau(a, b):
-        s = np.sign(a[:, None] - a[None, :]) * np.sign(b[:, None] - b[None, :])
-        return s[np.triu_indices(len(a), 1)].mean()
-
-    assert tau(mean, truth) > tau(bare, truth) + 0.1
-    assert tau(mean, truth) > 0.9
+    assert np.all(std > 0) and np.allclose(mean, prior.predict(Xt)) and np.all(mean > 0)
+    assert _tau(mean, truth) > _tau(bare, truth) + 0.1
+    assert _tau(mean, truth) > 0.9
 
 
 def test_a_predictor_without_a_std_keeps_none():
@@ -74,7 +73,7 @@ def test_a_predictor_without_a_std_keeps_none():
         def predict(self, X):
             return np.full(len(X), self.m)
 
-    wrapped = with_prior(Mean(), damage_features(space, low, mid))
+    wrapped = with_prior(Mean(), table_model(space, low, 0.01, mid))
     assert not hasattr(wrapped, "predict_dist") and wrapped.name == "mean+table"
 
 
@@ -88,7 +87,7 @@ def test_search_with_the_table_prior_on_smollm2(tmp_path):
     X = objects.space.features(np.array([r.genes for r in objects.archive.records]))
     y = np.array([r.metric for r in objects.archive.records])
     predictor.fit(X, y)
-    assert np.all(predictor.coef[1:] >= 0) and predictor.coef[1:].sum() > 0
-    assert np.corrcoef(predictor._prior(X), y)[0, 1] > 0.9
+    assert predictor.coef[1] > 0
+    assert np.corrcoef(predictor._prior(X), np.log(y))[0, 1] > 0.9
     assert "+ table prior" in objects.plan.predictor_name
     assert summary["final_hypervolume"] > 0

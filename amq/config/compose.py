@@ -34,7 +34,7 @@ from amq.errors import ConfigError, InvalidArgument, setting_for, settings_of
 from amq.evaluation.perplexity import PerplexityProtocol, perplexity_windows
 from amq.metrics.base import QualityMetric
 from amq.modeling.discovery import Coverage, ModelLayout, coverage, discover_layout
-from amq.predictors.table_prior import PRIORS, damage_features, with_prior
+from amq.predictors.table_prior import PRIORS, table_model, with_prior
 from amq.proxy.bank import ProxyBank
 from amq.run.resume import TIME_LIMIT, comparable_settings
 from amq.run.stage_clock import StageClock
@@ -559,8 +559,8 @@ def predictor_factory(plan: SearchPlan, space: SearchSpace, table: sensitivity.S
     """seed -> a fresh predictor, under the sensitivity table's prior where the plan asks for it."""
     if plan.predictor_prior == "none":
         return lambda seed: plan.make_predictor(seed=seed)
-    features = damage_features(space, table.damage, table.mid)
-    return lambda seed: with_prior(plan.make_predictor(seed=seed), features)
+    model = table_model(space, table.damage, table.baseline, table.mid)
+    return lambda seed: with_prior(plan.make_predictor(seed=seed), model)
 
 
 def confirmation_metric(cfg: DictConfig, wb: Workbench, samples: int) -> QualityMetric:

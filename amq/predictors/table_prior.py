@@ -3,16 +3,22 @@
 On a small budget the predictor sees far fewer configurations than it has features (about 80
 evaluations against 420 thermometer steps for SmolLM2 in {2, 3, 4}): from the evaluations alone
 it cannot learn what each linear costs at each width, yet the sensitivity stage measured just
-that. `TablePrior` puts the table under the predictor as its prior mean:
+that. `TablePrior` puts the table under the predictor as its prior mean, in log space:
 
-    metric(x) ~ a + sum_w b_w * D_w(x) + residual(x)
+    log metric(x) ~ a + b * log P(x) + residual(x),    P(x) = baseline + sum over genes of damage(gene, width)
 
-where D_w(x) is the table's damage of the genes that configuration x holds at width w, for each
-width below the highest (every width's own probes with `search.sensitivity_widths=all`; the
-lowest width's otherwise, so that b_w learns the width factor the table lacks, relative to the
-highest width's, which a absorbs). a and b_w >= 0 are fitted by least squares on the training
-data, and the wrapped predictor (the GP by default) learns the residual: interactions and the
-table's probe noise. Its predictive std, where it gives one, is the residual's.
+P is the table's additive model (its all-highest baseline plus each gene's measured damage at its
+width: every width's own probes with `search.sensitivity_widths=all`, the lowest width's scaled
+by 4 per bit otherwise, as the knapsack seeds assume). a and b >= 0 are fitted by least squares on
+the training data; the wrapped predictor learns the residual (interactions, the table's probe
+noise) and must fit its target as given (`predictor.target=none`). Log space because damage
+compounds: over the whole bits range the metric spans orders of magnitude, and a straight line in
+P fitted there goes negative near the targets. Where the wrapped predictor gives a std s of the
+log, the prediction's is the delta method's exp(mean) * s.
+
+Measured on SmolLM2 in {2, 3, 4} (docs/benchmarks.md, "The sensitivity table as the predictor's
+prior"): P alone ranks configurations of equal bits better than the GP fitted on the evaluations,
+and a GP with a linear kernel on the residual better still.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 import numpy as np
-from scipy.optimize import lsq_linear
 
 from amq.predictors.base import Predictor
 from amq.search.seeding import additive_damage
@@ -28,73 +33,63 @@ from amq.search.space import SearchSpace
 
 PRIORS = ("none", "table")
 
-# features (n, n_genes) -> damage sums per width below the highest (n, n_widths - 1)
-DamageFeatures = Callable[[np.ndarray], np.ndarray]
+# predictor features (n, n_genes) -> the table's additive prediction of the metric (n,), > 0
+TableModel = Callable[[np.ndarray], np.ndarray]
 
 
-def damage_features(space: SearchSpace, damage: Mapping[str, float], measured: Mapping[int, Mapping[str, float]] | None = None) -> DamageFeatures:
-    """The table's damage of a configuration, summed per width, from its predictor features.
-
-    With `measured` (damage probed at the middle widths) each width's damage is its own probes';
-    without, every width carries the lowest width's damage and the fitted coefficient per width
-    stands for the width factor."""
+def table_model(space: SearchSpace, damage: Mapping[str, float], baseline: float, measured: Mapping[int, Mapping[str, float]] | None = None) -> TableModel:
+    """P(x): `baseline` (the all-highest configuration's metric) plus each gene's damage at its width."""
     bits = space.bit_choices
-    factors = None if measured else np.ones(len(bits))
-    cost = additive_damage(space, damage, factors, measured)  # [n_genes, n_choices], inf past sizes
-    # The highest width is left out: without middle-width probes every width carries the lowest
-    # width's damage, so the columns of all widths sum to a constant, collinear with a.
-    by_width = np.zeros((space.n_genes, len(bits) - 1))
-    for w, b in enumerate(bits[:-1]):
-        hit = space.choice_bits == b
-        by_width[:, w] = np.where(hit & np.isfinite(cost), cost, 0.0).sum(axis=1)
+    cost = additive_damage(space, damage, None, measured or None)  # [n_genes, n_choices], inf past sizes
+    by_width = np.zeros((space.n_genes, len(bits)))
+    for w, b in enumerate(bits):
+        by_width[:, w] = np.where((space.choice_bits == b) & np.isfinite(cost), cost, 0.0).sum(axis=1)
+    by_width -= by_width[:, -1:]  # damage is counted from the highest width (factors leave it a little)
+    floor = max(float(baseline), 1e-12)
     lo, hi = bits[0], bits[-1]
 
-    def features(X: np.ndarray) -> np.ndarray:
-        gene_bits = np.rint(lo + np.atleast_2d(X) * (hi - lo)).astype(int)
-        width = np.searchsorted(bits, gene_bits)
-        out = np.zeros((len(gene_bits), len(bits) - 1))
-        for w in range(len(bits) - 1):
-            out[:, w] = (width == w).astype(float) @ by_width[:, w]
-        return out
+    def predict(X: np.ndarray) -> np.ndarray:
+        width = np.searchsorted(bits, np.rint(lo + np.atleast_2d(X) * (hi - lo)).astype(int))
+        return floor + by_width[np.arange(space.n_genes)[None, :], width].sum(axis=1)
 
-    return features
+    return predict
 
 
 class TablePrior:
-    """`base` fitted on what `a + sum_w b_w * D_w(x)` leaves of the metric (see the module doc)."""
+    """`base` fitted on what `a + b log P(x)` leaves of log(metric) (see the module doc)."""
 
-    def __init__(self, base: Predictor, features: DamageFeatures) -> None:
-        self.base, self.features = base, features
+    def __init__(self, base: Predictor, model: TableModel) -> None:
+        self.base, self.model = base, model
         self.name = f"{base.name}+table"
-        self.coef = np.zeros(0)
+        self.coef = np.zeros(2)
 
     def _prior(self, X: np.ndarray) -> np.ndarray:
-        D = self.features(X)
-        return self.coef[0] + D @ self.coef[1:]
+        return self.coef[0] + self.coef[1] * np.log(self.model(X))
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "TablePrior":
-        y = np.asarray(y, dtype=np.float64)
-        D = self.features(X)
-        scale = np.maximum(np.abs(D).max(axis=0), 1e-300)  # columns of very different sizes: solve on [0, 1]
-        A = np.column_stack([np.ones(len(y)), D / scale])
-        lower = np.r_[-np.inf, np.zeros(D.shape[1])]
-        sol = lsq_linear(A, y, bounds=(lower, np.full(A.shape[1], np.inf))).x
-        self.coef = np.r_[sol[0], sol[1:] / scale]
-        self.base.fit(X, y - self._prior(X))
+        logy = np.log(np.maximum(np.asarray(y, dtype=np.float64), 1e-12))
+        logp = np.log(self.model(X))
+        if np.ptp(logp) > 0:
+            a, b = np.linalg.lstsq(np.column_stack([np.ones(len(logy)), logp]), logy, rcond=None)[0]
+        else:
+            a, b = 0.0, -1.0
+        self.coef = np.array([a, b]) if b >= 0 else np.array([float(logy.mean()), 0.0])  # a table that ranks backwards: no prior
+        self.base.fit(X, logy - self._prior(X))
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.base.predict(X) + self._prior(X)
+        return np.exp(self._prior(X) + self.base.predict(X))
 
 
 class UncertainTablePrior(TablePrior):
-    """`TablePrior` over a predictor with a predictive std (the residual's std is the prediction's)."""
+    """`TablePrior` over a predictor with a predictive std (of the log: the delta method scales it)."""
 
     def predict_dist(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mean, std = self.base.predict_dist(X)  # type: ignore[attr-defined]
-        return mean + self._prior(X), std
+        median = np.exp(self._prior(X) + mean)
+        return median, np.maximum(median * std, 1e-300)
 
 
-def with_prior(base: Predictor, features: DamageFeatures) -> TablePrior:
+def with_prior(base: Predictor, model: TableModel) -> TablePrior:
     """`base` under the table's prior, keeping whether it gives a predictive std."""
-    return UncertainTablePrior(base, features) if hasattr(base, "predict_dist") else TablePrior(base, features)
+    return UncertainTablePrior(base, model) if hasattr(base, "predict_dist") else TablePrior(base, model)
