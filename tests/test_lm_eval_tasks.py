@@ -38,7 +38,7 @@ FINALIZE = [
 ]
 
 
-def test_few_shot_task_on_smollm2_keeps_lm_evals_results(compose_cfg, tmp_path):
+def test_few_shot_task_on_smollm2_keeps_lm_evals_results(compose_cfg, tmp_path, bigbench_tasks):
     cfg = compose_cfg([*SMOKE, *FINALIZE])
     torch.set_num_threads(int(cfg.num_threads))
     cache = Path(cfg.paths.cache_dir)
@@ -59,7 +59,7 @@ def test_few_shot_task_on_smollm2_keeps_lm_evals_results(compose_cfg, tmp_path):
     assert (protocol["tasks"], protocol["num_fewshot"], protocol["task_batch_size"], protocol["task_limit"]) == ([TASK], SHOTS, 4, LIMIT)
 
 
-def test_stage_writes_lm_evals_results_next_to_eval_json(compose_cfg, tmp_path):
+def test_stage_writes_lm_evals_results_next_to_eval_json(compose_cfg, tmp_path, bigbench_tasks):
     cfg = compose_cfg([*SMOKE, *FINALIZE, "model=random", "finalize.num_fewshot=1"])
     md = load_model_and_data(cfg)
     finalizer = finalizer_for(cfg, md, tmp_path, "jsd")

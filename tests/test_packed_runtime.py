@@ -70,7 +70,7 @@ def keep_threads():
 
 
 @pytest.mark.slow
-def test_reevaluation_keeps_zero_shot_results_and_recorded_threads(model_dir, keep_threads):
+def test_reevaluation_keeps_zero_shot_results_and_recorded_threads(model_dir, keep_threads, bigbench_tasks):
     common = ["--window", "128", "--max-windows", "1"]
     assert evaluate_main([str(model_dir), *common, "--threads", "1", "--tasks", "bigbench_social_iqa", "--task-limit", "4"]) == 0
     first = json.loads((model_dir / "eval.json").read_text())

@@ -2,7 +2,7 @@
 
 The BIG-bench source package (about 358 MB, about a minute from PyPI) is downloaded into the test
 session's cache, unless AMQ_BIGBENCH_SDIST, AMQ_TEST_CACHE_DIR or the user cache provides it
-(tests/conftest.py).
+(tests/conftest.py); where the index does not serve it, the tests that need it are skipped.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def smollm2(compose_cfg):
 
 
 @pytest.fixture(scope="module")
-def social_iqa(smollm2):
+def social_iqa(smollm2, bigbench_tasks):
     lm, cache = smollm2
     return zero_shot(lm.model, lm.tokenizer, [TASK], cache, limit=LIMIT)
 
@@ -89,7 +89,7 @@ def test_accuracy_is_the_argmax_of_choice_likelihoods(smollm2, social_iqa):
     assert abs(social_iqa[TASK]["acc"] * LIMIT - hits) <= 1
 
 
-def test_first_document_is_the_task_files_first_example(smollm2):
+def test_first_document_is_the_task_files_first_example(smollm2, bigbench_tasks):
     _, cache = smollm2
     (task,) = prepare_tasks([TASK], cache)
     docs = task.docs()
