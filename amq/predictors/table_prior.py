@@ -71,11 +71,11 @@ class TablePrior:
     def fit(self, X: np.ndarray, y: np.ndarray) -> "TablePrior":
         logy = np.log(np.maximum(np.asarray(y, dtype=np.float64), 1e-12))
         logp = np.log(self.model(X))
+        self.coef = np.array([float(logy.mean()), 0.0])  # no prior: where P does not vary, or ranks backwards
         if np.ptp(logp) > 0:
             a, b = np.linalg.lstsq(np.column_stack([np.ones(len(logy)), logp]), logy, rcond=None)[0]
-        else:
-            a, b = 0.0, -1.0
-        self.coef = np.array([a, b]) if b >= 0 else np.array([float(logy.mean()), 0.0])  # a table that ranks backwards: no prior
+            if b >= 0:
+                self.coef = np.array([a, b])
         self.base.fit(X, logy - self._prior(X))
         return self
 
