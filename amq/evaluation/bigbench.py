@@ -88,8 +88,12 @@ def _offline() -> bool:
     return os.environ.get(OFFLINE_ENV, "").lower() in ("1", "true", "yes")
 
 
-def _missing(cache: Path, why: str) -> ConfigError:
-    return ConfigError(
+class PackageUnavailable(ConfigError):
+    """The source package is neither cached nor obtainable here (downloads off, or the index does not serve it)."""
+
+
+def _missing(cache: Path, why: str) -> PackageUnavailable:
+    return PackageUnavailable(
         "paths.cache_dir",
         f"the BIG-bench source package {SDIST} is not in {cache} and {why}",
         f"fetch it by hand with `{fetch_command(cache)}`, or set {SDIST_ENV}=/path/to/{SDIST}",

@@ -7,6 +7,7 @@ Each source is a small object built from `conf/model/*.yaml` through `_target_`;
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -31,6 +32,15 @@ from amq.modeling.gguf_reads import shared_gguf_reads
 from amq.modeling.normalize import as_linear_layers
 
 log = logging.getLogger(__name__)
+
+
+def read_gguf(gguf: Path, shared: bool = True) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """Tokenizer and float32 model of a GGUF file, dequantized by transformers (`shared`: the file
+    parsed once, `amq.modeling.gguf_reads`)."""
+    with shared_gguf_reads() if shared else contextlib.nullcontext():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return tokenizer, model
 
 
 @dataclass
@@ -176,9 +186,7 @@ class EmbeddedGGUF:
         """Dequantize the GGUF through transformers and save it as safetensors, atomically."""
         log.info("converting %s to safetensors (once; cached in %s)", gguf.name, out_dir)
         t0 = time.perf_counter()
-        with shared_gguf_reads():
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer, model = read_gguf(gguf)
         # A GGUF-loaded model keeps its quantizer and refuses save_pretrained; the weights are
         # already dequantized, so drop that state.
         model.hf_quantizer = None

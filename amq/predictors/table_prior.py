@@ -65,8 +65,8 @@ class TablePrior:
         self.name = f"{base.name}+table"
         self.coef = np.zeros(2)
 
-    def _prior(self, X: np.ndarray) -> np.ndarray:
-        return self.coef[0] + self.coef[1] * np.log(self.model(X))
+    def _prior(self, X: np.ndarray, logp: np.ndarray | None = None) -> np.ndarray:
+        return self.coef[0] + self.coef[1] * (np.log(self.model(X)) if logp is None else logp)
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "TablePrior":
         logy = np.log(np.maximum(np.asarray(y, dtype=np.float64), 1e-12))
@@ -76,7 +76,7 @@ class TablePrior:
             a, b = np.linalg.lstsq(np.column_stack([np.ones(len(logy)), logp]), logy, rcond=None)[0]
             if b >= 0:
                 self.coef = np.array([a, b])
-        self.base.fit(X, logy - self._prior(X))
+        self.base.fit(X, logy - self._prior(X, logp))
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
