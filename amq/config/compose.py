@@ -75,6 +75,7 @@ LOOP_SETTINGS = {
     "batch_size": "budget.batch_size",
     "bits_window": "search.bits_window",
     "target_slots": "search.target_slots",
+    "resolve_moves": "search.resolve_moves",
     "": "budget",
 }
 CALIBRATION_SETTINGS = {"n_samples": "budget.n_samples", "seq_len": "budget.seq_len", "docs": "data"}
@@ -467,6 +468,7 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
             bits_window=tuple(cfg.search.bits_window) if cfg.search.bits_window else None,
             kappa=float(cfg.search.kappa),
             target_slots=float(cfg.search.target_slots),
+            resolve_moves=bool(cfg.search.resolve_moves),
         )
 
 

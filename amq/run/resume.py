@@ -69,6 +69,7 @@ ADDED_LATER: dict[str, Any] = {
     "search.confirm.band": 0.02,
     "search.sensitivity_widths": "lowest",
     "search.predictor_prior": "none",
+    "search.resolve_moves": False,
 }
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 VALID_DIR = "the directory of an unfinished amq-search run (outputs/search/runs/<time>), or auto"

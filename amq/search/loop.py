@@ -24,6 +24,8 @@ incumbent (amq.search.local_moves), the predictor's best per target taken in tur
 selection fills the rest. They come first in the batch, and the iteration's row counts them
 (`search/target_slots`) and how many became a target's incumbent (`search/target_slot_incumbents`).
 Their randomness comes from (seed, iteration) too, so a resumed run proposes the same batches.
+With `resolve_moves`, each target's first slot goes to the best-scored allocation re-solved on the
+predictor's single-linear changes (amq.search.resolved_moves).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from amq.search.evaluator import Evaluate
 from amq.search.local_moves import LocalMoves
 from amq.search.nsga import NSGA2Settings, PredictedQualityProblem, run_nsga2
 from amq.search.pareto import best_under_target, nondominated, normalized_hypervolume
+from amq.search.resolved_moves import resolved_moves
 from amq.search.selection import round_robin, select_batch
 from amq.search.space import SearchSpace
 
@@ -67,6 +70,7 @@ class SearchSettings:
     kappa: float = 0.0  # > 0: NSGA-II minimises mean - kappa * std where the predictor gives a std
     target_slots: float = 0.0  # share of each batch given to local moves around the targets' incumbents (0: NSGA-II only)
     moves: LocalMoves = field(default_factory=LocalMoves)
+    resolve_moves: bool = False  # also offer each target the knapsack re-solved on the predictor's single-gene changes (amq.search.resolved_moves)
 
     def __post_init__(self) -> None:
         require_at_least(self, "iterations", 0)
@@ -74,6 +78,8 @@ class SearchSettings:
         require_at_least(self, "batch_size", 1)
         if not 0.0 <= self.target_slots <= 1.0:
             raise InvalidArgument("target_slots", f"{self.target_slots}", "a fraction of the batch from 0 to 1 (0: off)")
+        if self.resolve_moves and self.target_slots <= 0:
+            raise InvalidArgument("resolve_moves", "true with target_slots=0 (re-solved moves fill target slots)", "target_slots > 0, or resolve_moves=false")
         if self.bits_window is not None and not (len(self.bits_window) == 2 and self.bits_window[0] < self.bits_window[1]):
             raise InvalidArgument("bits_window", f"{list(self.bits_window)}", "[low, high] average bits with low < high, or null")
         if self.iterations == 0 and self.n_initial_random == 0:
@@ -219,22 +225,37 @@ class IterativeSearch:
         configuration at or under it, among `X`), unseen, ranked by the acquisition, taken in turn per target."""
         rng = self._rng(iteration)
         score = self._acquisition(predictor)
-        ranked, notes = [], []
+        ranked, notes, resolved = [], [], set()
         for t in self.targets:
             idx = best_under_target(y, bits, t)
             if idx is None:
                 continue
             cands = self.settings.moves.neighbours(self.space, X[idx], t, rng)
+            first = cands[:0]
+            if self.settings.resolve_moves:  # the best-scored re-solved move leads the target's list
+                extra = resolved_moves(self.space, X[idx], t, lambda g: predictor.predict(self.space.features(g)))
+                extra = extra[[self.space.key(g) not in seen for g in extra]]
+                if len(extra):
+                    first = extra[[int(np.argmin(score(extra)))]]
+                    resolved.add(self.space.key(first[0]))
+                    cands = np.unique(np.vstack([cands, extra]), axis=0)
             cands = cands[[self.space.key(g) not in seen for g in cands]]
             if not len(cands):
                 continue
             s = score(cands)
             order = np.argsort(s, kind="stable")
-            ranked.append(cands[order])
+            ranked.append(np.vstack([first, cands[order]]))
             notes.append(f"{t:g}b {y[idx]:.4g} -> {s[order[0]]:.4g} ({len(cands)} moves)")
-        picks = round_robin(ranked, self.settings.n_target_slots, self.space.key, seen)
-        log.info("iteration %d: %d slots to the targets' incumbents (best acquisition: %s)", iteration, len(picks), "; ".join(notes) or "no incumbent")
-        return picks.reshape(-1, self.space.n_genes)
+        picks = round_robin(ranked, self.settings.n_target_slots, self.space.key, seen).reshape(-1, self.space.n_genes)
+        n_resolved = sum(self.space.key(g) in resolved for g in picks)
+        log.info(
+            "iteration %d: %d slots to the targets' incumbents%s (best acquisition: %s)",
+            iteration,
+            len(picks),
+            f", {n_resolved} of them re-solved" if self.settings.resolve_moves else "",
+            "; ".join(notes) or "no incumbent",
+        )
+        return picks
 
     def _predicted_records(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(predicted, actual, avg_bits, iteration) of the successful records that carry a proposal-time prediction."""
