@@ -101,3 +101,28 @@ def test_in_the_loop_each_target_gets_one_re_solved_move_per_iteration_and_a_rer
 def test_re_solved_moves_without_target_slots_are_refused_naming_the_setting():
     with pytest.raises(ConfigError, match=r"^resolve_moves: .*\(valid: target_slots > 0"):
         dataclasses.replace(HALF, target_slots=0.0, resolve_moves=True)
+
+
+def test_the_lean_preset_is_the_measured_command_line(compose_cfg):
+    """experiment=lean_234 composes to the settings docs/benchmarks.md measured with overrides."""
+    measured = [
+        "budget=standard",
+        "search.bits=[2,3,4]",
+        "search.targets=[3.0,3.5,4.0]",
+        "search.bits_window=null",
+        "budget.seq_len=512",
+        "budget.n_initial_random=27",
+        "budget.sensitivity_seeds=27",
+        "budget.sensitivity_samples=1",
+        "search.sensitivity_widths=all",
+        "budget.n_samples=4",
+        "budget.iterations=4",
+        "metric=kl",
+        "search.predictor_prior=table",
+        "predictor.kernel=linear",
+        "search.resolve_moves=true",
+    ]
+    preset, overrides = compose_cfg(["experiment=lean_234"]), compose_cfg(measured)
+    for group in ("search", "budget", "metric", "predictor", "quantizer", "model"):
+        assert preset[group] == overrides[group], group
+    assert compose_cfg([]).search.resolve_moves is False

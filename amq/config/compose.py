@@ -397,7 +397,7 @@ def hint_metric(name: str, bits: list[int]) -> None:
     if name == "jsd" and 2 in bits and 3 in bits:
         log.info(
             "metric jsd with 2- and 3-bit widths: JSD saturates where a 2-bit linear wrecks the output; metric=kl picked configurations "
-            "with 14-55%% lower held-out perplexity in {2, 3, 4} (docs/benchmarks.md, 'KL instead of JSD as the search metric')"
+            "with 14-55% lower held-out perplexity in {2, 3, 4} (docs/benchmarks.md, 'KL instead of JSD as the search metric')"
         )
 
 
