@@ -70,7 +70,7 @@ class SearchSettings:
     kappa: float = 0.0  # > 0: NSGA-II minimises mean - kappa * std where the predictor gives a std
     target_slots: float = 0.0  # share of each batch given to local moves around the targets' incumbents (0: NSGA-II only)
     moves: LocalMoves = field(default_factory=LocalMoves)
-    resolve_moves: bool = False  # also offer each target the knapsack re-solved on the predictor's single-gene changes (amq.search.resolved_moves)
+    resolve_moves: bool = False  # each target's first slot: the knapsack re-solved on the predictor's single-gene changes (amq.search.resolved_moves)
 
     def __post_init__(self) -> None:
         require_at_least(self, "iterations", 0)
