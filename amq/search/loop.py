@@ -231,20 +231,21 @@ class IterativeSearch:
             if idx is None:
                 continue
             cands = self.settings.moves.neighbours(self.space, X[idx], t, rng)
-            first = cands[:0]
-            if self.settings.resolve_moves:  # the best-scored re-solved move leads the target's list
-                extra = resolved_moves(self.space, X[idx], t, lambda g: predictor.predict(self.space.features(g)))
-                extra = extra[[self.space.key(g) not in seen for g in extra]]
-                if len(extra):
-                    first = extra[[int(np.argmin(score(extra)))]]
-                    resolved.add(self.space.key(first[0]))
-                    cands = np.unique(np.vstack([cands, extra]), axis=0)
-            cands = cands[[self.space.key(g) not in seen for g in cands]]
+            extra: set[str] = set()
+            if self.settings.resolve_moves:
+                solved = resolved_moves(self.space, X[idx], t, lambda g: predictor.predict(self.space.features(g)))
+                extra = {self.space.key(g) for g in solved}
+                cands = np.unique(np.vstack([cands, solved]), axis=0)
+            keys = [self.space.key(g) for g in cands]
+            new = [k not in seen for k in keys]
+            cands, keys = cands[new], [k for k, n in zip(keys, new) if n]
             if not len(cands):
                 continue
             s = score(cands)
             order = np.argsort(s, kind="stable")
-            ranked.append(np.vstack([first, cands[order]]))
+            lead = [i for i in order if keys[i] in extra][:1]  # the best-scored re-solved move leads the target's list
+            resolved.update(keys[i] for i in lead)
+            ranked.append(cands[lead + [i for i in order if i not in lead]])
             notes.append(f"{t:g}b {y[idx]:.4g} -> {s[order[0]]:.4g} ({len(cands)} moves)")
         picks = round_robin(ranked, self.settings.n_target_slots, self.space.key, seen).reshape(-1, self.space.n_genes)
         n_resolved = sum(self.space.key(g) in resolved for g in picks)

@@ -35,12 +35,12 @@ def single_gene_changes(space: SearchSpace, incumbent: np.ndarray, predict: Call
     minus the incumbent's own (0 at the incumbent's width, inf where a gene lacks the width)."""
     incumbent = np.asarray(incumbent, dtype=int)
     genes, widths = zip(*[(i, c) for i in range(space.n_genes) for c in range(int(space.sizes[i])) if c != incumbent[i]])
-    variants = np.repeat(incumbent[None, :], len(genes), axis=0)
-    variants[np.arange(len(genes)), genes] = widths
-    base = float(predict(incumbent[None, :])[0])
+    variants = np.repeat(incumbent[None, :], len(genes) + 1, axis=0)  # row 0: the incumbent itself
+    variants[np.arange(1, len(genes) + 1), genes] = widths
+    predicted = predict(variants)
     changes = np.full((space.n_genes, int(space.sizes.max())), np.inf)
     changes[np.arange(space.n_genes), incumbent] = 0.0
-    changes[list(genes), list(widths)] = predict(variants) - base
+    changes[list(genes), list(widths)] = predicted[1:] - predicted[0]
     return changes
 
 
