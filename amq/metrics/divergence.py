@@ -89,6 +89,10 @@ def _from_ref_logits(row_fn: Callable) -> Callable:
 class OutputDivergence:
     """Mean per-token JSD (or KL(ref || candidate)) over the calibration windows.
 
+    `trim` leaves the highest fraction of per-token divergences out of the mean (a trimmed mean):
+    near the top widths a mean KL is decided by a few tokens whose prediction flips, which is noise
+    on a few thousand calibration tokens (docs/benchmarks.md, "Trimmed KL").
+
     The divergence is computed in chunks of `chunk_tokens` rows so the float32 temporaries stay in
     cache; `compile=True` fuses the arithmetic with torch.compile (falls back to eager if the
     compiler is unavailable), which is what keeps a true evaluation close to the forward-pass floor.
@@ -107,6 +111,7 @@ class OutputDivergence:
     compile: bool = False
     reference: str = "probs"
     prefix_cache_mb: float = 1024.0
+    trim: float = 0.0
     _refs: list = field(default_factory=list, init=False, repr=False)
     _blocks: nn.ModuleList | None = field(default=None, init=False, repr=False)
     _prefix: BlockPrefixCache | None = field(default=None, init=False, repr=False)
@@ -121,6 +126,8 @@ class OutputDivergence:
         for key in ("batch_size", "chunk_tokens"):
             if int(getattr(self, key)) < 1:
                 raise InvalidArgument(key, f"{getattr(self, key)}", "an integer >= 1")
+        if isinstance(self.trim, bool) or not isinstance(self.trim, (int, float)) or not 0 <= self.trim < 0.5:
+            raise InvalidArgument("trim", f"{self.trim!r}", "a fraction in [0, 0.5): the share of highest per-token divergences left out of the mean (0: none)")
         if not float(self.prefix_cache_mb) >= 0:
             raise InvalidArgument("prefix_cache_mb", f"{self.prefix_cache_mb}", "a number of megabytes >= 0 (0: every pass runs in full)")
         row_fn = _ROW_FNS[self.kind] if self.reference == "probs" else _from_ref_logits(_ROW_FNS[self.kind])
@@ -177,10 +184,14 @@ class OutputDivergence:
     @property
     def description(self) -> str:
         n, t = self.tokens.shape
-        return f"mean per-token {self.kind.upper()} (nats, float32) vs the unquantized model on {n}x{t} calibration tokens"
+        trimmed = f", the highest {100 * float(self.trim):.3g}% of tokens left out" if self.trim else ""
+        return f"mean per-token {self.kind.upper()}{trimmed} (nats, float32) vs the unquantized model on {n}x{t} calibration tokens"
 
     def settings(self) -> dict:
-        return {"kind": self.kind, "batch_size": int(self.batch_size), "chunk_tokens": int(self.chunk_tokens), "compile": bool(self.compile)}
+        out = {"kind": self.kind, "batch_size": int(self.batch_size), "chunk_tokens": int(self.chunk_tokens), "compile": bool(self.compile)}
+        if self.trim:  # only when set: the untrimmed metric keeps its cache keys
+            out["trim"] = float(self.trim)
+        return out
 
     def subset(self, n_samples: int) -> "OutputDivergence":
         """The same metric on the first `n_samples` windows, sharing the reference (no recompute).
@@ -251,14 +262,23 @@ class OutputDivergence:
         lets the pass start at the first block that changed since the previous one."""
         prefix = self._prefix if model is self.model else None
         start = prefix.begin(states) if prefix is not None else 0
-        sums, count = [], 0
+        parts, count = [], 0
         with torch.inference_mode():
             for i, (ids, ref) in enumerate(zip(self._batches(), self._refs)):
                 with prefix.forward_from(i, start) if prefix is not None else contextlib.nullcontext():
                     batch_rows = self._batch_rows(model, ids, ref)
                 for rows in batch_rows:
-                    sums.append(rows.clamp_min(0).sum())
+                    parts.append(rows.clamp_min(0) if self.trim else rows.clamp_min(0).sum())
                     count += rows.numel()
         if prefix is not None:
             prefix.commit()
-        return float(torch.stack(sums).double().sum()) / count
+        if self.trim:
+            return trimmed_mean(torch.cat(parts), float(self.trim))
+        return float(torch.stack(parts).double().sum()) / count
+
+
+def trimmed_mean(values: torch.Tensor, trim: float) -> float:
+    """Mean of `values` without their highest `trim` fraction (rounded down: at least one value stays)."""
+    keep = values.numel() - int(trim * values.numel())
+    low = torch.topk(values.flatten().double(), keep, largest=False).values
+    return float(low.sum()) / keep
