@@ -79,6 +79,7 @@ CASES = {
     "negative seed": Case(["seed=-1"], "seed"),
     "zero threads": Case(["num_threads=0"], "num_threads"),
     "unknown metric": Case(["metric.kind=mse"], "metric.kind"),
+    "metric trim out of range": Case(["metric.trim=0.5"], "metric.trim"),
     "bad predictor option": Case(["predictor.target=sqrt"], "predictor.target"),
     "RBF neighbours without scipy": Case(["predictor=rbf", "predictor.neighbors=50"], "predictor.neighbors"),
     "empty calibration text": Case(
