@@ -1,0 +1,127 @@
+"""Which summary of the calibration divergence ranks near-tied configurations as held-out text does.
+
+A search picks, at each target, the configuration with the lowest calibration metric; near a
+target the candidates differ by a few percent, and what matters is whether the metric's order is
+held-out perplexity's order. For each finished run directory given, at each target: its `--top`
+best configurations at or under the target (by the run's own metric); for each, held-out
+perplexity on every held-out text (`amq.bench.heldout`) and the per-token KL and JSD against the
+unquantized model on the calibration windows of the composed settings. Then, per target and text,
+the Spearman correlation between held-out log-perplexity and each summary of the per-token values:
+the mean KL, the mean JSD, and the KL with the highest fraction of tokens left out (`--trims`, as
+`metric.trim` does). The configurations of all runs are pooled per target (runs of other metrics
+or budgets add candidates the first did not find).
+
+    python scripts/bench_metric_agreement.py experiment=lean_234 num_threads=1 \\
+        --runs RUN_A RUN_B --targets 3.0 3.5 4.0 --top 5 --out /tmp/metric_agreement
+
+The Hydra overrides give the model, the calibration windows and the held-out texts; the run
+directories must be of the same model and space. Results: --out/results.json and results.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from scipy.stats import spearmanr
+
+from amq.bench.heldout import HeldoutPerplexity
+from amq.bench.script_args import script_parser
+from amq.config.compose import Workbench, prepare
+from amq.evaluation.perplexity import PerplexityProtocol
+from amq.io import atomic_write_json, atomic_write_text, read_jsonl
+from amq.metrics.divergence import forward_logits, jsd_rows, kl_rows, reference_stats
+
+ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("bench_metric_agreement")
+
+
+def candidates(run: Path, target: float, top: int) -> list[dict]:
+    """The run's `top` best archive records at or under `target`, by the run's own metric."""
+    recs = list(read_jsonl(run / "archive.jsonl"))
+    kind = next(iter(recs[0]["metrics"]))
+    ok = [r for r in recs if r["avg_bits"] <= target + 1e-9 and r["metrics"][kind] is not None]
+    return sorted(ok, key=lambda r: r["metrics"][kind])[:top]
+
+
+class TokenDivergences:
+    """Per-token KL and JSD of the model as it is now against its unquantized self, on fixed windows."""
+
+    def __init__(self, wb: Workbench) -> None:
+        self.wb, self.tokens = wb, wb.metric.tokens
+        wb.bank.restore()
+        with torch.inference_mode():
+            self.refs = [reference_stats(forward_logits(wb.lm.model, ids[None]).flatten(0, 1)) for ids in self.tokens]
+
+    def __call__(self, bits: dict[str, int]) -> dict[str, np.ndarray]:
+        self.wb.bank.apply(bits)
+        rows: dict[str, list[torch.Tensor]] = {"kl": [], "jsd": []}
+        with torch.inference_mode():
+            for ids, (p, neg_h) in zip(self.tokens, self.refs, strict=True):
+                logits = forward_logits(self.wb.lm.model, ids[None]).flatten(0, 1)
+                rows["kl"].append(kl_rows(p, neg_h, logits).clamp_min(0))
+                rows["jsd"].append(jsd_rows(p, neg_h, logits).clamp_min(0))
+        return {k: torch.cat(v).double().numpy() for k, v in rows.items()}
+
+
+def summaries(tok: dict[str, np.ndarray], trims: list[float]) -> dict[str, float]:
+    """The mean KL, the mean JSD and the trimmed mean KL per trim fraction (as `metric.trim` takes it)."""
+    out = {"KL": float(tok["kl"].mean()), "JSD": float(tok["jsd"].mean())}
+    low = np.sort(tok["kl"])
+    for t in trims:
+        out[f"KL, top {100 * t:g}% left out"] = float(low[: len(low) - int(t * len(low))].mean())
+    return out
+
+
+def main() -> None:
+    ap = script_parser(__doc__, "Hydra overrides of conf/train_search.yaml (the runs' model and data)")
+    ap.add_argument("--runs", type=Path, nargs="+", required=True, help="finished run directories (archive.jsonl)")
+    ap.add_argument("--targets", type=float, nargs="+", default=[3.0, 3.5, 4.0])
+    ap.add_argument("--top", type=int, default=5, help="configurations per run and target")
+    ap.add_argument("--trims", type=float, nargs="+", default=[0.01, 0.05, 0.1])
+    ap.add_argument("--ppl-window", type=int, default=512)
+    ap.add_argument("--ppl-windows", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_metric_agreement")
+    args = ap.parse_args()
+    for run in args.runs:
+        if not (run / "archive.jsonl").is_file():
+            ap.error(f"--runs {run}: no archive.jsonl there (a finished run directory holds one)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train_search", overrides=["logger=none", "eval_cache=none", "finalize.enabled=false", *args.overrides, f"paths.output_dir={args.out}"])
+    wb = prepare(cfg)
+    ppl = HeldoutPerplexity(wb, PerplexityProtocol(args.ppl_window, args.ppl_windows, wb.lm.add_bos))
+    divergences = TokenDivergences(wb)
+
+    rows = []
+    for target in args.targets:
+        for run in args.runs:
+            for rank, rec in enumerate(candidates(run, target, args.top)):
+                bits = rec["config"]["bits"]
+                row = {"run": str(run), "target": target, "rank": rank, "avg_bits": rec["avg_bits"], "perplexity": ppl(bits)}
+                row["calibration"] = summaries(divergences(bits), args.trims)
+                rows.append(row)
+                log.info("%s @ %g #%d: %s", run, target, rank, row)
+    texts = ppl.texts
+    names = list(rows[0]["calibration"])
+    lines = ["| target | configurations | text | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 3)]
+    agreement: dict[str, dict[str, dict[str, float]]] = {}
+    for target in args.targets:
+        at = [r for r in rows if r["target"] == target]
+        for text in texts:
+            y = np.log([r["perplexity"][text] for r in at])
+            rho = {n: float(spearmanr([r["calibration"][n] for r in at], y)[0]) for n in names}
+            agreement.setdefault(f"{target:g}", {})[text] = rho
+            lines.append(f"| {target:g} | {len(at)} | {text} | " + " | ".join(f"{rho[n]:.2f}" for n in names) + " |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "results.json", {"overrides": args.overrides, "rows": rows, "spearman": agreement})
+    atomic_write_text(args.out / "results.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
