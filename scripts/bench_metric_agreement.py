@@ -33,7 +33,7 @@ from amq.bench.script_args import script_parser
 from amq.config.compose import Workbench, prepare
 from amq.evaluation.perplexity import PerplexityProtocol
 from amq.io import atomic_write_json, atomic_write_text, read_jsonl
-from amq.metrics.divergence import forward_logits, jsd_rows, kl_rows, reference_stats
+from amq.metrics.divergence import forward_logits, jsd_rows, kl_rows, reference_stats, trimmed_mean
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("bench_metric_agreement")
@@ -70,9 +70,8 @@ class TokenDivergences:
 def summaries(tok: dict[str, np.ndarray], trims: list[float]) -> dict[str, float]:
     """The mean KL, the mean JSD and the trimmed mean KL per trim fraction (as `metric.trim` takes it)."""
     out = {"KL": float(tok["kl"].mean()), "JSD": float(tok["jsd"].mean())}
-    low = np.sort(tok["kl"])
     for t in trims:
-        out[f"KL, top {100 * t:g}% left out"] = float(low[: len(low) - int(t * len(low))].mean())
+        out[f"KL, top {100 * t:g}% left out"] = trimmed_mean(torch.from_numpy(tok["kl"]), t)
     return out
 
 
@@ -92,7 +91,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train_search", overrides=["logger=none", "eval_cache=none", "finalize.enabled=false", *args.overrides, f"paths.output_dir={args.out}"])
+        cfg = compose(
+            config_name="train_search", overrides=["logger=none", "eval_cache=none", "finalize.enabled=false", *args.overrides, f"paths.output_dir={args.out}"]
+        )
     wb = prepare(cfg)
     ppl = HeldoutPerplexity(wb, PerplexityProtocol(args.ppl_window, args.ppl_windows, wb.lm.add_bos))
     divergences = TokenDivergences(wb)
