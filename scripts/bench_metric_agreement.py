@@ -88,6 +88,13 @@ def main() -> None:
     for run in args.runs:
         if not (run / "archive.jsonl").is_file():
             ap.error(f"--runs {run}: no archive.jsonl there (a finished run directory holds one)")
+    if args.top < 3:
+        ap.error(f"--top {args.top}: a rank correlation needs at least 3 configurations per run and target")
+    if bad := [t for t in args.trims if not 0 <= t < 0.5]:
+        ap.error(f"--trims {' '.join(map(str, bad))}: each a fraction in [0, 0.5), as metric.trim takes it")
+    picks = [(t, run, rank, rec) for t in args.targets for run in args.runs for rank, rec in enumerate(candidates(run, t, args.top))]
+    if empty := [f"{t:g}" for t in args.targets if not any(p[0] == t for p in picks)]:
+        ap.error(f"--targets {' '.join(empty)}: no configuration of the runs is at or under it")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -99,14 +106,12 @@ def main() -> None:
     divergences = TokenDivergences(wb)
 
     rows = []
-    for target in args.targets:
-        for run in args.runs:
-            for rank, rec in enumerate(candidates(run, target, args.top)):
-                bits = rec["config"]["bits"]
-                row = {"run": str(run), "target": target, "rank": rank, "avg_bits": rec["avg_bits"], "perplexity": ppl(bits)}
-                row["calibration"] = summaries(divergences(bits), args.trims)
-                rows.append(row)
-                log.info("%s @ %g #%d: %s", run, target, rank, row)
+    for i, (target, run, rank, rec) in enumerate(picks, 1):
+        bits = rec["config"]["bits"]
+        row = {"run": str(run), "target": target, "rank": rank, "avg_bits": rec["avg_bits"], "perplexity": ppl(bits)}
+        row["calibration"] = summaries(divergences(bits), args.trims)
+        rows.append(row)
+        log.info("%d/%d: %s @ %g #%d: %s", i, len(picks), run, target, rank, row)
     texts = ppl.texts
     names = list(rows[0]["calibration"])
     lines = ["| target | configurations | text | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 3)]
