@@ -20,6 +20,7 @@ directories must be of the same model and space. Results: --out/results.json and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -33,38 +34,31 @@ from amq.bench.script_args import script_parser
 from amq.config.compose import Workbench, prepare
 from amq.evaluation.perplexity import PerplexityProtocol
 from amq.io import atomic_write_json, atomic_write_text, read_jsonl
-from amq.metrics.divergence import forward_logits, jsd_rows, kl_rows, reference_stats, trimmed_mean
+from amq.metrics.divergence import trimmed_mean
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("bench_metric_agreement")
 
 
-def candidates(run: Path, target: float, top: int) -> list[dict]:
-    """The run's `top` best archive records at or under `target`, by the run's own metric."""
-    recs = list(read_jsonl(run / "archive.jsonl"))
-    kind = next(iter(recs[0]["metrics"]))
-    ok = [r for r in recs if r["avg_bits"] <= target + 1e-9 and r["metrics"][kind] is not None]
+def candidates(records: list[dict], target: float, top: int) -> list[dict]:
+    """The `top` best of a run's archive records at or under `target`, by the run's own metric."""
+    kind = next(iter(records[0]["metrics"]))
+    ok = [r for r in records if r["avg_bits"] <= target + 1e-9 and r["metrics"][kind] is not None]
     return sorted(ok, key=lambda r: r["metrics"][kind])[:top]
 
 
 class TokenDivergences:
-    """Per-token KL and JSD of the model as it is now against its unquantized self, on fixed windows."""
+    """Per-token KL and JSD of the proxy model against its unquantized self on the composed metric's
+    windows: the metric itself (`OutputDivergence.token_values`) in either kind, untrimmed."""
 
     def __init__(self, wb: Workbench) -> None:
-        self.wb, self.tokens = wb, wb.metric.tokens
+        self.wb = wb
         wb.bank.restore()
-        with torch.inference_mode():
-            self.refs = [reference_stats(forward_logits(wb.lm.model, ids[None]).flatten(0, 1)) for ids in self.tokens]
+        self.metrics = {kind: dataclasses.replace(wb.metric, kind=kind, trim=0.0) for kind in ("kl", "jsd")}
 
     def __call__(self, bits: dict[str, int]) -> dict[str, np.ndarray]:
         self.wb.bank.apply(bits)
-        rows: dict[str, list[torch.Tensor]] = {"kl": [], "jsd": []}
-        with torch.inference_mode():
-            for ids, (p, neg_h) in zip(self.tokens, self.refs, strict=True):
-                logits = forward_logits(self.wb.lm.model, ids[None]).flatten(0, 1)
-                rows["kl"].append(kl_rows(p, neg_h, logits).clamp_min(0))
-                rows["jsd"].append(jsd_rows(p, neg_h, logits).clamp_min(0))
-        return {k: torch.cat(v).double().numpy() for k, v in rows.items()}
+        return {kind: torch.cat(m.token_values(self.wb.bank.model)).double().cpu().numpy() for kind, m in self.metrics.items()}
 
 
 def summaries(tok: dict[str, np.ndarray], trims: list[float]) -> dict[str, float]:
@@ -92,7 +86,8 @@ def main() -> None:
         ap.error(f"--top {args.top}: a rank correlation needs at least 3 configurations per run and target")
     if bad := [t for t in args.trims if not 0 <= t < 0.5]:
         ap.error(f"--trims {' '.join(map(str, bad))}: each a fraction in [0, 0.5), as metric.trim takes it")
-    picks = [(t, run, rank, rec) for t in args.targets for run in args.runs for rank, rec in enumerate(candidates(run, t, args.top))]
+    archives = {run: list(read_jsonl(run / "archive.jsonl")) for run in args.runs}
+    picks = [(t, run, rank, rec) for t in args.targets for run in args.runs for rank, rec in enumerate(candidates(archives[run], t, args.top))]
     if empty := [f"{t:g}" for t in args.targets if not any(p[0] == t for p in picks)]:
         ap.error(f"--targets {' '.join(empty)}: no configuration of the runs is at or under it")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -258,24 +258,27 @@ class OutputDivergence:
                 out.append(self._row_fn(head_logits(model, ref[s:e]), head_logits(model, hidden[s:e])))
         return out
 
-    def evaluate(self, model: nn.Module, states: BlockStates | None = None) -> float:
-        """Score `model` as it is now; `states` (one per decoder block, e.g. the bits of its linears)
-        lets the pass start at the first block that changed since the previous one."""
+    def token_values(self, model: nn.Module, states: BlockStates | None = None) -> list[torch.Tensor]:
+        """Per-token divergences (>= 0) of `model` as it is now, chunk by chunk, in window order;
+        `states` (one per decoder block, e.g. the bits of its linears) lets the pass start at the
+        first block that changed since the previous one."""
         prefix = self._prefix if model is self.model else None
         start = prefix.begin(states) if prefix is not None else 0
-        parts, count = [], 0
+        chunks = []
         with torch.inference_mode():
             for i, (ids, ref) in enumerate(zip(self._batches(), self._refs)):
                 with prefix.forward_from(i, start) if prefix is not None else contextlib.nullcontext():
-                    batch_rows = self._batch_rows(model, ids, ref)
-                for rows in batch_rows:
-                    parts.append(rows.clamp_min(0) if self.trim else rows.clamp_min(0).sum())
-                    count += rows.numel()
+                    chunks += [rows.clamp_min(0) for rows in self._batch_rows(model, ids, ref)]
         if prefix is not None:
             prefix.commit()
+        return chunks
+
+    def evaluate(self, model: nn.Module, states: BlockStates | None = None) -> float:
+        """Score `model` as it is now: the (trimmed) mean of `token_values`."""
+        chunks = self.token_values(model, states)
         if self.trim:
-            return trimmed_mean(torch.cat(parts), float(self.trim))
-        return float(torch.stack(parts).double().sum()) / count
+            return trimmed_mean(torch.cat(chunks), float(self.trim))
+        return float(torch.stack([c.sum() for c in chunks]).double().sum()) / sum(c.numel() for c in chunks)
 
 
 def trimmed_mean(values: torch.Tensor, trim: float) -> float:
