@@ -1,13 +1,18 @@
 """`metric.trim`: the highest per-token divergences are left out of the mean, the untrimmed metric is
-unchanged bit for bit, and a trimmed metric never shares a cache entry with the untrimmed one."""
+unchanged bit for bit, a trimmed metric never shares a cache entry with the untrimmed one, and a run
+saved before the setting existed resumes untrimmed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SMOKE
+from omegaconf import OmegaConf
 
+from amq.errors import ConfigError
 from amq.metrics.divergence import OutputDivergence, kl_rows, reference_stats
 from amq.modeling.random_init import random_llama
+from amq.run.resume import check_resumable, comparable_settings
 
 
 def _perturb(model) -> None:
@@ -50,3 +55,12 @@ def test_zero_trim_is_the_plain_metric_and_keeps_its_cache_keys():
     assert "1% of tokens left out" in trimmed.description
     # a subset of windows keeps the trim
     assert trimmed.subset(1).trim == 0.01
+
+
+def test_a_run_saved_before_the_setting_resumes_untrimmed(tmp_path, compose_cfg):
+    old = OmegaConf.create(OmegaConf.to_container(compose_cfg(SMOKE)))  # a plain copy: composed configs refuse deletions
+    del old.metric["trim"]
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
+    check_resumable(tmp_path, comparable_settings(compose_cfg(SMOKE)), 2)  # untrimmed then and now
+    with pytest.raises(ConfigError, match="metric.trim=0.01"):
+        check_resumable(tmp_path, comparable_settings(compose_cfg([*SMOKE, "metric.trim=0.01"])), 2)

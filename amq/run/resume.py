@@ -70,6 +70,7 @@ ADDED_LATER: dict[str, Any] = {
     "search.sensitivity_widths": "lowest",
     "search.predictor_prior": "none",
     "search.resolve_moves": False,
+    "metric.trim": 0.0,
 }
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 VALID_DIR = "the directory of an unfinished amq-search run (outputs/search/runs/<time>), or auto"
