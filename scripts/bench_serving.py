@@ -19,6 +19,10 @@ One command builds, checks and times everything (docs/benchmarks.md, "Serving sp
    decode step captured as a CUDA graph, greedy next token inside the graph), prefill tokens/s over
    2048 tokens (last-token logits; eager and as a CUDA graph replay; timed first), weight bytes and peak GPU memory.
 
+`--micro-tiles 512` also times the planes layout with tiles of 512 beside the default 256 (2- and
+3-bit layers then have runs of 32 codes, as 4 bits has at 256; the kernels take the tile as a
+parameter, their launch shapes are tuned for 256).
+
 Prints a table last and writes JSON to --json (default $OUT/bench_serving.json).
 """
 
@@ -33,7 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -130,9 +134,15 @@ def layer_bytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
 
 
-def candidates(bits: int, layer: PackedLinear) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """Callables x -> y for every kernel that holds this width."""
-    out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"planes": PlanesLinear(layer)}
+def candidates(bits: int, layer: PackedLinear, tiles: Sequence[int] = ()) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Callables x -> y for every kernel that holds this width; `tiles`: the planes layout again at
+    each of these largest tiles where it gives the layer another tile than the default's."""
+    planes = PlanesLinear(layer)
+    out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"planes": planes}
+    for max_tile in tiles:
+        other = PlanesLinear(layer, max_tile=max_tile)
+        if other.tile != planes.tile:
+            out[f"planes, tile {other.tile}"] = other
     if bits == 4:
         out["tinygemm"] = TinyGemmLinear(layer)
     return out
@@ -176,7 +186,7 @@ def micro(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
         for bits in args.micro_widths:
             n = max(2, math.ceil(args.cold_bytes / (out_f * in_f * bits / 8)))
             layers = [packed_layer(out_f, in_f, bits, args.group_size, gen) for _ in range(n)]
-            fast = [candidates(bits, m) for m in layers]
+            fast = [candidates(bits, m, args.micro_tiles) for m in layers]
             ref_w = layers[0].weight_float()
             for m_rows in args.micro_rows:
                 x = torch.randn(m_rows, in_f, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -527,6 +537,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-shapes", nargs="+", default=list(SHAPES))
     p.add_argument("--micro-rows", nargs="+", type=int, default=[1, 16, 2048])
     p.add_argument("--micro-widths", nargs="+", type=int, default=list(WIDTHS), choices=WIDTHS)
+    p.add_argument(
+        "--micro-tiles",
+        nargs="+",
+        type=int,
+        default=[],
+        metavar="T",
+        help="also time the planes layout with tiles up to T (a power of two, 32-1024; the kernels are tuned for 256) beside the default",
+    )
     p.add_argument("--cold-bytes", type=float, default=256e6, help="weight bytes each timed graph walks (> L2)")
     p.add_argument("--compile-candidates", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--gemlite", action=argparse.BooleanOptionalAction, default=True)
@@ -564,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--prefill", type=int, default=2048)
     args = p.parse_args(argv)
+    bad = [t for t in args.micro_tiles if not 32 <= t <= 1024 or t & (t - 1)]
+    if bad:
+        p.error(f"--micro-tiles: {bad[0]} (valid: a power of two from 32 to 1024)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not torch.cuda.is_available():
         log.error("needs a CUDA GPU")

@@ -6,7 +6,7 @@ stacks; its report puts each mixed point against uniform 4-bit (issue target: no
 from __future__ import annotations
 
 import pytest
-from conftest import load_script
+from conftest import load_script, main_in_process
 
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHAPES = {"q_proj": 4096 * 4096, "k_proj": 4096 * 4096, "v_proj": 4096 * 4096, "o_proj": 4096 * 4096}
@@ -57,3 +57,10 @@ def test_report_gives_each_mixed_point_against_uniform_four(bench_serving):
     assert lines[-1] == "| mixed 3 | planes | 1.100x | 0.750x | - |"  # a NaN (not measured) shows as '-'
     assert not any("mixed 2.5" in line for line in lines)  # a failed configuration has no ratios
     assert bench_serving.against_uniform_four([_row("mixed 3", 1.0, 1.0, 1.0)]) == []  # no uniform 4-bit row: no table
+
+
+@pytest.mark.parametrize("tile", ["384", "16", "2048"])
+def test_a_tile_no_layout_has_is_refused_before_anything_runs(bench_serving, tile, tmp_path, capfd):
+    proc = main_in_process("bench_serving.py", bench_serving.main, ["--micro-tiles", tile, "--json", str(tmp_path / "out.json")], capfd)
+    assert proc.returncode == 2 and f"--micro-tiles: {tile} (valid: a power of two from 32 to 1024)" in proc.stderr
+    assert not any(tmp_path.iterdir())

@@ -87,6 +87,21 @@ def test_planes_layer_is_packed_linear_on_cpu(bits, awq):
     assert "split_partial" not in fast.state_dict()
 
 
+@pytest.mark.parametrize("bits", SERVED)
+def test_a_larger_tile_holds_the_same_layer(bits):
+    """Tiles above 256 (to measure them: bench_serving --micro-tiles) lay out the same codes: runs of
+    twice the codes, the same weight bit for bit and the same products on the CPU path."""
+    layer = _random_layer(bits, in_f=1024, group=128)
+    default, large = PlanesLinear(layer), PlanesLinear(layer, max_tile=512)
+    assert (default.tile, large.tile) == (256, 512)
+    assert torch.equal(large.weight_float(), layer.weight_float())
+    x = torch.randn(2, 3, 1024, dtype=torch.bfloat16)
+    assert torch.equal(large(x), default(x))
+    assert tile_size(1024, bits, 64, max_tile=512) == (256 if bits == 8 else 512)  # 8 bits at 512: runs of 128 codes, two groups
+    with pytest.raises(ValueError, match="power of two"):
+        tile_size(1024, bits, 128, max_tile=384)
+
+
 def test_tinygemm_layer_is_packed_linear_within_bf16_rounding_on_cpu():
     layer = _random_layer(4)
     fast = TinyGemmLinear(layer)
@@ -256,9 +271,11 @@ def test_served_on_cuda():
 @cuda
 @pytest.mark.parametrize("bits", SERVED)
 @pytest.mark.parametrize("rows", [1, 7, 16, 100])
-def test_triton_kernels_match_packed_linear_on_cuda(bits, rows):
+@pytest.mark.parametrize("max_tile", [256, 512])
+def test_triton_kernels_match_packed_linear_on_cuda(bits, rows, max_tile):
     layer = _random_layer(bits, out_f=384, in_f=512, group=128, device="cuda")
-    fast = PlanesLinear(layer)
+    fast = PlanesLinear(layer, max_tile=max_tile)
+    assert fast.tile == max_tile
     x = torch.randn(rows, 512, dtype=torch.bfloat16, device="cuda")
     ref = x.float() @ layer.weight_float().t() + layer.bias.float()
     assert _rel(fast(x), ref) < 1e-2

@@ -40,11 +40,14 @@ def plane_widths(bits: int) -> tuple[int, ...]:
     return tuple(p for p in (8, 4, 2, 1) if bits & p)
 
 
-def tile_size(in_features: int, bits: int, group_size: int) -> int | None:
-    """The largest power-of-two tile <= 256 that divides in_features, whose runs (T * p / 32 codes of
-    the widest plane p) are whole words and lie inside one group; None if none."""
+def tile_size(in_features: int, bits: int, group_size: int, max_tile: int = MAX_TILE) -> int | None:
+    """The largest power-of-two tile <= `max_tile` (256: what the kernels are tuned for; larger ones
+    only to measure, `scripts/bench_serving.py --micro-tiles`) that divides in_features, whose runs
+    (T * p / 32 codes of the widest plane p) are whole words and lie inside one group; None if none."""
+    if max_tile < WORD_BITS or max_tile & (max_tile - 1):
+        raise ValueError(f"max_tile={max_tile}: a power of two >= {WORD_BITS}")
     widest = plane_widths(bits)[0]
-    t = MAX_TILE
+    t = max_tile
     while t >= WORD_BITS:
         run = t * widest // WORD_BITS
         if in_features % t == 0 and group_size % run == 0:

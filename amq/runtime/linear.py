@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amq.quantizers.packed import PackedLinear, dequantize_groups, unpack_codes
-from amq.runtime.layout import TILE_ROWS_MAX, pack_planes, plane_widths, split_workspace, tile_size, unpack_planes
+from amq.runtime.layout import MAX_TILE, TILE_ROWS_MAX, pack_planes, plane_widths, split_workspace, tile_size, unpack_planes
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +49,23 @@ class PlanesLinear(nn.Module):
 
     kernel = "triton_planes"
 
-    def __init__(self, layer: PackedLinear, gemm_max_rows: int = GEMM_MAX_ROWS, workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        layer: PackedLinear,
+        gemm_max_rows: int = GEMM_MAX_ROWS,
+        workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_tile: int = MAX_TILE,
+    ) -> None:
         """`workspace`: split-K scratch (`layout.split_workspace`) shared with the model's other layers;
-        None makes the layer its own (SPLIT_MAX x TILE_ROWS_MAX float32 per row)."""
+        None makes the layer its own (SPLIT_MAX x TILE_ROWS_MAX float32 per row). `max_tile`: the
+        largest tile of the layout (`layout.tile_size`); above 256 only to measure other tiles."""
         super().__init__()
         if not 1 <= gemm_max_rows <= TILE_ROWS_MAX:
             raise ValueError(f"gemm_max_rows={gemm_max_rows}: the tile kernel takes 1 to {TILE_ROWS_MAX} rows")
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.bits, self.group_size = layer.bits, layer.group_size
         self.gemm_max_rows = gemm_max_rows
-        tile = tile_size(layer.in_features, layer.bits, layer.group_size)
+        tile = tile_size(layer.in_features, layer.bits, layer.group_size, max_tile)
         if tile is None:
             raise ValueError(f"in_features={layer.in_features}, group_size={layer.group_size}: no tile of the bit-plane layout fits")
         self.tile = tile
