@@ -49,7 +49,7 @@ from amq.quantizers.grid import rtn_quant  # noqa: E402
 from amq.quantizers.packed import PackedLinear, dequantize_packed  # noqa: E402
 from amq.runtime import PlanesLinear, TinyGemmLinear  # noqa: E402
 from amq.runtime.fuse import SIBLINGS, SiblingGroup, fuse_siblings  # noqa: E402
-from amq.runtime.layout import split_workspace  # noqa: E402
+from amq.runtime.layout import split_workspace, tile_size  # noqa: E402
 
 log = logging.getLogger("bench_serving")
 
@@ -137,12 +137,10 @@ def layer_bytes(m: nn.Module) -> int:
 def candidates(bits: int, layer: PackedLinear, tiles: Sequence[int] = ()) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Callables x -> y for every kernel that holds this width; `tiles`: the planes layout again at
     each of these largest tiles where it gives the layer another tile than the default's."""
-    planes = PlanesLinear(layer)
-    out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"planes": planes}
-    for max_tile in tiles:
-        other = PlanesLinear(layer, max_tile=max_tile)
-        if other.tile != planes.tile:
-            out[f"planes, tile {other.tile}"] = other
+    out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"planes": PlanesLinear(layer)}
+    default = tile_size(layer.in_features, bits, layer.group_size)
+    for tile in sorted({tile_size(layer.in_features, bits, layer.group_size, t) for t in tiles} - {default, None}):
+        out[f"planes, tile {tile}"] = PlanesLinear(layer, max_tile=tile)  # packed once, only where the tile differs
     if bits == 4:
         out["tinygemm"] = TinyGemmLinear(layer)
     return out
