@@ -63,7 +63,9 @@ def run(cfg: DictConfig) -> tuple[dict, SearchRun]:
         clock = StageClock()
         wb = compose.prepare(cfg, clock)
         with clock.stage("sensitivity"):
-            table, space = compose.prune(wb, plan.pruning, plan.sensitivity_samples, plan.share_groups, plan.expert_genes, plan.sensitivity_widths)
+            table, space = compose.prune(
+                wb, plan.pruning, plan.sensitivity_samples, plan.share_groups, plan.expert_genes, plan.sensitivity_widths, plan.shrink_table
+            )
         space_fp = space.fingerprint(wb.lm.fingerprint)
         if plan.finalize is not None:
             plan.finalize.check_reachable(space)  # after pruning: the smallest configuration may have grown

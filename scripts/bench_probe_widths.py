@@ -5,7 +5,8 @@ The search's initial design is knapsack allocations from the sensitivity table. 
 only, and its damage at a wider width is that times one factor per width (fitted to the uniform
 configurations); with `all` it is also probed at every width between the lowest and the highest,
 and each width costs what was measured. Per table size (--windows: sensitivity windows per probe)
-and per rule, this script builds the knapsack allocation at each budget in the full space (as
+and per rule (the lowest width, every width, every width with the middle widths shrunk as
+`search.shrink_table` does), this script builds the knapsack allocation at each budget in the full space (as
 scripts/bench_quality.py builds its knapsack baseline), truly evaluates it on the run's
 calibration windows, and measures its held-out perplexity on every held-out text (wiki and the
 Lee news corpus for the embedded data).
@@ -38,6 +39,8 @@ from amq.search.sensitivity import SENSITIVITY_WIDTHS
 from amq.search.space import SearchSpace
 
 ROOT = Path(__file__).resolve().parents[1]
+# (search.sensitivity_widths, search.shrink_table) of each table compared
+TABLES = [*((w, False) for w in SENSITIVITY_WIDTHS), ("all", True)]
 log = logging.getLogger("amq.bench_probe_widths")
 
 
@@ -79,9 +82,9 @@ def main() -> None:
     ppl = HeldoutPerplexity(wb, PerplexityProtocol(args.ppl_window, args.ppl_windows, wb.lm.add_bos))
     rows = []
     for k in args.windows:
-        for widths in SENSITIVITY_WIDTHS:
+        for widths, shrink in TABLES:
             t0 = time.perf_counter()
-            table, _ = prune(wb, plan.pruning, k, plan.share_groups, plan.expert_genes, widths)
+            table, _ = prune(wb, plan.pruning, k, plan.share_groups, plan.expert_genes, widths, shrink)
             cost = additive_damage(full, table.damage, width_factors(full, uniform, table.damage), table.mid)
             allocations = []
             for budget, genes in zip(budgets, knapsack_allocations(full, cost, budgets), strict=True):
@@ -89,8 +92,9 @@ def main() -> None:
                 allocations.append({"budget": budget, "avg_bits": float(full.avg_bits(genes)), "jsd": evaluate(genes).value, "perplexity": ppl(bits)})
             rows.append(
                 {
-                    "table": f"{widths} x {k} window{'s' if k > 1 else ''}",
+                    "table": f"{widths}{', shrunk' if shrink else ''} x {k} window{'s' if k > 1 else ''}",
                     "widths": widths,
+                    "shrunk": shrink,
                     "windows": k,
                     "probes": table.probes,
                     "probe_tokens": table.probes * k * length,

@@ -285,7 +285,7 @@ def main() -> None:
     evaluate = ProxyEvaluator(wb.bank, wb.metric, full)
     brange = search_bits_range(full, settings)
     ppl = HeldoutPerplexity(wb, PerplexityProtocol(args.ppl_window, args.ppl_windows, wb.lm.add_bos))
-    table, _ = prune(wb, plan0.pruning, plan0.sensitivity_samples, plan0.share_groups, widths=plan0.sensitivity_widths)
+    table, _ = prune(wb, plan0.pruning, plan0.sensitivity_samples, plan0.share_groups, widths=plan0.sensitivity_widths, shrink=plan0.shrink_table)
 
     out_json = args.out / "results.json"
     state = json.loads(out_json.read_text()) if out_json.exists() else {}

@@ -74,6 +74,8 @@ CASES = {
     "table prior under a log target": Case(["search.predictor_prior=table", "predictor=mlp"], "search.predictor_prior"),
     "re-solved moves without target slots": Case(["search.resolve_moves=true", "search.target_slots=0"], "search.resolve_moves"),
     "re-solved moves not a flag": Case(["search.resolve_moves=often"], "search.resolve_moves"),
+    "a shrunk table without middle widths": Case(["search.shrink_table=true"], "search.shrink_table"),
+    "shrink table not a flag": Case(["search.shrink_table=often"], "search.shrink_table"),
     "a budget with no work": Case(["budget.iterations=0", "budget.n_initial_random=0"], "budget"),
     "negative budget": Case(["budget.batch_size=-4"], "budget.batch_size"),
     "negative seed": Case(["seed=-1"], "seed"),

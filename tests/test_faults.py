@@ -26,7 +26,7 @@ from amq.config.compose import memory_settings, prepare, prune
 from amq.errors import ResourceError
 from amq.run.faults import resource_errors
 from amq.search.archive import Archive
-from amq.search.sensitivity import measure
+from amq.search.sensitivity import measure, paired_stderr
 
 REFERENCE = [*SMOKE, "seed=3"]  # what the smoke_run fixture ran
 
@@ -88,11 +88,11 @@ class StopAfter:
         self.metric, self.n, self.calls = metric, n, 0
         self.name, self.description = metric.name, metric.description
 
-    def evaluate(self, model, states=None) -> float:
+    def evaluate_tokens(self, model, states=None):
         if self.calls == self.n:
             raise KeyboardInterrupt
         self.calls += 1
-        return self.metric.evaluate(model, states)
+        return self.metric.evaluate_tokens(model, states)
 
 
 @pytest.mark.slow
@@ -108,15 +108,21 @@ def test_sensitivity_continues_where_it_stopped(workbench, tmp_path):
         measure(wb.bank, StopAfter(metric, stop), low, high, progress, names=names)
     rest = StopAfter(metric, 10_000)
     resumed = measure(wb.bank, rest, low, high, progress, names=names)
-    assert rest.calls == len(names) + 1 - stop, "measurements made before the stop were made again"
+    # one pass more than the probes left: the all-highest pass's per-token values, which the
+    # probes' standard errors need and the stopped run's progress file does not keep
+    assert rest.calls == len(names) + 1 - stop + 1, "measurements made before the stop were made again"
     assert list(resumed.damage) == names
+    assert set(resumed.stderr) == {low} and list(resumed.stderr[low]) == names
     # spot checks against fresh measurements, on both sides of the stop (a whole second table
     # would double the test's time for no more coverage: every value goes through the same path)
     wb.bank.apply({n: high for n in wb.layout.names})
-    assert resumed.baseline == metric.evaluate(wb.bank.model)
+    baseline, base_tokens = metric.evaluate_tokens(wb.bank.model)
+    assert resumed.baseline == baseline
     for name in (names[0], names[stop - 2], names[stop - 1], names[stop], names[-1]):
         wb.bank.apply({name: low})
-        assert resumed.damage[name] == metric.evaluate(wb.bank.model) - resumed.baseline, name
+        value, tokens = metric.evaluate_tokens(wb.bank.model)
+        assert resumed.damage[name] == value - resumed.baseline, name
+        assert resumed.stderr[low][name] == pytest.approx(paired_stderr(tokens, base_tokens), rel=1e-9), name
         wb.bank.apply({name: high})
 
 

@@ -46,6 +46,7 @@ from amq.search.evaluator import ProxyEvaluator
 from amq.search.loop import IterativeSearch, SearchSettings, search_bits_range
 from amq.search.seeding import SEED_ALLOCATORS, sensitivity_seeds
 from amq.search.space import EXPERT_GENES, SearchSpace, shared_groups
+from amq.search.table_shrinkage import shrink_middle_widths
 
 if TYPE_CHECKING:  # transformers is slow to import: settings errors come before it
     from amq.evaluation.suite import EvalSuite
@@ -256,6 +257,7 @@ class SearchPlan:
     confirm: ConfirmSettings = ConfirmSettings()  # the confirmation pass after the search (off by default)
     sensitivity_widths: str = sensitivity.SENSITIVITY_WIDTHS[0]  # lowest | all: the widths each linear is probed at
     predictor_prior: str = PRIORS[0]  # none | table: the predictor learns what the table's additive model leaves
+    shrink_table: bool = False  # shrink the middle widths' damages toward their role's ratio of the lowest width's
 
 
 def plan(cfg: DictConfig) -> SearchPlan:
@@ -287,6 +289,13 @@ def plan(cfg: DictConfig) -> SearchPlan:
     if sensitivity_widths not in sensitivity.SENSITIVITY_WIDTHS:
         raise ConfigError("search.sensitivity_widths", f"{sensitivity_widths!r}", " or ".join(sensitivity.SENSITIVITY_WIDTHS))
     predictor_prior = _predictor_prior(cfg)
+    shrink_table = bool(cfg.search.get("shrink_table", False))
+    if shrink_table and sensitivity_widths != "all":
+        raise ConfigError(
+            "search.shrink_table",
+            f"true with search.sensitivity_widths={sensitivity_widths}",
+            "search.sensitivity_widths=all (the middle widths it shrinks are probed only then), or search.shrink_table=false",
+        )
     max_minutes = cfg.budget.max_minutes
     search_deadline(max_minutes, 0.0)  # refuses a bad limit now
     min_coverage = cfg.search.get("min_coverage", MIN_COVERAGE)
@@ -313,6 +322,7 @@ def plan(cfg: DictConfig) -> SearchPlan:
         confirm=confirm,
         sensitivity_widths=str(sensitivity_widths),
         predictor_prior=predictor_prior,
+        shrink_table=shrink_table,
     )
 
 
@@ -479,11 +489,13 @@ def prune(
     share_groups: Sequence[Sequence[str]] | None,
     expert_genes: str = EXPERT_GENES[0],
     widths: str = sensitivity.SENSITIVITY_WIDTHS[0],
+    shrink: bool = False,
 ) -> tuple[sensitivity.SensitivityTable, SearchSpace]:
     """Stage: sensitivity (cached) and pruning; returns the table and the pruned search space.
 
     Linears that share a gene as experts of one projection are probed together; with `widths`
-    `all` also at every width between the lowest and the highest (pruning reads the lowest)."""
+    `all` also at every width between the lowest and the highest (pruning reads the lowest), and
+    with `shrink` those widths' damages shrunk by role (amq.search.table_shrinkage)."""
     sens_metric = wb.metric.subset(sensitivity_samples)
     context = {**evaluation_context(wb, sens_metric, sensitivity.measure), "description": sens_metric.description}
     units = shared_groups(wb.layout.linears, None, expert_genes)
@@ -491,6 +503,9 @@ def prune(
     if widths == "all" and len(wb.bits) > 2:
         mids = [sensitivity.cached_measure(wb.bank, sens_metric, wb.cache_dir / "sensitivity", context, units, low=b) for b in wb.bits[1:-1]]
         table = table.with_mid(mids)
+    if shrink:
+        with settings_of(named={"table": "search.shrink_table"}):
+            table = shrink_middle_widths(table)
     with settings_of(named=SPACE_SETTINGS):
         space = SearchSpace(wb.layout.linears, wb.bits, wb.bank.quantizer.group_size, pruning.pruned(table), share_groups, pruning.keep_top, expert_genes)
     log.info(

@@ -275,7 +275,16 @@ class OutputDivergence:
 
     def evaluate(self, model: nn.Module, states: BlockStates | None = None) -> float:
         """Score `model` as it is now: the (trimmed) mean of `token_values`."""
+        return self.summarize(self.token_values(model, states))
+
+    def evaluate_tokens(self, model: nn.Module, states: BlockStates | None = None) -> tuple[float, torch.Tensor]:
+        """`evaluate` and the per-token values it summarizes (float64, on the CPU, in window order):
+        the sensitivity stage estimates each probe's noise from them (amq/search/sensitivity.py)."""
         chunks = self.token_values(model, states)
+        return self.summarize(chunks), torch.cat(chunks).double().cpu()
+
+    def summarize(self, chunks: list[torch.Tensor]) -> float:
+        """The metric's value from per-token divergences: their mean, or trimmed mean with `trim`."""
         if self.trim:
             return trimmed_mean(torch.cat(chunks), float(self.trim))
         return float(torch.stack([c.sum() for c in chunks]).double().sum()) / sum(c.numel() for c in chunks)

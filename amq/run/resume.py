@@ -70,6 +70,7 @@ ADDED_LATER: dict[str, Any] = {
     "search.sensitivity_widths": "lowest",
     "search.predictor_prior": "none",
     "search.resolve_moves": False,
+    "search.shrink_table": False,
     "metric.trim": 0.0,
 }
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from amq.errors import InvalidArgument
 from amq.io import append_jsonl, atomic_write_json, file_lock, repair_jsonl
@@ -45,6 +46,8 @@ class SensitivityTable:
     metric: str
     seconds: float
     mid: dict[int, dict[str, float]] = field(default_factory=dict)  # width -> damage at that width (sensitivity_widths=all)
+    stderr: dict[int, dict[str, float]] = field(default_factory=dict)  # width -> each probe's standard error (metrics with per-token values)
+    mid_measured: dict[int, dict[str, float]] = field(default_factory=dict)  # width -> `mid` as probed, where `mid` holds shrunk values
 
     def to_dict(self) -> dict:
         out = {
@@ -55,14 +58,15 @@ class SensitivityTable:
             "seconds": round(self.seconds, 3),
             "damage": self.damage,
         }
-        if self.mid:
-            out["mid"] = {str(b): d for b, d in self.mid.items()}
+        for key, values in (("mid", self.mid), ("stderr", self.stderr), ("mid_measured", self.mid_measured)):
+            if values:
+                out[key] = {str(b): d for b, d in values.items()}
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "SensitivityTable":
-        mid = {int(b): dict(v) for b, v in d.get("mid", {}).items()}
-        return cls(d["damage"], d["baseline_all_high"], d["low_bits"], d["high_bits"], d["metric"], d["seconds"], mid)
+        mid, stderr, measured = ({int(b): dict(v) for b, v in d.get(key, {}).items()} for key in ("mid", "stderr", "mid_measured"))
+        return cls(d["damage"], d["baseline_all_high"], d["low_bits"], d["high_bits"], d["metric"], d["seconds"], mid, stderr, measured)
 
     @property
     def probes(self) -> int:
@@ -72,7 +76,10 @@ class SensitivityTable:
     def with_mid(self, tables: list["SensitivityTable"]) -> "SensitivityTable":
         """This (lowest-width) table with the damage of `tables` (one per middle width) attached."""
         mid = {t.low_bits: dict(t.damage) for t in tables}
-        return SensitivityTable(self.damage, self.baseline, self.low_bits, self.high_bits, self.metric, self.seconds + sum(t.seconds for t in tables), mid)
+        stderr = {**self.stderr, **{b: v for t in tables for b, v in t.stderr.items()}}
+        return SensitivityTable(
+            self.damage, self.baseline, self.low_bits, self.high_bits, self.metric, self.seconds + sum(t.seconds for t in tables), mid, stderr
+        )
 
 
 SENSITIVITY_WIDTHS = ("lowest", "all")  # search.sensitivity_widths: probe the lowest width only (AMQ) or every width below the highest
@@ -115,6 +122,19 @@ class Pruning:
 BASELINE = ""  # the progress file's name for the all-high measurement
 
 
+def paired_stderr(values: torch.Tensor, baseline: torch.Tensor) -> float:
+    """Standard error of the mean per-token change from `baseline` to `values` (the same tokens).
+
+    Treats tokens as independent, so it understates how much the damage moves between windows of
+    the same text (1.3x at 3 bits, 1.6x at 2 bits on SmolLM2's 512-token windows: docs/benchmarks.md,
+    "Shrinking the middle widths' damage"); it weighs probes against each other, which is what
+    `search.shrink_table` needs."""
+    diff = values.double() - baseline.double()
+    if diff.numel() < 2:
+        return float("nan")
+    return float(diff.std() / diff.numel() ** 0.5)
+
+
 def measure(
     bank: ProxyBank,
     metric: QualityMetric,
@@ -130,6 +150,8 @@ def measure(
     gene): each unit's damage is recorded under its first linear's name.
 
     Each probe tells the metric which blocks changed, so its pass starts at the probed block.
+    A metric with per-token values (`evaluate_tokens`) also gives each probe's standard error
+    (`paired_stderr` against the all-highest pass), which `search.shrink_table` weighs.
 
     With `progress`, every measurement is appended to that file as it is made and read back on
     the next call, so a stage stopped half-way continues where it stopped instead of starting over.
@@ -137,19 +159,35 @@ def measure(
     if units is None:
         units = [[n] for n in (bank.layout.names if names is None else names)]
     t0 = last = time.perf_counter()
-    done = {d["name"]: float(d["value"]) for d in repair_jsonl(progress)} if progress else {}
+    records = repair_jsonl(progress) if progress else []
+    done = {d["name"]: float(d["value"]) for d in records}
+    stderr = {d["name"]: float(d["stderr"]) for d in records if d.get("stderr") is not None}
     if done:
         log.info("sensitivity: continuing after %d of %d probes measured earlier", max(len(done) - 1, 0), len(units))
+    by_token = getattr(metric, "evaluate_tokens", None)
+    base_tokens: list[torch.Tensor] = []  # the all-highest pass's per-token values, once known
+
+    def probe() -> tuple[float, torch.Tensor | None]:
+        if by_token is None:
+            return metric.evaluate(bank.model, bank.block_states()), None
+        return by_token(bank.model, bank.block_states())
 
     def measured(name: str) -> float:
         if name not in done:
-            done[name] = metric.evaluate(bank.model, bank.block_states())
+            done[name], tokens = probe()
+            record = {"name": name, "value": done[name]}
+            if tokens is not None and name == BASELINE:
+                base_tokens.append(tokens)
+            elif tokens is not None:
+                stderr[name] = record["stderr"] = paired_stderr(tokens, base_tokens[0])
             if progress:
-                append_jsonl(progress, {"name": name, "value": done[name]})
+                append_jsonl(progress, record)
         return done[name]
 
     bank.apply({n: high_bits for n in bank.layout.names})
     baseline = measured(BASELINE)
+    if by_token is not None and not base_tokens and any(u[0] not in done for u in units):
+        base_tokens.append(probe()[1])  # measured by a stopped run: its per-token values again (one pass)
     damage: dict[str, float] = {}
     for i, unit in enumerate(units):
         name = unit[0]
@@ -161,7 +199,8 @@ def measure(
             el = time.perf_counter() - t0
             log.info("sensitivity: %d/%d probes (%.0fs, ~%.0fs left)", i + 1, len(units), el, el / (i + 1) * (len(units) - i - 1))
             last = time.perf_counter()
-    return SensitivityTable(damage, baseline, low_bits, high_bits, getattr(metric, "description", metric.name), time.perf_counter() - t0)
+    errors = {low_bits: {n: stderr[n] for n in damage}} if all(n in stderr for n in damage) else {}
+    return SensitivityTable(damage, baseline, low_bits, high_bits, getattr(metric, "description", metric.name), time.perf_counter() - t0, stderr=errors)
 
 
 def cached_measure(
@@ -181,11 +220,12 @@ def cached_measure(
     key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"{key}.json"
     names = [u[0] for u in units]
-    table = _load_cached_table(path, names)
+    with_errors = hasattr(metric, "evaluate_tokens")  # a table cached without standard errors is measured again
+    table = _load_cached_table(path, names, with_errors)
     if table is not None:
         return table
     with file_lock(path):  # parallel jobs of a sweep: one measures, the others wait and reuse it
-        table = _load_cached_table(path, names)
+        table = _load_cached_table(path, names, with_errors)
         if table is None:
             progress = path.with_suffix(".progress.jsonl")  # what a stopped measurement got done
             table = measure(bank, metric, low, high, progress, units=units)
@@ -194,7 +234,7 @@ def cached_measure(
     return table
 
 
-def _load_cached_table(path: Path, names: list[str]) -> SensitivityTable | None:
+def _load_cached_table(path: Path, names: list[str], with_errors: bool) -> SensitivityTable | None:
     if not path.exists():
         return None
     try:
@@ -202,7 +242,7 @@ def _load_cached_table(path: Path, names: list[str]) -> SensitivityTable | None:
     except (json.JSONDecodeError, KeyError, TypeError):
         log.warning("sensitivity cache %s is unreadable; measuring again", path.name)
         return None
-    if set(table.damage) != set(names):
+    if set(table.damage) != set(names) or (with_errors and not table.stderr):
         return None
     log.info("sensitivity: reused cached table %s", path.name)
     return table
