@@ -113,6 +113,7 @@ def test_the_lean_preset_is_the_measured_command_line(compose_cfg):
         "budget.sensitivity_seeds=27",
         "budget.sensitivity_samples=1",
         "search.sensitivity_widths=all",
+        "search.shrink_table=true",
         "budget.n_samples=4",
         "budget.iterations=4",
         "metric=kl",

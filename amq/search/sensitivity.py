@@ -126,7 +126,7 @@ def paired_stderr(values: torch.Tensor, baseline: torch.Tensor) -> float:
     """Standard error of the mean per-token change from `baseline` to `values` (the same tokens).
 
     Treats tokens as independent, so it understates how much the damage moves between windows of
-    the same text (1.3x at 3 bits, 1.6x at 2 bits on SmolLM2's 512-token windows: docs/benchmarks.md,
+    the same text (1.3-1.5x at 3 bits, 1.7-2.0x at 2 bits on SmolLM2's 512-token windows: docs/benchmarks.md,
     "Shrinking the middle widths' damage"); it weighs probes against each other, which is what
     `search.shrink_table` needs."""
     diff = values.double() - baseline.double()
