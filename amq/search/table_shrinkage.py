@@ -4,12 +4,12 @@ With `search.sensitivity_widths=all` each linear is probed at the middle widths 
 {2, 3, 4}). A middle width does little damage, so on one calibration window its probe is mostly
 noise: on SmolLM2 the 3-bit damages measured on one 512-token window differ from those on three
 other windows by as much as their median value, and 27 of 210 are negative. The knapsack seeds
-and the predictor's prior then put noise-cheap linears at 3 bits, and the search's evaluations on
-the same window do not catch it (docs/benchmarks.md, "Shrinking the middle widths' damage").
+and the predictor's prior then put linears that were cheap by chance at 3 bits
+(docs/benchmarks.md, "Shrinking the middle widths' damage").
 
-The lowest width's probe is far more precise (its damage is larger against the same noise), and
-within one role (q_proj, gate_proj, ...) a linear's damage at a middle width is roughly a fixed
-fraction of its lowest-width damage. So each middle-width damage m (standard error s, from the
+The lowest width's probe is far more precise (its damage is about six times larger, its standard
+error about twice), and within one role (q_proj, gate_proj, ...) a linear's damage at a middle
+width is roughly a fixed fraction of its lowest-width damage. So each middle-width damage m (standard error s, from the
 probe's per-token values) is combined with the prior r x l (l: the linear's lowest-width damage,
 r: the role's least-squares ratio of m to l) by empirical Bayes:
 
