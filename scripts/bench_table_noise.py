@@ -33,7 +33,8 @@ log = logging.getLogger("amq.bench_table_noise")
 
 
 def window_stats(diff: np.ndarray, windows: int) -> tuple[np.ndarray, np.ndarray]:
-    """[linears, windows] mean per-token change and its standard error (tokens independent)."""
+    """[linears, windows] mean per-token change and its standard error (tokens independent): the
+    estimate `amq.search.sensitivity.paired_stderr` gives one probe, for every linear and window at once."""
     per = diff.reshape(diff.shape[0], windows, -1)
     return per.mean(axis=2), per.std(axis=2, ddof=1) / np.sqrt(per.shape[2])
 
