@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 pytest.importorskip("compressed_tensors")
 
@@ -20,6 +20,7 @@ from amq.modeling.discovery import discover_layout  # noqa: E402
 from amq.quantizers.awq import AWQFinalizer  # noqa: E402
 from amq.quantizers.compressed_tensors import checkpoint, export_compressed_tensors  # noqa: E402
 from amq.quantizers.export import load_quantized, write_model_dir  # noqa: E402
+from amq.quantizers.folding import folded_norm, norm_form, storable_scale  # noqa: E402
 from amq.quantizers.grid import grouped, minmax_grid, rtn_quant, to_codes  # noqa: E402
 from amq.quantizers.hqq import HQQFinalizer  # noqa: E402
 from amq.quantizers.packed import GroupQuant, PackedLinear, replace_linears  # noqa: E402
@@ -29,6 +30,9 @@ CONFIG = LlamaConfig(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
 )
 CONFIG_MHA = LlamaConfig(**{**CONFIG.to_dict(), "num_key_value_heads": 4})  # v_proj as wide as o_proj's input: o_proj's scale folds too
+CONFIG_GEMMA = Gemma3TextConfig(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16
+)
 TOKENS = torch.arange(3, 67).view(2, 32) % CONFIG.vocab_size
 # Measured max |logit difference| to amq (logits up to ~1.3): float32 0 (bit-identical weights),
 # bfloat16 0.0078, one bf16 step (compressed-tensors dequantizes in bfloat16, amq in float32).
@@ -102,7 +106,24 @@ CASES = [  # (name, quantizer, dtype, zero_points)
     ("hqq-round-bf16", "hqq", torch.bfloat16, "round"),
     ("awq-bf16", "awq", torch.bfloat16, "exact"),
     ("scaled-mha-f32", "scaled-mha", torch.float32, "exact"),
+    ("awq-gemma-bf16", "awq-gemma", torch.bfloat16, "exact"),
 ]
+
+
+def _model(kind: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The case's tiny model. Gemma's offset norms (x * (1 + w)) get factors like Gemma-3-270M's: most
+    in (0, 0.3], a few as large as 1000. Folding an AWQ scale s leaves them (1 + w) / s, stored as a bfloat16
+    w next to -1 (steps of 2^-8), and the large factors once hid a wrong guess of the norm's form."""
+    if not kind.endswith("-gemma"):
+        return LlamaForCausalLM(CONFIG_MHA if kind.endswith("-mha") else CONFIG).to(dtype).eval().requires_grad_(False)
+    model = Gemma3ForCausalLM(CONFIG_GEMMA).to(dtype).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    for name, module in model.named_modules():
+        if name.endswith(("input_layernorm", "pre_feedforward_layernorm")):
+            factor = 0.01 + 0.29 * torch.rand(module.weight.numel(), generator=g)
+            factor[:2] = 1000.0
+            module.weight.copy_(factor - 1)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +134,7 @@ def exported(tmp_path_factory) -> dict[str, dict]:
     cases = {}
     for name, kind, dtype, zero_points in CASES:
         torch.manual_seed(0)
-        model = LlamaForCausalLM(CONFIG_MHA if kind.endswith("-mha") else CONFIG).to(dtype).eval().requires_grad_(False)
+        model = _model(kind, dtype)
         quants = _quants(model, kind)
         replace_linears(model, quants, dtype)
         amq_dir = write_model_dir(root / f"{name}-amq", model, _tokenizer(), BitConfig({n: q.bits for n, q in quants.items()}, GROUP), {"name": kind})
@@ -199,3 +220,44 @@ def test_awq_with_a_scale_per_linear_is_refused():
     replace_linears(model, _quants(model, "awq-free"), torch.float32)
     with pytest.raises(InvalidArgument, match="AWQ input scale"):
         checkpoint(model)
+
+
+def _gemma_norm(dtype: torch.dtype) -> torch.nn.Module:
+    """A Gemma offset norm (x * (1 + w)) with factors like Gemma-3-270M's: small ones and large outliers."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    norm = Gemma3RMSNorm(64).to(dtype).requires_grad_(False)
+    factor = 0.01 + 0.29 * torch.rand(64, generator=torch.Generator().manual_seed(0))
+    factor[:2] = 1000.0
+    norm.weight.copy_(factor - 1)
+    return norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_offset_norm_is_recognised_whatever_its_outliers(dtype):
+    """Decided channel by channel in float32: the outliers once let the plain form `w / s` pass a check
+    relative to the largest output, and the export folded the scale wrongly."""
+    norm = _gemma_norm(dtype)
+    m = 1 + norm.weight.float()
+    s = storable_scale(norm, "offset", 0.1 + 8 * torch.rand(64, generator=torch.Generator().manual_seed(2)))
+    for seed in range(10):  # the former check took the plain form for probes 5 and 8
+        probe = torch.randn(4, 64, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        assert norm_form(norm, probe) == "offset", seed
+        weights, form = folded_norm(norm, s, probe)
+        assert form == "offset" and torch.allclose(1 + weights["weight"].float(), m / s, rtol=1e-5), seed
+
+
+def test_awq_scales_of_an_offset_norm_are_ones_its_dtype_stores():
+    """Folding s into a bfloat16 offset norm stores (1 + w) / s - 1 next to -1 (steps of 2^-8), so a
+    raw scale loses small factors outright; `storable_scale` moves s to the nearest scale whose
+    folded factor bfloat16 holds exactly, and AWQ searches among those."""
+    norm = _gemma_norm(torch.bfloat16)
+    m = 1 + norm.weight.float()
+    raw = 0.1 + 8 * torch.rand(64, generator=torch.Generator().manual_seed(2))
+    lossy = 1 + ((m / raw) - 1).to(torch.bfloat16).float()
+    assert float(((lossy - m / raw).abs() / (m / raw)).max()) > 0.1  # what a raw scale would cost
+    s = storable_scale(norm, "offset", raw)
+    stored = 1 + ((m / s) - 1).to(torch.bfloat16).float()
+    assert torch.allclose(stored, m / s, rtol=1e-5) and bool((stored > 0).all())
+    assert float((s / raw).log().abs().median()) < 0.05  # most scales barely move
+    assert torch.equal(storable_scale(norm, "offset", s), s)  # already storable: unchanged

@@ -27,7 +27,8 @@ supported for now") and one width for the whole model; llm-compressor 0.14 pins 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from functools import partial
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ from amq.errors import InvalidArgument
 from amq.modeling.discovery import ModelLayout
 from amq.quantizers.calibration import InputStats, quantize_calibrated
 from amq.quantizers.checks import selected_linears
-from amq.quantizers.folding import find_producers
+from amq.quantizers.folding import Producer, find_producers, norm_form, storable_scale
 from amq.quantizers.grid import from_codes, grouped, round_to_nearest, search_shrink, shrink_ratios
 from amq.quantizers.packed import GroupQuant
 
@@ -77,18 +78,37 @@ class AWQFinalizer:
         def stage_options(names: list[str]) -> dict:
             """Scaled when one shared scale can move into the producer: every linear of the stage has
             one, and the stage is all that reads it (Falcon's parallel attention and MLP read one
-            norm in two stages, which would give it two scales)."""
+            norm in two stages, which would give it two scales); into a norm, only scales whose
+            folded weight its dtype stores exactly (`storable_scale`)."""
             if producers is None:
                 return {"scaled": True}
-            return {"scaled": all(n in producers and readers[producers[n].name] == set(names) for n in names)}
+            scaled = all(n in producers and readers[producers[n].name] == set(names) for n in names)
+            return {"scaled": scaled, "snap": _norm_snap(model, producers[names[0]]) if scaled else None}
 
         return quantize_calibrated(self, model, layout, bits, group_size, calib, stage_options)
 
-    def quantize_stage(self, weights: list[torch.Tensor], bits: list[int], group_size: int, stats: InputStats, scaled: bool = True) -> list[GroupQuant]:
+    def quantize_stage(
+        self,
+        weights: list[torch.Tensor],
+        bits: list[int],
+        group_size: int,
+        stats: InputStats,
+        scaled: bool = True,
+        snap: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> list[GroupQuant]:
         """One shared scale for the stage (`fold`), a scale per linear (not `fold`), or none (`scaled=False`)."""
         if self.fold:
-            return awq_quantize_shared(weights, stats, bits, group_size, self.n_grid, self.clip, self.max_shrink, scaled)
+            return awq_quantize_shared(weights, stats, bits, group_size, self.n_grid, self.clip, self.max_shrink, scaled, snap)
         return [awq_quantize_shared([w], stats, [b], group_size, self.n_grid, self.clip, self.max_shrink)[0] for w, b in zip(weights, bits)]
+
+
+def _norm_snap(model: nn.Module, producer: Producer) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For a norm producer, the map from a scale to the nearest one it can absorb exactly; None for a linear."""
+    if producer.kind != "norm":
+        return None
+    norm = model.get_submodule(producer.name)
+    probe = torch.randn(4, norm.weight.numel(), generator=torch.Generator().manual_seed(0)).to(norm.weight)
+    return partial(storable_scale, norm, norm_form(norm, probe))
 
 
 def output_error(E: torch.Tensor, H: torch.Tensor) -> float:
@@ -105,11 +125,13 @@ def awq_quantize_shared(
     clip: bool = True,
     max_shrink: float = 0.5,
     scaled: bool = True,
+    snap: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[GroupQuant]:
     """AWQ of (out, in) weights that read one input, with one input scale shared by all of them.
 
     The scale minimises their summed output error, each at its own width. `scaled=False` keeps
-    s = 1 (no input scale): round-to-nearest with the clipping search only.
+    s = 1 (no input scale): round-to-nearest with the clipping search only. `snap` maps each
+    candidate scale to the nearest one the input's producer can absorb (`storable_scale`).
     """
     Ws = [w.detach().float() for w in weights]
     H = stats.hessian()
@@ -119,7 +141,10 @@ def awq_quantize_shared(
         best_err = float("inf")
         for alpha in torch.linspace(0.0, 1.0, n_grid).tolist():
             s = x_mean.pow(alpha).clamp(min=1e-4)
-            s = (s / (s.max() * s.min()).sqrt()).half().float()  # exactly what the layer stores
+            s = s / (s.max() * s.min()).sqrt()
+            if snap is not None:
+                s = snap(s)
+            s = s.half().float()  # exactly what the layer stores
             err = 0.0
             for W, b in zip(Ws, bits):
                 codes, scale, zero = round_to_nearest(W * s, b, group_size)

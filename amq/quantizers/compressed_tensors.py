@@ -124,7 +124,7 @@ def fold_input_scales(model: nn.Module, layers: dict[str, PackedLinear]) -> tupl
         if producers[names[0]].kind == "norm":
             probe = torch.randn(4, s.numel(), generator=torch.Generator().manual_seed(0)).to(module.weight)
             try:
-                overrides.update({f"{producer}.{k}": t for k, t in folded_norm(module, s, probe).items()})
+                overrides.update({f"{producer}.{k}": t for k, t in folded_norm(module, s, probe)[0].items()})
             except ValueError as exc:
                 raise InvalidArgument(
                     "model", f"the AWQ input scales of {names[0]} cannot move into {producer}: {exc}", "a model finalized with HQQ or GPTQ"
