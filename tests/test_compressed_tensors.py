@@ -261,3 +261,24 @@ def test_awq_scales_of_an_offset_norm_are_ones_its_dtype_stores():
     assert torch.allclose(stored, m / s, rtol=1e-5) and bool((stored > 0).all())
     assert float((s / raw).log().abs().median()) < 0.05  # most scales barely move
     assert torch.equal(storable_scale(norm, "offset", s), s)  # already storable: unchanged
+
+
+def test_scales_a_bfloat16_offset_norm_cannot_store_are_refused():
+    """A model quantized with raw AWQ scales (before they were made storable) would export factors
+    off by far more than bfloat16 rounding: refused with the way out, never written wrong."""
+    model = _model("awq-gemma", torch.bfloat16)
+    quants = {n: rtn_quant(model.get_submodule(n).weight.detach(), 4, GROUP) for n in (li.name for li in discover_layout(model).linears)}
+    for block in range(CONFIG_GEMMA.num_hidden_layers):
+        for stage in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            names = [n for n in quants if n.startswith(f"model.layers.{block}.") and n.rpartition(".")[2] in stage]
+            s = (0.1 + 8 * torch.rand(CONFIG_GEMMA.hidden_size, generator=torch.Generator().manual_seed(block))).half()
+            for n in names:
+                quants[n].input_scale = s
+    replace_linears(model, quants, torch.bfloat16)
+    with pytest.raises(InvalidArgument, match="cannot store the AWQ input scales.*finalize the run again with finalizer=awq"):
+        checkpoint(model)
+    for name, module in model.named_modules():  # the same scales made storable export
+        if isinstance(module, PackedLinear) and module.input_scale is not None:
+            norm = model.get_submodule(name.rsplit(".", 2)[0] + (".input_layernorm" if "self_attn" in name else ".pre_feedforward_layernorm"))
+            module.input_scale.copy_(storable_scale(norm, "offset", module.input_scale.float()).half())
+    checkpoint(model)

@@ -54,7 +54,7 @@ from amq.errors import InvalidArgument
 from amq.io import replace_dir
 from amq.modeling.normalize import needs_linear_layers
 from amq.quantizers.export import load_quantized, packed_modules
-from amq.quantizers.folding import find_producers, folded_norm, shared_scale
+from amq.quantizers.folding import FACTOR_TOLERANCE, factor_error, find_producers, folded_norm, shared_scale
 from amq.quantizers.packed import GroupQuant, PackedLinear
 
 log = logging.getLogger(__name__)
@@ -124,11 +124,19 @@ def fold_input_scales(model: nn.Module, layers: dict[str, PackedLinear]) -> tupl
         if producers[names[0]].kind == "norm":
             probe = torch.randn(4, s.numel(), generator=torch.Generator().manual_seed(0)).to(module.weight)
             try:
-                overrides.update({f"{producer}.{k}": t for k, t in folded_norm(module, s, probe)[0].items()})
+                folded, form = folded_norm(module, s, probe)
             except ValueError as exc:
                 raise InvalidArgument(
                     "model", f"the AWQ input scales of {names[0]} cannot move into {producer}: {exc}", "a model finalized with HQQ or GPTQ"
                 ) from exc
+            error = factor_error(module, form, s, folded["weight"])
+            if error > FACTOR_TOLERANCE:  # AWQ now picks scales the norm stores; a model quantized before did not
+                raise InvalidArgument(
+                    "model",
+                    f"{producer} ({module.weight.dtype}) cannot store the AWQ input scales of {names[0]} folded into it: a factor would be off by {error:.0%}",
+                    "finalize the run again with finalizer=awq (its scales then fold exactly), or finalize it with HQQ or GPTQ",
+                )
+            overrides.update({f"{producer}.{k}": t for k, t in folded.items()})
         else:  # a linear: its output rows divide by s (a packed one through its group scales)
             if producer in quants:
                 q = quants[producer]

@@ -256,6 +256,22 @@ def storable_scale(norm: nn.Module, form: str, scale: torch.Tensor) -> torch.Ten
     return torch.where((m != 0) & (stored != 0), m / stored, s)
 
 
+FACTOR_TOLERANCE = 1e-2  # largest relative error of a folded norm factor an export accepts (bfloat16 rounds by 2^-9)
+
+
+@torch.no_grad()
+def factor_error(norm: nn.Module, form: str, scale: torch.Tensor, folded_weight: torch.Tensor) -> float:
+    """The largest relative error, over channels with a non-zero factor, of the factor a folded
+    weight stores against the one folding `scale` asks for (m / s)."""
+    m = _multiplier(norm.weight.detach(), form).to(scale.device)
+    want = m / scale.float()
+    live = m != 0
+    if not bool(live.any()):
+        return 0.0
+    got = _multiplier(folded_weight, form).to(scale.device)
+    return float(((got - want).abs() / want.abs())[live].max())
+
+
 @torch.no_grad()
 def folded_norm(norm: nn.Module, scale: torch.Tensor, probe: torch.Tensor) -> tuple[dict[str, torch.Tensor], str]:
     """The norm's parameters (by name) that divide its output by `scale`, checked on `probe`, and
