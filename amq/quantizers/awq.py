@@ -108,7 +108,10 @@ def _norm_snap(model: nn.Module, producer: Producer) -> Callable[[torch.Tensor],
         return None
     norm = model.get_submodule(producer.name)
     probe = torch.randn(4, norm.weight.numel(), generator=torch.Generator().manual_seed(0)).to(norm.weight)
-    return partial(storable_scale, norm, norm_form(norm, probe))
+    try:
+        return partial(storable_scale, norm, norm_form(norm, probe))
+    except ValueError:  # not a weight-times-input norm: the export refuses the fold, naming it
+        return None
 
 
 def output_error(E: torch.Tensor, H: torch.Tensor) -> float:
