@@ -37,7 +37,7 @@ from amq.errors import InvalidArgument
 from amq.modeling.discovery import ModelLayout
 from amq.quantizers.calibration import InputStats, quantize_calibrated
 from amq.quantizers.checks import selected_linears
-from amq.quantizers.folding import Producer, find_producers, norm_form, storable_scale
+from amq.quantizers.folding import Producer, find_producers, norm_form, norm_probe, storable_scale
 from amq.quantizers.grid import from_codes, grouped, round_to_nearest, search_shrink, shrink_ratios
 from amq.quantizers.packed import GroupQuant
 
@@ -107,9 +107,8 @@ def _norm_snap(model: nn.Module, producer: Producer) -> Callable[[torch.Tensor],
     if producer.kind != "norm":
         return None
     norm = model.get_submodule(producer.name)
-    probe = torch.randn(4, norm.weight.numel(), generator=torch.Generator().manual_seed(0)).to(norm.weight)
     try:
-        return partial(storable_scale, norm, norm_form(norm, probe))
+        return partial(storable_scale, norm, norm_form(norm, norm_probe(norm)))
     except ValueError:  # not a weight-times-input norm: the export refuses the fold, naming it
         return None
 

@@ -54,7 +54,7 @@ from amq.errors import InvalidArgument
 from amq.io import replace_dir
 from amq.modeling.normalize import needs_linear_layers
 from amq.quantizers.export import load_quantized, packed_modules
-from amq.quantizers.folding import FACTOR_TOLERANCE, factor_error, find_producers, folded_norm, shared_scale
+from amq.quantizers.folding import FACTOR_TOLERANCE, factor_error, find_producers, folded_norm, norm_probe, shared_scale
 from amq.quantizers.packed import GroupQuant, PackedLinear
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,8 @@ def fold_input_scales(model: nn.Module, layers: dict[str, PackedLinear]) -> tupl
         s = s.float()
         module = model.get_submodule(producer)
         if producers[names[0]].kind == "norm":
-            probe = torch.randn(4, s.numel(), generator=torch.Generator().manual_seed(0)).to(module.weight)
             try:
-                folded, form = folded_norm(module, s, probe)
+                folded, form = folded_norm(module, s, norm_probe(module))
             except ValueError as exc:
                 raise InvalidArgument(
                     "model", f"the AWQ input scales of {names[0]} cannot move into {producer}: {exc}", "a model finalized with HQQ or GPTQ"

@@ -227,6 +227,15 @@ def _weight_for(multiplier: torch.Tensor, form: str) -> torch.Tensor:
     return multiplier if form == "scale" else multiplier - 1
 
 
+def norm_probe(norm: nn.Module) -> torch.Tensor:
+    """A fixed batch of random inputs of the norm's width, in its dtype and device, to check a fold on."""
+    return torch.randn(4, norm.weight.numel(), generator=torch.Generator().manual_seed(0)).to(norm.weight)
+
+
+def _factor(norm: nn.Module, form: str, device: torch.device) -> torch.Tensor:
+    return _multiplier(norm.weight.detach(), form).to(device)
+
+
 def norm_form(norm: nn.Module, probe: torch.Tensor) -> str:
     """Which of `NORM_FORMS` the norm computes, found by folding a random scale into it (`folded_norm`).
     Raises ValueError when neither reproduces its output divided by the scale."""
@@ -246,7 +255,7 @@ def storable_scale(norm: nn.Module, form: str, scale: torch.Tensor) -> torch.Ten
     s' = m / stored(m / s). A factor that would round to 0 takes the smallest one the dtype holds;
     channels whose factor is 0 keep `scale` (they output 0 either way)."""
     dtype = norm.weight.dtype
-    m = _multiplier(norm.weight.detach(), form).to(scale.device)
+    m = _factor(norm, form, scale.device)
     s = scale.float()
     stored = _multiplier(_weight_for(m / s, form).to(dtype), form)
     if form == "offset":  # 1 + w for the representable w nearest -1, on either side
@@ -263,7 +272,7 @@ FACTOR_TOLERANCE = 1e-2  # largest relative error of a folded norm factor an exp
 def factor_error(norm: nn.Module, form: str, scale: torch.Tensor, folded_weight: torch.Tensor) -> float:
     """The largest relative error, over channels with a non-zero factor, of the factor a folded
     weight stores against the one folding `scale` asks for (m / s)."""
-    m = _multiplier(norm.weight.detach(), form).to(scale.device)
+    m = _factor(norm, form, scale.device)
     want = m / scale.float()
     live = m != 0
     if not bool(live.any()):
@@ -290,9 +299,9 @@ def folded_norm(norm: nn.Module, scale: torch.Tensor, probe: torch.Tensor) -> tu
         for k, p in params.items():
             p.data = originals[k].float()
         want = norm(x) / s
-        folded = {"bias": originals["bias"].float() / s} if "bias" in params else {}
+        folded: dict[str, torch.Tensor] = {}
         if "bias" in params:
-            params["bias"].data = folded["bias"]
+            folded["bias"] = params["bias"].data = originals["bias"].float() / s
         for form in NORM_FORMS:
             folded["weight"] = _weight_for(_multiplier(originals["weight"], form) / s, form)
             params["weight"].data = folded["weight"]
