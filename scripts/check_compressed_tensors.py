@@ -74,7 +74,7 @@ def score(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, torch.T
 
 def integer_zero_quant(w: torch.Tensor, bits: int, group_size: int) -> GroupQuant:
     g = grouped(w.float(), group_size)
-    scale, zero = minmax_grid(g, bits)
+    scale, zero = minmax_grid(g, bits, dtype=w.dtype)
     zero = zero.round()
     codes = to_codes(g, scale, zero, bits).reshape(w.shape).to(torch.uint8)
     return GroupQuant(codes, scale.half(), zero.half(), bits, group_size)

@@ -20,7 +20,7 @@ from amq.modeling.discovery import discover_layout  # noqa: E402
 from amq.quantizers.awq import AWQFinalizer  # noqa: E402
 from amq.quantizers.compressed_tensors import checkpoint, export_compressed_tensors  # noqa: E402
 from amq.quantizers.export import load_quantized, write_model_dir  # noqa: E402
-from amq.quantizers.folding import folded_norm, norm_form, storable_scale  # noqa: E402
+from amq.quantizers.folding import find_producers, fold_into_quantized_linears, folded_norm, norm_form, storable_scale  # noqa: E402
 from amq.quantizers.grid import grouped, minmax_grid, rtn_quant, to_codes  # noqa: E402
 from amq.quantizers.hqq import HQQFinalizer  # noqa: E402
 from amq.quantizers.packed import GroupQuant, PackedLinear, replace_linears  # noqa: E402
@@ -34,11 +34,12 @@ CONFIG_GEMMA = Gemma3TextConfig(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16
 )
 TOKENS = torch.arange(3, 67).view(2, 32) % CONFIG.vocab_size
-# Measured max |logit difference| to amq (logits up to ~1.3): float32 0 (bit-identical weights),
-# bfloat16 0.0078, one bf16 step (compressed-tensors dequantizes in bfloat16, amq in float32).
-# Input scales folded into norms and producer linears round once more (float16 group scales / s):
-# float32 1.5e-4 with scales in [0.25, 3.25].
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+# Measured max |logit difference| to amq (logits up to ~1.3): 0 in float32 and bfloat16 alike
+# (bit-identical weights: compressed-tensors dequantizes in the model's dtype, amq in float32, and
+# amq's scales and zero points are held exactly in the model's dtype, `grid.held_scale`; before,
+# bfloat16 gave 0.0078, one bf16 step). Input scales folded into norms and producer linears round
+# once more (float16 group scales / s): float32 1.5e-4 with scales in [0.25, 3.25], bfloat16 0.026.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-5}
 FOLDED_TOLERANCE = {torch.float32: 5e-4, torch.bfloat16: 3e-2}
 
 # Runs in a fresh interpreter: transformers alone rebuilds each exported model.
@@ -69,7 +70,7 @@ def _tokenizer() -> PreTrainedTokenizerFast:
 def _integer_zero_quant(w: torch.Tensor, bits: int, group_size: int) -> GroupQuant:
     """amq's min-max grid with its zero point rounded to an integer (the GPTQ reference's grid)."""
     g = grouped(w.float(), group_size)
-    scale, zero = minmax_grid(g, bits)
+    scale, zero = minmax_grid(g, bits, dtype=w.dtype)
     zero = zero.round()
     return GroupQuant(to_codes(g, scale, zero, bits).reshape(w.shape).to(torch.uint8), scale.half(), zero.half(), bits, group_size)
 
@@ -169,14 +170,19 @@ def test_transformers_alone_gives_amq_logits(exported, name):
 
 
 def test_formats_follow_the_zero_points(exported):
-    """Integer zeros are bit-packed; amq's float zeros stay exact in naive-quantized unless rounded."""
+    """Integer zeros are bit-packed; amq's float zeros stay exact in naive-quantized unless rounded.
+    In a bfloat16 model 8-bit zero points are whole steps (`grid.held_zero`), so
+    those layers pack."""
     for name, case in exported.items():
         config = json.loads((case["dir"] / "config.json").read_text())["quantization_config"]
         groups = config["config_groups"]
-        formats = {g["format"] for g in groups.values()}
+        formats = {g["weights"]["num_bits"]: g["format"] for g in groups.values()}
         packed = case["kind"] == "int-zero" or case["zero_points"] == "round"
-        assert formats == ({"pack-quantized"} if packed else {"naive-quantized"}), (name, formats)
-        assert config["format"] == formats.pop() and config["quant_method"] == "compressed-tensors"
+        for bits, fmt in formats.items():
+            whole = bits == 8 and case["dtype"] == torch.bfloat16
+            assert fmt == ("pack-quantized" if packed or whole else "naive-quantized"), (name, bits, fmt)
+        assert config["format"] == (formats.popitem()[1] if len(set(formats.values())) == 1 else "mixed-precision")
+        assert config["quant_method"] == "compressed-tensors"
         assert sorted(g["weights"]["num_bits"] for g in groups.values()) == [2, 3, 4, 8]
         assert sum(len(g["targets"]) for g in groups.values()) == 14
         for file in ("tokenizer.json", "tokenizer_config.json", "model.safetensors"):
@@ -212,6 +218,32 @@ def test_awq_scales_move_into_their_producers(exported):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             w = f.get_tensor(f"model.layers.0.{norm}.weight")
             assert not torch.allclose(w, torch.ones_like(w)), f"{norm} took no scale"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scales_move_into_the_quantized_linears_before_them_and_the_model_computes_the_same(dtype):
+    """AWQ folds down_proj's scale into up_proj's group scales (and o_proj's into v_proj's under
+    multi-head attention) itself, held in the model's dtype; a producer with a bias is left to the export."""
+    model = _model("scaled-mha", dtype)
+    for name, module in model.named_modules():  # one up_proj with a bias: its reader keeps its scale
+        if name == "model.layers.1.mlp.up_proj":
+            module.bias = torch.nn.Parameter(0.1 * torch.randn(module.out_features, generator=torch.Generator().manual_seed(0)).to(dtype), requires_grad=False)
+    quants = _quants(model, "scaled-mha")
+    producers = find_producers(model, [n for n, q in quants.items() if q.input_scale is not None])
+    folded = copy.deepcopy(quants)
+    moved = fold_into_quantized_linears(model, folded, producers)
+    assert sorted(moved) == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"], moved
+    assert folded["model.layers.1.mlp.down_proj"].input_scale is not None and folded["model.layers.0.mlp.down_proj"].input_scale is None
+    up = folded["model.layers.0.mlp.up_proj"].scale.float()
+    assert torch.equal(up, up.to(dtype).float()), "the folded group scales are held in the model's dtype"
+    logits = {}
+    for key, q in (("before", quants), ("after", folded)):
+        m = copy.deepcopy(model)
+        replace_linears(m, q, dtype)
+        with torch.no_grad():
+            logits[key] = m(input_ids=TOKENS).logits.float()
+    scale = float(logits["before"].abs().max())
+    assert float((logits["after"] - logits["before"]).abs().max()) <= (5e-4 if dtype == torch.float32 else 3e-2) * scale  # measured 7.9e-5, 6.1e-3
 
 
 def test_awq_with_a_scale_per_linear_is_refused():

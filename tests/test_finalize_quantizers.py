@@ -15,7 +15,20 @@ from amq.errors import ConfigError
 from amq.modeling.discovery import discover_layout, find_decoder_blocks
 from amq.quantizers.awq import output_error
 from amq.quantizers.calibration import InputStats, capture_block_calls
-from amq.quantizers.grid import ClipSearch, from_codes, grouped, lp_error, minmax_grid, rtn_quant, search_shrink, shrink_ratios, to_codes
+from amq.quantizers.grid import (
+    ClipSearch,
+    from_codes,
+    grouped,
+    held_scale,
+    held_zero,
+    lp_error,
+    minmax_grid,
+    rtn_quant,
+    search_shrink,
+    shrink_ratios,
+    significant_digits,
+    to_codes,
+)
 from amq.quantizers.hqq import HQQFinalizer
 from amq.quantizers.hqq_proxy import HQQQuantizer
 from amq.quantizers.packed import GroupQuant, PackedLinear, pack_codes, packed_bytes, replace_linears, unpack_codes
@@ -149,9 +162,39 @@ def test_group_quants_lie_on_their_grid(two_blocks_4bit, name):
             assert name == "awq" and q.input_scale.shape == (in_f,)
             deq = deq / q.input_scale.float()
         assert torch.equal(q.dequantize(), deq)
+        if q.input_scale is None:  # a loader that dequantizes in the model's dtype gets the same weights
+            dt = before[n].dtype
+            in_dtype = (q.codes.to(dt).view(out_f, -1, GROUP) - q.zero.to(dt)[..., None]) * q.scale.to(dt)[..., None]
+            assert torch.equal(in_dtype.view(out_f, in_f), deq.to(dt)), (name, n, dt)
         # close to the weight it quantizes: within a few grid steps on average
         step = (q.scale.float() / (q.input_scale.float().view(-1, GROUP).amax(-1) if q.input_scale is not None else 1)).mean()
         assert float((q.dequantize() - before[n].float()).abs().mean()) < 2 * float(step), n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_held_grids_dequantize_alike_in_the_model_dtype(dtype, bits):
+    """(q - zero) * scale computed in bfloat16/float16, as compressed-tensors' loader does, equals
+    amq's float32 dequantization rounded once, for every code; float16 grids alone do not."""
+    g = torch.Generator().manual_seed(bits)
+    maxq = 2**bits - 1
+    raw_scale = torch.exp(torch.empty(4096).uniform_(-9, 0, generator=g))
+    raw_zero = torch.empty(4096).uniform_(0, maxq, generator=g)
+    q = torch.arange(maxq + 1, dtype=torch.float32)[:, None]
+
+    def same(scale: torch.Tensor, zero: torch.Tensor) -> bool:
+        in_dtype = (q.to(dtype) - zero.to(dtype)) * scale.to(dtype)
+        return torch.equal(in_dtype, ((q - zero) * scale).to(dtype))
+
+    scale = held_scale(raw_scale, dtype)
+    zero = held_zero(raw_zero, bits, dtype)
+    assert torch.equal(scale, scale.half().float()) and torch.equal(zero, zero.half().float())  # float16 stores them
+    assert same(scale, zero)
+    assert not same(raw_scale.half().float(), raw_zero.half().float())
+    assert float((scale / raw_scale - 1).abs().max()) <= 2.0**-8 and float((zero - raw_zero).abs().max()) <= 2.0 ** (bits - significant_digits(dtype) - 1)
+    assert torch.equal(held_scale(raw_scale), raw_scale.half().float()) and torch.equal(
+        held_zero(raw_zero, bits), raw_zero.half().float()
+    )  # float32: float16 only
 
 
 def test_hqq_final_matches_the_proxy(smollm2):
@@ -216,9 +259,10 @@ def test_awq_model_exports_and_reloads_with_identical_outputs(smollm2, tmp_path:
     replace_linears(packed, quants, lm.model.dtype)
     write_model_dir(tmp_path / "m", packed, lm.tokenizer, BitConfig(bits, GROUP), {"name": "awq"})
     reloaded = load_quantized(tmp_path / "m")
-    # SmolLM2's grouped-query attention leaves o_proj no producer to fold a scale into: it gets none
+    # SmolLM2's grouped-query attention leaves o_proj no producer to fold a scale into: it gets none;
+    # down_proj's is folded into up_proj's group scales by AWQ itself, so only norm-read layers keep one
     scaled = {n.rpartition(".")[2] for n, m in reloaded.named_modules() if isinstance(m, PackedLinear) and m.input_scale is not None}
-    assert scaled == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}, scaled
+    assert scaled == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}, scaled
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=calib[:2]).logits, packed(input_ids=calib[:2]).logits)
 

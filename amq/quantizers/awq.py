@@ -16,7 +16,9 @@ scale can move into the module producing that input (a norm, or up_proj before d
 `amq.quantizers.folding`) are scaled; the others (o_proj under grouped-query attention, the fused
 projections of Phi-3) keep alpha = 0 and get only the clipping search. That is what lets a
 standard format without input scales (compressed-tensors) hold the model: the export folds each
-shared scale into its producer. `fold=False` scales every linear with its own scale, which only
+shared scale into its producer norm, and scales whose producer is a quantized linear are folded
+into its group scales here already (`folding.fold_into_quantized_linears`), so that amq's model
+and the checkpoint are the same. `fold=False` scales every linear with its own scale, which only
 amq's own format can hold (each layer keeps `input_scale` and computes `dequant @ (x / s)`).
 
 Why not a library: AutoAWQ 0.2.9 (archived) imports here but packs 4-bit only ("Only 4-bit are
@@ -26,6 +28,7 @@ supported for now") and one width for the whole model; llm-compressor 0.14 pins 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Mapping
@@ -37,9 +40,11 @@ from amq.errors import InvalidArgument
 from amq.modeling.discovery import ModelLayout
 from amq.quantizers.calibration import InputStats, quantize_calibrated
 from amq.quantizers.checks import selected_linears
-from amq.quantizers.folding import Producer, find_producers, norm_form, norm_probe, storable_scale
+from amq.quantizers.folding import Producer, find_producers, fold_into_quantized_linears, norm_form, norm_probe, storable_scale
 from amq.quantizers.grid import from_codes, grouped, round_to_nearest, search_shrink, shrink_ratios
 from amq.quantizers.packed import GroupQuant
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,11 @@ class AWQFinalizer:
             scaled = all(n in producers and readers[producers[n].name] == set(names) for n in names)
             return {"scaled": scaled, "snap": _norm_snap(model, producers[names[0]]) if scaled else None}
 
-        return quantize_calibrated(self, model, layout, bits, group_size, calib, stage_options)
+        quants = quantize_calibrated(self, model, layout, bits, group_size, calib, stage_options)
+        if producers is not None:  # the checkpoint's folds into quantized linears, made here (why: `fold_into_quantized_linears`)
+            moved = fold_into_quantized_linears(model, quants, producers)
+            log.info("AWQ: the input scales of %d linears folded into the group scales of the linears before them", len(moved))
+        return quants
 
     def quantize_stage(
         self,
@@ -136,6 +145,7 @@ def awq_quantize_shared(
     candidate scale to the nearest one the input's producer can absorb (`storable_scale`).
     """
     Ws = [w.detach().float() for w in weights]
+    dtype = weights[0].dtype  # what the model computes in: the grids are exact in it (`grid.held_scale`)
     H = stats.hessian()
     best_s = None
     if scaled:
@@ -149,7 +159,7 @@ def awq_quantize_shared(
             s = s.half().float()  # exactly what the layer stores
             err = 0.0
             for W, b in zip(Ws, bits):
-                codes, scale, zero = round_to_nearest(W * s, b, group_size)
+                codes, scale, zero = round_to_nearest(W * s, b, group_size, dtype=dtype)
                 W_eff = from_codes(grouped(codes, group_size), scale, zero).reshape(W.shape) / s
                 err += output_error(W_eff - W, H)
             if err < best_err:
@@ -158,14 +168,16 @@ def awq_quantize_shared(
     for W, b in zip(Ws, bits):
         W_s = W * best_s if best_s is not None else W
         H_s = H / torch.outer(best_s, best_s) if best_s is not None else H
-        shrink = clip_ratios(W_s, H_s, b, group_size, n_grid, max_shrink) if clip else 1.0
-        codes, scale, zero = round_to_nearest(W_s, b, group_size, shrink)
+        shrink = clip_ratios(W_s, H_s, b, group_size, n_grid, max_shrink, dtype) if clip else 1.0
+        codes, scale, zero = round_to_nearest(W_s, b, group_size, shrink, dtype)
         input_scale = best_s.half() if best_s is not None else None
         out.append(GroupQuant(codes.to(torch.uint8), scale.half(), zero.half(), b, group_size, input_scale=input_scale))
     return out
 
 
-def clip_ratios(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, n_grid: int, max_shrink: float) -> torch.Tensor:
+def clip_ratios(
+    W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, n_grid: int, max_shrink: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Per (row, group) range shrink in [max_shrink, 1] minimising that group's output error.
 
     A group's own error is e H_gg e^T with H_gg the group's diagonal block of H (cross-group terms
@@ -177,4 +189,4 @@ def clip_ratios(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, n_
     def group_output_error(e: torch.Tensor) -> torch.Tensor:  # (C, out, groups, G) -> (C, out, groups)
         return (torch.einsum("...gi,gij->...gj", e, Hb) * e).sum(-1)
 
-    return search_shrink(grouped(W, group_size), bits, shrink_ratios(n_grid, max_shrink), group_output_error)
+    return search_shrink(grouped(W, group_size), bits, shrink_ratios(n_grid, max_shrink), group_output_error, dtype=dtype)

@@ -28,12 +28,15 @@ One config group per (width, format), targeting its modules by full name; everyt
 not a PackedLinear (embeddings, norms, lm_head, biases) is stored as it is. AWQ's per-input-channel
 `input_scale` has no compressed-tensors form, so it is folded into the module that produces the
 layer's input (`amq.quantizers.folding`): the norm's weight for q/k/v and gate/up, up_proj's group
-scales for down_proj. Layers whose scale cannot move there (no such producer, or readers of one
+scales for down_proj (AWQ does the latter itself now; an amq directory from before still has them). Layers whose scale cannot move there (no such producer, or readers of one
 norm with different scales: AWQ with `fold=false`) are refused.
 
-On load, transformers casts the scale to the model dtype and dequantizes in it: a float32 model
-gets amq's weights (bit for bit in the tests), a bfloat16 one differs from amq's (which dequantizes in float32)
-by the bfloat16 rounding of each scale and of the product.
+On load, compressed-tensors casts the scale and zero point to the model dtype and dequantizes in it,
+where amq dequantizes in float32 and rounds the weight once. amq's quantizers hold their grids
+exactly in the dtype the model computes in (`grid.held_scale`, `grid.held_zero`: in bfloat16,
+scales of 8 significant bits and zero points on a grid of 2^(bits - 8)), so both get the same weights,
+bit for bit (in bfloat16 too: 8-bit zero points are then whole steps, and those layers pack). Where an
+AWQ input scale is folded into a producer, that producer's values round once more.
 """
 
 from __future__ import annotations

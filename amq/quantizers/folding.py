@@ -21,12 +21,16 @@ reference leaves o_proj under grouped-query attention.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
+
+from amq.quantizers.grid import held_scale
+from amq.quantizers.packed import GroupQuant
 
 log = logging.getLogger(__name__)
 
@@ -317,3 +321,33 @@ def shared_scale(scales: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
     """The one scale all these consumers use, or None when they differ."""
     values = list(scales.values())
     return values[0] if all(torch.equal(values[0], v) for v in values[1:]) else None
+
+
+def fold_into_quantized_linears(model: nn.Module, quants: dict[str, GroupQuant], producers: Mapping[str, Producer]) -> list[str]:
+    """Move input scales into the group scales of the quantized linear that produces each input
+    (up_proj before down_proj, v_proj before o_proj), updating `quants`; returns the layers moved.
+
+    Why: compressed-tensors has no input scale, so the export has to fold it anyway, and the folded
+    group scale `scale / s` is a new rounding (on SmolLM2 it alone moved a held-out perplexity by
+    1%). Folded here, with the new scale held in the model's dtype (`grid.held_scale`), amq's own
+    model and its checkpoint hold the same weights, so eval.json is what the checkpoint gives.
+    Left to the export: producers with a bias (a GroupQuant holds none) and readers of one
+    producer with different scales (which the export refuses).
+    """
+    readers: dict[str, list[str]] = {}
+    for name, q in quants.items():
+        p = producers.get(name)
+        if q.input_scale is not None and p is not None and p.kind == "linear" and p.name in quants:
+            readers.setdefault(p.name, []).append(name)
+    moved = []
+    for producer, names in readers.items():
+        s = shared_scale({n: quants[n].input_scale for n in names})
+        if s is None or getattr(model.get_submodule(producer), "bias", None) is not None:
+            continue
+        q = quants[producer]
+        dtype = model.get_submodule(producer).weight.dtype
+        quants[producer] = dataclasses.replace(q, scale=held_scale(q.scale.float() / s.float()[:, None], dtype).half())
+        for n in names:
+            quants[n] = dataclasses.replace(quants[n], input_scale=None)
+        moved += names
+    return moved

@@ -116,6 +116,7 @@ def gptq_quantize(
     1 / [H_F^-1]_jj with `clip_weighted`).
     """
     rows = [w.shape[0] for w in weights]
+    dtype = weights[0].dtype  # what the model computes in: the grids are exact in it (`grid.held_scale`)
     W = torch.cat([w.detach().float() for w in weights]).clone()
     out_f, in_f = W.shape
     row_bits = torch.cat([torch.full((r,), b, device=W.device) for r, b in zip(rows, bits)])
@@ -144,10 +145,10 @@ def gptq_quantize(
             if not ready[g]:  # the weights as updated so far (the reference's timing)
                 members = position[g * group_size : (g + 1) * group_size]
                 if clip is None:
-                    scale[:, g], zero[:, g] = minmax_grid(W[:, members], row_bits)
+                    scale[:, g], zero[:, g] = minmax_grid(W[:, members], row_bits, dtype=dtype)
                 else:
                     loss_per_error = Hinv.diagonal()[members].pow(-2) if clip_weighted else None
-                    scale[:, g], zero[:, g] = clip.grid(W[:, members], row_bits, loss_per_error)
+                    scale[:, g], zero[:, g] = clip.grid(W[:, members], row_bits, loss_per_error, dtype)
                 ready[g] = True
         cols = torch.tensor(group_of[i1:i2], device=W.device)
         S1, Z1 = scale[:, cols], zero[:, cols]

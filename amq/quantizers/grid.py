@@ -3,6 +3,9 @@
 The scale and zero are rounded to float16 before any weight is rounded onto the grid, so what a
 quantizer optimises is exactly what `PackedLinear` stores. The range always includes 0 (as in the
 GPTQ reference), which keeps the zero point inside [0, 2**bits - 1] where float16 holds it finely.
+For a model that computes in a narrower dtype than float32 (bfloat16, float16) they are rounded
+further (`held_scale`, `held_zero`), so that a loader computing `(q - zero) * scale` in that dtype,
+as compressed-tensors' does, gets amq's float32 weights rounded once: the same weights, bit for bit.
 
 A range (clipping) search narrows each group's min-max range by the factor, among a few
 candidates, that rounds the group with the least error: a few large weights then no longer
@@ -13,6 +16,7 @@ the group's output error.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -26,17 +30,50 @@ CPU_CHUNK = 2**18  # weight copies a range search scores at once on a CPU: stays
 GPU_CHUNK = 2**24  # on an accelerator: few, large kernels (64 MiB per float32 intermediate)
 
 
-def minmax_grid(w: torch.Tensor, bits: int | torch.Tensor, shrink: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) per row of `w` (..., G), float32 values that are exact in float16.
+def significant_digits(dtype: torch.dtype) -> int:
+    """Binary digits of a float dtype's significand (bfloat16 8, float16 11, float32 24)."""
+    return 1 - int(math.log2(torch.finfo(dtype).eps))
+
+
+def held_scale(scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float32 `scale` rounded to a value float16 stores and a model computing in `dtype` holds exactly.
+
+    Why: compressed-tensors' loader casts each float16 group scale to the model's dtype, which for
+    bfloat16 would move it by up to 2^-9 of itself; a scale exact in both keeps amq's value.
+    """
+    if significant_digits(dtype) < significant_digits(torch.float16):
+        scale = scale.to(dtype)
+    return scale.half().float()
+
+
+def held_zero(zero: torch.Tensor, bits: int | torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float32 zero point in [0, 2^bits - 1] rounded so that `q - zero` is exact in `dtype` for every code q.
+
+    With `dtype`'s d significant digits that is a multiple of 2^(bits - d) (bfloat16: 1/16 of a
+    step at 4 bits, whole steps at 8); with a `held_scale` the product `(q - zero) * scale` then
+    rounds once in `dtype`, as amq's float32 dequantization cast to `dtype` does. float32: float16.
+    """
+    digits = significant_digits(dtype)
+    if digits < significant_digits(torch.float32):
+        quantum = torch.exp2(torch.as_tensor(bits, dtype=torch.float32, device=zero.device) - digits)
+        zero = torch.round(zero / quantum) * quantum
+    return zero.half().float()
+
+
+def minmax_grid(
+    w: torch.Tensor, bits: int | torch.Tensor, shrink: torch.Tensor | float = 1.0, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per row of `w` (..., G), float32 values that are exact in float16 (and `held_*` in `dtype`).
 
     `shrink` (broadcast against the rows) narrows the range before the grid is laid, for clipping
-    searches; 1.0 is plain min-max. `bits` may be a tensor of one width per row.
+    searches; 1.0 is plain min-max. `bits` may be a tensor of one width per row. `dtype` is the
+    dtype the model computes in.
     """
     maxq = 2**bits - 1
     lo = (w.amin(dim=-1) * shrink).clamp(max=0)
     hi = (w.amax(dim=-1) * shrink).clamp(min=0)
-    scale = ((hi - lo) / maxq).clamp(min=MIN_SCALE).half().float()
-    zero = (-lo / scale).half().float()
+    scale = held_scale(((hi - lo) / maxq).clamp(min=MIN_SCALE), dtype)
+    zero = held_zero(-lo / scale, bits, dtype)
     return scale, zero
 
 
@@ -62,10 +99,15 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out_f, in_f // group_size, group_size)
 
 
-def round_to_nearest(w: torch.Tensor, bits: int, group_size: int, shrink: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest on the min-max grid: (float codes, scale, zero) of an (out, in) weight."""
+def round_to_nearest(
+    w: torch.Tensor, bits: int, group_size: int, shrink: torch.Tensor | float = 1.0, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest on the min-max grid: (float codes, scale, zero) of an (out, in) weight.
+
+    `dtype`: what the model computes in (`minmax_grid`); by default the weight's own dtype.
+    """
     g = grouped(w.float(), group_size)
-    scale, zero = minmax_grid(g, bits, shrink)
+    scale, zero = minmax_grid(g, bits, shrink, w.dtype if dtype is None else dtype)
     return to_codes(g, scale, zero, bits).reshape(w.shape), scale, zero
 
 
@@ -92,6 +134,7 @@ def search_shrink(
     ratios: torch.Tensor,
     error: Callable[[torch.Tensor], torch.Tensor],
     max_elements: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Per row of `w` (..., G), the range factor among `ratios` whose grid rounds the row with the least `error`.
 
@@ -99,7 +142,7 @@ def search_shrink(
     scored together, `max_elements` weight copies at a time (at least one candidate; by default
     `CPU_CHUNK` or `GPU_CHUNK` after the device of `w`). Ties keep the earlier candidate, so with
     `ratios[0] == 1.0` a row is clipped only where that strictly lowers its error, and the search
-    never does worse than plain min-max.
+    never does worse than plain min-max. `dtype`: what the model computes in (`minmax_grid`).
     """
     ratios = ratios.to(device=w.device, dtype=w.dtype)
     rows = w.shape[:-1]
@@ -109,7 +152,7 @@ def search_shrink(
     best = torch.ones(rows, device=w.device, dtype=w.dtype)
     for c0 in range(0, len(ratios), chunk):
         r = ratios[c0 : c0 + chunk].view(-1, *([1] * len(rows)))  # (C, 1, ...) against the rows
-        scale, zero = minmax_grid(w, bits, r)  # (C, ...)
+        scale, zero = minmax_grid(w, bits, r, dtype)  # (C, ...)
         err = error(from_codes(to_codes(w, scale, zero, bits), scale, zero, inplace=True).sub_(w))
         err, i = err.min(dim=0)  # the first minimum among this chunk's candidates
         better = err < best_err
@@ -131,7 +174,10 @@ class ClipSearch:
     max_shrink: float = 0.2
     norm: float = 2.4
 
-    def grid(self, w: torch.Tensor, bits: int | torch.Tensor, col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero) per row of `w` (..., G); `col_weight` (G,) scales each column's error."""
+    def grid(
+        self, w: torch.Tensor, bits: int | torch.Tensor, col_weight: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) per row of `w` (..., G); `col_weight` (G,) scales each column's error; `dtype` as `minmax_grid`."""
         error = partial(lp_error, p=self.norm, weight=col_weight)
-        return minmax_grid(w, bits, search_shrink(w, bits, shrink_ratios(self.n_grid, self.max_shrink), error))
+        shrink = search_shrink(w, bits, shrink_ratios(self.n_grid, self.max_shrink), error, dtype=dtype)
+        return minmax_grid(w, bits, shrink, dtype)

@@ -1,8 +1,8 @@
 """HQQ as a final quantizer: the proxy's own quantizer, its results stored as packed GroupQuants.
 
 Calibration-free, so the deployed model is quantized exactly as the search's proxy was (up to the
-float16 rounding of HQQ's float32 scale and zero). Groups run along the input features (HQQ
-axis 1), the layout `PackedLinear` stores.
+rounding of HQQ's float32 scale and zero to float16 values that the model's dtype holds exactly).
+Groups run along the input features (HQQ axis 1), the layout `PackedLinear` stores.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import nn
 
 from amq.modeling.discovery import ModelLayout
 from amq.quantizers.checks import selected_linears
+from amq.quantizers.grid import held_scale, held_zero
 from amq.quantizers.hqq_proxy import HQQ_PACKABLE_BITS, HQQQuantizer
 from amq.quantizers.packed import GroupQuant
 
@@ -37,14 +38,15 @@ class HQQFinalizer:
 
 
 def hqq_group_quant(hqq: HQQQuantizer, weight: torch.Tensor, bits: int) -> GroupQuant:
-    """One weight through HQQ (axis 1), as codes with float16 scale and zero per group."""
+    """One weight through HQQ (axis 1), as codes with float16 scale and zero per group, exact in the
+    weight's dtype (`grid.held_scale`, `grid.held_zero`)."""
     out_f, in_f = weight.shape
     codes, meta = hqq.quantize(weight.detach(), bits, bitpack=False)
     groups = (out_f, in_f // hqq.group_size)
     return GroupQuant(
         codes.reshape(out_f, in_f).to(torch.uint8),
-        meta["scale"].reshape(groups).half(),
-        meta["zero"].reshape(groups).half(),
+        held_scale(meta["scale"].reshape(groups).float(), weight.dtype).half(),
+        held_zero(meta["zero"].reshape(groups).float(), bits, weight.dtype).half(),
         bits,
         hqq.group_size,
     )
