@@ -44,12 +44,12 @@ TABLES = [*((w, False) for w in SENSITIVITY_WIDTHS), ("all", True)]
 log = logging.getLogger("amq.bench_probe_widths")
 
 
-def markdown_table(rows: list[dict], budgets: list[float], texts: list[str]) -> str:
-    head = ["table", "probes", "probe tokens (M)", *[f"JSD @ {b:g}" for b in budgets]]
+def markdown_table(rows: list[dict], budgets: list[float], texts: list[str], metric: str) -> str:
+    head = ["table", "probes", "probe tokens (M)", *[f"{metric.upper()} @ {b:g}" for b in budgets]]
     head += [f"PPL {text} @ {b:g}" for text in texts for b in budgets]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [r["table"], str(r["probes"]), f"{r['probe_tokens'] / 1e6:.3f}", *[f"{a['jsd']:.4f}" for a in r["allocations"]]]
+        cells = [r["table"], str(r["probes"]), f"{r['probe_tokens'] / 1e6:.3f}", *[f"{a['calibration']:.4f}" for a in r["allocations"]]]
         cells += [f"{a['perplexity'][text]:.1f}" for text in texts for a in r["allocations"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -89,7 +89,7 @@ def main() -> None:
             allocations = []
             for budget, genes in zip(budgets, knapsack_allocations(full, cost, budgets), strict=True):
                 bits = full.to_bits(genes)
-                allocations.append({"budget": budget, "avg_bits": float(full.avg_bits(genes)), "jsd": evaluate(genes).value, "perplexity": ppl(bits)})
+                allocations.append({"budget": budget, "avg_bits": float(full.avg_bits(genes)), "calibration": evaluate(genes).value, "perplexity": ppl(bits)})
             rows.append(
                 {
                     "table": f"{widths}{', shrunk' if shrink else ''} x {k} window{'s' if k > 1 else ''}",
@@ -107,6 +107,7 @@ def main() -> None:
         "model": wb.lm.name,
         "overrides": args.overrides,
         "calibration": wb.metric.description,
+        "metric": wb.metric.name,
         "uniform": uniform,
         "perplexity": ppl.describe(),
         "unquantized_perplexity": ppl(None),
@@ -114,7 +115,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "results.json", result)
-    md = markdown_table(rows, budgets, ppl.texts)
+    md = markdown_table(rows, budgets, ppl.texts, wb.metric.name)
     atomic_write_text(args.out / "results.md", md + "\n")
     print(md)
 
