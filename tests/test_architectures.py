@@ -23,9 +23,11 @@ from amq.bits import BitConfig
 from amq.errors import InvalidArgument
 from amq.modeling.discovery import coverage, discover_layout
 from amq.modeling.normalize import as_linear_layers
+from amq.quantizers import awq
 from amq.quantizers.awq import AWQFinalizer
 from amq.quantizers.compressed_tensors import export_compressed_tensors
 from amq.quantizers.export import load_quantized, write_model_dir
+from amq.quantizers.folding import fold_into_quantized_linears
 from amq.quantizers.packed import PackedLinear, replace_linears
 
 pytest.importorskip("compressed_tensors")
@@ -89,16 +91,25 @@ def exported(tmp_path_factory) -> dict[str, dict]:
         layout = discover_layout(model)
         covered = coverage(model, layout).fraction
         bits = {li.name: (2, 3, 4, 8)[j % 4] for j, li in enumerate(layout.linears)}
-        quants = AWQFinalizer(n_grid=5).quantize(model, layout, bits, GROUP, calib)
+        moved: list[str] = []  # scales AWQ folded into the quantized linear before them itself
+
+        def recorded(*args) -> list[str]:
+            names = fold_into_quantized_linears(*args)
+            moved.extend(names)
+            return names
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(awq, "fold_into_quantized_linears", recorded)
+            quants = AWQFinalizer(n_grid=5).quantize(model, layout, bits, GROUP, calib)
         replace_linears(model, quants, torch.float32)
         amq_dir = write_model_dir(root / f"amq{i}", model, _tokenizer(), BitConfig(bits, GROUP), {"name": "awq"})
         reloaded = load_quantized(amq_dir)
         with torch.no_grad():
             logits = model(input_ids=TOKENS).logits.float()
             again = reloaded(input_ids=TOKENS).logits.float()
-        names = [n.split(".") for n, m in reloaded.named_modules() if isinstance(m, PackedLinear) and m.input_scale is not None]
-        scaled = {".".join(parts[i:]) for parts in names for i in range(len(parts))}  # every dotted suffix
-        out[name] = {"coverage": covered, "logits": logits, "again": again, "scaled": scaled}
+        kept = [n for n, m in reloaded.named_modules() if isinstance(m, PackedLinear) and m.input_scale is not None]
+        scaled = {".".join(parts[i:]) for parts in (n.split(".") for n in [*kept, *moved]) for i in range(len(parts))}  # every dotted suffix
+        out[name] = {"coverage": covered, "logits": logits, "again": again, "scaled": scaled, "moved_kept": set(moved) & set(kept)}
         if name in LINEARS_ONLY_IN_AMQ:
             with pytest.raises(InvalidArgument, match="not nn.Linear layers") as refused:
                 export_compressed_tensors(amq_dir, root / f"ct{i}")
@@ -122,6 +133,7 @@ def test_architecture_is_searched_whole_and_exports_to_plain_transformers(export
     assert torch.equal(case["again"], case["logits"]), "amq's reload differs from the model it saved"
     must_fold = ARCHITECTURES[name][3]
     assert must_fold <= case["scaled"] if must_fold else not case["scaled"], (name, case["scaled"])
+    assert not case["moved_kept"], "a scale folded into its producer must leave its layer"
     if name in LINEARS_ONLY_IN_AMQ:
         return
     diff = float((case["plain"] - case["logits"]).abs().max())
