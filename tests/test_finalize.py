@@ -132,7 +132,7 @@ print(json.dumps(out))
 
 def check_plain_transformers_reproduces(run, targets: list[str], tmp_path) -> None:
     """Every exported model's compressed-tensors/ checkpoint loads in plain transformers (amq never
-    imported) and gives the held-out perplexity of its eval.json within 1%; the amq-packed directory
+    imported) and gives the held-out perplexity of its eval.json (within 0.1%); the amq-packed directory
     itself is refused rather than loaded with random weights."""
     import torch
     from transformers import AutoTokenizer
@@ -160,4 +160,5 @@ def check_plain_transformers_reproduces(run, targets: list[str], tmp_path) -> No
     for d, ppl in recorded.items():
         assert got[d + ":amq-dir"].startswith("OSError"), got[d + ":amq-dir"]  # refused loudly, never random weights
         for name, value in ppl.items():
-            assert abs(got[d][name] / value - 1) < 0.01, (d, name, got[d][name], value)
+            # the Done-when asks 1%; the checkpoint holds amq's weights, so they agree to rounding (measured: every digit)
+            assert abs(got[d][name] / value - 1) < 1e-3, (d, name, got[d][name], value)

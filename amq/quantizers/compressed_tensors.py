@@ -58,6 +58,7 @@ from amq.io import replace_dir
 from amq.modeling.normalize import needs_linear_layers
 from amq.quantizers.export import load_quantized, packed_modules
 from amq.quantizers.folding import FACTOR_TOLERANCE, factor_error, find_producers, folded_norm, norm_probe, shared_scale
+from amq.quantizers.grid import held_scale
 from amq.quantizers.packed import GroupQuant, PackedLinear
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ def fold_input_scales(model: nn.Module, layers: dict[str, PackedLinear]) -> tupl
     readers: dict[str, list[str]] = {}
     for n in scaled:
         readers.setdefault(producers[n].name, []).append(n)
+    dtype = next(model.parameters()).dtype  # what the model computes in
     for producer, names in readers.items():
         s = shared_scale({n: quants[n].input_scale for n in names})
         if s is None:
@@ -140,9 +142,9 @@ def fold_input_scales(model: nn.Module, layers: dict[str, PackedLinear]) -> tupl
                 )
             overrides.update({f"{producer}.{k}": t for k, t in folded.items()})
         else:  # a linear: its output rows divide by s (a packed one through its group scales)
-            if producer in quants:
+            if producer in quants:  # group scales held in the model's dtype, as AWQ's own fold makes them
                 q = quants[producer]
-                quants[producer] = dataclasses.replace(q, scale=(q.scale.float() / s[:, None]).half())
+                quants[producer] = dataclasses.replace(q, scale=held_scale(q.scale.float() / s[:, None], dtype).half())
             else:
                 overrides[f"{producer}.weight"] = (module.weight.float() / s[:, None]).to(module.weight.dtype)
             bias = overrides.get(producer + ".bias", getattr(module, "bias", None))
