@@ -48,8 +48,10 @@ def check_finalized(done: Finalized, target: str, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_awq_finalizes_a_finished_run_into_its_own_directory(awq_finalized, tmp_path):
     """AWQ, later, from the archive (the session's shared search, conftest), its input scales folded
-    into the norms and up_proj of the checkpoint."""
+    into the norms and up_proj of the checkpoint; the amq directory holds that same folded model."""
     check_finalized(awq_finalized, "4.25", tmp_path)
+    modules = json.loads((awq_finalized.out / "models" / "4.25" / "amq_quant.json").read_text())["modules"]
+    assert not [n for n, m in modules.items() if m["has_input_scale"]]  # SmolLM2: every scale folds
 
 
 @pytest.mark.slow
