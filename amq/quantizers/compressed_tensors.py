@@ -28,15 +28,16 @@ One config group per (width, format), targeting its modules by full name; everyt
 not a PackedLinear (embeddings, norms, lm_head, biases) is stored as it is. AWQ's per-input-channel
 `input_scale` has no compressed-tensors form, so it is folded into the module that produces the
 layer's input (`amq.quantizers.folding`): the norm's weight for q/k/v and gate/up, up_proj's group
-scales for down_proj (AWQ does the latter itself now; an amq directory from before still has them). Layers whose scale cannot move there (no such producer, or readers of one
-norm with different scales: AWQ with `fold=false`) are refused.
+scales for down_proj (AWQ makes the latter fold itself, and the finalize stage saves models with
+the rest folded, `stage.in_shipped_form`; amq directories from before still hold input scales).
+Layers whose scale cannot move there (no such producer, or readers of one norm with different
+scales: AWQ with `fold=false`) are refused.
 
 On load, compressed-tensors casts the scale and zero point to the model dtype and dequantizes in it,
 where amq dequantizes in float32 and rounds the weight once. amq's quantizers hold their grids
 exactly in the dtype the model computes in (`grid.held_scale`, `grid.held_zero`: in bfloat16,
-scales of 8 significant bits and zero points on a grid of 2^(bits - 8)), so both get the same weights,
-bit for bit (in bfloat16 too: 8-bit zero points are then whole steps, and those layers pack). Where an
-AWQ input scale is folded into a producer, that producer's values round once more.
+scales of 8 significant bits, zero points on a grid of 2^(bits - 8)), so both get the same weights,
+bit for bit (in bfloat16 too: 8-bit zero points are then whole steps, and those layers pack).
 """
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ from amq.errors import InvalidArgument
 from amq.io import replace_dir
 from amq.modeling.normalize import needs_linear_layers
 from amq.quantizers.export import load_quantized, packed_modules
-from amq.quantizers.folding import FACTOR_TOLERANCE, factor_error, find_producers, folded_norm, norm_probe, shared_scale
-from amq.quantizers.grid import held_scale
+from amq.quantizers.folding import FACTOR_TOLERANCE, factor_error, find_producers, folded_norm, norm_probe, rows_divided, shared_scale
 from amq.quantizers.packed import GroupQuant, PackedLinear
 
 log = logging.getLogger(__name__)
@@ -142,9 +142,8 @@ def fold_input_scales(model: nn.Module, layers: dict[str, PackedLinear]) -> tupl
                 )
             overrides.update({f"{producer}.{k}": t for k, t in folded.items()})
         else:  # a linear: its output rows divide by s (a packed one through its group scales)
-            if producer in quants:  # group scales held in the model's dtype, as AWQ's own fold makes them
-                q = quants[producer]
-                quants[producer] = dataclasses.replace(q, scale=held_scale(q.scale.float() / s[:, None], dtype).half())
+            if producer in quants:  # as AWQ's own fold makes them
+                quants[producer] = rows_divided(quants[producer], s, dtype)
             else:
                 overrides[f"{producer}.weight"] = (module.weight.float() / s[:, None]).to(module.weight.dtype)
             bias = overrides.get(producer + ".bias", getattr(module, "bias", None))

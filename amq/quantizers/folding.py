@@ -323,6 +323,11 @@ def shared_scale(scales: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
     return values[0] if all(torch.equal(values[0], v) for v in values[1:]) else None
 
 
+def rows_divided(q: GroupQuant, s: torch.Tensor, dtype: torch.dtype) -> GroupQuant:
+    """`q` with output row r divided by s[r], through its group scales, held in the model's `dtype`."""
+    return dataclasses.replace(q, scale=held_scale(q.scale.float() / s.float()[:, None], dtype).half())
+
+
 def fold_into_quantized_linears(model: nn.Module, quants: dict[str, GroupQuant], producers: Mapping[str, Producer]) -> list[str]:
     """Move input scales into the group scales of the quantized linear that produces each input
     (up_proj before down_proj, v_proj before o_proj), updating `quants`; returns the layers moved.
@@ -344,9 +349,7 @@ def fold_into_quantized_linears(model: nn.Module, quants: dict[str, GroupQuant],
         s = shared_scale({n: quants[n].input_scale for n in names})
         if s is None or getattr(model.get_submodule(producer), "bias", None) is not None:
             continue
-        q = quants[producer]
-        dtype = model.get_submodule(producer).weight.dtype
-        quants[producer] = dataclasses.replace(q, scale=held_scale(q.scale.float() / s.float()[:, None], dtype).half())
+        quants[producer] = rows_divided(quants[producer], s, model.get_submodule(producer).weight.dtype)
         for n in names:
             quants[n] = dataclasses.replace(quants[n], input_scale=None)
         moved += names
