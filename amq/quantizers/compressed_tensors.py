@@ -15,7 +15,7 @@ shifted by 2^(b-1) into signed int8 and computes (q_s - zero_s) * scale, the sam
   every zero point of the layer an integer in [0, 2^b - 1]  ->  format `pack-quantized`:
       weight_packed (int32, codes bit-packed along the input features), weight_scale (float16),
       weight_zero_point (int32, packed along the output features), weight_shape;
-      exact. The only layout vLLM's WNA16 kernels read (asymmetric: 4-bit only).
+      exact. The only layout vLLM's WNA16 kernels read (asymmetric: 4-bit, and 8-bit on Hopper; `vllm_kernel`).
   otherwise (amq's quantizers all give float16 zero points: the min-max grid's -lo/scale and
   HQQ's optimised zeros are not integers)  ->  format `naive-quantized`:
       weight (int8 codes, one byte per weight), weight_scale (float16),
