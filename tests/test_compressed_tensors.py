@@ -246,6 +246,32 @@ def test_scales_move_into_the_quantized_linears_before_them_and_the_model_comput
     assert float((logits["after"] - logits["before"]).abs().max()) <= (5e-4 if dtype == torch.float32 else 3e-2) * scale  # measured 7.9e-5, 6.1e-3
 
 
+@pytest.mark.parametrize("kind", ["awq", "awq-free"])
+def test_the_finalize_stage_evaluates_the_form_the_checkpoint_holds(kind):
+    """`in_shipped_form`: AWQ's scales folded into the norms for the duration (and the norms given
+    back after); scales that cannot fold (fold=false) are left in their layers, without an error."""
+    from amq.finalize.stage import in_shipped_form, packed_swap
+
+    model = _model(kind, torch.float32)
+    quants = _quants(model, kind)
+    norm = model.get_submodule("model.layers.0.input_layernorm").weight
+    before = norm.detach().clone()
+    with packed_swap(model, quants), in_shipped_form(model):
+        kept = [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.input_scale is not None]
+        with torch.no_grad():
+            logits = model(input_ids=TOKENS).logits
+        folded = not torch.equal(norm, before)
+    if kind == "awq":
+        assert not kept and folded
+        expected = copy.deepcopy(model)
+        replace_linears(expected, quants, torch.float32)
+        with torch.no_grad():
+            assert float((logits - expected(input_ids=TOKENS).logits).abs().max()) <= FOLDED_TOLERANCE[torch.float32]
+    else:
+        assert kept and not folded
+    assert torch.equal(norm, before)
+
+
 def test_awq_with_a_scale_per_linear_is_refused():
     """fold=false gives q/k/v different scales, which their one norm cannot absorb: refused, never dropped."""
     model = LlamaForCausalLM(CONFIG).eval().requires_grad_(False)
