@@ -72,23 +72,23 @@ def in_shipped_form(model: nn.Module) -> Iterator[nn.Module]:
         log.info("input scales kept in the layers (%s)", exc.problem)
         yield model
         return
-    originals = {}
+    originals = []  # (the model's tensor, its values before the fold)
     for name, tensor in overrides.items():
         parent, _, attr = name.rpartition(".")
         current = getattr(model.get_submodule(parent), attr)
-        originals[name] = current.detach().clone()
+        originals.append((current, current.detach().clone()))
         current.data.copy_(tensor)
-    for name, q in quants.items():  # the packed layers go when `packed_swap` ends: nothing to restore
+    for name, q in quants.items():  # only layers the fold changed; they go when `packed_swap` ends
         layer = layers[name]
-        layer.scale.copy_(q.scale)
-        layer.input_scale = None
-        layer._dequantized = None
+        if layer.input_scale is not None or not torch.equal(layer.scale, q.scale):
+            layer.scale.copy_(q.scale)
+            layer.input_scale = None
+            layer._dequantized = None
     try:
         yield model
     finally:
-        for name, tensor in originals.items():
-            parent, _, attr = name.rpartition(".")
-            getattr(model.get_submodule(parent), attr).data.copy_(tensor)
+        for current, values in originals:
+            current.data.copy_(values)
 
 
 def bf16_bytes(model: nn.Module, names: Mapping[str, Any] | None = None) -> int:
