@@ -63,13 +63,14 @@ def test_tile_interleaved_planes_round_trip_and_hold_exactly_the_bits(bits):
     codes = (torch.arange(256) % 16).to(torch.uint8).view(1, 256)
     word = pack_planes(codes, 4, 256)[0]
     assert all((int(word[0, e % 32]) >> (4 * (e // 32))) & 15 == e % 16 for e in range(256))
-    # 3 = 2 + 1: the 1-bit code of e = j * W + c in tile h of a span of two sits in column c, bit h * 16 + j
+    # 3 = 2 + 1: column c of tile t = 2 u + h is one 48-bit string, code e = j * W + c at bits 3 j: the
+    # wide word t * W + c, then bits h * 16 .. of the narrow word u * W + c (a span of two tiles)
     codes = torch.randint(0, 8, (1, 1024), dtype=torch.uint8)
-    low, high = pack_planes(codes, 3, 256)
-    assert low.shape == (1, 64) and high.shape == (1, 32)  # 16 words a tile; 16 words a span of two tiles
-    for t, j, c in ((0, 0, 0), (1, 3, 5), (2, 15, 15), (3, 7, 2)):
-        e = t * 256 + j * 16 + c
-        assert (int(high[0, (t // 2) * 16 + c]) >> ((t % 2) * 16 + j)) & 1 == int(codes[0, e]) >> 2
+    wide, narrow = pack_planes(codes, 3, 256)
+    assert wide.shape == (1, 64) and narrow.shape == (1, 32)  # 16 words a tile; 16 words a span of two tiles
+    for t, c in ((0, 0), (1, 5), (2, 15), (3, 2)):
+        string = (int(wide[0, t * 16 + c]) & 0xFFFFFFFF) | ((int(narrow[0, (t // 2) * 16 + c]) >> ((t % 2) * 16)) & 0xFFFF) << 32
+        assert [(string >> (3 * j)) & 7 for j in range(16)] == [int(codes[0, t * 256 + j * 16 + c]) for j in range(16)]
 
 
 @pytest.mark.parametrize("bits", SERVED)

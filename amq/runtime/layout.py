@@ -5,22 +5,30 @@ of b bits fill b bytes, so a 3-bit code can straddle two bytes. A GPU kernel wan
 fixed place in a 32-bit word, and wants to unpack a loaded word without reshaping registers, so
 `convert` rewrites each layer once:
 
-- *planes*: the b bits are split into power-of-two widths (3 = 2 + 1, 4 = 4, 8 = 8); a plane of
-  width p holds 32 / p codes per int32 word. The planes hold b bits per weight, like the bit stream
-  (up to the narrow plane's padding below).
+- *planes*: b is split into power-of-two widths (3 = 2 + 1, 4 = 4, 8 = 8), one int32 tensor each;
+  a plane of width p holds p bits per weight, so the planes hold b bits per weight, like the bit
+  stream (up to the narrow plane's padding below). A single-plane width holds 32 / p codes per word.
 - *tile interleaving*: the input features are cut into tiles of T (a power of two, 256 for Llama
   shapes). In the widest plane (width p) a tile is W = T * p / 32 words, and code e of the tile sits
   in word e % W at bit p * (e // W). A kernel loads the W words of a tile once; shifting them all by
   p * j gives codes j * W .. j * W + W - 1, a contiguous run, which it multiplies by a contiguous run
   of activations. No gathers, no register reshapes.
-- *spans of the narrow plane*: a narrower plane (width q < p, as the 1 of 3 = 2 + 1) also keeps W
-  words per column block, one word per column, so run j of tile t finds its bits in the same column
-  at a shift that is the same for the whole run: R = p / q consecutive tiles share a span of W
-  words, and code e = j * W + c of tile t = R * u + h sits in word u * W + c at bit
-  q * (h * 32 / p + j). The kernels thus unpack both planes with constant or uniform shifts and no
-  duplicated loads. A row whose tile count is not a multiple of R pads its last span with zero bits
-  (at most R - 1 tiles of q-bit codes per row). At 3 bits that costs nothing on 4096-wide rows,
-  0.8% on 11008-wide ones (43 tiles of 256) and 3.7% on SmolLM2's 576-wide ones (9 tiles of 64).
+- *a column's codes as one bit string*: with two or more planes (3 = 2 + 1) the codes of column c
+  of a tile, runs j = 0 .. 32 / p - 1 (p the widest plane), form one little-endian string of
+  b * 32 / p bits, code j at bits b * j .. b * j + b - 1. The widest plane's word holds the first
+  32 bits of it, and each narrower plane (width q) the next 32 * q / p. So most runs lie whole in
+  one word and unpack as a single-plane width does, one shift and one mask (at 3 bits, 15 of 16
+  runs; run 10 takes 2 bits from the wide word and 1 from the narrow one). Splitting each code
+  into its planes' bits instead (the layout before this one) took two shifts and two masks per
+  weight, and 3-bit products ran 9-16% slower (docs/benchmarks.md, "3-bit codes as one string").
+- *spans of the narrow plane*: a narrower plane also keeps W words per column block, one word per
+  column, so tile t's share of it lies in the same column: R = p / q consecutive tiles share a span
+  of W words, and tile t = R * u + h's 32 * q / p bits of column c sit in word u * W + c from bit
+  h * 32 * q / p. A kernel shifts the loaded narrow words once per tile and then unpacks with
+  constant shifts, with no duplicated loads. A row whose tile count is not a multiple of R pads its
+  last span with zero bits (at most R - 1 tiles of q-bit codes per row). At 3 bits that costs
+  nothing on 4096-wide rows, 0.8% on 11008-wide ones (43 tiles of 256) and 3.7% on SmolLM2's
+  576-wide ones (9 tiles of 64).
 """
 
 from __future__ import annotations
@@ -70,43 +78,54 @@ def span_tiles(bits: int) -> tuple[int, ...]:
     return tuple(widths[0] // p for p in widths)
 
 
+def _columns(bits: int, tile: int) -> tuple[int, int]:
+    """(runs, W): a tile's runs (32 / p, p the widest plane) and the words of each run's column block."""
+    widest = plane_widths(bits)[0]
+    return WORD_BITS // widest, tile * widest // WORD_BITS
+
+
 def pack_planes(codes: torch.Tensor, bits: int, tile: int) -> list[torch.Tensor]:
-    """int32 planes (out, spans * W) of uint8 codes (out, in); the lowest bits go to the first plane."""
+    """int32 planes (out, spans * W) of uint8 codes (out, in), widest plane first."""
     out_f, in_f = codes.shape
     if in_f % tile:
         raise ValueError(f"tile={tile} does not divide in_features={in_f}")
-    widest, tiles = plane_widths(bits)[0], in_f // tile
-    words = tile * widest // WORD_BITS  # W: words per tile in every plane
+    runs, words = _columns(bits, tile)
+    tiles = in_f // tile
+    # code e = j * W + c of tile t -> bits b * j .. of column c's string (at most 7 * 8 = 56 bits: int64)
+    string = (codes.to(torch.int64).view(out_f, tiles, runs, words) << _steps(runs, bits, codes.device)).sum(dim=2)
     planes, offset = [], 0
     for p, r in zip(plane_widths(bits), span_tiles(bits), strict=True):
-        part = (codes.to(torch.int64) >> offset) & ((1 << p) - 1)
+        share = runs * p  # bits of a column's string this plane holds per tile
+        part = (string >> offset) & ((1 << share) - 1)
         spans = -(-tiles // r)
-        part = torch.nn.functional.pad(part, (0, spans * r * tile - in_f))  # the last span's missing tiles: zero bits
-        # code e = j * W + c of tile h of span u -> word u * W + c, bit p * (h * runs + j)
-        part = part.view(out_f, spans, r * (WORD_BITS // widest), words)
-        shifts = torch.arange(r * (WORD_BITS // widest), device=codes.device, dtype=torch.int64).view(1, 1, -1, 1) * p
-        word = (part << shifts).sum(dim=2)  # < 2**32: fits int64, wraps to int32 below
+        part = torch.nn.functional.pad(part, (0, 0, 0, spans * r - tiles))  # the last span's missing tiles: zero bits
+        word = (part.view(out_f, spans, r, words) << _steps(r, share, codes.device)).sum(dim=2)  # < 2**32
         word = torch.where(word >= 2**31, word - 2**32, word)
         planes.append(word.to(torch.int32).reshape(out_f, -1).contiguous())
-        offset += p
+        offset += share
     return planes
 
 
 def unpack_planes(planes: list[torch.Tensor], bits: int, in_features: int, tile: int) -> torch.Tensor:
     """Inverse of `pack_planes`: int32 codes (out, in); the CPU path and the tests use it."""
-    widest = plane_widths(bits)[0]
-    words = tile * widest // WORD_BITS
-    codes: torch.Tensor | None = None
+    runs, words = _columns(bits, tile)
+    tiles = in_features // tile
+    string: torch.Tensor | None = None
     offset = 0
     for plane, p, r in zip(planes, plane_widths(bits), span_tiles(bits), strict=True):
-        per_word = WORD_BITS // p
-        w = plane.view(plane.shape[0], -1, 1, words)
-        shifts = torch.arange(per_word, device=plane.device, dtype=torch.int32).view(1, 1, -1, 1) * p
-        part = ((w >> shifts) & ((1 << p) - 1)).reshape(plane.shape[0], -1)[:, :in_features]
-        codes = part << offset if codes is None else codes | (part << offset)
-        offset += p
-    assert codes is not None
-    return codes
+        share = runs * p
+        w = (plane.to(torch.int64) & 0xFFFFFFFF).view(plane.shape[0], -1, 1, words)
+        part = ((w >> _steps(r, share, plane.device)) & ((1 << share) - 1)).reshape(plane.shape[0], -1, words)[:, :tiles]
+        string = part << offset if string is None else string | (part << offset)
+        offset += share
+    assert string is not None
+    codes = (string.unsqueeze(2) >> _steps(runs, bits, string.device)) & ((1 << bits) - 1)
+    return codes.reshape(string.shape[0], in_features).to(torch.int32)
+
+
+def _steps(n: int, width: int, device: torch.device) -> torch.Tensor:
+    """Shifts 0, width, .., (n - 1) * width along dim 2 of a (rows, blocks, n, W) tensor."""
+    return (torch.arange(n, device=device, dtype=torch.int64) * width).view(1, 1, -1, 1)
 
 
 def split_workspace(out_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

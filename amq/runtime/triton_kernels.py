@@ -32,28 +32,35 @@ from amq.runtime.layout import SPLIT_MAX, TILE_ROWS_MAX, plane_widths, runs_per_
 
 
 @triton.jit
+def _field(w, shift: tl.constexpr, to: tl.constexpr, width: tl.constexpr):
+    """Bits shift .. shift + width - 1 of the int32 words w, moved to bits to .. (constant shifts;
+    the mask drops what an arithmetic right shift copies in)."""
+    MASK: tl.constexpr = ((1 << width) - 1) << to
+    if shift >= to:
+        return (w >> (shift - to)) & MASK
+    else:
+        return (w << (to - shift)) & MASK
+
+
+@triton.jit
 def _run(words0, words1, j: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr):
     """float32 1 + code / 2**B (B = P0 + P1 bits) for run j of tile t: (BN, W0).
 
-    Code bit 0 goes to mantissa bit 23 - B, then or 0x3F800000 (float32 1.0). Putting the code at the
-    top of the mantissa keeps the constant 2**B that `_affine` subtracts again as small as it can be.
-    The narrow plane's bits of the run sit in the same column (`amq.runtime.layout`), so both planes
-    unpack with constant shifts: two shifts and two masked ors per weight at 3 bits."""
-    BASE: tl.constexpr = 23 - P0 - P1
-    SH: tl.constexpr = j * P0
-    MASK: tl.constexpr = ((1 << P0) - 1) << BASE
-    if SH >= BASE:
-        v = (words0 >> (SH - BASE)) & MASK
-    else:
-        v = (words0 << (BASE - SH)) & MASK
-    if P1 > 0:  # words1 arrive shifted to tile t's bits (`_load_tile`): run j's are at bit P1 * j
-        TOP: tl.constexpr = BASE + P0
-        SH1: tl.constexpr = j * P1
-        MASK1: tl.constexpr = ((1 << P1) - 1) << TOP
-        if SH1 >= TOP:
-            v = v | ((words1 >> (SH1 - TOP)) & MASK1)
-        else:
-            v = v | ((words1 << (TOP - SH1)) & MASK1)
+    The code goes to the top of the mantissa (bit 23 - B up), then or 0x3F800000 (float32 1.0);
+    there the constant 2**B that `_affine` subtracts again is as small as it can be. Run j is bits
+    B * j .. of its column's string (`amq.runtime.layout`): the wide word's 32 bits, then the narrow
+    word's (`words1`, shifted to tile t's share by `_load_tile`). Most runs lie in one word, so they
+    unpack with one shift and one mask, as a single-plane width does."""
+    B: tl.constexpr = P0 + P1
+    BASE: tl.constexpr = 23 - B
+    LO: tl.constexpr = j * B
+    if LO + B <= 32:
+        v = _field(words0, LO, BASE, B)
+    elif LO >= 32:
+        v = _field(words1, LO - 32, BASE, B)
+    else:  # the run straddles the two words
+        N0: tl.constexpr = 32 - LO
+        v = _field(words0, LO, BASE, N0) | _field(words1, 0, BASE + N0, B - N0)
     return (v | 0x3F800000).to(tl.float32, bitcast=True)
 
 
@@ -75,14 +82,14 @@ def _paired_codes(words, j: tl.constexpr, HALF: tl.constexpr, P: tl.constexpr):
 @triton.jit
 def _load_tile(p0, p1, offs_n, n_mask, t, K, cols, T: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, W0: tl.constexpr):
     """The W0 words per row of tile t in the wide plane, and of its span in the narrow one, shifted so
-    that tile t's bits come first."""
+    that tile t's share of each column's string comes first."""
     words0 = tl.load(p0 + offs_n[:, None] * (K * P0 // 32) + t * W0 + cols[None, :], mask=n_mask[:, None], other=0)
     words1 = words0
     if P1 > 0:
         R: tl.constexpr = P0 // P1
         stride1 = ((K // T + R - 1) // R) * W0
         words1 = tl.load(p1 + offs_n[:, None] * stride1 + (t // R) * W0 + cols[None, :], mask=n_mask[:, None], other=0)
-        words1 = words1 >> ((t % R) * (32 // P0) * P1)  # tile t is tile t % R of its span: its bits, lowest first
+        words1 = words1 >> ((t % R) * (32 // P0) * P1)  # tile t is tile t % R of its span: its share, lowest first
     return words0, words1
 
 

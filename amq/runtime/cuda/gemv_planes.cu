@@ -9,8 +9,9 @@
 //
 // Layout (per row, wide plane of width P0): word c of tile t holds code j * W + c of the tile at
 // bit P0 * j (W = T * P0 / 32 words per tile, RUNS = 32 / P0 runs). With a narrow plane (P1 = 1 of
-// 3 = 2 + 1), two tiles share one span of W narrow words: tile t's bits are the half (t % 2) of word
-// (t / 2) * W + c, at bit j of it. A run of W codes lies inside one quantization group.
+// 3 = 2 + 1), column c's 16 codes form one 48-bit string, code j at bits 3 j: its first 32 bits are
+// the wide word, the rest the half (t % 2) of narrow word (t / 2) * W + c (two tiles share one span
+// of W narrow words). A run of W codes lies inside one quantization group.
 //
 // Arithmetic (as the Triton kernels): f = 1 + code / 2^B (B = P0 + P1) is built by or-ing the code
 // into float32 1.0; per group, sum (code - zero) * scale * x = scale * (2^B * sum f x - (2^B + zero)
@@ -59,13 +60,20 @@ __device__ __forceinline__ uint32_t field(uint32_t w, int shift, int to, int wid
 }
 
 // float32 1 + code / 2^B of run j, from the wide word w0 and the narrow word w1 (already shifted
-// to its tile's half).
+// to its tile's share). Run j is bits B * j .. of its column's string: w0's 32 bits, then w1's. Most
+// runs lie in one word (at 3 bits, 15 of 16), so they cost one shift and one mask, as 2 or 4 bits do.
 template <int P0, int P1>
 __device__ __forceinline__ float code_float(uint32_t w0, uint32_t w1, int j) {
-  constexpr int BASE = 23 - P0 - P1;
-  uint32_t v = field(w0, j * P0, BASE, P0);
-  if constexpr (P1 > 0) {
-    v |= field(w1, j * P1, BASE + P0, P1);
+  constexpr int B = P0 + P1;
+  constexpr int BASE = 23 - B;
+  const int lo = j * B;
+  uint32_t v;
+  if (lo + B <= 32) {
+    v = field(w0, lo, BASE, B);
+  } else if (lo >= 32) {
+    v = field(w1, lo - 32, BASE, B);
+  } else {  // the run straddles the two words
+    v = field(w0, lo, BASE, 32 - lo) | field(w1, 0, BASE + 32 - lo, B - (32 - lo));
   }
   return __uint_as_float(v | 0x3F800000u);
 }
