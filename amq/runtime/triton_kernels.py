@@ -8,9 +8,9 @@ a contiguous run inside one quantization group, so each run needs one scale and 
   where the faster CUDA GEMV (`amq.runtime.cuda_gemv`) is not built or does not take the layer;
 - `_gemm_kernel`: a few rows (batched decoding): each run is dequantized to the activation dtype and
   multiplied on the tensor cores (`tl.dot`, the weight as the first operand);
-- `_gemm_paired_kernel`: the same for single-plane widths of at most 4 bits, but the codes go to the
-  tensor cores undequantized, two per integer operation (`_paired_codes`), and the scale and zero point
-  are applied once per group to the products' sums;
+- `_gemm_paired_kernel`: the same for widths of at most 4 bits, but the codes go to the tensor cores
+  undequantized (`_paired_codes`: two per integer operation with one plane, one field of the column's
+  string at 3 bits), and the scale and zero point are applied once per group to the products' sums;
 - `_dequant_kernel`: the whole weight into a transient bf16/fp16 tensor, for prefill, where cuBLAS on the
   dequantized weight wins (the weight is read once for thousands of tokens).
 
@@ -51,31 +51,40 @@ def _run(words0, words1, j: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr):
     B * j .. of its column's string (`amq.runtime.layout`): the wide word's 32 bits, then the narrow
     word's (`words1`, shifted to tile t's share by `_load_tile`). Most runs lie in one word, so they
     unpack with one shift and one mask, as a single-plane width does."""
-    B: tl.constexpr = P0 + P1
-    BASE: tl.constexpr = 23 - B
-    LO: tl.constexpr = j * B
-    if LO + B <= 32:
-        v = _field(words0, LO, BASE, B)
-    elif LO >= 32:
-        v = _field(words1, LO - 32, BASE, B)
-    else:  # the run straddles the two words
-        N0: tl.constexpr = 32 - LO
-        v = _field(words0, LO, BASE, N0) | _field(words1, 0, BASE + N0, B - N0)
+    v = _code(words0, words1, j, P0 + P1, 23 - P0 - P1)
     return (v | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _paired_codes(words, j: tl.constexpr, HALF: tl.constexpr, P: tl.constexpr):
-    """bf16 128 + code of run j (BN, W) of a single-plane tile, exact for codes below 128.
+def _code(words0, words1, j: tl.constexpr, B: tl.constexpr, to: tl.constexpr):
+    """The B-bit code of run j, at bits to .. of int32 words: bits B * j .. of its column's string."""
+    LO: tl.constexpr = j * B
+    if LO + B <= 32:
+        v = _field(words0, LO, to, B)
+    elif LO >= 32:
+        v = _field(words1, LO - 32, to, B)
+    else:  # the run straddles the two words
+        N0: tl.constexpr = 32 - LO
+        v = _field(words0, LO, to, N0) | _field(words1, 0, to + N0, B - N0)
+    return v
 
-    Runs j and j + HALF (HALF = 16 / P) sit 16 bits apart in a word, so one shift, and, or makes
-    both bf16 bit patterns at once (0x4300 is bf16 128.0, whose mantissa's last bit is 1.0): half
-    the integer work per code of the float32 form `_run` builds, and no rounding of the weight."""
-    HI: tl.constexpr = j >= HALF
-    SH: tl.constexpr = (j - HALF) * P if HI else j * P
-    v = ((words >> SH) & (((1 << P) - 1) * 0x10001)) | 0x43004300
-    if HI:
-        v = v >> 16
+
+@triton.jit
+def _paired_codes(words0, words1, j: tl.constexpr, HALF: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr):
+    """bf16 128 + code of run j (BN, W) of a tile, exact for codes below 128 (0x4300 is bf16 128.0,
+    whose mantissa's last bit is 1.0): no rounding of the weight.
+
+    With one plane, runs j and j + HALF (HALF = 16 / P0) sit 16 bits apart in a word, so one shift,
+    and, or makes both bf16 bit patterns at once: half the integer work per code of the float32
+    form `_run` builds. With two (3 = 2 + 1), each run's code is one field of its column's string."""
+    if P1 == 0:
+        HI: tl.constexpr = j >= HALF
+        SH: tl.constexpr = (j - HALF) * P0 if HI else j * P0
+        v = ((words0 >> SH) & (((1 << P0) - 1) * 0x10001)) | 0x43004300
+        if HI:
+            v = v >> 16
+    else:
+        v = _code(words0, words1, j, P0 + P1, 0) | 0x4300
     return v.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
@@ -344,11 +353,12 @@ def _paired_configs() -> list[triton.Config]:
     return [triton.Config({"BN": bn, "SPLIT": sp}, num_warps=w, num_stages=st) for bn, w, st, sp in shapes if sp <= SPLIT_MAX]
 
 
-@triton.autotune(configs=_paired_configs(), key=["M", "N", "K", "P0", "G", "T"])
+@triton.autotune(configs=_paired_configs(), key=["M", "N", "K", "P0", "P1", "G", "T"])
 @triton.jit
 def _gemm_paired_kernel(
     x,
     p0,
+    p1,
     s,
     z,
     y,
@@ -360,6 +370,7 @@ def _gemm_paired_kernel(
     G: tl.constexpr,
     T: tl.constexpr,
     P0: tl.constexpr,
+    P1: tl.constexpr,
     W0: tl.constexpr,
     RUNS: tl.constexpr,
     GPT: tl.constexpr,
@@ -368,7 +379,7 @@ def _gemm_paired_kernel(
     BN: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    """y.T (BN, BM) += W (BN, W0) @ x.T (W0, BM) as `_gemm_kernel` does, for one plane of P0 <= 4 bits.
+    """y.T (BN, BM) += W (BN, W0) @ x.T (W0, BM) as `_gemm_kernel` does, for P0 + P1 <= PAIRED_MAX_BITS.
 
     Per group, the tensor cores take the codes as bf16 128 + code (`_paired_codes`) and, in a second
     dot with ones, the activations' sums; then (code - zero) * scale summed over the group is
@@ -380,7 +391,7 @@ def _gemm_paired_kernel(
     for i in range(0, per):
         t = pid_k * per + i
         live = t < tiles  # the last slice may run past the tiles
-        words, _ = _load_tile(p0, p0, offs_n, n_mask & live, t, K, cols, T, P0, 0, W0)
+        words0, words1 = _load_tile(p0, p1, offs_n, n_mask & live, t, K, cols, T, P0, P1, W0)
         for gi in tl.static_range(GPT):
             g = (t * T + gi * RPG * W0) // G
             sc = tl.load(s + offs_n * groups + g, mask=n_mask & live, other=0.0).to(tl.float32)
@@ -390,7 +401,7 @@ def _gemm_paired_kernel(
             for r in tl.static_range(RPG):
                 k = t * T + (gi * RPG + r) * W0
                 xt = tl.load(x + offs_m[None, :] * K + k + cols[:, None], mask=m_mask[None, :] & live, other=0.0)
-                part = tl.dot(_paired_codes(words, gi * RPG + r, RUNS // 2, P0), xt, part)
+                part = tl.dot(_paired_codes(words0, words1, gi * RPG + r, RUNS // 2, P0, P1), xt, part)
                 xs = tl.dot(ones, xt, xs)
             acc += part * sc[:, None] - (sc * (ze + 128.0))[:, None] * xs
     _store_rows(acc, y, partial, count, pid_n, pid_k, offs_m, offs_n, m_mask, n_mask, M, N, BM, BN, SPLIT)
@@ -430,8 +441,8 @@ def _dequant_kernel(
             tl.store(w + offs_n[:, None] * K + k + cols[None, :], v.to(w.dtype.element_ty), mask=n_mask[:, None])
 
 
-# widths the paired tile kernel takes (one plane, bf16 activations); 3 bits (two planes), 8 (codes >= 128)
-# and fp16 activations stay on `_gemm_kernel`
+# widths the paired tile kernel takes (bf16 activations): 1 to 4 bits (3 bits: 4-22% faster than `_gemm_kernel` at 16
+# rows on one H100, docs/benchmarks.md); 8 bits (codes >= 128), 5 and 6 (not measured) and fp16 activations stay on it
 PAIRED_MAX_BITS = 4
 
 
@@ -475,10 +486,9 @@ def product(
     partial, count = workspace
     if m == 1:
         _gemv_kernel[lambda c: (triton.cdiv(n, c["BN"]), c["SPLIT"])](x, p0, p1, scale, zero, y, partial, count, n, k, G=group_size, **meta)
-    elif meta["P1"] == 0 and meta["P0"] <= PAIRED_MAX_BITS and x.dtype == torch.bfloat16:
-        paired = {key: v for key, v in meta.items() if key != "P1"}
+    elif bits <= PAIRED_MAX_BITS and x.dtype == torch.bfloat16:
         bm = max(16, triton.next_power_of_2(m))
-        _gemm_paired_kernel[lambda c: (triton.cdiv(n, c["BN"]), c["SPLIT"])](x, p0, scale, zero, y, partial, count, m, n, k, G=group_size, BM=bm, **paired)
+        _gemm_paired_kernel[lambda c: (triton.cdiv(n, c["BN"]), c["SPLIT"])](x, p0, p1, scale, zero, y, partial, count, m, n, k, G=group_size, BM=bm, **meta)
     else:
         bm = max(16, triton.next_power_of_2(m))
         _gemm_kernel[lambda c: (triton.cdiv(n, c["BN"]), c["SPLIT"])](x, p0, p1, scale, zero, y, partial, count, m, n, k, G=group_size, BM=bm, **meta)
