@@ -99,7 +99,8 @@ def main() -> None:
     bits = {n: args.widths[i % len(args.widths)] for i, n in enumerate(layout.names)}
     unquantized_ppl, _ = score(model, windows)
 
-    work = Path(tempfile.mkdtemp(prefix="amq-ct-"))
+    scratch = tempfile.TemporaryDirectory(prefix="amq-ct-")  # 3 GB of model directories; removed at exit, failed or not
+    work = Path(scratch.name)
     torch.save(windows, work / "windows.pt")
     rows: dict[str, dict] = {}
     for kind in args.quantizers:
