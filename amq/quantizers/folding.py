@@ -347,9 +347,10 @@ def fold_into_quantized_linears(model: nn.Module, quants: dict[str, GroupQuant],
     moved = []
     for producer, names in readers.items():
         s = shared_scale({n: quants[n].input_scale for n in names})
-        if s is None or getattr(model.get_submodule(producer), "bias", None) is not None:
+        module = model.get_submodule(producer)
+        if s is None or getattr(module, "bias", None) is not None:
             continue
-        quants[producer] = rows_divided(quants[producer], s, model.get_submodule(producer).weight.dtype)
+        quants[producer] = rows_divided(quants[producer], s, module.weight.dtype)
         for n in names:
             quants[n] = dataclasses.replace(quants[n], input_scale=None)
         moved += names

@@ -119,7 +119,7 @@ def unpack_planes(planes: list[torch.Tensor], bits: int, in_features: int, tile:
         for plane, p, r in zip(planes, plane_widths(bits), span_tiles(bits), strict=True):
             share = runs * p
             w = (plane.to(torch.int64) & 0xFFFFFFFF).view(rows, -1, 1, words)
-            part = ((w >> _steps(r, share, plane.device, torch.int64)) & ((1 << share) - 1)).reshape(rows, -1, words)[:, :tiles]
+            part = ((w >> _steps(r, share, plane.device)) & ((1 << share) - 1)).reshape(rows, -1, words)[:, :tiles]
             string |= part << offset
             offset += share
     codes = (string.unsqueeze(2) >> _steps(runs, bits, string.device, string.dtype)) & ((1 << bits) - 1)
