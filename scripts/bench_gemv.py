@@ -5,8 +5,8 @@ int4 tinygemm (4 bits) and bf16 cuBLAS, on the three Llama-2-7B linear shapes, g
 Same protocol as `bench_serving.py`'s per-layer products (random codes with fractional zero points,
 each candidate checked against the float32 product of amq's dequantized weight, then timed as the
 median replay of one CUDA graph over 256 MB of distinct layers, more than L2). `--all-shapes` times
-every block shape of the CUDA kernel (`amq.runtime.cuda_gemv.SHAPES`) instead of the one
-`block_shape` picks. docs/benchmarks.md, "The CUDA GEMV", has the numbers.
+every block shape of the CUDA kernel (`amq.runtime.cuda_gemv.SHAPES`, from a separate build of all
+of them) instead of the one `block_shape` picks for the width. docs/benchmarks.md, "The CUDA GEMV", has the numbers.
 
     python3 scripts/bench_gemv.py [--widths 2 3 4 8] [--all-shapes] [--json $OUT/bench_gemv.json]
 """
@@ -63,16 +63,15 @@ def bench_shape(name: str, out_f: int, in_f: int, widths: list[int], all_shapes:
 
         row["triton_err"] = _rel(triton(layers[0]), ref)
         row["triton_us"] = graph_time(lambda: [triton(m) for m in layers]) / n * 1e6
-        shapes = range(len(cuda_gemv.SHAPES)) if all_shapes else [cuda_gemv.block_shape(bits, out_f, in_f)]
+        # the build that serves (each width at its own shape), or a build of every shape
+        shapes = list(range(len(cuda_gemv.SHAPES))) if all_shapes else [None]
         for s in shapes:
 
-            def cuda(layer: PlanesLinear, s: int = s) -> torch.Tensor | None:
+            def cuda(layer: PlanesLinear, s: int | None = s) -> torch.Tensor | None:
                 return cuda_gemv.gemv(x, layer.planes(), layer.scale, layer.zero, bits, 128, layer.tile, out_f, shape=s)
 
-            try:
-                y = cuda(layers[0])
-            except RuntimeError:  # a shape not built for this width
-                continue
+            y = cuda(layers[0])
+            s = cuda_gemv.block_shape(bits) if s is None else s
             if y is None:
                 log.warning("%s %d-bit: the CUDA GEMV does not take this layer", name, bits)
                 continue

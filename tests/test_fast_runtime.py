@@ -311,12 +311,13 @@ def test_cuda_gemv_is_off_with_its_variable_and_a_failed_build_falls_back_with_o
 
 
 def test_cuda_gemv_takes_the_group_layouts_it_was_built_for():
-    from amq.runtime.cuda_gemv import GROUPS_PER_TILE, _groups_per_tile, block_shape
+    from amq.runtime.cuda_gemv import GROUPS_PER_TILE, SHAPES, WIDTHS, _groups_per_tile, _shape_flags, block_shape
 
     assert [_groups_per_tile(4, 256, g) for g in (128, 256, 64)] == [2, 1, 4]
     assert _groups_per_tile(3, 64, 64) == 1 and _groups_per_tile(8, 256, 128) == 2
     assert 4 not in GROUPS_PER_TILE  # group 64 under 256-wide tiles stays on the Triton GEMV
-    assert {block_shape(b, n, k) for b in SERVED for n, k in ((11008, 4096), (4096, 11008), (4096, 4096))} <= {0, 1, 2}
+    assert {block_shape(b) for b in WIDTHS} <= set(range(len(SHAPES)))
+    assert sorted(_shape_flags(False)) == sorted(f"-DAMQ_SHAPE_{b}={block_shape(b)}" for b in WIDTHS)  # each width built at its shape
 
 
 @cuda

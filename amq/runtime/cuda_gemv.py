@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 ENV = "AMQ_CUDA_GEMV"
 SOURCE = Path(__file__).with_name("cuda") / "gemv_planes.cu"
 WIDTHS = (2, 3, 4, 8)  # the instantiated plane pairs: (2, 0), (2, 1), (4, 0), (8, 0)
-# (rows per block, warps per block, 16-byte loads per thread, row and step): the `shape` of the .cu
-SHAPES = ((4, 4, 1), (8, 4, 1), (4, 2, 2))
+# (rows per chunk, warps per block, chunks per block): the `shape` of the .cu, one per width
+SHAPES = ((2, 2, 2), (4, 2, 2), (4, 4, 2), (8, 4, 1))
+_SHAPE_OF = {2: 0, 3: 1, 4: 2, 8: 3}  # measured best on one H100 (docs/benchmarks.md)
 GROUPS_PER_TILE = (1, 2)  # instantiated: a tile's runs fall into 1 or 2 quantization groups
 
 _WRAPPER = """
@@ -53,8 +54,9 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor p0, torch::Tensor p1, torch::T
 
 
 @functools.lru_cache(maxsize=None)
-def _module(capability: tuple[int, int]) -> ModuleType | None:
-    """The built extension for one compute capability, or None (logged once) where it cannot be built."""
+def _module(capability: tuple[int, int], all_shapes: bool = False) -> ModuleType | None:
+    """The built extension for one compute capability, or None (logged once) where it cannot be built.
+    `all_shapes`: every block shape for every width (a separate build, for re-measuring the shapes)."""
     if os.environ.get(ENV, "1").strip() == "0":
         return None
     arch = f"{capability[0]}{capability[1]}"
@@ -63,11 +65,11 @@ def _module(capability: tuple[int, int]) -> ModuleType | None:
 
         log.info("building the CUDA GEMV for sm_%s (once per machine; cached by torch)", arch)
         return load_inline(
-            name=f"amq_gemv_planes_sm{arch}",
+            name=f"amq_gemv_planes_sm{arch}" + ("_all_shapes" if all_shapes else ""),
             cpp_sources=_WRAPPER,
             cuda_sources=SOURCE.read_text(),
             functions=["gemv"],
-            extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+            extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", *_shape_flags(all_shapes)],
             verbose=False,
         )
     except Exception as exc:  # no nvcc, no compiler, a failed build: the Triton GEMV serves
@@ -107,27 +109,28 @@ def gemv(
     shape: int | None = None,
 ) -> torch.Tensor | None:
     """y (1, n) = x (1, k) @ W.T, or None where the kernel does not take the product (`fits`) or is
-    not built: the caller then uses the Triton GEMV."""
+    not built: the caller then uses the Triton GEMV. `shape` (an index into SHAPES) overrides the
+    width's own block shape, from a build of every shape."""
     if not fits(x, planes, scale, zero, bits, group_size, tile):
         return None
-    module = _module(torch.cuda.get_device_capability(x.device))
+    module = _module(torch.cuda.get_device_capability(x.device), shape is not None)
     if module is None:
         return None
     widths = plane_widths(bits)
     p0w, p1w = widths[0], widths[1] if len(widths) > 1 else 0
     gpt = _groups_per_tile(bits, tile, group_size)
-    return module.gemv(x, planes[0], planes[-1], scale, zero, p0w, p1w, n, tile, group_size, gpt, block_shape(bits, n, x.shape[1]) if shape is None else shape)
+    return module.gemv(x, planes[0], planes[-1], scale, zero, p0w, p1w, n, tile, group_size, gpt, block_shape(bits) if shape is None else shape)
 
 
-def block_shape(bits: int, n: int, k: int) -> int:
-    """The block shape (index into SHAPES) measured best for this width and layer shape on one H200
-    (Llama-2-7B's three shapes, docs/benchmarks.md): with few words per row (k <= 4096) two loads per
-    thread and row hide more latency; 4 and 8 bits want 8 rows per block on the large layers."""
-    if bits == 8:
-        return 1
-    if bits == 4:
-        return 1 if max(n, k) > 4096 else 2
-    return 2 if k <= 4096 else 0
+def block_shape(bits: int) -> int:
+    """The block shape (index into SHAPES) measured best for this width on one H100, on all three of
+    Llama-2-7B's layer shapes (docs/benchmarks.md, "The GEMV's row chunks"); the build holds only it."""
+    return _SHAPE_OF[bits]
+
+
+def _shape_flags(all_shapes: bool) -> list[str]:
+    """nvcc defines that build each width at its own block shape only (or every shape)."""
+    return ["-DAMQ_GEMV_ALL_SHAPES"] if all_shapes else [f"-DAMQ_SHAPE_{bits}={shape}" for bits, shape in _SHAPE_OF.items()]
 
 
 def _groups_per_tile(bits: int, tile: int, group_size: int) -> int:

@@ -4,8 +4,8 @@
 // its bytes. The Triton GEMV executes 9-11 instructions per weight (docs/benchmarks.md, "A profile
 // of the decode kernels"): each thread holds one row's words of many columns, so every activation
 // is loaded, converted and summed once per row. Here a thread loads 4 consecutive words (one 16-byte
-// load) for each of R rows, and each activation it loads serves all R rows: per weight that leaves
-// one shift, one and-or (the code into the mantissa of 1.0) and one fused multiply-add.
+// load) for each row of its block, and each activation it loads serves all those rows: per weight
+// that leaves one shift, one and-or (the code into the mantissa of 1.0) and one fused multiply-add.
 //
 // Layout (per row, wide plane of width P0): word c of tile t holds code j * W + c of the tile at
 // bit P0 * j (W = T * P0 / 32 words per tile, RUNS = 32 / P0 runs). With a narrow plane (P1 = 1 of
@@ -79,9 +79,11 @@ __device__ __forceinline__ float code_float(uint32_t w0, uint32_t w1, int j) {
 }
 
 // GPT: quantization groups per tile (1 where a group spans one tile or more); RUNS / GPT runs per
-// group. A block's KW warps share R rows and split their words; a thread takes U 16-byte loads of
-// each row per step.
-template <int P0, int P1, int GPT, int R, int KW, int U, typename X>
+// group. A block's KW warps share R * C rows and split their words, one 16-byte load per thread and
+// row at a time. A thread walks the block's rows in C chunks of R for the same columns: its
+// activations are loaded once for all of them, and the next chunk's words are loaded while this
+// chunk's are multiplied, so each thread keeps a load in flight without holding every row at once.
+template <int P0, int P1, int GPT, int R, int KW, int C, typename X>
 __global__ void __launch_bounds__(32 * KW) gemv_planes_kernel(
     const X* __restrict__ x,
     const int32_t* __restrict__ p0,
@@ -95,6 +97,7 @@ __global__ void __launch_bounds__(32 * KW) gemv_planes_kernel(
     int group) {
   constexpr int RUNS = 32 / P0;
   constexpr int RPG = RUNS / GPT;
+  constexpr int ROWS = R * C;
   constexpr float TWO_B = float(1 << (P0 + P1));
   const int w_tile = tile * P0 / 32;             // W: words per tile and plane
   const int stride0 = k / 32 * P0;               // wide words per row
@@ -104,56 +107,58 @@ __global__ void __launch_bounds__(32 * KW) gemv_planes_kernel(
   const int groups = k / group;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int row0 = blockIdx.x * R;
+  const int row0 = blockIdx.x * ROWS;
 
-  float acc[R];
+  float acc[ROWS];
 #pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
 
-  for (int base = warp * 32 + lane; base < quads; base += 32 * KW * U) {
-    // Everything a step reads is loaded before any of it is used: the words of every row, the
-    // activations, the scales and zero points, so one memory latency covers the step. (Loading
-    // the next step while computing this one needs twice the registers and measured slower.)
-    uint4 w0[U][R], w1[U][R];
-    uint2 xr[U][RUNS];
-    __half sc[U][R][GPT], ze[U][R][GPT];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int qd = base + u * 32 * KW;
-      const bool live = qd < quads;
-      const int q = live ? qd * 4 : 0;
-      const int t = q / w_tile;
-      const int c = q - t * w_tile;
+  // A chunk: R rows' words of this thread's 4 columns per run, with their scales and zero points.
+  struct Chunk {
+    uint4 w0[R], w1[R];
+    __half sc[R][GPT], ze[R][GPT];
+  };
+  for (int qd = warp * 32 + lane; qd < quads; qd += 32 * KW) {
+    const int q = qd * 4;
+    const int t = q / w_tile;
+    const int c = q - t * w_tile;
+    const int half_shift = (t & 1) * 16;  // tile t's bits in its span's narrow words
+    auto load = [&](Chunk& ch, int first) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const bool ok = live && row0 + r < n;
-        const size_t row = ok ? row0 + r : 0;
-        w0[u][r] = ok ? __ldg(reinterpret_cast<const uint4*>(p0 + row * stride0 + q)) : make_uint4(0, 0, 0, 0);
+        const bool ok = first + r < n;
+        const size_t row = ok ? first + r : 0;
+        ch.w0[r] = ok ? __ldg(reinterpret_cast<const uint4*>(p0 + row * stride0 + q)) : make_uint4(0, 0, 0, 0);
         if constexpr (P1 > 0) {
-          w1[u][r] = ok ? __ldg(reinterpret_cast<const uint4*>(p1 + row * stride1 + (t / 2) * w_tile + c)) : make_uint4(0, 0, 0, 0);
+          ch.w1[r] = ok ? __ldg(reinterpret_cast<const uint4*>(p1 + row * stride1 + (t / 2) * w_tile + c)) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int gi = 0; gi < GPT; ++gi) {
           const int g = (t * tile + gi * RPG * w_tile) / group;
-          sc[u][r][gi] = scale[row * groups + g];
-          ze[u][r][gi] = zero[row * groups + g];
+          ch.sc[r][gi] = scale[row * groups + g];
+          ch.ze[r][gi] = zero[row * groups + g];
         }
       }
+    };
+    // Everything the first chunk reads is loaded before any of it is used (its words, scales, zero
+    // points and the activations), so one memory latency covers it; later chunks' latency hides
+    // behind the chunk before.
+    Chunk cur;
+    load(cur, row0);
+    uint2 xr[RUNS];
 #pragma unroll
-      for (int j = 0; j < RUNS; ++j) xr[u][j] = __ldg(reinterpret_cast<const uint2*>(x + (size_t)t * tile + j * w_tile + c));
-    }
+    for (int j = 0; j < RUNS; ++j) xr[j] = __ldg(reinterpret_cast<const uint2*>(x + (size_t)t * tile + j * w_tile + c));
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int qd = base + u * 32 * KW;
-      if (qd >= quads) break;
-      const int half_shift = ((qd * 4 / w_tile) & 1) * 16;  // tile t's bits in its span's narrow words
+    for (int ci = 0; ci < C; ++ci) {
+      Chunk next;
+      if (ci + 1 < C) load(next, row0 + (ci + 1) * R);
       uint32_t n0[R][4], n1[R][4];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        n0[r][0] = w0[u][r].x; n0[r][1] = w0[u][r].y; n0[r][2] = w0[u][r].z; n0[r][3] = w0[u][r].w;
+        n0[r][0] = cur.w0[r].x; n0[r][1] = cur.w0[r].y; n0[r][2] = cur.w0[r].z; n0[r][3] = cur.w0[r].w;
         if constexpr (P1 > 0) {
-          n1[r][0] = w1[u][r].x >> half_shift; n1[r][1] = w1[u][r].y >> half_shift;
-          n1[r][2] = w1[u][r].z >> half_shift; n1[r][3] = w1[u][r].w >> half_shift;
+          n1[r][0] = cur.w1[r].x >> half_shift; n1[r][1] = cur.w1[r].y >> half_shift;
+          n1[r][2] = cur.w1[r].z >> half_shift; n1[r][3] = cur.w1[r].w >> half_shift;
         } else {
           n1[r][0] = n1[r][1] = n1[r][2] = n1[r][3] = 0u;
         }
@@ -168,7 +173,7 @@ __global__ void __launch_bounds__(32 * KW) gemv_planes_kernel(
         for (int jj = 0; jj < RPG; ++jj) {
           const int j = gi * RPG + jj;
           float xv[4];
-          Act<X>::unpack4(xr[u][j], xv);
+          Act<X>::unpack4(xr[j], xv);
           xs += (xv[0] + xv[1]) + (xv[2] + xv[3]);
 #pragma unroll
           for (int r = 0; r < R; ++r) {
@@ -178,30 +183,31 @@ __global__ void __launch_bounds__(32 * KW) gemv_planes_kernel(
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {  // the group's affine step, on this thread's partial sums
-          acc[r] = fmaf(__half2float(sc[u][r][gi]), TWO_B * part[r] - (TWO_B + __half2float(ze[u][r][gi])) * xs, acc[r]);
+          acc[ci * R + r] = fmaf(__half2float(cur.sc[r][gi]), TWO_B * part[r] - (TWO_B + __half2float(cur.ze[r][gi])) * xs, acc[ci * R + r]);
         }
       }
+      if (ci + 1 < C) cur = next;
     }
   }
 
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
+  for (int r = 0; r < ROWS; ++r) {
     float v = acc[r];
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     acc[r] = v;
   }
-  __shared__ float sums[KW][R];
+  __shared__ float sums[KW][ROWS];
   if (lane == 0) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) sums[warp][r] = acc[r];
+    for (int r = 0; r < ROWS; ++r) sums[warp][r] = acc[r];
   }
   __syncthreads();
-  if (threadIdx.x < R && row0 + (int)threadIdx.x < n) {
+  for (int r = threadIdx.x; r < ROWS && row0 + r < n; r += 32 * KW) {
     float total = 0.f;
 #pragma unroll
-    for (int w = 0; w < KW; ++w) total += sums[w][threadIdx.x];
-    y[row0 + threadIdx.x] = Act<X>::cast(total);
+    for (int w = 0; w < KW; ++w) total += sums[w][r];
+    y[row0 + r] = Act<X>::cast(total);
   }
 }
 
@@ -215,27 +221,39 @@ struct Args {
   int n, k, tile, group;
 };
 
-template <int P0, int P1, int GPT, int R, int KW, int U, typename X>
+template <int P0, int P1, int GPT, int R, int KW, int C, typename X>
 void launch(const Args& a, cudaStream_t stream) {
-  gemv_planes_kernel<P0, P1, GPT, R, KW, U, X><<<(a.n + R - 1) / R, 32 * KW, 0, stream>>>(
+  gemv_planes_kernel<P0, P1, GPT, R, KW, C, X><<<(a.n + R * C - 1) / (R * C), 32 * KW, 0, stream>>>(
       static_cast<const X*>(a.x), a.p0, a.p1, a.scale, a.zero, static_cast<X*>(a.y), a.n, a.k, a.tile, a.group);
 }
 
-// The block shapes each width was measured to want (SHAPES in cuda_gemv.py; docs/benchmarks.md):
-// 0 = 4 rows on 4 warps, 1 = 8 rows on 4 warps, 2 = 4 rows on 2 warps with two loads per thread
-// and row. Only those are built.
+// Block shapes (SHAPES in cuda_gemv.py: rows per chunk, warps, chunks). Each width is built only at
+// the shape cuda_gemv.py names for it (AMQ_SHAPE_2/3/4/8; docs/benchmarks.md, "The GEMV's row
+// chunks"). AMQ_GEMV_ALL_SHAPES builds every shape for every width, for scripts/bench_gemv.py
+// --all-shapes to re-measure them on another GPU.
+template <int P0, int P1, int GPT, int SHAPE, typename X>
+bool at_shape(const Args& a, cudaStream_t s) {
+  if constexpr (SHAPE == 0) launch<P0, P1, GPT, 2, 2, 2, X>(a, s);
+  if constexpr (SHAPE == 1) launch<P0, P1, GPT, 4, 2, 2, X>(a, s);
+  if constexpr (SHAPE == 2) launch<P0, P1, GPT, 4, 4, 2, X>(a, s);
+  if constexpr (SHAPE == 3) launch<P0, P1, GPT, 8, 4, 1, X>(a, s);
+  return SHAPE >= 0 && SHAPE <= 3;
+}
+
 template <int P0, int P1, int GPT, typename X>
 bool by_shape(int shape, const Args& a, cudaStream_t s) {
-  constexpr bool narrow = P0 <= 2;  // 2 and 3 bits: shapes 0 and 2; 4 bits: 1 and 2; 8 bits: 1
-  if constexpr (narrow) {
-    if (shape == 0) { launch<P0, P1, GPT, 4, 4, 1, X>(a, s); return true; }
-  } else {
-    if (shape == 1) { launch<P0, P1, GPT, 8, 4, 1, X>(a, s); return true; }
+#ifdef AMQ_GEMV_ALL_SHAPES
+  switch (shape) {
+    case 0: return at_shape<P0, P1, GPT, 0, X>(a, s);
+    case 1: return at_shape<P0, P1, GPT, 1, X>(a, s);
+    case 2: return at_shape<P0, P1, GPT, 2, X>(a, s);
+    case 3: return at_shape<P0, P1, GPT, 3, X>(a, s);
+    default: return false;
   }
-  if constexpr (P0 <= 4) {
-    if (shape == 2) { launch<P0, P1, GPT, 4, 2, 2, X>(a, s); return true; }
-  }
-  return false;
+#else
+  constexpr int mine = P0 == 2 ? (P1 == 0 ? AMQ_SHAPE_2 : AMQ_SHAPE_3) : (P0 == 4 ? AMQ_SHAPE_4 : AMQ_SHAPE_8);
+  return shape == mine && at_shape<P0, P1, GPT, mine, X>(a, s);
+#endif
 }
 
 template <int P0, int P1, typename X>
