@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -311,13 +312,15 @@ def test_cuda_gemv_is_off_with_its_variable_and_a_failed_build_falls_back_with_o
 
 
 def test_cuda_gemv_takes_the_group_layouts_it_was_built_for():
-    from amq.runtime.cuda_gemv import GROUPS_PER_TILE, SHAPES, WIDTHS, _groups_per_tile, _shape_flags, block_shape
+    from amq.runtime.cuda_gemv import GROUPS_PER_TILE, SHAPES, SOURCE, WIDTHS, _groups_per_tile, _shape_flags, block_shape
 
     assert [_groups_per_tile(4, 256, g) for g in (128, 256, 64)] == [2, 1, 4]
     assert _groups_per_tile(3, 64, 64) == 1 and _groups_per_tile(8, 256, 128) == 2
     assert 4 not in GROUPS_PER_TILE  # group 64 under 256-wide tiles stays on the Triton GEMV
     assert {block_shape(b) for b in WIDTHS} <= set(range(len(SHAPES)))
     assert sorted(_shape_flags(False)) == sorted(f"-DAMQ_SHAPE_{b}={block_shape(b)}" for b in WIDTHS)  # each width built at its shape
+    launched = re.findall(r"SHAPE == (\d+)\) launch<P0, P1, GPT, (\d+), (\d+), (\d+), X>", SOURCE.read_text())
+    assert [tuple(map(int, t[1:])) for t in sorted(launched)] == list(SHAPES)  # the .cu's shapes are SHAPES, in order
 
 
 @cuda
