@@ -47,8 +47,9 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor p0, torch::Tensor p1, torch::T
   const bool ok = amq_gemv_planes(x.data_ptr(), x.scalar_type() == at::kBFloat16, p0.data_ptr<int32_t>(), p1.data_ptr<int32_t>(),
                                   scale.data_ptr(), zero.data_ptr(), y.data_ptr(), p0w, p1w, n, x.size(1), tile, group, gpt, shape,
                                   at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(ok, "amq gemv_planes: no kernel for planes (", p0w, ", ", p1w, "), shape ", shape);
-  return y;
+  // No kernel built for these widths and shape: an undefined tensor, None in Python (the caller then
+  // uses the Triton GEMV). Not an exception: one thrown here was seen to crash the process.
+  return ok ? y : torch::Tensor();
 }
 """
 
