@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMOKE
+from conftest import SMOKE, run_script
 
 from amq.config.compose import build
 from amq.modeling.discovery import discover_layout
@@ -360,3 +360,9 @@ def test_tinygemm_matches_packed_linear_on_cuda():
     layer = _random_layer(4, out_f=384, in_f=512, group=128, device="cuda")
     x = torch.randn(3, 512, dtype=torch.bfloat16, device="cuda")
     assert _rel(TinyGemmLinear(layer)(x), layer(x)) < 1e-2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")
+def test_bench_gemv_without_a_gpu_says_so_and_exits_2():
+    proc = run_script("bench_gemv.py", ["--widths", "3", "--all-shapes", "--json", "/nonexistent/never-written.json"], timeout=300)
+    assert proc.returncode == 2 and "bench_gemv needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
