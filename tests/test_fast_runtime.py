@@ -265,6 +265,23 @@ def test_convert_stacks_siblings_of_one_width_and_keeps_the_logits(smollm2):
     assert isinstance(mixed.model.layers[0].mlp.up_proj, PlanesLinear)
 
 
+def test_convert_stacks_the_members_of_a_set_that_share_a_width(smollm2):
+    """q/k/v at 4/3/4 bits: q and v become one layer, k stays apart, and the logits are the
+    unstacked model's; a set whose members all differ stacks nothing."""
+    packed = _packed_model(smollm2, lambda i: {1: 3, 4: 2, 5: 3}.get(i % 7, 4))  # k 3 bits; gate 2, up 3
+    plain, fused = copy.deepcopy(packed), copy.deepcopy(packed)
+    convert(plain, fuse=False)
+    convert(fused)
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert isinstance(attn.q_proj, SiblingLinear) and isinstance(attn.v_proj, SiblingLinear) and attn.q_proj.group is attn.q_proj_v_proj_stacked
+    assert isinstance(attn.k_proj, PlanesLinear) and attn.k_proj.bits == 3
+    assert isinstance(mlp.gate_proj, PlanesLinear) and isinstance(mlp.up_proj, PlanesLinear)  # 2 and 3 bits: nothing to stack
+    assert sum(isinstance(m, SiblingGroup) for m in fused.modules()) == BLOCKS
+    ids = torch.arange(100, 164).view(1, -1)
+    with torch.no_grad():
+        assert torch.equal(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
 @cuda
 def test_served_on_cuda():
     assert all(served(b, 128) is not None for b in SERVED)

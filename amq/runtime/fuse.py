@@ -11,9 +11,11 @@ product. The group computes the product once per input and hands out slices (vie
 every member has taken its own; a member called with another input (or the same tensor changed in
 place) gets a fresh product, so a model that calls the members on different inputs stays right,
 only without the saving (under torch.compile only identity is checked; `SiblingGroup._fresh`).
-Which children are siblings is named per architecture family in `SIBLINGS`; children missing, or
-of different widths, stay as they are. A search with `search=amq_fused` gives siblings one width,
-so every set of its configurations stacks.
+Which children are siblings is named per architecture family in `SIBLINGS`. Within a set, the
+members that share a width (and group size, tile, input scale) are stacked together, so a q/k/v set
+at 3/3/4 bits takes two launches instead of three; a member no other shares stays as it is, and a
+set with a child missing is left alone. A search with `search=amq_fused` gives siblings one width,
+so every set of its configurations stacks whole.
 """
 
 from __future__ import annotations
@@ -48,6 +50,19 @@ def _key(layer: PlanesLinear) -> tuple:
         layer.input_scale is None,
         layer.bias is None,
     )
+
+
+def stackable_subsets(layers: Sequence[nn.Module]) -> list[list[int]]:
+    """Indices of `layers` grouped into the subsets that `stackable` allows (two members or more),
+    in order: the members of one width and geometry stack together."""
+    subsets: list[list[int]] = []
+    for i, layer in enumerate(layers):
+        home = next((g for g in subsets if stackable([layers[g[0]], layer])), None)
+        if home is None:
+            subsets.append([i])
+        else:
+            home.append(i)
+    return [g for g in subsets if len(g) > 1]
 
 
 def stackable(layers: Sequence[nn.Module]) -> bool:
@@ -127,18 +142,21 @@ def stack(layers: Sequence[PlanesLinear], workspace: tuple[torch.Tensor, torch.T
 
 
 def fuse_siblings(model: nn.Module, siblings: Sequence[Sequence[str]] = SIBLINGS) -> list[str]:
-    """Stack every sibling set of `PlanesLinear` children that `stackable` allows, in place.
+    """Stack the members of every sibling set of `PlanesLinear` children that `stackable` allows
+    together (the whole set, or its members of one width: `stackable_subsets`), in place.
 
-    The stacked layer goes on the parent as `<first>_<last>_stacked` (e.g. `q_proj_v_proj_stacked`)
-    and each member is replaced by a `SiblingLinear`; the members' own planes are freed. Sets on
-    one device share one split-K scratch sized for the tallest stack. Returns the names of the
-    stacked layers."""
+    The stacked layer goes on the parent as `<first>_<last>_stacked` after its first and last
+    member (e.g. `q_proj_v_proj_stacked`) and each member is replaced by a `SiblingLinear`; the
+    members' own planes are freed. Sets on one device share one split-K scratch sized for the
+    tallest stack. Returns the names of the stacked layers."""
     found: list[tuple[nn.Module, str, tuple[str, ...], list[PlanesLinear]]] = []
     for name, parent in model.named_modules():
         for names in siblings:
             layers = [getattr(parent, n, None) for n in names]
-            if all(m is not None for m in layers) and stackable(layers):
-                found.append((parent, name, tuple(names), layers))
+            if any(m is None for m in layers):
+                continue
+            for subset in stackable_subsets(layers):
+                found.append((parent, name, tuple(names[i] for i in subset), [layers[i] for i in subset]))
     rows: dict[torch.device, int] = {}
     for *_, layers in found:
         device = layers[0].scale.device
@@ -152,5 +170,5 @@ def fuse_siblings(model: nn.Module, siblings: Sequence[Sequence[str]] = SIBLINGS
         for i, n in enumerate(names):
             setattr(parent, n, SiblingLinear(group, i))
         stacked_names.append(f"{name}.{attr}" if name else attr)
-    log.info("stacked %d sibling sets of bit-plane layers", len(stacked_names))
+    log.info("stacked %d sibling sets (or their members of one width) of bit-plane layers", len(stacked_names))
     return stacked_names
