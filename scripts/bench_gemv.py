@@ -71,12 +71,12 @@ def bench_shape(name: str, out_f: int, in_f: int, widths: list[int], all_shapes:
                 return cuda_gemv.gemv(x, layer.planes(), layer.scale, layer.zero, bits, 128, layer.tile, out_f, shape=s)
 
             y = cuda(layers[0])
-            s = cuda_gemv.block_shape(bits) if s is None else s
             if y is None:
                 log.warning("%s %d-bit: the CUDA GEMV does not take this layer", name, bits)
                 continue
-            row[f"cuda{s}_err"] = _rel(y, ref)
-            row[f"cuda{s}_us"] = graph_time(lambda: [cuda(m) for m in layers]) / n * 1e6
+            label = f"cuda{cuda_gemv.block_shape(bits) if s is None else s}"  # the shape index it ran
+            row[f"{label}_err"] = _rel(y, ref)
+            row[f"{label}_us"] = graph_time(lambda: [cuda(m) for m in layers]) / n * 1e6
         if tiny:
             row["tinygemm_err"] = _rel(tiny[0](x), ref)
             row["tinygemm_us"] = graph_time(lambda: [m(x) for m in tiny]) / n * 1e6
