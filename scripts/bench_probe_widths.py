@@ -4,9 +4,10 @@ The search's initial design is knapsack allocations from the sensitivity table. 
 `search.sensitivity_widths=lowest` (the AMQ reference) each linear is probed at the lowest width
 only, and its damage at a wider width is that times one factor per width (fitted to the uniform
 configurations); with `all` it is also probed at every width between the lowest and the highest,
-and each width costs what was measured. Per table size (--windows: sensitivity windows per probe)
-and per rule (the lowest width, every width, every width with the middle widths shrunk as
-`search.shrink_table` does), this script builds the knapsack allocation at each budget in the full space (as
+and each width costs what was measured; with `estimated` those widths' damages are estimated from
+one pass's output errors (amq.search.output_error). Per table size (--windows: sensitivity windows
+per probe) and per rule (the lowest width, every width, estimated middle widths, every width with
+the middle widths shrunk as `search.shrink_table` does), this script builds the knapsack allocation at each budget in the full space (as
 scripts/bench_quality.py builds its knapsack baseline), truly evaluates it on the run's
 calibration windows, and measures its held-out perplexity on every held-out text (wiki and the
 Lee news corpus for the embedded data).
@@ -97,7 +98,7 @@ def main() -> None:
                     "shrunk": shrink,
                     "windows": k,
                     "probes": table.probes,
-                    "probe_tokens": table.probes * k * length,
+                    "probe_tokens": table.probes * k * length + table.estimate_tokens,
                     "seconds": round(time.perf_counter() - t0, 1),
                     "allocations": allocations,
                 }

@@ -297,7 +297,8 @@ def main() -> None:
         atomic_write_json(out_json, {"protocol": protocol, "methods": results})
 
     windows, length = wb.tokens.shape
-    cost = TokenCost(windows * length, sensitivity_probes(table), max(1, min(plan0.sensitivity_samples, windows)) * length)  # as `metric.subset`
+    per_probe = max(1, min(plan0.sensitivity_samples, windows)) * length  # as `metric.subset`
+    cost = TokenCost(windows * length, sensitivity_probes(table), per_probe, table.estimate_tokens)
     t0 = time.perf_counter()
     uniform = evaluate_distinct(full, evaluate, np.stack([full.uniform(b) for b in wb.bits]))
     scale = float(uniform.metric[0])  # all-lowest: the common normalisation of every method's hypervolume

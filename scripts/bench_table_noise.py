@@ -1,9 +1,11 @@
-"""How noisy a one-window sensitivity table is, and how much `search.shrink_table` takes out.
+"""How noisy a one-window sensitivity table is, and how much `search.shrink_table` and
+`search.sensitivity_widths=estimated` take out.
 
 Probes every linear at every width below the highest (as `search.sensitivity_widths=all` does) on
 every calibration window of the composed settings, keeping the per-token values. Then, taking each
 window in turn as the probe window (what a table with `budget.sensitivity_samples=1` sees), it
-compares that window's damages, as probed and as shrunk (amq.search.table_shrinkage), with the
+compares that window's damages, as probed, as shrunk (amq.search.table_shrinkage) and as estimated
+from its lowest-width probes and its own output errors (amq.search.output_error), with the
 mean damage over the other windows: Spearman correlation and mean squared error per width, and how
 far the probe's standard error (`paired_stderr`) predicts the difference (the standard deviation
 of difference / combined standard error: 1.0 when the errors are right).
@@ -15,6 +17,7 @@ Hydra overrides go before the options. Results: --out/results.json and results.m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ from scipy.stats import spearmanr
 from amq.bench.script_args import script_parser
 from amq.config.compose import compose_config, prepare
 from amq.io import atomic_write_json, atomic_write_text
+from amq.search.output_error import estimate_middle_widths, output_errors
 from amq.search.sensitivity import SensitivityTable
 from amq.search.table_shrinkage import shrink_middle_widths
 
@@ -39,8 +43,11 @@ def window_stats(diff: np.ndarray, windows: int) -> tuple[np.ndarray, np.ndarray
     return per.mean(axis=2), per.std(axis=2, ddof=1) / np.sqrt(per.shape[2])
 
 
-def compare(window: int, names: list[str], bits: list[int], means: dict[int, np.ndarray], errors: dict[int, np.ndarray]) -> list[dict]:
-    """Per middle width: the probe window's damages, as probed and as shrunk, against the other windows' mean."""
+def compare(
+    window: int, names: list[str], bits: list[int], means: dict[int, np.ndarray], errors: dict[int, np.ndarray], output: dict[int, dict[str, float]]
+) -> list[dict]:
+    """Per width: the probe window's damages, as probed, as shrunk and as estimated from the
+    window's `output` errors (middle widths), against the other windows' mean."""
     low, middle = bits[0], bits[1:-1]
     table = SensitivityTable(
         dict(zip(names, means[low][:, window].tolist())),
@@ -53,12 +60,15 @@ def compare(window: int, names: list[str], bits: list[int], means: dict[int, np.
         stderr={b: dict(zip(names, errors[b][:, window].tolist())) for b in bits[:-1]},
     )
     shrunk = shrink_middle_widths(table)
+    estimated = estimate_middle_widths(dataclasses.replace(table, mid={}), output, bits, 0)
     rows = []
     for b in bits[:-1]:
         others = np.delete(means[b], window, axis=1)
         truth = others.mean(axis=1)
         probed = means[b][:, window]
-        estimates = {"probed": probed} | ({"shrunk": np.array([shrunk.mid[b][n] for n in names])} if b in middle else {})
+        estimates = {"probed": probed}
+        if b in middle:
+            estimates |= {kind: np.array([t.mid[b][n] for n in names]) for kind, t in (("shrunk", shrunk), ("estimated", estimated))}
         # the other windows' mean has its own error: its variance is about that of one window over their count
         combined = np.sqrt(errors[b][:, window] ** 2 + (np.delete(errors[b], window, axis=1) ** 2).mean(axis=1) / others.shape[1])
         row = {"window": window, "bits": b, "negative": int((probed < 0).sum()), "error_scale": float(np.std((probed - truth) / combined))}
@@ -93,7 +103,8 @@ def main() -> None:
             if i % 25 == 0:
                 log.info("%d-bit probes: %d/%d (%.0fs)", b, i, len(names), time.perf_counter() - t0)
         means[b], errors[b] = window_stats(diff, windows)
-    rows = [r for w in range(windows) for r in compare(w, names, bits, means, errors)]
+    output = [output_errors(bank, wb.tokens[w : w + 1], [[n] for n in names], bits) for w in range(windows)]  # each window's own
+    rows = [r for w in range(windows) for r in compare(w, names, bits, means, errors, output[w])]
     keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("window", "bits")))
     lines = ["| probe window | bits | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 2)]
     for r in sorted(rows, key=lambda r: (r["bits"], r["window"])):

@@ -360,6 +360,26 @@ def test_cuda_gemv_matches_packed_linear(bits, dtype):
 
 
 @cuda
+def test_cuda_gemv_build_without_the_asked_shape_returns_none_not_a_crash():
+    """The default build holds each width at its own block shape only; asking it for another one
+    must hand back None (the caller then uses the Triton GEMV), never abort the process."""
+    from amq.runtime import cuda_gemv
+
+    if not cuda_gemv.available(torch.device("cuda")):
+        pytest.skip("the CUDA GEMV could not be built here (no nvcc?)")
+    layer = _random_layer(4, out_f=384, in_f=512, group=128, device="cuda")
+    fast = PlanesLinear(layer)
+    x = torch.randn(1, 512, dtype=torch.float16, device="cuda")
+    module = cuda_gemv._module(torch.cuda.get_device_capability(x.device))
+    other = next(s for s in range(len(cuda_gemv.SHAPES)) if s != cuda_gemv.block_shape(4))
+    widths = cuda_gemv.plane_widths(4)
+    gpt = cuda_gemv._groups_per_tile(4, fast.tile, 128)
+    args = (x, fast.planes()[0], fast.planes()[-1], fast.scale, fast.zero, widths[0], 0, 384, fast.tile, 128, gpt)
+    assert module.gemv(*args, other) is None
+    assert module.gemv(*args, cuda_gemv.block_shape(4)) is not None
+
+
+@cuda
 @pytest.mark.parametrize("bits", SERVED)
 @pytest.mark.parametrize("rows", [1, 7, 100])
 def test_stacked_siblings_match_their_own_layers_on_cuda(bits, rows):

@@ -35,6 +35,23 @@ def test_packed_and_dequantized_swap_in_the_same_weights():
         assert torch.equal(packed.modules[n].weight, dense.modules[n].weight), n
 
 
+def test_a_linears_weight_at_a_width_is_what_a_swap_loads_without_swapping():
+    """`ProxyBank.weight` (the output-error pass reads every width of a linear this way) gives the
+    weight `apply` would load, in either storage, and leaves the model as it was."""
+    for storage in ("packed", "dequantized"):
+        bank = _bank(storage)
+        name = bank.layout.names[1]
+        before = bank.modules[name].weight.detach().clone()
+        for bits in (2, 3, 4):
+            got = bank.weight(name, bits)
+            bank.apply({name: bits})
+            assert torch.equal(got, bank.modules[name].weight), (storage, bits)
+            bank.restore()
+        assert torch.equal(bank.weight(name, None), before) and torch.equal(bank.modules[name].weight, before)
+        with pytest.raises(KeyError, match="8-bit is not in the proxy bank"):
+            bank.weight(name, 8)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fused_swaps_match_eager_dequantization_on_cuda():

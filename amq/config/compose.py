@@ -44,6 +44,7 @@ from amq.search.confirmation import CONFIRM_FILE, Confirmations, ConfirmSettings
 from amq.search.eval_cache import with_cache
 from amq.search.evaluator import ProxyEvaluator
 from amq.search.loop import IterativeSearch, SearchSettings, search_bits_range
+from amq.search.output_error import estimate_middle_widths, output_errors
 from amq.search.seeding import SEED_ALLOCATORS, sensitivity_seeds
 from amq.search.space import EXPERT_GENES, SearchSpace, shared_groups
 from amq.search.table_shrinkage import shrink_middle_widths
@@ -255,7 +256,7 @@ class SearchPlan:
     finalize: "FinalizeSettings | None"
     max_minutes: float | None
     confirm: ConfirmSettings = ConfirmSettings()  # the confirmation pass after the search (off by default)
-    sensitivity_widths: str = sensitivity.SENSITIVITY_WIDTHS[0]  # lowest | all: the widths each linear is probed at
+    sensitivity_widths: str = sensitivity.SENSITIVITY_WIDTHS[0]  # lowest | all | estimated: the widths each linear is probed at
     predictor_prior: str = PRIORS[0]  # none | table: the predictor learns what the table's additive model leaves
     shrink_table: bool = False  # shrink the middle widths' damages toward their role's ratio of the lowest width's
 
@@ -494,8 +495,10 @@ def prune(
     """Stage: sensitivity (cached) and pruning; returns the table and the pruned search space.
 
     Linears that share a gene as experts of one projection are probed together; with `widths`
-    `all` also at every width between the lowest and the highest (pruning reads the lowest), and
-    with `shrink` those widths' damages shrunk by role (amq.search.table_shrinkage)."""
+    `all` also at every width between the lowest and the highest (pruning reads the lowest), with
+    `estimated` those widths' damages estimated from one pass over the calibration windows
+    (amq.search.output_error), and with `shrink` probed middle widths' damages shrunk by role
+    (amq.search.table_shrinkage)."""
     sens_metric = wb.metric.subset(sensitivity_samples)
     context = {**evaluation_context(wb, sens_metric, sensitivity.measure), "description": sens_metric.description}
     units = shared_groups(wb.layout.linears, None, expert_genes)
@@ -503,6 +506,9 @@ def prune(
     if widths == "all" and len(wb.bits) > 2:
         mids = [sensitivity.cached_measure(wb.bank, sens_metric, wb.cache_dir / "sensitivity", context, units, low=b) for b in wb.bits[1:-1]]
         table = table.with_mid(mids)
+    elif widths == "estimated" and len(wb.bits) > 2:
+        errors = output_errors(wb.bank, wb.tokens, units, wb.bits)
+        table = estimate_middle_widths(table, errors, wb.bits, int(wb.tokens.numel()))
     if shrink:
         with settings_of(named={"table": "search.shrink_table"}):
             table = shrink_middle_widths(table)

@@ -8,8 +8,8 @@ that. `TablePrior` puts the table under the predictor as its prior mean, in log 
     log metric(x) ~ a + b * log P(x) + residual(x),    P(x) = baseline + sum over genes of damage(gene, width)
 
 P is the table's additive model (its all-highest baseline plus each gene's measured damage at its
-width: every width's own probes with `search.sensitivity_widths=all`, the lowest width's scaled
-by 4 per bit otherwise, as the knapsack seeds assume). a and b >= 0 are fitted by least squares on
+width: every width's own probes with `search.sensitivity_widths=all`, or their estimates with
+`estimated`, the lowest width's scaled by 4 per bit otherwise, as the knapsack seeds assume). a and b >= 0 are fitted by least squares on
 the training data; the wrapped predictor learns the residual (interactions, the table's probe
 noise) and must fit its target as given (`predictor.target=none`). Log space because damage
 compounds: over the whole bits range the metric spans orders of magnitude, and a straight line in

@@ -144,6 +144,22 @@ class ProxyBank:
                 bank[name] = (w_q.to(ref.device), meta)
         return bank
 
+    def weight(self, name: str, nbits: int | None) -> torch.Tensor:
+        """One linear's weight at `nbits` (None: unquantized) as the model would hold it, without
+        swapping it in (packed storage dequantizes a copy)."""
+        if nbits is None:
+            return self._original[name]
+        if nbits not in self._bank:
+            raise KeyError(f"{nbits}-bit is not in the proxy bank {self.bits}")
+        held = self._bank[nbits][name]
+        if self.storage == "dequantized":
+            return held
+        w_q, meta = held
+        ref = self._original[name]  # packed storage keeps it on the CPU; the codes sit on the model's device
+        out = torch.empty(ref.shape, dtype=ref.dtype, device=w_q.device)
+        self.quantizer.dequantize_into(out, w_q, meta)
+        return out
+
     # ------------------------------------------------------------------ swap
     def apply(self, config: Mapping[str, int | None]) -> int:
         """Load `config` (bits per module name; None = unquantized). Returns how many linears changed."""

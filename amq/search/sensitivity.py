@@ -8,7 +8,9 @@ highest width and leave the search (AMQ's pruning; threshold 2.0 in the referenc
 With `search.sensitivity_widths=all` each linear is also probed at every width between the lowest
 and the highest (`SensitivityTable.mid`; pruning still reads the lowest width): the allocations
 built from the table then use each width's measured damage instead of scaling the lowest width's
-by one factor per width (docs/benchmarks.md, "Probing every width").
+by one factor per width (docs/benchmarks.md, "Probing every width"). With `estimated` those
+widths are not probed: their damages are estimated from the lowest width's and one pass's output
+errors (amq.search.output_error; docs/benchmarks.md, "Estimated middle widths").
 
 The score is, as in the AMQ reference, the probe's own metric against the unquantized model
 (`score=total`), which includes the error of the all-highest configuration; or, with
@@ -48,6 +50,7 @@ class SensitivityTable:
     mid: dict[int, dict[str, float]] = field(default_factory=dict)  # width -> damage at that width (sensitivity_widths=all)
     stderr: dict[int, dict[str, float]] = field(default_factory=dict)  # width -> each probe's standard error (metrics with per-token values)
     mid_measured: dict[int, dict[str, float]] = field(default_factory=dict)  # width -> `mid` as probed, where `mid` holds shrunk values
+    estimate_tokens: int = 0  # > 0: `mid` was estimated, not probed, from one pass over this many tokens (amq.search.output_error)
 
     def to_dict(self) -> dict:
         out = {
@@ -61,17 +64,22 @@ class SensitivityTable:
         for key, values in (("mid", self.mid), ("stderr", self.stderr), ("mid_measured", self.mid_measured)):
             if values:
                 out[key] = {str(b): d for b, d in values.items()}
+        if self.estimate_tokens:
+            out["estimate_tokens"] = self.estimate_tokens
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "SensitivityTable":
         mid, stderr, measured = ({int(b): dict(v) for b, v in d.get(key, {}).items()} for key in ("mid", "stderr", "mid_measured"))
-        return cls(d["damage"], d["baseline_all_high"], d["low_bits"], d["high_bits"], d["metric"], d["seconds"], mid, stderr, measured)
+        return cls(
+            d["damage"], d["baseline_all_high"], d["low_bits"], d["high_bits"], d["metric"], d["seconds"], mid, stderr, measured, d.get("estimate_tokens", 0)
+        )
 
     @property
     def probes(self) -> int:
-        """Forwards that made the table: one per probed unit and width, plus each width's all-highest baseline."""
-        return (len(self.damage) + 1) * (1 + len(self.mid))
+        """Forwards that made the table: one per probed unit and width, plus each width's all-highest
+        baseline (estimated middle widths add none: their one pass is `estimate_tokens`)."""
+        return (len(self.damage) + 1) * (1 + (0 if self.estimate_tokens else len(self.mid)))
 
     def with_mid(self, tables: list["SensitivityTable"]) -> "SensitivityTable":
         """This (lowest-width) table with the damage of `tables` (one per middle width) attached."""
@@ -82,7 +90,9 @@ class SensitivityTable:
         )
 
 
-SENSITIVITY_WIDTHS = ("lowest", "all")  # search.sensitivity_widths: probe the lowest width only (AMQ) or every width below the highest
+# search.sensitivity_widths: probe the lowest width only (AMQ), every width below the highest, or the
+# lowest and estimate the widths between it and the highest from output errors (amq.search.output_error)
+SENSITIVITY_WIDTHS = ("lowest", "all", "estimated")
 
 
 PRUNING_SCORES = ("total", "damage")
