@@ -67,7 +67,9 @@ def test_token_cost_counts_the_sensitivity_table_once_and_only_for_methods_that_
     assert cost.sensitivity == 211 * 2048
     assert cost.of(126, uses_table=True) == (126 + 211) * 2048
     assert cost.of(3, uses_table=False) == 3 * 2048
-    assert cost.to_dict() == {"per_evaluation": 2048, "probes": 211, "per_probe": 2048, "sensitivity": 211 * 2048}
+    assert cost.to_dict() == {"per_evaluation": 2048, "probes": 211, "per_probe": 2048, "estimate": 0, "sensitivity": 211 * 2048}
+    estimated = TokenCost(per_evaluation=4 * 512, probes=211, per_probe=512, estimate=4 * 512)  # lean_234: one pass estimates 3 bits
+    assert estimated.sensitivity == 211 * 512 + 2048 and estimated.of(126, uses_table=True) == 211 * 512 + 127 * 2048
 
 
 def test_bench_quality_reports_every_heldout_text_and_redoes_rows_that_lack_one(monkeypatch):
