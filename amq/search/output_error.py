@@ -56,7 +56,7 @@ def output_errors(bank: ProxyBank, tokens: torch.Tensor, units: Sequence[Sequenc
     try:
         with torch.no_grad():
             for row in tokens:
-                bank.model(row[None].to(device))
+                bank.model(input_ids=row[None].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
