@@ -17,7 +17,6 @@ Hydra overrides go before the options. Results: --out/results.json and results.m
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -60,7 +59,7 @@ def compare(
         stderr={b: dict(zip(names, errors[b][:, window].tolist())) for b in bits[:-1]},
     )
     shrunk = shrink_middle_widths(table)
-    estimated = estimate_middle_widths(dataclasses.replace(table, mid={}), output, bits, 0)
+    estimated = estimate_middle_widths(table, output, 0)
     rows = []
     for b in bits[:-1]:
         others = np.delete(means[b], window, axis=1)

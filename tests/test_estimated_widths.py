@@ -20,14 +20,14 @@ def test_the_estimate_scales_the_lowest_damage_by_the_remaining_output_error():
         3: {"a": 3.0, "b": 3.5, "dead": 0.0, "c": 5.0},  # c: more error at 3 bits than 2 (clipped to the lowest's damage)
         4: {"a": 1.0, "b": 1.0, "dead": 0.0, "c": 2.0},
     }
-    est = estimate_middle_widths(table, errors, [2, 3, 4], tokens=2048)
+    est = estimate_middle_widths(table, errors, tokens=2048)
     assert est.mid[3]["a"] == pytest.approx(0.4 * 2 / 9) and est.mid[3]["b"] == pytest.approx(0.2 * 2.5 / 4)
     assert est.mid[3]["c"] == pytest.approx(0.1)
     assert est.mid[3]["dead"] == 0.0  # no output change: the median ratio of the others, times no damage
     assert est.estimate_tokens == 2048 and est.probes == len(table.damage) + 1  # no probe at 3 bits
     assert SensitivityTable.from_dict(est.to_dict()) == est
     with pytest.raises(ValueError, match="no linear's output changed at 2 bits"):
-        estimate_middle_widths(table, {w: dict.fromkeys(table.damage, 0.0) for w in (2, 3, 4)}, [2, 3, 4], tokens=1)
+        estimate_middle_widths(table, {w: dict.fromkeys(table.damage, 0.0) for w in (2, 3, 4)}, tokens=1)
 
 
 @pytest.mark.slow

@@ -508,7 +508,7 @@ def prune(
         table = table.with_mid(mids)
     elif widths == "estimated" and len(wb.bits) > 2:
         errors = output_errors(wb.bank, wb.tokens, units, wb.bits)
-        table = estimate_middle_widths(table, errors, wb.bits, int(wb.tokens.numel()))
+        table = estimate_middle_widths(table, errors, int(wb.tokens.numel()))
     if shrink:
         with settings_of(named={"table": "search.shrink_table"}):
             table = shrink_middle_widths(table)

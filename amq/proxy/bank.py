@@ -149,9 +149,7 @@ class ProxyBank:
         swapping it in (packed storage dequantizes a copy)."""
         if nbits is None:
             return self._original[name]
-        if nbits not in self._bank:
-            raise KeyError(f"{nbits}-bit is not in the proxy bank {self.bits}")
-        held = self._bank[nbits][name]
+        held = self._held(nbits)[name]
         if self.storage == "dequantized":
             return held
         w_q, meta = held
@@ -159,6 +157,12 @@ class ProxyBank:
         out = torch.empty(ref.shape, dtype=ref.dtype, device=w_q.device)
         self.quantizer.dequantize_into(out, w_q, meta)
         return out
+
+    def _held(self, nbits: int) -> dict[str, object]:
+        """The bank's linears at `nbits`, refusing a width it was not built with."""
+        if nbits not in self._bank:
+            raise KeyError(f"{nbits}-bit is not in the proxy bank {self.bits}")
+        return self._bank[nbits]
 
     # ------------------------------------------------------------------ swap
     def apply(self, config: Mapping[str, int | None]) -> int:
@@ -168,15 +172,13 @@ class ProxyBank:
             if self._current[name] == nbits:
                 continue
             module = self.modules[name]
-            if nbits is not None and nbits not in self._bank:
-                raise KeyError(f"{nbits}-bit is not in the proxy bank {self.bits}")
+            held = None if nbits is None else self._held(nbits)[name]
             if self.storage == "dequantized":
-                module.weight = self._original[name] if nbits is None else self._bank[nbits][name]
+                module.weight = self._original[name] if held is None else held
+            elif held is None:
+                module.weight.data.copy_(self._original[name].data)
             else:
-                if nbits is None:
-                    module.weight.data.copy_(self._original[name].data)
-                else:
-                    self._dequantize_into(module.weight.data, *self._bank[nbits][name])
+                self._dequantize_into(module.weight.data, *held)
             self._current[name] = nbits
             changed += 1
         return changed

@@ -63,15 +63,15 @@ def output_errors(bank: ProxyBank, tokens: torch.Tensor, units: Sequence[Sequenc
     return errors
 
 
-def estimate_middle_widths(table: SensitivityTable, errors: dict[int, dict[str, float]], widths: Sequence[int], tokens: int) -> SensitivityTable:
-    """`table` (lowest-width probes) with every width strictly between its lowest and highest
-    estimated from the output errors `errors` (`output_errors` over `tokens` tokens).
+def estimate_middle_widths(table: SensitivityTable, errors: dict[int, dict[str, float]], tokens: int) -> SensitivityTable:
+    """`table` (lowest-width probes) with every width of `errors` strictly between its lowest and
+    highest estimated from those output errors (`output_errors` over `tokens` tokens).
 
     The ratio is clipped to [0, 1]: a middle width never estimated to do more damage than the
     lowest or less than the highest. A unit whose lowest width leaves its output as it was (an
     expert no calibration token reached) takes the median ratio of the others."""
     low, high = table.low_bits, table.high_bits
-    mids = sorted(w for w in widths if low < w < high)
+    mids = sorted(w for w in errors if low < w < high)
     names = list(table.damage)
     mid: dict[int, dict[str, float]] = {}
     for w in mids:
