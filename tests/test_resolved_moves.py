@@ -119,6 +119,9 @@ def test_the_lean_preset_is_the_measured_command_line(compose_cfg):
         "search.predictor_prior=table",
         "predictor.kernel=linear",
         "search.resolve_moves=true",
+        "search.confirm.samples=3",
+        "search.confirm.candidates=3",
+        "search.confirm.band=0.05",
     ]
     preset, overrides = compose_cfg(["experiment=lean_234"]), compose_cfg(measured)
     for group in ("search", "budget", "metric", "predictor", "quantizer", "model"):
