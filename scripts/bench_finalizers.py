@@ -36,14 +36,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench_finalizers")
 FINALIZERS = ("hqq", "gptq", "awq")
-VARIANTS = {"awq-unfolded": ("awq", ["finalizer.fold=false"])}  # name -> (finalizer, its overrides)
+# name -> (finalizer, its overrides); "-intzero": whole-code zero points (what a bit-packed checkpoint holds)
+VARIANTS = {"awq-unfolded": ("awq", ["finalizer.fold=false"])} | {f"{f}-intzero": (f, ["finalizer.integer_zero=true"]) for f in FINALIZERS}
 
 
 def main() -> None:
     ap = script_parser(__doc__, "Hydra overrides, e.g. num_threads=1 model=gemma3_270m")
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     ap.add_argument(
-        "--finalizers", nargs="+", default=list(FINALIZERS), choices=[*FINALIZERS, *VARIANTS], help="awq-unfolded: AWQ with a free scale per linear"
+        "--finalizers",
+        nargs="+",
+        default=list(FINALIZERS),
+        choices=[*FINALIZERS, *VARIANTS],
+        help="awq-unfolded: AWQ with a free scale per linear; <name>-intzero: whole-code zero points",
     )
     ap.add_argument("--calib-samples", type=int, default=16, help="calibration windows for GPTQ / AWQ")
     ap.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")

@@ -171,6 +171,38 @@ def test_group_quants_lie_on_their_grid(two_blocks_4bit, name):
         assert float((q.dequantize() - before[n].float()).abs().mean()) < 2 * float(step), n
 
 
+@pytest.mark.parametrize("name", FINALIZERS)
+def test_integer_zero_points_are_whole_codes_and_cost_little(smollm2, two_blocks_4bit, name):
+    """`finalizer.integer_zero=true`: every zero point a whole code in [0, 2^b - 1] (what a bit-packed
+    compressed-tensors layer holds), the weights on that grid, and block 1's output about as close to
+    the original as with fractional zero points (measured on held-out text: docs/benchmarks.md)."""
+    lm, layout, calib, compose_cfg = smollm2
+    bits, before, quants = two_blocks_4bit
+    whole = _finalizer(compose_cfg, name, "finalizer.integer_zero=true").quantize(lm.model, layout, bits, GROUP, calib)
+    for n, q in whole.items():
+        z = q.zero.float()
+        assert torch.equal(z, z.round()) and float(z.min()) >= 0 and float(z.max()) <= 2**q.bits - 1, n
+        assert int(q.codes.max()) <= 2**q.bits - 1
+        step = (q.scale.float() / (q.input_scale.float().view(-1, GROUP).amax(-1) if q.input_scale is not None else 1)).mean()
+        assert float((q.dequantize() - before[n].float()).abs().mean()) < 2 * float(step), n
+    fractional = quants[name]
+    assert any(not torch.equal(q.zero.float(), q.zero.float().round()) for q in fractional.values())  # the default keeps them fractional
+    err_whole, err_frac = (_reconstruction_error(lm.model, q, calib, block=1) for q in (whole, fractional))
+    assert err_whole < 1.5 * err_frac, (name, err_whole, err_frac)
+
+
+def test_integer_zero_grid_rounds_the_zero_before_the_weights():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 8, 64, generator=g)
+    for bits in (2, 3, 4, 8):
+        scale, zero = minmax_grid(w, bits, integer_zero=True)
+        frac_scale, frac_zero = minmax_grid(w, bits)
+        assert torch.equal(scale, frac_scale) and torch.equal(zero, zero.round())
+        assert float((zero - frac_zero).abs().max()) <= 0.5 + 1e-3  # the nearest whole code (float16 rounding aside)
+        codes = to_codes(w, scale, zero, bits)
+        assert float((from_codes(codes, scale, zero) - w).abs().amax(-1).div(scale).max()) <= 1.0 + 1e-4  # at most a step (clipped ends)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_held_grids_dequantize_alike_in_the_model_dtype(dtype, bits):

@@ -176,6 +176,33 @@ def test_refuses_a_failing_build(tmp_path, monkeypatch, capfd):
     assert not root.ready() and not root.bin_dir.exists() and not root.source.exists()
 
 
+def test_a_tool_killed_by_a_signal_is_one_line_naming_a_log_that_exists(tmp_path):
+    """A tool that dies (here of SIGILL, as a build with instructions the CPU lacks does) names the
+    signal and a log that is still there; the temporary log it wrote is moved, not left behind."""
+    from amq.errors import ConfigError
+    from amq.llamacpp.run import _run
+
+    tmp_log, kept = tmp_path / ".x.kld.log.1.tmp", tmp_path / "x.kld.failed.log"
+    die = [sys.executable, "-c", "import os, signal; print('started'); os.kill(os.getpid(), signal.SIGILL)"]
+    with pytest.raises(ConfigError) as info:
+        _run(die, tmp_log, "llama-perplexity", failed_log=kept)
+    assert "killed by SIGILL" in str(info.value) and str(kept) in str(info.value)
+    assert kept.is_file() and "started" in kept.read_text() and not tmp_log.exists()
+
+
+def test_the_build_leaves_out_amx_on_x86():
+    """ggml's AMX kernels died of SIGILL on an AMX Xeon guest (amq/llamacpp/build.py): left out, and
+    the binaries' directory says so, so a build made before with them is not reused."""
+    import platform
+
+    from amq.llamacpp import build
+
+    options = build._cmake_options()
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert any(o.startswith("-DCMAKE_CXX_FLAGS=") and "-mno-amx-int8" in o for o in options)
+    assert locate(Path("/nonexistent"), DEFAULT_VERSION).bin_dir.name.endswith(build.BUILD_FLAVOUR)
+
+
 # ----------------------------------------------------------------------------- with the tools
 def _caches() -> list[Path]:
     return [Path(c) for c in (os.environ.get("AMQ_CACHE_DIR"), Path.home() / ".cache" / "amq") if c]

@@ -87,13 +87,21 @@ def _standard_formats(info: dict[str, Any]) -> list[str]:
         ]
         for name, g in r["groups"].items():
             lines.append(f"| {name} | {g['bits']} | {g['format']} | {g['layers']} | {g['vllm_kernel'] or 'none: not servable by vLLM'} |")
-        served = all(g["vllm_kernel"] for g in r["groups"].values())
-        lines += [
-            "",
-            f"`vllm serve {info['dir_name']}/{fmt}` serves it: every group has a kernel."
-            if served
-            else "vLLM serves only the groups with a kernel above, so it cannot serve this model whole; transformers runs all of it."
-            " `naive-quantized` groups keep one byte per weight: their zero points are fractional (HQQ's optimised zeros, the min-max grid's -min/scale), which `pack-quantized` cannot hold.",
-            "",
-        ]
+        lines += ["", _vllm_note(r["groups"], f"{info['dir_name']}/{fmt}"), ""]
     return lines
+
+
+def _vllm_note(groups: dict, path: str) -> str:
+    """Whether vLLM serves the checkpoint whole, and what would make it do so."""
+    if all(g["vllm_kernel"] for g in groups.values()):
+        return f"`vllm serve {path}` serves it: every group has a kernel."
+    note = "vLLM serves only the groups with a kernel above, so it cannot serve this model whole; transformers runs all of it."
+    if any(g["format"] == "naive-quantized" for g in groups.values()):
+        note += (
+            " `naive-quantized` groups keep one byte per weight: their zero points are fractional (HQQ's optimised zeros, the min-max"
+            " grid's -min/scale), which `pack-quantized` cannot hold; `finalizer.integer_zero=true` rounds them to whole codes, so every"
+            " layer packs (`amq-finalize <run> finalizer.integer_zero=true` does it from the finished run)."
+        )
+    if any(g["format"] != "naive-quantized" and not g["vllm_kernel"] for g in groups.values()):
+        note += " vLLM's kernels take 4 bits at group 32/64/128 and 8 bits at group 64/128 (Hopper); `search.bits=[4,8]` keeps the search to those widths."
+    return note

@@ -6,6 +6,11 @@ CPU only, static, `-march=native`), and keep the result under
 `${AMQ_CACHE_DIR:-~/.cache/amq}/llama.cpp/<version>/`, outside the repository. A second call finds
 the tools there and builds nothing. The binaries are tuned to the CPU that built them, so the
 directory of binaries is keyed by a hash of the CPU's feature flags as well.
+
+On x86-64 the build leaves out ggml's AMX kernels (`-mno-amx-*`): on a Xeon with AMX (a KVM guest,
+Linux 6.18) llama-perplexity died of an illegal instruction (`tilezero` in ggml_backend_amx_mul_mat)
+on K-quant models, while the rest of the build ran; without them the same tools run on every x86-64
+CPU seen here, and the numbers no longer depend on whether the host has AMX.
 """
 
 from __future__ import annotations
@@ -43,6 +48,15 @@ _CMAKE_OPTIONS = (
     "-DLLAMA_OPENSSL=OFF",  # nothing we build talks to the network
     "-DLLAMA_CURL=OFF",
 )
+_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # x86-64 only (module docstring)
+BUILD_FLAVOUR = "noamx"  # in the binaries' directory name: builds made before with AMX are not reused
+
+
+def _cmake_options() -> list[str]:
+    """The configure options: `_CMAKE_OPTIONS`, and on x86-64 the compiler flags leaving out AMX."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return list(_CMAKE_OPTIONS)
+    return [*_CMAKE_OPTIONS, f"-DCMAKE_C_FLAGS={_NO_AMX}", f"-DCMAKE_CXX_FLAGS={_NO_AMX}"]
 
 
 def default_cache_dir() -> Path:
@@ -76,7 +90,7 @@ class LlamaCpp:
 
     @property
     def bin_dir(self) -> Path:
-        return self.root / f"bin-{cpu_tag()}"
+        return self.root / f"bin-{cpu_tag()}-{BUILD_FLAVOUR}"
 
     @property
     def convert_script(self) -> Path:
@@ -164,7 +178,7 @@ def _compile(lc: LlamaCpp, jobs: int) -> None:
     t0 = time.perf_counter()
     log.info("llama.cpp %s: building %s with cmake, %d jobs (about 10 min on 2 cores; log %s)", lc.version, ", ".join(TOOLS), jobs, log_file)
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    _run_logged(["cmake", "-S", str(lc.source), "-B", str(build_dir), *generator, *_CMAKE_OPTIONS], log_file, "cmake configure")
+    _run_logged(["cmake", "-S", str(lc.source), "-B", str(build_dir), *generator, *_cmake_options()], log_file, "cmake configure")
     _run_logged(["cmake", "--build", str(build_dir), "--config", "Release", "--target", *TOOLS, f"-j{jobs}"], log_file, "cmake build")
     tmp = Path(tempfile.mkdtemp(dir=lc.root, prefix=f".{lc.bin_dir.name}."))
     for tool in TOOLS:

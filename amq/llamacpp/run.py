@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -41,8 +42,9 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def _run(cmd: Sequence[str | Path], log_path: Path, what: str, env: Mapping[str, str] | None = None) -> str:
-    """Run `cmd`, keeping its combined output in `log_path`; a failure is a one-line ConfigError."""
+def _run(cmd: Sequence[str | Path], log_path: Path, what: str, env: Mapping[str, str] | None = None, failed_log: Path | None = None) -> str:
+    """Run `cmd`, keeping its combined output in `log_path`; a failure is a one-line ConfigError
+    naming the log (moved to `failed_log` first when given: `log_path` is then a temporary file)."""
     t0 = time.perf_counter()
     argv = [str(c) for c in cmd]
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,11 +54,28 @@ def _run(cmd: Sequence[str | Path], log_path: Path, what: str, env: Mapping[str,
         rc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, check=False).returncode
     output = log_path.read_text(encoding="utf-8", errors="replace").split("\n", 1)[-1]
     if rc != 0:
+        if failed_log is not None:
+            os.replace(log_path, failed_log)
+            log_path = failed_log
         lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
         last = next((ln for ln in reversed(lines) if re.search(r"error|exception|failed", ln, re.I)), lines[-1] if lines else "")
-        raise ConfigError(what, f"exited {rc} (log {log_path}): {last[:240]}", "see the log; the model, the text and the llama.cpp build must fit together")
+        raise ConfigError(
+            what, f"{_exit_status(rc)} (log {log_path}): {last[:240]}", "see the log; the model, the text and the llama.cpp build must fit together"
+        )
     log.info("%s: done in %.1f s", what, time.perf_counter() - t0)
     return output
+
+
+def _exit_status(rc: int) -> str:
+    """'exited 1', or the signal that killed the tool (an illegal instruction: a build this CPU cannot run)."""
+    if rc >= 0:
+        return f"exited {rc}"
+    try:
+        name = signal.Signals(-rc).name
+    except ValueError:
+        return f"killed by signal {-rc}"
+    hint = " (an instruction this CPU does not run: rebuild llama.cpp on this machine)" if name == "SIGILL" else ""
+    return f"killed by {name}{hint}"
 
 
 CONVERTER_MODULES = ("sentencepiece",)  # imported by convert_hf_to_gguf.py beyond amq's own dependencies
@@ -256,7 +275,7 @@ def kl_divergence(lc: LlamaCpp, model: Path, logits: Path, opts: ToolOptions, lo
         cmd += ["--chunks", str(opts.chunks)]
     tmp_log = _tmp(log_path)
     try:
-        out = _run(cmd, tmp_log, "llama-perplexity --kl-divergence")
+        out = _run(cmd, tmp_log, "llama-perplexity --kl-divergence", failed_log=log_path.with_suffix(".failed.log"))
         result = parse_perplexity_log(out)
         os.replace(tmp_log, log_path)
     finally:

@@ -53,6 +53,8 @@ class AWQFinalizer:
 
     `fold`: scales shared by the linears of one input and limited to those a standard checkpoint
     can hold (module docstring); False: a free scale per linear (amq's own format only).
+    `integer_zero`: zero points rounded to whole codes before the weights are (`grid.minmax_grid`),
+    so the compressed-tensors export bit-packs every layer (`pack-quantized`, what vLLM serves).
     """
 
     n_grid: int = 20
@@ -61,6 +63,7 @@ class AWQFinalizer:
     sequential: bool = True
     batch_size: int = 8
     fold: bool = True
+    integer_zero: bool = False
     name: str = "awq"
     needs_calibration: bool = True
 
@@ -106,9 +109,10 @@ class AWQFinalizer:
         snap: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> list[GroupQuant]:
         """One shared scale for the stage (`fold`), a scale per linear (not `fold`), or none (`scaled=False`)."""
+        grid = {"n_grid": self.n_grid, "clip": self.clip, "max_shrink": self.max_shrink, "integer_zero": self.integer_zero}
         if self.fold:
-            return awq_quantize_shared(weights, stats, bits, group_size, self.n_grid, self.clip, self.max_shrink, scaled, snap)
-        return [awq_quantize_shared([w], stats, [b], group_size, self.n_grid, self.clip, self.max_shrink)[0] for w, b in zip(weights, bits)]
+            return awq_quantize_shared(weights, stats, bits, group_size, scaled=scaled, snap=snap, **grid)
+        return [awq_quantize_shared([w], stats, [b], group_size, **grid)[0] for w, b in zip(weights, bits)]
 
 
 def _norm_snap(model: nn.Module, producer: Producer) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -137,12 +141,14 @@ def awq_quantize_shared(
     max_shrink: float = 0.5,
     scaled: bool = True,
     snap: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    integer_zero: bool = False,
 ) -> list[GroupQuant]:
     """AWQ of (out, in) weights that read one input, with one input scale shared by all of them.
 
     The scale minimises their summed output error, each at its own width. `scaled=False` keeps
     s = 1 (no input scale): round-to-nearest with the clipping search only. `snap` maps each
     candidate scale to the nearest one the input's producer can absorb (`storable_scale`).
+    `integer_zero`: every grid's zero points are whole codes (`grid.minmax_grid`).
     """
     Ws = [w.detach().float() for w in weights]
     dtype = weights[0].dtype  # what the model computes in: the grids are exact in it (`grid.held_scale`)
@@ -159,7 +165,7 @@ def awq_quantize_shared(
             s = s.half().float()  # exactly what the layer stores
             err = 0.0
             for W, b in zip(Ws, bits):
-                codes, scale, zero = round_to_nearest(W * s, b, group_size, dtype=dtype)
+                codes, scale, zero = round_to_nearest(W * s, b, group_size, dtype=dtype, integer_zero=integer_zero)
                 W_eff = from_codes(grouped(codes, group_size), scale, zero).reshape(W.shape) / s
                 err += output_error(W_eff - W, H)
             if err < best_err:
@@ -168,15 +174,22 @@ def awq_quantize_shared(
     for W, b in zip(Ws, bits):
         W_s = W * best_s if best_s is not None else W
         H_s = H / torch.outer(best_s, best_s) if best_s is not None else H
-        shrink = clip_ratios(W_s, H_s, b, group_size, n_grid, max_shrink, dtype) if clip else 1.0
-        codes, scale, zero = round_to_nearest(W_s, b, group_size, shrink, dtype)
+        shrink = clip_ratios(W_s, H_s, b, group_size, n_grid, max_shrink, dtype, integer_zero) if clip else 1.0
+        codes, scale, zero = round_to_nearest(W_s, b, group_size, shrink, dtype, integer_zero)
         input_scale = best_s.half() if best_s is not None else None
         out.append(GroupQuant(codes.to(torch.uint8), scale.half(), zero.half(), b, group_size, input_scale=input_scale))
     return out
 
 
 def clip_ratios(
-    W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, n_grid: int, max_shrink: float, dtype: torch.dtype = torch.float32
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int,
+    n_grid: int,
+    max_shrink: float,
+    dtype: torch.dtype = torch.float32,
+    integer_zero: bool = False,
 ) -> torch.Tensor:
     """Per (row, group) range shrink in [max_shrink, 1] minimising that group's output error.
 
@@ -189,4 +202,4 @@ def clip_ratios(
     def group_output_error(e: torch.Tensor) -> torch.Tensor:  # (C, out, groups, G) -> (C, out, groups)
         return (torch.einsum("...gi,gij->...gj", e, Hb) * e).sum(-1)
 
-    return search_shrink(grouped(W, group_size), bits, shrink_ratios(n_grid, max_shrink), group_output_error, dtype=dtype)
+    return search_shrink(grouped(W, group_size), bits, shrink_ratios(n_grid, max_shrink), group_output_error, dtype=dtype, integer_zero=integer_zero)

@@ -53,7 +53,9 @@ class GPTQFinalizer:
     column j (see the module docstring), so with `clip_norm=2` (the default) a factor is scored by
     the loss GPTQ's own update rule assigns its rounding errors. The defaults measured best of
     min-max, the reference's search and this one on SmolLM2 (docs/benchmarks.md, "Final
-    quantizers").
+    quantizers"). `integer_zero` rounds each group's zero point to a whole code before GPTQ
+    rounds its weights (the reference's grid), so the compressed-tensors export bit-packs every
+    layer (`pack-quantized`, what vLLM serves) instead of storing a byte per weight.
     """
 
     damp: float = 0.01
@@ -64,6 +66,7 @@ class GPTQFinalizer:
     clip_max_shrink: float = 0.2
     clip_norm: float = 2.0
     clip_weighted: bool = True
+    integer_zero: bool = False
     sequential: bool = True
     batch_size: int = 8
     name: str = "gptq"
@@ -94,7 +97,9 @@ class GPTQFinalizer:
         return quantize_calibrated(self, model, layout, bits, group_size, calib)
 
     def quantize_stage(self, weights: list[torch.Tensor], bits: list[int], group_size: int, stats: InputStats) -> list[GroupQuant]:
-        return gptq_quantize(weights, stats.hessian(), bits, group_size, self.damp, self.block_size, self.act_order, self.clip(), self.clip_weighted)
+        return gptq_quantize(
+            weights, stats.hessian(), bits, group_size, self.damp, self.block_size, self.act_order, self.clip(), self.clip_weighted, self.integer_zero
+        )
 
 
 def gptq_quantize(
@@ -107,13 +112,14 @@ def gptq_quantize(
     act_order: bool = True,
     clip: ClipSearch | None = None,
     clip_weighted: bool = False,
+    integer_zero: bool = False,
 ) -> list[GroupQuant]:
     """GPTQ of (out_i, in) weights that read the same inputs, given H (in, in) of those inputs.
 
     GPTQ treats every output row independently under the same H, so linears sharing an input
     (q/k/v, gate/up) are stacked and solved in one pass, each row with its own layer's width.
     A group's grid is plain min-max, or the range `clip` finds (weighting each column's error by
-    1 / [H_F^-1]_jj with `clip_weighted`).
+    1 / [H_F^-1]_jj with `clip_weighted`); `integer_zero` as `grid.minmax_grid`.
     """
     rows = [w.shape[0] for w in weights]
     dtype = weights[0].dtype  # what the model computes in: the grids are exact in it (`grid.held_scale`)
@@ -145,10 +151,10 @@ def gptq_quantize(
             if not ready[g]:  # the weights as updated so far (the reference's timing)
                 members = position[g * group_size : (g + 1) * group_size]
                 if clip is None:
-                    scale[:, g], zero[:, g] = minmax_grid(W[:, members], row_bits, dtype=dtype)
+                    scale[:, g], zero[:, g] = minmax_grid(W[:, members], row_bits, dtype=dtype, integer_zero=integer_zero)
                 else:
                     loss_per_error = Hinv.diagonal()[members].pow(-2) if clip_weighted else None
-                    scale[:, g], zero[:, g] = clip.grid(W[:, members], row_bits, loss_per_error, dtype)
+                    scale[:, g], zero[:, g] = clip.grid(W[:, members], row_bits, loss_per_error, dtype, integer_zero)
                 ready[g] = True
         cols = torch.tensor(group_of[i1:i2], device=W.device)
         S1, Z1 = scale[:, cols], zero[:, cols]

@@ -6,6 +6,8 @@ GPTQ reference), which keeps the zero point inside [0, 2**bits - 1] where float1
 For a model that computes in a narrower dtype than float32 (bfloat16, float16) they are rounded
 further (`held_scale`, `held_zero`), so that a loader computing `(q - zero) * scale` in that dtype,
 as compressed-tensors' does, gets amq's float32 weights rounded once: the same weights, bit for bit.
+`integer_zero` rounds each zero point to a whole code before any weight is rounded (the GPTQ
+reference's grid): what a bit-packed checkpoint (`pack-quantized`, the layout vLLM serves) holds.
 
 A range (clipping) search narrows each group's min-max range by the factor, among a few
 candidates, that rounds the group with the least error: a few large weights then no longer
@@ -61,18 +63,20 @@ def held_zero(zero: torch.Tensor, bits: int | torch.Tensor, dtype: torch.dtype =
 
 
 def minmax_grid(
-    w: torch.Tensor, bits: int | torch.Tensor, shrink: torch.Tensor | float = 1.0, dtype: torch.dtype = torch.float32
+    w: torch.Tensor, bits: int | torch.Tensor, shrink: torch.Tensor | float = 1.0, dtype: torch.dtype = torch.float32, integer_zero: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) per row of `w` (..., G), float32 values that are exact in float16 (and `held_*` in `dtype`).
 
     `shrink` (broadcast against the rows) narrows the range before the grid is laid, for clipping
     searches; 1.0 is plain min-max. `bits` may be a tensor of one width per row. `dtype` is the
-    dtype the model computes in.
+    dtype the model computes in. `integer_zero`: zero points rounded to whole codes in [0, 2^bits - 1].
     """
     maxq = 2**bits - 1
     lo = (w.amin(dim=-1) * shrink).clamp(max=0)
     hi = (w.amax(dim=-1) * shrink).clamp(min=0)
     scale = held_scale(((hi - lo) / maxq).clamp(min=MIN_SCALE), dtype)
+    if integer_zero:  # whole codes are exact in every dtype a model computes in (<= 256)
+        return scale, torch.minimum(torch.round(-lo / scale).clamp_(min=0), torch.as_tensor(maxq, dtype=scale.dtype, device=scale.device))
     zero = held_zero(-lo / scale, bits, dtype)
     return scale, zero
 
@@ -93,6 +97,18 @@ def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, inp
     return out.sub_(zero.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
 
 
+def nearest_integer_zero(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per row of `w` (..., G), the whole code next to the real zero point `zero` (its floor or its
+    ceiling, in [0, 2^bits - 1]) whose grid rounds the row with the smaller squared error.
+
+    Why not plain rounding: an optimised zero (HQQ's) sits where the error is low, and the better
+    of its two neighbours loses less of that than the nearer one does (measured: docs/benchmarks.md)."""
+    candidates = torch.stack([zero.floor(), zero.ceil()]).clamp_(0, 2**bits - 1)  # (2, ...)
+    scales = scale.expand_as(candidates)
+    err = (from_codes(to_codes(w, scales, candidates, bits), scales, candidates, inplace=True) - w).pow_(2).sum(-1)
+    return torch.where(err[1] < err[0], candidates[1], candidates[0])
+
+
 def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """(out, in) -> (out, in // G, G) view."""
     out_f, in_f = w.shape
@@ -100,14 +116,14 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def round_to_nearest(
-    w: torch.Tensor, bits: int, group_size: int, shrink: torch.Tensor | float = 1.0, dtype: torch.dtype | None = None
+    w: torch.Tensor, bits: int, group_size: int, shrink: torch.Tensor | float = 1.0, dtype: torch.dtype | None = None, integer_zero: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest on the min-max grid: (float codes, scale, zero) of an (out, in) weight.
 
     `dtype`: what the model computes in (`minmax_grid`); by default the weight's own dtype.
     """
     g = grouped(w.float(), group_size)
-    scale, zero = minmax_grid(g, bits, shrink, w.dtype if dtype is None else dtype)
+    scale, zero = minmax_grid(g, bits, shrink, w.dtype if dtype is None else dtype, integer_zero)
     return to_codes(g, scale, zero, bits).reshape(w.shape), scale, zero
 
 
@@ -135,6 +151,7 @@ def search_shrink(
     error: Callable[[torch.Tensor], torch.Tensor],
     max_elements: int | None = None,
     dtype: torch.dtype = torch.float32,
+    integer_zero: bool = False,
 ) -> torch.Tensor:
     """Per row of `w` (..., G), the range factor among `ratios` whose grid rounds the row with the least `error`.
 
@@ -142,7 +159,7 @@ def search_shrink(
     scored together, `max_elements` weight copies at a time (at least one candidate; by default
     `CPU_CHUNK` or `GPU_CHUNK` after the device of `w`). Ties keep the earlier candidate, so with
     `ratios[0] == 1.0` a row is clipped only where that strictly lowers its error, and the search
-    never does worse than plain min-max. `dtype`: what the model computes in (`minmax_grid`).
+    never does worse than plain min-max. `dtype`, `integer_zero`: the grid's form (`minmax_grid`).
     """
     ratios = ratios.to(device=w.device, dtype=w.dtype)
     rows = w.shape[:-1]
@@ -152,7 +169,7 @@ def search_shrink(
     best = torch.ones(rows, device=w.device, dtype=w.dtype)
     for c0 in range(0, len(ratios), chunk):
         r = ratios[c0 : c0 + chunk].view(-1, *([1] * len(rows)))  # (C, 1, ...) against the rows
-        scale, zero = minmax_grid(w, bits, r, dtype)  # (C, ...)
+        scale, zero = minmax_grid(w, bits, r, dtype, integer_zero)  # (C, ...)
         err = error(from_codes(to_codes(w, scale, zero, bits), scale, zero, inplace=True).sub_(w))
         err, i = err.min(dim=0)  # the first minimum among this chunk's candidates
         better = err < best_err
@@ -175,9 +192,14 @@ class ClipSearch:
     norm: float = 2.4
 
     def grid(
-        self, w: torch.Tensor, bits: int | torch.Tensor, col_weight: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+        self,
+        w: torch.Tensor,
+        bits: int | torch.Tensor,
+        col_weight: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+        integer_zero: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero) per row of `w` (..., G); `col_weight` (G,) scales each column's error; `dtype` as `minmax_grid`."""
+        """(scale, zero) per row of `w` (..., G); `col_weight` (G,) scales each column's error; `dtype`, `integer_zero` as `minmax_grid`."""
         error = partial(lp_error, p=self.norm, weight=col_weight)
-        shrink = search_shrink(w, bits, shrink_ratios(self.n_grid, self.max_shrink), error, dtype=dtype)
-        return minmax_grid(w, bits, shrink, dtype)
+        shrink = search_shrink(w, bits, shrink_ratios(self.n_grid, self.max_shrink), error, dtype=dtype, integer_zero=integer_zero)
+        return minmax_grid(w, bits, shrink, dtype, integer_zero)
