@@ -60,6 +60,11 @@ CASES = {
     "a single bit width": Case(["search.bits=[4]"], "search.bits"),
     "a width the fast runtime cannot serve": Case(["search.serve_with=fast", "search.bits=[3,4,6]"], "search.bits"),
     "unknown serving runtime": Case(["search.serve_with=tpu"], "search.serve_with"),
+    "a width vLLM cannot serve": Case(["search.serve_with=vllm", "search.bits=[3,4,8]"], "search.bits"),
+    "vLLM with siblings free to differ": Case(["search.serve_with=vllm", "search.bits=[4,8]", "search.targets=[5.0]"], "search.share_groups"),
+    "vLLM with fractional zero points": Case(
+        ["search.serve_with=vllm", "search=amq_fused", "search.bits=[4,8]", "search.targets=[5.0]"], "finalizer.integer_zero"
+    ),
     "group size not dividing a layer": Case(["quantizer.group_size=100"], "quantizer.group_size"),
     "target bits out of reach": Case(["search.targets=[12.0]"], "search.targets"),
     "no targets": Case(["search.targets=[]", "finalize.enabled=true"], "search.targets"),

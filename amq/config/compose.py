@@ -381,10 +381,11 @@ def check_window(seq_len: int, lm: "LoadedModel", setting: str) -> None:
         raise ConfigError(setting, f"{seq_len} tokens is longer than {lm.name}'s context of {context} tokens", f"an integer from 8 to {context}")
 
 
-def check_serve_with(serve_with: str | None, bits: list[int], group_size: int, layout: ModelLayout, shared: bool = False) -> None:
-    """`search.serve_with=fast`: every width and layer of the space has a kernel in amq.runtime.
+def check_serve_with(serve_with: str | None, bits: list[int], group_size: int, layout: ModelLayout, shared: bool = False, integer_zero: bool = False) -> None:
+    """`search.serve_with=fast`: every width and layer of the space has a kernel in amq.runtime;
+    `vllm`: the checkpoints are ones vLLM serves whole (`compressed_tensors.check_vllm_servable`).
 
-    Without shared-precision groups (`shared`), the log says that sibling projections of different
+    Without shared-precision groups (`shared`), `fast` logs that sibling projections of different
     widths are served apart: `amq.runtime.convert` stacks q/k/v and gate/up into one layer only
     where they share a width, which `search=amq_fused` guarantees."""
     if serve_with is None:
@@ -393,6 +394,11 @@ def check_serve_with(serve_with: str | None, bits: list[int], group_size: int, l
 
     if serve_with not in SERVE_WITH:
         raise ConfigError("search.serve_with", repr(serve_with), "null or " + ", ".join(SERVE_WITH))
+    if serve_with == "vllm":
+        from amq.quantizers.compressed_tensors import check_vllm_servable
+
+        check_vllm_servable(bits, group_size, shared, integer_zero)
+        return
     check_servable(bits, group_size, (li.in_features for li in layout.linears))
     if not shared:
         log.info(
@@ -428,7 +434,8 @@ def prepare(cfg: DictConfig, clock: StageClock | None = None) -> Workbench:
         quantizer.validate(bits, layout.linears)
         full_space = SearchSpace(layout.linears, bits, quantizer.group_size, share_patterns=shared_precision_groups(cfg), expert_genes=expert_genes(cfg))
         targets = full_space.check_targets(cfg.search.targets)
-        check_serve_with(cfg.search.get("serve_with"), bits, quantizer.group_size, layout, bool(full_space.share_patterns))
+        integer_zero = bool(cfg.finalizer.get("integer_zero", False))
+        check_serve_with(cfg.search.get("serve_with"), bits, quantizer.group_size, layout, bool(full_space.share_patterns), integer_zero)
     check_window(calib.seq_len, lm, "budget.seq_len")
     if cfg.finalize.enabled:  # before the proxy and sensitivity: budgets below every configuration fail now
         finalize_settings(cfg.finalize).check_reachable(full_space)

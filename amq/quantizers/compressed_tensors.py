@@ -290,6 +290,32 @@ def vllm_kernel(bits: int, fmt: str, group_size: int) -> str | None:
     return None
 
 
+def check_vllm_servable(bits: list[int], group_size: int, shared: bool, integer_zero: bool) -> None:
+    """`search.serve_with=vllm`: refuse, before the search, a setting whose checkpoints vLLM could not
+    serve whole: a width or group size its kernels lack (`vllm_kernel`), sibling projections free to
+    take different widths (vLLM fuses q/k/v and gate/up into one layer, which must have one scheme),
+    or fractional zero points (`naive-quantized` layers, which no vLLM kernel reads)."""
+    from amq.errors import ConfigError
+
+    missing = [b for b in bits if vllm_kernel(b, PACKED, group_size) is None]
+    if missing:
+        raise InvalidArgument(
+            "bits",
+            f"{missing[0]}-bit at group {group_size} has no vLLM kernel",
+            "widths 4 (group 32/64/128: Marlin) and 8 (group 64/128: Machete, Hopper GPUs)",
+        )
+    if not shared:
+        raise ConfigError(
+            "search.share_groups",
+            "null: q/k/v and gate/up could take different widths, and vLLM serves each fused set with one scheme",
+            "search=amq_fused, or share_groups naming the sets vLLM fuses",
+        )
+    if not integer_zero:
+        raise ConfigError(
+            "finalizer.integer_zero", "false: fractional zero points give naive-quantized layers, which vLLM does not serve", "true (gptq, awq or hqq)"
+        )
+
+
 def compressed_tensors_summary(model_dir: str | Path) -> dict:
     """What a written checkpoint holds, per config group: width, format, layers, and vLLM's kernel."""
     qconfig = json.loads((Path(model_dir) / "config.json").read_text())["quantization_config"]

@@ -72,7 +72,7 @@ def served(
     return kernel if _can_serve(kernel, bits, group_size, dtype, torch.device(device)) else None
 
 
-SERVE_WITH = ("fast",)  # values of the `search.serve_with` setting
+SERVE_WITH = ("fast", "vllm")  # values of the `search.serve_with` setting (vllm: `compressed_tensors.check_vllm_servable`)
 
 
 def check_servable(bits: Sequence[int], group_size: int, in_features: Iterable[int], dtype: torch.dtype = torch.bfloat16) -> None:

@@ -1,0 +1,29 @@
+"""`experiment=vllm`: a search whose exported checkpoints vLLM's kernels serve whole (by its source:
+amq does not run vLLM), on the real SmolLM2 with the smoke budget. HQQ stands in for the preset's
+GPTQ (same export path, no calibration pass); the refusals are in tests/test_bad_inputs.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import SMOKE, search_in_process
+
+
+@pytest.mark.slow
+def test_the_vllm_preset_exports_every_layer_bit_packed_with_a_vllm_kernel(tmp_path):
+    overrides = [o for o in SMOKE if o != "finalize.enabled=false"]
+    overrides += ["experiment=vllm", "finalizer=hqq", "finalize.targets=[5.0]", "finalize.baselines=false", "finalize.extra_front_points=0"]
+    overrides += ["finalize.window=256", "finalize.max_windows=1"]
+    summary, _ = search_in_process(overrides, tmp_path / "run")
+    (run,) = [p for p in (tmp_path / "run").rglob("summary.json")]
+    model = run.parent / "models" / "5"
+    bits = json.loads((model / "bit_config.json").read_text())["bits"]
+    assert set(bits.values()) <= {4, 8} and len(set(bits.values())) == 2  # a real mix of the two widths
+    for block in {n.rsplit(".", 2)[0] for n in bits}:  # model.layers.<i>: the sets vLLM fuses share one width
+        for siblings in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            assert len({bits[f"{block}.{s}"] for s in siblings}) == 1, (block, siblings)
+    groups = json.loads((model / "compressed-tensors" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert {g["format"] for g in groups.values()} == {"pack-quantized"}, groups
+    card = (model / "README.md").read_text()
+    assert "every group has a kernel" in card and "vllm serve" in card
