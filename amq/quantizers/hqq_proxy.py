@@ -1,7 +1,9 @@
 """HQQ (half-quadratic quantization) as pure tensor functions, through the `hqq` package.
 
 Calibration-free and fast, so quantizing every linear at every candidate bit width up front is
-cheap; the search then only swaps weights in.
+cheap; the search then only swaps weights in. `integer_zero` moves each group's optimised zero point
+to a whole code (the better of its two neighbours) and chooses the codes again: the grid a bit-packed
+checkpoint holds, so a search with it ranks the configurations that such a checkpoint ships.
 """
 
 from __future__ import annotations
@@ -25,14 +27,18 @@ class HQQQuantizer:
     axis: int = 1
     optimize: bool = True
     storage: str = "dequantized"  # how the proxy bank keeps results in memory (not a quantization setting)
+    integer_zero: bool = False
     name: str = "hqq"
 
     def settings(self) -> dict[str, Any]:
-        """What determines the quantized values (the proxy cache key)."""
+        """What determines the quantized values (the proxy cache key; `integer_zero` only when on, so
+        the keys of caches written before it existed still match)."""
         import hqq
 
         s = asdict(self)
         s.pop("storage")
+        if not self.integer_zero:
+            s.pop("integer_zero")
         return {**s, "hqq_version": getattr(hqq, "__version__", "unknown")}
 
     def validate(self, bits: Iterable[int], linears: Iterable[LinearInfo]) -> None:
@@ -63,10 +69,15 @@ class HQQQuantizer:
             group_size=self.group_size,
             axis=self.axis,
             optimize=self.optimize,
-            bitpack=bitpack,
+            bitpack=bitpack and not self.integer_zero,
             compute_dtype=torch.float32,
             device=str(weight.device),
         )
+        if self.integer_zero:
+            w_q = _whole_zero_points(weight, meta, nbits)
+            if bitpack:
+                meta["packing"] = Quantizer.bit_to_packing[nbits]
+                w_q = Quantizer.pack[meta["packing"]](w_q)
         return w_q, meta
 
     @staticmethod
@@ -84,6 +95,20 @@ class HQQQuantizer:
         rows = meta["group_size"] if meta["axis"] == 0 else out.numel() // meta["group_size"]  # 3-bit packing pads rows
         codes = Quantizer.unpack[meta["packing"]](w_q, dtype=meta["scale"].dtype)[:rows]
         out.copy_(((codes - meta["zero"]) * meta["scale"]).view(out.shape))
+
+
+def _whole_zero_points(weight: torch.Tensor, meta: dict, nbits: int) -> torch.Tensor:
+    """Move HQQ's zero points (in `meta`, in place) to whole codes and return the codes chosen again,
+    in HQQ's unpacked layout (one row per group for axis 1, one column per group for axis 0)."""
+    from amq.quantizers.grid import nearest_integer_zero, to_codes
+
+    g, axis = meta["group_size"], meta["axis"]
+    w = weight.float().reshape(-1, g) if axis == 1 else weight.float().reshape(g, -1).T  # one row per group
+    scale, zero = meta["scale"].reshape(-1), meta["zero"].reshape(-1)
+    whole = nearest_integer_zero(w, scale, zero, nbits)
+    codes = to_codes(w, scale, whole, nbits)
+    meta["zero"] = whole.reshape(meta["zero"].shape)
+    return (codes if axis == 1 else codes.T).contiguous()
 
 
 def _divisors_hint(linears: Iterable[LinearInfo], axis: int) -> str:

@@ -73,6 +73,7 @@ ADDED_LATER: dict[str, Any] = {
     "search.shrink_table": False,
     "metric.trim": 0.0,
     "finalizer.integer_zero": False,
+    "quantizer.integer_zero": False,
 }
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 VALID_DIR = "the directory of an unfinished amq-search run (outputs/search/runs/<time>), or auto"
