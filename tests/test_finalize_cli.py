@@ -65,27 +65,6 @@ def test_gptq_finalizes_a_finished_run_into_its_own_directory(run_copy, tmp_path
     check_finalized(Finalized(run_copy, out, proc, before), "4.25", tmp_path)
 
 
-@pytest.mark.slow
-def test_integer_zero_points_give_a_bit_packed_checkpoint_from_a_finished_run(run_copy, tmp_path):
-    """`finalizer.integer_zero=true`, later, on a finished run: every compressed-tensors group is
-    bit-packed (`pack-quantized`, what vLLM reads) and plain transformers reproduces eval.json;
-    the model card no longer speaks of naive groups, and says which widths vLLM lacks."""
-    before = tree_digest(run_copy)
-    args = ["finalizer=hqq", "finalizer.integer_zero=true", "finalize.targets=[4.25]", "finalize.baselines=false", "finalize.extra_front_points=0"]
-    proc = run_module("cli.finalize", [str(run_copy), *args, "finalize.window=256", "finalize.max_windows=1", "num_threads=2"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (out,) = list((run_copy / "finalized").iterdir())
-    check_finalized(Finalized(run_copy, out, proc, before), "4.25", tmp_path)
-    model = out / "models" / "4.25"
-    groups = json.loads((model / "compressed-tensors" / "config.json").read_text())["quantization_config"]["config_groups"]
-    assert groups and {g["format"] for g in groups.values()} == {"pack-quantized"}, groups
-    assert json.loads((model / "amq_quant.json").read_text())["quantizer"]["integer_zero"] is True
-    card = (model / "README.md").read_text()
-    assert "naive-quantized" not in card and "Marlin" in card
-    if any(g["weights"]["num_bits"] not in (4, 8) for g in groups.values()):
-        assert "search.bits=[4,8]" in card
-
-
 @pytest.mark.parametrize(
     "args,setting",
     [

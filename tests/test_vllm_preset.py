@@ -1,6 +1,7 @@
 """`experiment=vllm`: a search whose exported checkpoints vLLM's kernels serve whole (by its source:
 amq does not run vLLM), on the real SmolLM2 with the smoke budget. HQQ stands in for the preset's
-GPTQ (same export path, no calibration pass); the refusals are in tests/test_bad_inputs.py."""
+GPTQ (same export path, no calibration pass); the refusals are in tests/test_bad_inputs.py, the
+finalizers' integer zero points in tests/test_finalize_quantizers.py."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import json
 
 import pytest
 from conftest import SMOKE, search_in_process
+from test_finalize import check_plain_transformers_reproduces
 
 
 @pytest.mark.slow
 def test_the_vllm_preset_exports_every_layer_bit_packed_with_a_vllm_kernel(tmp_path):
     overrides = [o for o in SMOKE if o != "finalize.enabled=false"]
     overrides += ["experiment=vllm", "finalizer=hqq", "finalize.targets=[5.0]", "finalize.baselines=false", "finalize.extra_front_points=0"]
-    overrides += ["finalize.window=256", "finalize.max_windows=1"]
+    overrides += ["finalize.window=256", "finalize.max_windows=1", "quantizer.optimize=false"]  # HQQ without its zero-point iterations: seconds less
     summary, _ = search_in_process(overrides, tmp_path / "run")
     (run,) = [p for p in (tmp_path / "run").rglob("summary.json")]
     model = run.parent / "models" / "5"
@@ -25,5 +27,7 @@ def test_the_vllm_preset_exports_every_layer_bit_packed_with_a_vllm_kernel(tmp_p
             assert len({bits[f"{block}.{s}"] for s in siblings}) == 1, (block, siblings)
     groups = json.loads((model / "compressed-tensors" / "config.json").read_text())["quantization_config"]["config_groups"]
     assert {g["format"] for g in groups.values()} == {"pack-quantized"}, groups
+    assert json.loads((model / "amq_quant.json").read_text())["quantizer"]["integer_zero"] is True
     card = (model / "README.md").read_text()
-    assert "every group has a kernel" in card and "vllm serve" in card
+    assert "every group has a kernel" in card and "vllm serve" in card and "naive-quantized" not in card
+    check_plain_transformers_reproduces(run.parent, ["5"], tmp_path)  # bit-packed, and still eval.json's perplexity

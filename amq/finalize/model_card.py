@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any
+from typing import Any, Mapping
 
 from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META, BitConfig
 
@@ -62,11 +62,11 @@ def render(info: dict[str, Any], config: BitConfig, evaluation: dict | None) -> 
         "Plain transformers refuses this directory (its weights are in `amq_packed.safetensors`, a format only amq reads) rather than load random weights.",
         "",
     ]
-    lines += _standard_formats(info)
+    lines += _standard_formats(info, _split_siblings(config.bits))
     return "\n".join(lines)
 
 
-def _standard_formats(info: dict[str, Any]) -> list[str]:
+def _standard_formats(info: dict[str, Any], split: list[str]) -> list[str]:
     """The compressed-tensors checkpoint next to amq's own: how to load it, which groups vLLM serves."""
     lines: list[str] = []
     for fmt, r in (info.get("formats") or {}).items():
@@ -87,15 +87,29 @@ def _standard_formats(info: dict[str, Any]) -> list[str]:
         ]
         for name, g in r["groups"].items():
             lines.append(f"| {name} | {g['bits']} | {g['format']} | {g['layers']} | {g['vllm_kernel'] or 'none: not servable by vLLM'} |")
-        lines += ["", _vllm_note(r["groups"], f"{info['dir_name']}/{fmt}"), ""]
+        lines += ["", _vllm_note(r["groups"], f"{info['dir_name']}/{fmt}", split), ""]
     return lines
 
 
-def _vllm_note(groups: dict, path: str) -> str:
+def _split_siblings(bits: Mapping[str, int | None]) -> list[str]:
+    """Modules whose sibling projections (`amq.runtime.fuse.SIBLINGS`: q/k/v, gate/up, the sets
+    vLLM fuses into one layer, which must have one scheme) hold different widths."""
+    from amq.runtime.fuse import SIBLINGS
+
+    split = []
+    for name in bits:
+        parent, _, child = name.rpartition(".")
+        for group in SIBLINGS:
+            if child == group[0] and len({bits.get(f"{parent}.{c}") for c in group if f"{parent}.{c}" in bits}) > 1:
+                split.append(parent)
+    return split
+
+
+def _vllm_note(groups: dict, path: str, split: list[str]) -> str:
     """Whether vLLM serves the checkpoint whole, and what would make it do so."""
-    if all(g["vllm_kernel"] for g in groups.values()):
-        return f"`vllm serve {path}` serves it: every group has a kernel."
-    note = "vLLM serves only the groups with a kernel above, so it cannot serve this model whole; transformers runs all of it."
+    if all(g["vllm_kernel"] for g in groups.values()) and not split:
+        return f"`vllm serve {path}` serves it: every group has a kernel, and the projections vLLM fuses share a width."
+    note = "vLLM cannot serve this model whole; transformers runs all of it."
     if any(g["format"] == "naive-quantized" for g in groups.values()):
         note += (
             " `naive-quantized` groups keep one byte per weight: their zero points are fractional (HQQ's optimised zeros, the min-max"
@@ -103,5 +117,10 @@ def _vllm_note(groups: dict, path: str) -> str:
             " layer packs (`amq-finalize <run> finalizer.integer_zero=true` does it from the finished run)."
         )
     if any(g["format"] != "naive-quantized" and not g["vllm_kernel"] for g in groups.values()):
-        note += " vLLM's kernels take 4 bits at group 32/64/128 and 8 bits at group 64/128 (Hopper); `search.bits=[4,8]` keeps the search to those widths."
-    return note
+        note += " vLLM's kernels take 4 bits at group 32/64/128 and 8 bits at group 64/128 (Hopper GPUs); `search.bits=[4,8]` keeps the search to those widths."
+    if split:
+        note += (
+            f" vLLM fuses q/k/v and gate/up into one layer with one scheme, and {len(split)} of this model's sets mix widths (e.g. {split[0]});"
+            " `search=amq_fused` keeps each set at one width."
+        )
+    return note + " `experiment=vllm` sets up a search whose checkpoints vLLM serves whole."
