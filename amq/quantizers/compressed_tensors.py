@@ -54,7 +54,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from amq.errors import InvalidArgument
+from amq.errors import ConfigError, InvalidArgument
 from amq.io import replace_dir
 from amq.modeling.normalize import needs_linear_layers
 from amq.quantizers.export import load_quantized, packed_modules
@@ -295,8 +295,6 @@ def check_vllm_servable(bits: list[int], group_size: int, shared: bool, integer_
     serve whole: a width or group size its kernels lack (`vllm_kernel`), sibling projections free to
     take different widths (vLLM fuses q/k/v and gate/up into one layer, which must have one scheme),
     or fractional zero points (`naive-quantized` layers, which no vLLM kernel reads)."""
-    from amq.errors import ConfigError
-
     missing = [b for b in bits if vllm_kernel(b, PACKED, group_size) is None]
     if missing:
         raise InvalidArgument(
