@@ -17,7 +17,7 @@ def test_the_vllm_preset_exports_every_layer_bit_packed_with_a_vllm_kernel(tmp_p
     overrides = [o for o in SMOKE if o != "finalize.enabled=false"]
     overrides += ["experiment=vllm", "finalizer=hqq", "finalize.targets=[5.0]", "finalize.baselines=false", "finalize.extra_front_points=0"]
     overrides += ["finalize.window=256", "finalize.max_windows=1", "quantizer.optimize=false"]  # HQQ without its zero-point iterations: seconds less
-    summary, _ = search_in_process(overrides, tmp_path / "run")
+    search_in_process(overrides, tmp_path / "run")
     (run,) = [p for p in (tmp_path / "run").rglob("summary.json")]
     model = run.parent / "models" / "5"
     bits = json.loads((model / "bit_config.json").read_text())["bits"]

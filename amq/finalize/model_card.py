@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any, Mapping
 
 from amq.bits import CONVENTION_WEIGHTS_ONLY, CONVENTION_WITH_META, BitConfig
+from amq.quantizers.compressed_tensors import vllm_widths
 
 
 def _mb(n: int) -> str:
@@ -117,7 +118,7 @@ def _vllm_note(groups: dict, path: str, split: list[str]) -> str:
             " layer packs (`amq-finalize <run> finalizer.integer_zero=true` does it from the finished run)."
         )
     if any(g["format"] != "naive-quantized" and not g["vllm_kernel"] for g in groups.values()):
-        note += " vLLM's kernels take 4 bits at group 32/64/128 and 8 bits at group 64/128 (Hopper GPUs); `search.bits=[4,8]` keeps the search to those widths."
+        note += f" vLLM's kernels take {vllm_widths()}; `search.bits=[4,8]` keeps the search to those widths."
     if split:
         note += (
             f" vLLM fuses q/k/v and gate/up into one layer with one scheme, and {len(split)} of this model's sets mix widths (e.g. {split[0]});"

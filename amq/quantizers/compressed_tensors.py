@@ -274,20 +274,24 @@ def export_compressed_tensors(amq_dir: str | Path, out_dir: str | Path, zero_poi
     return write_compressed_tensors(load_quantized(amq_dir), out_dir, amq_dir, zero_points)
 
 
-def vllm_kernel(bits: int, fmt: str, group_size: int) -> str | None:
-    """The vLLM kernel that serves an asymmetric weight-only group of this kind, None if none does.
+# vLLM's kernels for asymmetric weight-only `pack-quantized` groups, from its compressed-tensors WNA16
+# path (read, not run here): with zero points, Marlin takes 4 bits at group 32/64/128, and Machete
+# (Hopper GPUs such as H100/H200) 4 and 8 bits at group 64/128. `naive-quantized` layers have none.
+VLLM_KERNELS: dict[int, tuple[tuple[int, ...], str]] = {
+    4: ((32, 64, 128), "Marlin (any recent NVIDIA GPU) or Machete (Hopper)"),
+    8: ((64, 128), "Machete (Hopper only)"),
+}
 
-    From vLLM's compressed-tensors WNA16 path (read, not run here): only `pack-quantized` layers are
-    served; with zero points, Marlin takes 4-bit at group 32/64/128, and Machete (Hopper GPUs such
-    as H100/H200) 4- and 8-bit at group 64/128. `naive-quantized` weight-only layers have no kernel.
-    """
-    if fmt != PACKED:
-        return None
-    if bits == 4 and group_size in (32, 64, 128):
-        return "Marlin (any recent NVIDIA GPU) or Machete (Hopper)"
-    if bits == 8 and group_size in (64, 128):
-        return "Machete (Hopper only)"
-    return None
+
+def vllm_kernel(bits: int, fmt: str, group_size: int) -> str | None:
+    """The vLLM kernel that serves an asymmetric weight-only group of this kind, None if none does."""
+    groups, kernel = VLLM_KERNELS.get(bits, ((), None))
+    return kernel if fmt == PACKED and group_size in groups else None
+
+
+def vllm_widths() -> str:
+    """What vLLM's kernels take, for messages: '4 bits at group 32/64/128 and 8 bits at group 64/128 (Hopper GPUs)'."""
+    return " and ".join(f"{b} bits at group {'/'.join(map(str, g))}" for b, (g, _) in VLLM_KERNELS.items()) + " (Hopper GPUs)"
 
 
 def check_vllm_servable(bits: list[int], group_size: int, shared: bool, integer_zero: bool) -> None:
@@ -300,7 +304,7 @@ def check_vllm_servable(bits: list[int], group_size: int, shared: bool, integer_
         raise InvalidArgument(
             "bits",
             f"{missing[0]}-bit at group {group_size} has no vLLM kernel",
-            "widths 4 (group 32/64/128: Marlin) and 8 (group 64/128: Machete, Hopper GPUs)",
+            vllm_widths(),
         )
     if not shared:
         raise ConfigError(
