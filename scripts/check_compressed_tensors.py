@@ -33,7 +33,7 @@ from amq.config.compose import compose_config, load_model_and_data
 from amq.evaluation.perplexity import PerplexityProtocol, perplexity_windows
 from amq.quantizers.compressed_tensors import write_compressed_tensors
 from amq.quantizers.export import directory_bytes, load_quantized, write_model_dir
-from amq.quantizers.grid import grouped, minmax_grid, rtn_quant, to_codes
+from amq.quantizers.grid import GridForm, grouped, minmax_grid, rtn_quant, to_codes
 from amq.quantizers.hqq import HQQFinalizer
 from amq.quantizers.packed import GroupQuant, replace_linears
 
@@ -74,7 +74,7 @@ def score(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, torch.T
 
 def integer_zero_quant(w: torch.Tensor, bits: int, group_size: int) -> GroupQuant:
     g = grouped(w.float(), group_size)
-    scale, zero = minmax_grid(g, bits, dtype=w.dtype)
+    scale, zero = minmax_grid(g, bits, form=GridForm(w.dtype))
     zero = zero.round()
     codes = to_codes(g, scale, zero, bits).reshape(w.shape).to(torch.uint8)
     return GroupQuant(codes, scale.half(), zero.half(), bits, group_size)

@@ -21,7 +21,7 @@ from amq.quantizers.awq import AWQFinalizer  # noqa: E402
 from amq.quantizers.compressed_tensors import checkpoint, export_compressed_tensors  # noqa: E402
 from amq.quantizers.export import load_quantized, write_model_dir  # noqa: E402
 from amq.quantizers.folding import find_producers, fold_into_quantized_linears, folded_norm, norm_form, storable_scale  # noqa: E402
-from amq.quantizers.grid import grouped, minmax_grid, rtn_quant, to_codes  # noqa: E402
+from amq.quantizers.grid import GridForm, grouped, minmax_grid, rtn_quant, to_codes  # noqa: E402
 from amq.quantizers.hqq import HQQFinalizer  # noqa: E402
 from amq.quantizers.packed import GroupQuant, PackedLinear, replace_linears  # noqa: E402
 
@@ -70,7 +70,7 @@ def _tokenizer() -> PreTrainedTokenizerFast:
 def _integer_zero_quant(w: torch.Tensor, bits: int, group_size: int) -> GroupQuant:
     """amq's min-max grid with its zero point rounded to an integer (the GPTQ reference's grid)."""
     g = grouped(w.float(), group_size)
-    scale, zero = minmax_grid(g, bits, dtype=w.dtype)
+    scale, zero = minmax_grid(g, bits, form=GridForm(w.dtype))
     zero = zero.round()
     return GroupQuant(to_codes(g, scale, zero, bits).reshape(w.shape).to(torch.uint8), scale.half(), zero.half(), bits, group_size)
 

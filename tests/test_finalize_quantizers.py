@@ -17,6 +17,7 @@ from amq.quantizers.awq import output_error
 from amq.quantizers.calibration import InputStats, capture_block_calls
 from amq.quantizers.grid import (
     ClipSearch,
+    GridForm,
     from_codes,
     grouped,
     held_scale,
@@ -196,7 +197,7 @@ def test_integer_zero_grid_rounds_the_zero_before_the_weights():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, 8, 64, generator=g)
     for bits in (2, 3, 4, 8):
-        scale, zero = minmax_grid(w, bits, integer_zero=True)
+        scale, zero = minmax_grid(w, bits, form=GridForm(integer_zero=True))
         frac_scale, frac_zero = minmax_grid(w, bits)
         assert torch.equal(scale, frac_scale) and torch.equal(zero, zero.round())
         assert float((zero - frac_zero).abs().max()) <= 0.5 + 1e-3  # the nearest whole code (float16 rounding aside)

@@ -41,7 +41,7 @@ from amq.modeling.discovery import ModelLayout
 from amq.quantizers.calibration import InputStats, quantize_calibrated
 from amq.quantizers.checks import selected_linears
 from amq.quantizers.folding import Producer, find_producers, fold_into_quantized_linears, norm_form, norm_probe, storable_scale
-from amq.quantizers.grid import from_codes, grouped, round_to_nearest, search_shrink, shrink_ratios
+from amq.quantizers.grid import GridForm, from_codes, grouped, round_to_nearest, search_shrink, shrink_ratios
 from amq.quantizers.packed import GroupQuant
 
 log = logging.getLogger(__name__)
@@ -148,10 +148,10 @@ def awq_quantize_shared(
     The scale minimises their summed output error, each at its own width. `scaled=False` keeps
     s = 1 (no input scale): round-to-nearest with the clipping search only. `snap` maps each
     candidate scale to the nearest one the input's producer can absorb (`storable_scale`).
-    `integer_zero`: every grid's zero points are whole codes (`grid.minmax_grid`).
+    `integer_zero`: every grid's zero points are whole codes (`grid.GridForm`).
     """
     Ws = [w.detach().float() for w in weights]
-    dtype = weights[0].dtype  # what the model computes in: the grids are exact in it (`grid.held_scale`)
+    form = GridForm(weights[0].dtype, integer_zero)  # exact in what the model computes in (`grid.held_scale`)
     H = stats.hessian()
     best_s = None
     if scaled:
@@ -165,7 +165,7 @@ def awq_quantize_shared(
             s = s.half().float()  # exactly what the layer stores
             err = 0.0
             for W, b in zip(Ws, bits):
-                codes, scale, zero = round_to_nearest(W * s, b, group_size, dtype=dtype, integer_zero=integer_zero)
+                codes, scale, zero = round_to_nearest(W * s, b, group_size, form=form)
                 W_eff = from_codes(grouped(codes, group_size), scale, zero).reshape(W.shape) / s
                 err += output_error(W_eff - W, H)
             if err < best_err:
@@ -174,8 +174,8 @@ def awq_quantize_shared(
     for W, b in zip(Ws, bits):
         W_s = W * best_s if best_s is not None else W
         H_s = H / torch.outer(best_s, best_s) if best_s is not None else H
-        shrink = clip_ratios(W_s, H_s, b, group_size, n_grid, max_shrink, dtype, integer_zero) if clip else 1.0
-        codes, scale, zero = round_to_nearest(W_s, b, group_size, shrink, dtype, integer_zero)
+        shrink = clip_ratios(W_s, H_s, b, group_size, n_grid, max_shrink, form) if clip else 1.0
+        codes, scale, zero = round_to_nearest(W_s, b, group_size, shrink, form)
         input_scale = best_s.half() if best_s is not None else None
         out.append(GroupQuant(codes.to(torch.uint8), scale.half(), zero.half(), b, group_size, input_scale=input_scale))
     return out
@@ -188,8 +188,7 @@ def clip_ratios(
     group_size: int,
     n_grid: int,
     max_shrink: float,
-    dtype: torch.dtype = torch.float32,
-    integer_zero: bool = False,
+    form: GridForm = GridForm(),
 ) -> torch.Tensor:
     """Per (row, group) range shrink in [max_shrink, 1] minimising that group's output error.
 
@@ -202,4 +201,4 @@ def clip_ratios(
     def group_output_error(e: torch.Tensor) -> torch.Tensor:  # (C, out, groups, G) -> (C, out, groups)
         return (torch.einsum("...gi,gij->...gj", e, Hb) * e).sum(-1)
 
-    return search_shrink(grouped(W, group_size), bits, shrink_ratios(n_grid, max_shrink), group_output_error, dtype=dtype, integer_zero=integer_zero)
+    return search_shrink(grouped(W, group_size), bits, shrink_ratios(n_grid, max_shrink), group_output_error, form=form)

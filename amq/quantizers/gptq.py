@@ -37,7 +37,7 @@ from torch import nn
 from amq.errors import InvalidArgument
 from amq.modeling.discovery import ModelLayout
 from amq.quantizers.calibration import InputStats, quantize_calibrated
-from amq.quantizers.grid import ClipSearch, minmax_grid
+from amq.quantizers.grid import ClipSearch, GridForm, minmax_grid
 from amq.quantizers.packed import GroupQuant
 
 
@@ -119,10 +119,10 @@ def gptq_quantize(
     GPTQ treats every output row independently under the same H, so linears sharing an input
     (q/k/v, gate/up) are stacked and solved in one pass, each row with its own layer's width.
     A group's grid is plain min-max, or the range `clip` finds (weighting each column's error by
-    1 / [H_F^-1]_jj with `clip_weighted`); `integer_zero` as `grid.minmax_grid`.
+    1 / [H_F^-1]_jj with `clip_weighted`); `integer_zero`: whole-code zero points (`grid.GridForm`).
     """
     rows = [w.shape[0] for w in weights]
-    dtype = weights[0].dtype  # what the model computes in: the grids are exact in it (`grid.held_scale`)
+    form = GridForm(weights[0].dtype, integer_zero)  # exact in what the model computes in (`grid.held_scale`)
     W = torch.cat([w.detach().float() for w in weights]).clone()
     out_f, in_f = W.shape
     row_bits = torch.cat([torch.full((r,), b, device=W.device) for r, b in zip(rows, bits)])
@@ -151,10 +151,10 @@ def gptq_quantize(
             if not ready[g]:  # the weights as updated so far (the reference's timing)
                 members = position[g * group_size : (g + 1) * group_size]
                 if clip is None:
-                    scale[:, g], zero[:, g] = minmax_grid(W[:, members], row_bits, dtype=dtype, integer_zero=integer_zero)
+                    scale[:, g], zero[:, g] = minmax_grid(W[:, members], row_bits, form=form)
                 else:
                     loss_per_error = Hinv.diagonal()[members].pow(-2) if clip_weighted else None
-                    scale[:, g], zero[:, g] = clip.grid(W[:, members], row_bits, loss_per_error, dtype, integer_zero)
+                    scale[:, g], zero[:, g] = clip.grid(W[:, members], row_bits, loss_per_error, form)
                 ready[g] = True
         cols = torch.tensor(group_of[i1:i2], device=W.device)
         S1, Z1 = scale[:, cols], zero[:, cols]

@@ -62,22 +62,32 @@ def held_zero(zero: torch.Tensor, bits: int | torch.Tensor, dtype: torch.dtype =
     return zero.half().float()
 
 
+@dataclass(frozen=True)
+class GridForm:
+    """What a grid's scale and zero must hold besides the range: exact values in `dtype`, the dtype
+    the model computes in (`held_scale`, `held_zero`), and with `integer_zero` whole-code zero
+    points in [0, 2^bits - 1] (what `pack-quantized` checkpoints store). One value, so the searches
+    that lay many grids pass it along unchanged."""
+
+    dtype: torch.dtype = torch.float32
+    integer_zero: bool = False
+
+
 def minmax_grid(
-    w: torch.Tensor, bits: int | torch.Tensor, shrink: torch.Tensor | float = 1.0, dtype: torch.dtype = torch.float32, integer_zero: bool = False
+    w: torch.Tensor, bits: int | torch.Tensor, shrink: torch.Tensor | float = 1.0, form: GridForm = GridForm()
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) per row of `w` (..., G), float32 values that are exact in float16 (and `held_*` in `dtype`).
+    """(scale, zero) per row of `w` (..., G), float32 values that are exact in float16 and of the grid's `form`.
 
     `shrink` (broadcast against the rows) narrows the range before the grid is laid, for clipping
-    searches; 1.0 is plain min-max. `bits` may be a tensor of one width per row. `dtype` is the
-    dtype the model computes in. `integer_zero`: zero points rounded to whole codes in [0, 2^bits - 1].
+    searches; 1.0 is plain min-max. `bits` may be a tensor of one width per row.
     """
     maxq = 2**bits - 1
     lo = (w.amin(dim=-1) * shrink).clamp(max=0)
     hi = (w.amax(dim=-1) * shrink).clamp(min=0)
-    scale = held_scale(((hi - lo) / maxq).clamp(min=MIN_SCALE), dtype)
-    if integer_zero:  # whole codes are exact in every dtype a model computes in (<= 256)
+    scale = held_scale(((hi - lo) / maxq).clamp(min=MIN_SCALE), form.dtype)
+    if form.integer_zero:  # whole codes are exact in every dtype a model computes in (<= 256)
         return scale, torch.minimum(torch.round(-lo / scale).clamp_(min=0), torch.as_tensor(maxq, dtype=scale.dtype, device=scale.device))
-    zero = held_zero(-lo / scale, bits, dtype)
+    zero = held_zero(-lo / scale, bits, form.dtype)
     return scale, zero
 
 
@@ -116,14 +126,14 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def round_to_nearest(
-    w: torch.Tensor, bits: int, group_size: int, shrink: torch.Tensor | float = 1.0, dtype: torch.dtype | None = None, integer_zero: bool = False
+    w: torch.Tensor, bits: int, group_size: int, shrink: torch.Tensor | float = 1.0, form: GridForm | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest on the min-max grid: (float codes, scale, zero) of an (out, in) weight.
 
-    `dtype`: what the model computes in (`minmax_grid`); by default the weight's own dtype.
+    `form`: the grid's (`GridForm`); by default exact in the weight's own dtype.
     """
     g = grouped(w.float(), group_size)
-    scale, zero = minmax_grid(g, bits, shrink, w.dtype if dtype is None else dtype, integer_zero)
+    scale, zero = minmax_grid(g, bits, shrink, GridForm(w.dtype) if form is None else form)
     return to_codes(g, scale, zero, bits).reshape(w.shape), scale, zero
 
 
@@ -150,8 +160,7 @@ def search_shrink(
     ratios: torch.Tensor,
     error: Callable[[torch.Tensor], torch.Tensor],
     max_elements: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    integer_zero: bool = False,
+    form: GridForm = GridForm(),
 ) -> torch.Tensor:
     """Per row of `w` (..., G), the range factor among `ratios` whose grid rounds the row with the least `error`.
 
@@ -159,7 +168,7 @@ def search_shrink(
     scored together, `max_elements` weight copies at a time (at least one candidate; by default
     `CPU_CHUNK` or `GPU_CHUNK` after the device of `w`). Ties keep the earlier candidate, so with
     `ratios[0] == 1.0` a row is clipped only where that strictly lowers its error, and the search
-    never does worse than plain min-max. `dtype`, `integer_zero`: the grid's form (`minmax_grid`).
+    never does worse than plain min-max. `form`: the grids' (`GridForm`).
     """
     ratios = ratios.to(device=w.device, dtype=w.dtype)
     rows = w.shape[:-1]
@@ -169,7 +178,7 @@ def search_shrink(
     best = torch.ones(rows, device=w.device, dtype=w.dtype)
     for c0 in range(0, len(ratios), chunk):
         r = ratios[c0 : c0 + chunk].view(-1, *([1] * len(rows)))  # (C, 1, ...) against the rows
-        scale, zero = minmax_grid(w, bits, r, dtype, integer_zero)  # (C, ...)
+        scale, zero = minmax_grid(w, bits, r, form)  # (C, ...)
         err = error(from_codes(to_codes(w, scale, zero, bits), scale, zero, inplace=True).sub_(w))
         err, i = err.min(dim=0)  # the first minimum among this chunk's candidates
         better = err < best_err
@@ -196,10 +205,9 @@ class ClipSearch:
         w: torch.Tensor,
         bits: int | torch.Tensor,
         col_weight: torch.Tensor | None = None,
-        dtype: torch.dtype = torch.float32,
-        integer_zero: bool = False,
+        form: GridForm = GridForm(),
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero) per row of `w` (..., G); `col_weight` (G,) scales each column's error; `dtype`, `integer_zero` as `minmax_grid`."""
+        """(scale, zero) per row of `w` (..., G) of the grid's `form`; `col_weight` (G,) scales each column's error."""
         error = partial(lp_error, p=self.norm, weight=col_weight)
-        shrink = search_shrink(w, bits, shrink_ratios(self.n_grid, self.max_shrink), error, dtype=dtype, integer_zero=integer_zero)
-        return minmax_grid(w, bits, shrink, dtype, integer_zero)
+        shrink = search_shrink(w, bits, shrink_ratios(self.n_grid, self.max_shrink), error, form=form)
+        return minmax_grid(w, bits, shrink, form)
