@@ -1,5 +1,6 @@
 """llama.cpp plans: GGUF names for every family llama.cpp names alike, types each tensor's row
-length allows, and the script's refusals (exit 2, one line, nothing written). Fast: no build.
+length allows, and the refusals of the script and of `amq-export --format gguf` (exit 2, one line,
+nothing written). Fast: no build.
 
 The tests that need the built tools (`heavy`) convert tiny random models with llama.cpp's own
 converter and quantize them with the plan; they skip when no build is cached.
@@ -25,7 +26,7 @@ from amq.llamacpp import gguf_plan
 from amq.llamacpp.build import DEFAULT_VERSION, locate
 from amq.modeling.discovery import discover_layout
 from amq.quantizers import llamacpp
-from amq.quantizers.export import BITCONFIG_FILE
+from amq.quantizers.export import BITCONFIG_FILE, read_bit_config
 from tests.conftest import load_script, main_in_process
 
 # hidden 576 as SmolLM2 (rows of q/k/v/gate/up not a multiple of 256), ffn 512 (down_proj's rows are)
@@ -114,15 +115,28 @@ def _model_dir(tmp_path: Path, config, bits: dict[str, int] | None = None) -> Pa
     return d
 
 
-def _run(args: list[str], monkeypatch, capfd) -> subprocess.CompletedProcess:
-    """scripts/llama_cpp.py's main in this process: the exit status and stderr a new process gives,
-    without its seconds of imports."""
-    return main_in_process("llama_cpp.py", load_script("llama_cpp.py", monkeypatch).main, args, capfd)
+SCRIPT, EXPORT = "llama_cpp.py", "amq-export --format gguf"
 
 
-def _refused(args: list[str], tmp_path: Path, monkeypatch, capfd, *needles: str) -> None:
+@pytest.fixture(params=[SCRIPT, EXPORT])
+def command(request) -> str:
+    """Both commands that take amq's plans to llama.cpp refuse the same inputs the same way."""
+    return request.param
+
+
+def _run(args: list[str], monkeypatch, capfd, command: str = SCRIPT) -> subprocess.CompletedProcess:
+    """The command's main in this process: the exit status and stderr a new process gives, without
+    its seconds of imports."""
+    if command == SCRIPT:
+        return main_in_process(SCRIPT, load_script("llama_cpp.py", monkeypatch).main, args, capfd)
+    from amq.cli import export
+
+    return main_in_process(EXPORT, lambda argv: export.main([*argv, "--format", "gguf"]), args, capfd)
+
+
+def _refused(args: list[str], tmp_path: Path, monkeypatch, capfd, *needles: str, command: str = SCRIPT) -> None:
     before = sorted(p for p in tmp_path.rglob("*"))
-    proc = _run(args, monkeypatch, capfd)
+    proc = _run(args, monkeypatch, capfd, command)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and "[ERROR]" in lines[0], proc.stderr[-2000:]
@@ -131,25 +145,30 @@ def _refused(args: list[str], tmp_path: Path, monkeypatch, capfd, *needles: str)
     assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written
 
 
-def test_refuses_a_missing_directory(tmp_path, monkeypatch, capfd):
-    _refused([str(tmp_path / "nowhere")], tmp_path, monkeypatch, capfd, "path:", "is not a directory", "valid:")
+def test_refuses_a_missing_directory(command, tmp_path, monkeypatch, capfd):
+    _refused([str(tmp_path / "nowhere")], tmp_path, monkeypatch, capfd, "path:", "is not a directory", "valid:", command=command)
 
 
-def test_refuses_a_directory_without_a_bit_configuration(tmp_path, monkeypatch, capfd):
-    _refused([str(tmp_path)], tmp_path, monkeypatch, capfd, "path:", "bit_config.json")
+def test_refuses_a_directory_without_a_bit_configuration(command, tmp_path, monkeypatch, capfd):
+    _refused([str(tmp_path)], tmp_path, monkeypatch, capfd, "path:", "bit_config.json", command=command)
 
 
-def test_refuses_an_architecture_llama_cpp_names_otherwise(tmp_path, monkeypatch, capfd):
+def test_refuses_an_architecture_llama_cpp_names_otherwise(command, tmp_path, monkeypatch, capfd):
     opt = OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64)
     d = _model_dir(tmp_path, opt)
-    _refused([str(d)], tmp_path, monkeypatch, capfd, "model:", "'opt'", "llama", "gemma3")
+    _refused([str(d)], tmp_path, monkeypatch, capfd, "model:", "'opt'", "llama", "gemma3", command=command)
 
 
-def test_refuses_a_width_without_a_ggml_type(tmp_path, monkeypatch, capfd):
+def test_refuses_a_width_without_a_ggml_type(command, tmp_path, monkeypatch, capfd):
     names = discover_layout(_tiny(CONFIGS["llama"])).names
     d = _model_dir(tmp_path, CONFIGS["llama"], {n: 7 if i == 0 else 4 for i, n in enumerate(names)})
-    _refused([str(tmp_path)], tmp_path, monkeypatch, capfd, "bits", "7-bit has no llama.cpp type", "2, 3, 4, 5, 6, 8")
+    _refused([str(tmp_path)], tmp_path, monkeypatch, capfd, "bits", "7-bit has no llama.cpp type", "2, 3, 4, 5, 6, 8", command=command)
     assert d.is_dir()
+
+
+def test_export_refuses_an_unknown_base_mix(tmp_path, monkeypatch, capfd):
+    d = _model_dir(tmp_path, CONFIGS["llama"])
+    _refused([str(d), "--base-mix", "Q9_K"], tmp_path, monkeypatch, capfd, "--base-mix", "Q9_K", "Q4_K_M", command=EXPORT)
 
 
 def test_refuses_an_unknown_mix(tmp_path, monkeypatch, capfd):
@@ -157,11 +176,13 @@ def test_refuses_an_unknown_mix(tmp_path, monkeypatch, capfd):
     _refused([str(d), "--mixes", "Q4_K_M,Q9_K"], tmp_path, monkeypatch, capfd, "--mixes", "Q9_K", "Q4_K_S")
 
 
-def test_refuses_a_missing_build_with_no_build(tmp_path, monkeypatch, capfd):
+def test_refuses_a_missing_build_with_no_build(command, tmp_path, monkeypatch, capfd):
     d = _model_dir(tmp_path, CONFIGS["gemma3"])
     cache = tmp_path / "cache"
     cache.mkdir()
-    _refused([str(d), "--no-build", "--cache-dir", str(cache)], tmp_path, monkeypatch, capfd, "--no-build", "is not built", "without --no-build")
+    _refused(
+        [str(d), "--no-build", "--cache-dir", str(cache)], tmp_path, monkeypatch, capfd, "--no-build", "is not built", "without --no-build", command=command
+    )
 
 
 def test_refuses_a_failing_build(tmp_path, monkeypatch, capfd):
@@ -277,3 +298,33 @@ def test_llama_cpp_names_and_writes_the_planned_types(family, tmp_path):
     assert {c.tensor: q.types[c.tensor] for c in choices} == {c.tensor: c.ggml_type for c in choices}
     assert not q.fallbacks
     assert q.file_bytes == (tmp_path / "amq.gguf").stat().st_size > 0
+
+
+@pytest.mark.heavy
+def test_export_writes_a_gguf_of_the_planned_types(tmp_path):
+    """`amq-export --format gguf` on a tiny Llama (SmolLM2's tokenizer): llama.cpp's converter, an
+    imatrix on the embedded calibration text, then llama-quantize with the plan; the file lands in
+    `<model dir>/gguf/` with every planned tensor in its planned type, and a second export replaces it."""
+    pytest.importorskip("sentencepiece")
+    lc, tok = _built(), _smollm2_tokenizer_dir()
+    if lc is None or tok is None:
+        pytest.skip("llama.cpp is not built (python scripts/llama_cpp.py builds it) or SmolLM2 is not converted yet")
+    from gguf import GGUFReader
+
+    from amq.cli import export
+
+    config = LlamaConfig(**{**SHAPES, "vocab_size": 49152})
+    src = tmp_path / "hf"
+    _tiny(config).to(torch.float32).save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok / name, src / name)
+    names = discover_layout(_tiny(config)).names
+    d = _model_dir(tmp_path, config, {n: (3, 4, 8)[i % 3] for i, n in enumerate(names)})
+    args = [str(d), "--format", "gguf", "--model", str(src), "--imatrix-chunks", "2", "--ctx", "128", "--cache-dir", str(lc.root.parents[1])]
+    assert export.main(args) == 0
+    (gguf,) = (d / "gguf").glob("*.gguf")
+    written = {t.name: t.tensor_type.name.lower() for t in GGUFReader(gguf).tensors}
+    planned = gguf_plan.tensor_types(read_bit_config(d), {t.name: int(t.shape[0]) for t in GGUFReader(gguf).tensors})
+    assert {t: written[t] for t in planned} == {t: ty.lower() for t, ty in planned.items()}  # GGUFReader's names: q3_k for q3_K
+    first = gguf.stat().st_mtime_ns
+    assert export.main([*args, "--base-mix", "Q8_0"]) == 0 and gguf.stat().st_mtime_ns != first

@@ -1,11 +1,18 @@
-"""`amq-export PATH [--format compressed-tensors] [--out DIR]`: standard checkpoints from models amq
-already exported, without searching or quantizing again.
+"""`amq-export PATH [--format compressed-tensors|gguf] [--out DIR]`: the checkpoints users deploy,
+from models amq already exported, without searching or quantizing again.
 
 PATH is a model directory (`<run>/models/<target>`, or one under `<run>/finalized/<time>/models/`)
 or a run directory (every model under its `models/`). Each model gets `<model dir>/<format>/`
-(or `--out`, for a single model), written atomically: a failure leaves no half-written folder.
-The finalize stage writes the same checkpoints itself (`finalize.formats`); this is for runs made
-before, or without them.
+(or `--out`, for a single model), written atomically: a failure leaves no half-written file.
+
+  compressed-tensors   what plain transformers (and vLLM, where its kernels take the widths) loads;
+                       the finalize stage writes it too (`finalize.formats`).
+  gguf                 llama.cpp: `<model dir>/gguf/<model>-amq-<target>.gguf`, the plan's per-tensor
+                       types quantized by llama.cpp's own llama-quantize with an importance matrix
+                       from the run's calibration text. Builds llama.cpp's tools on first use (about
+                       10 min on 2 cores, cached outside the repository; --no-build refuses instead)
+                       and needs `pip install -c constraints.txt -e '.[llamacpp]'`. The converted
+                       model and the imatrix stay in `<run>/llama_cpp/` for the next export.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ from amq.finalize.settings import FORMATS
 from amq.quantizers.export import QUANT_FILE
 
 log = logging.getLogger("amq.export")
+
+GGUF = "gguf"
+EXPORT_FORMATS = (*FORMATS, GGUF)
 
 
 def model_dirs(path: Path) -> list[Path]:
@@ -40,7 +50,7 @@ def export(path: Path, fmt: str, out: Path | None = None) -> list[Path]:
     from amq.quantizers.compressed_tensors import export_compressed_tensors
 
     if fmt not in FORMATS:
-        raise ConfigError("--format", f"unknown format {fmt!r}", ", ".join(FORMATS))
+        raise ConfigError("--format", f"unknown format {fmt!r}", ", ".join(EXPORT_FORMATS))
     dirs = model_dirs(path)
     if out is not None and len(dirs) > 1:
         raise ConfigError("--out", f"{path} holds {len(dirs)} models", "omit --out for a run directory")
@@ -55,17 +65,45 @@ def export(path: Path, fmt: str, out: Path | None = None) -> list[Path]:
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def export_gguf(path: Path, args: argparse.Namespace) -> list[Path]:
+    """GGUFs of the models under `path` (`amq.llamacpp.export`); every refusal comes before the build."""
+    from amq.llamacpp.cli_args import llama_cpp, tool_options
+    from amq.llamacpp.export import GgufSettings
+    from amq.llamacpp.export import export_gguf as write_ggufs
+    from amq.llamacpp.inputs import check_plans, load_inputs
+
+    settings = GgufSettings(args.base_mix.upper(), args.outtype, tool_options(args))
+    settings.check()
+    check_plans(path)
+    lc = llama_cpp(args)
+    return write_ggufs(load_inputs(path, args.model), lc, settings, args.out)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from amq.llamacpp.cli_args import add_tool_arguments
+    from amq.llamacpp.export import DEFAULT_BASE_MIX
+
+    doc = __doc__ or ""
     ap = argparse.ArgumentParser(
-        prog="amq-export", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="amq-export", description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("path", type=Path, help="an amq model directory or a run directory")
-    ap.add_argument("--format", default=FORMATS[0], help=f"one of: {', '.join(FORMATS)} (default {FORMATS[0]})")
+    ap.add_argument("--format", default=FORMATS[0], help=f"one of: {', '.join(EXPORT_FORMATS)} (default {FORMATS[0]})")
     ap.add_argument("--out", type=Path, default=None, help="where to write (a single model only; default <model dir>/<format>)")
-    args = ap.parse_args(argv)
+    gguf = ap.add_argument_group("gguf (llama.cpp)")
+    gguf.add_argument("--base-mix", default=DEFAULT_BASE_MIX, help=f"llama.cpp mix of the tensors outside the plan (default {DEFAULT_BASE_MIX})")
+    add_tool_arguments(gguf)
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", stream=sys.stderr)
     try:
-        export(args.path, args.format, args.out)
+        if args.format == GGUF:
+            export_gguf(args.path, args)
+        else:
+            export(args.path, args.format, args.out)
     except ConfigError as exc:
         log.error("%s", exc)
         return exc.exit_code

@@ -59,7 +59,11 @@ def render(info: dict[str, Any], config: BitConfig, evaluation: dict | None) -> 
         "tokenizer = transformers.AutoTokenizer.from_pretrained(path)",
         "```",
         "`bit_config.json` holds the bits of every linear by module name"
-        + ("; `llama_cpp_tensor_types.txt` the same as llama.cpp quantize types." if info.get("llama_cpp") else "."),
+        + (
+            "; `llama_cpp_tensor_types.txt` the same as llama.cpp quantize types (`amq-export <this directory> --format gguf` writes the GGUF in `gguf/`)."
+            if info.get("llama_cpp")
+            else "."
+        ),
         "Plain transformers refuses this directory (its weights are in `amq_packed.safetensors`, a format only amq reads) rather than load random weights.",
         "",
     ]

@@ -11,6 +11,7 @@ calibration and held-out splits.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 from amq.bits import BitConfig
 from amq.data.corpora import TextSplits
 from amq.errors import ConfigError
+from amq.llamacpp import gguf_plan
 from amq.quantizers.export import BITCONFIG_FILE, read_bit_config
 from amq.run.outputs import ARCHIVE_FILE, CONFIG_FILE
 
@@ -68,6 +70,29 @@ def read_plans(path: Path) -> list[Plan]:
         except (ValueError, KeyError) as exc:
             raise ConfigError("path", f"{d / BITCONFIG_FILE} is not an amq bit configuration ({exc})", "a file written by amq finalize") from None
     return plans
+
+
+def check_plans(path: Path) -> None:
+    """Refuse, before loading or building anything, bit configurations llama.cpp cannot hold and
+    models it names otherwise (each amq model directory keeps the model's config.json)."""
+    for p in read_plans(path):
+        config = p.source / "config.json"
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        try:
+            if model_type is not None:
+                gguf_plan.architecture(model_type)
+            gguf_plan.plan(p.config)
+        except ConfigError as exc:
+            setting = {"model_type": "model", "bit_config": "path"}.get(exc.setting, exc.setting)  # bits: a width in bit_config.json
+            raise ConfigError(setting, f"{p.source / 'bit_config.json' if setting != 'model' else p.source}: {exc.problem}", exc.valid) from None
+
+
+def require_architecture(inputs: "Inputs") -> str:
+    """llama.cpp's name for the loaded model's family, or a ConfigError naming the model."""
+    try:
+        return gguf_plan.architecture(inputs.model_type)
+    except ConfigError as exc:
+        raise ConfigError("model", f"{inputs.model_name}: {exc.problem}", exc.valid) from None
 
 
 def _target_key(d: Path) -> tuple[float, str]:

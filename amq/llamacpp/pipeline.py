@@ -97,6 +97,16 @@ def _pick_base_mix(planned: float, uniform: list[Row]) -> str:
     return min(uniform, key=lambda r: abs((r.bpw_linears or 0.0) - planned)).ftype
 
 
+def base_and_imatrix(lc: LlamaCpp, inputs: Inputs, out_dir: Path, outtype: str, opts: run.ToolOptions) -> tuple[Path, Path, str]:
+    """(the unquantized GGUF, its importance matrix on amq's calibration split, the imatrix's tag)
+    under `out_dir`, each made once: every later quantization of the model starts from these two."""
+    calib = out_dir / "text" / "calibration.txt"
+    atomic_write_text(calib, "\n\n".join(inputs.splits.calibration) + "\n")
+    base = run.convert(lc, inputs.model_dir, out_dir / "gguf" / f"{inputs.model_name}-{outtype}.gguf", outtype)
+    im_tag = _tag(opts, opts.imatrix_chunks)
+    return base, run.imatrix(lc, base, calib, out_dir / f"imatrix-{im_tag}.gguf", opts), im_tag
+
+
 def run_all(inputs: Inputs, lc: LlamaCpp, out_dir: Path, s: Settings) -> tuple[Path, Path]:
     """Every GGUF measured, the table written; returns (markdown, json)."""
     t0 = time.perf_counter()
@@ -104,17 +114,11 @@ def run_all(inputs: Inputs, lc: LlamaCpp, out_dir: Path, s: Settings) -> tuple[P
     if heldout not in inputs.splits.heldout:
         raise ConfigError("--heldout", heldout, ", ".join(inputs.splits.heldout))
     opts = s.tools
-    text_dir, gguf_dir = out_dir / "text", out_dir / "gguf"
-    calib = text_dir / "calibration.txt"
-    held = text_dir / f"heldout-{heldout}.txt"
-    atomic_write_text(calib, "\n\n".join(inputs.splits.calibration) + "\n")
+    held = out_dir / "text" / f"heldout-{heldout}.txt"
     atomic_write_text(held, "\n\n".join(inputs.splits.heldout[heldout]) + "\n")
-
-    base = run.convert(lc, inputs.model_dir, gguf_dir / f"{inputs.model_name}-{s.outtype}.gguf", s.outtype)
+    base, im, im_tag = base_and_imatrix(lc, inputs, out_dir, s.outtype, opts)
     rows_len, numels = gguf_shapes(base)
     total_weights = sum(numels.values())
-    im_tag = _tag(opts, opts.imatrix_chunks)
-    im = run.imatrix(lc, base, calib, out_dir / f"imatrix-{im_tag}.gguf", opts)
     ppl_tag = f"{heldout}-{_tag(opts, opts.chunks)}"
     logits = out_dir / "logits" / f"base-{ppl_tag}.kld"
     base_ppl = run.base_logits(lc, base, held, logits, opts)
@@ -122,7 +126,7 @@ def run_all(inputs: Inputs, lc: LlamaCpp, out_dir: Path, s: Settings) -> tuple[P
 
     for i, mix in enumerate(s.mixes, 1):
         log.info("uniform mix %d/%d: %s", i, len(s.mixes), mix)
-        path = gguf_dir / f"{inputs.model_name}-{mix}-im{im_tag}.gguf"
+        path = base.parent / f"{inputs.model_name}-{mix}-im{im_tag}.gguf"
         q = run.quantize(lc, base, path, mix, im, opts)
         rows.append(make_row(mix, "uniform", mix, q, path, total_weights, _kld(lc, path, logits, ppl_tag, opts)))
     uniform = [r for r in rows if r.kind == "uniform"]

@@ -164,11 +164,19 @@ def parse_quantize_log(text: str, path: Path) -> QuantizeResult:
 
 
 def quantize(
-    lc: LlamaCpp, model: Path, out: Path, ftype: str, imatrix_file: Path | None, opts: ToolOptions, tensor_types: Mapping[str, str] | None = None
+    lc: LlamaCpp,
+    model: Path,
+    out: Path,
+    ftype: str,
+    imatrix_file: Path | None,
+    opts: ToolOptions,
+    tensor_types: Mapping[str, str] | None = None,
+    reuse: bool = True,
 ) -> QuantizeResult:
-    """llama-quantize `model` to `ftype` (the type of every tensor not in `tensor_types`)."""
+    """llama-quantize `model` to `ftype` (the type of every tensor not in `tensor_types`); with
+    `reuse`, an `out` whose log is there is read back instead (the benchmark's names say what made it)."""
     log_path = out.with_suffix(".quantize.log")
-    if out.is_file() and log_path.is_file():
+    if reuse and out.is_file() and log_path.is_file():
         log.info("quantize: reusing %s", out)
         res = parse_quantize_log(log_path.read_text(encoding="utf-8"), out)
     else:
