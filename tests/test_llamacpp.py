@@ -176,6 +176,12 @@ def test_refuses_an_unknown_mix(tmp_path, monkeypatch, capfd):
     _refused([str(d), "--mixes", "Q4_K_M,Q9_K"], tmp_path, monkeypatch, capfd, "--mixes", "Q9_K", "Q4_K_S")
 
 
+def test_export_refuses_one_out_folder_for_several_models(tmp_path, monkeypatch, capfd):
+    d = _model_dir(tmp_path, CONFIGS["llama"])
+    shutil.copytree(d, d.with_name("4"))
+    _refused([str(tmp_path), "--out", str(tmp_path / "out")], tmp_path, monkeypatch, capfd, "--out", "2 models", command=EXPORT)
+
+
 def test_refuses_a_missing_build_with_no_build(command, tmp_path, monkeypatch, capfd):
     d = _model_dir(tmp_path, CONFIGS["gemma3"])
     cache = tmp_path / "cache"

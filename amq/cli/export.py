@@ -68,13 +68,14 @@ def export(path: Path, fmt: str, out: Path | None = None) -> list[Path]:
 def export_gguf(path: Path, args: argparse.Namespace) -> list[Path]:
     """GGUFs of the models under `path` (`amq.llamacpp.export`); every refusal comes before the build."""
     from amq.llamacpp.cli_args import llama_cpp, tool_options
-    from amq.llamacpp.export import GgufSettings
+    from amq.llamacpp.export import GgufSettings, check_out
     from amq.llamacpp.export import export_gguf as write_ggufs
-    from amq.llamacpp.inputs import check_plans, load_inputs
+    from amq.llamacpp.inputs import check_plans, load_inputs, read_plans
 
     settings = GgufSettings(args.base_mix.upper(), args.outtype, tool_options(args))
     settings.check()
     check_plans(path)
+    check_out(len(read_plans(path)), args.out)
     lc = llama_cpp(args)
     return write_ggufs(load_inputs(path, args.model), lc, settings, args.out)
 

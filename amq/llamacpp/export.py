@@ -46,6 +46,12 @@ class GgufSettings:
                 raise ConfigError(name, str(value), "a positive integer")
 
 
+def check_out(n_models: int, out: Path | None) -> None:
+    """`--out` names one model's folder: refused for several."""
+    if out is not None and n_models > 1:
+        raise ConfigError("--out", f"{n_models} models to export", "omit --out for a run directory")
+
+
 def gguf_name(model_name: str, plan: Plan) -> str:
     return f"{model_name}-amq-{plan.label}.gguf"
 
@@ -56,8 +62,7 @@ def export_gguf(inputs: Inputs, lc: LlamaCpp, settings: GgufSettings, out: Path 
     Each file is written under a temporary name and renamed once llama-quantize succeeded; a new
     export replaces an earlier one of the same model."""
     require_architecture(inputs)
-    if out is not None and len(inputs.plans) > 1:
-        raise ConfigError("--out", f"{len(inputs.plans)} models to export", "omit --out for a run directory")
+    check_out(len(inputs.plans), out)
     work = (inputs.run_dir or inputs.plans[0].source) / "llama_cpp"
     base, im, _ = base_and_imatrix(lc, inputs, work, settings.outtype, settings.tools)
     rows, numels = gguf_shapes(base)
