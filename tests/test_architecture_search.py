@@ -16,6 +16,8 @@ from amq.cli import evaluate
 
 GROUP = 64  # conf/space/random.yaml
 ONLY_AMQ_FORMAT = {"tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-gpt2"}  # no compressed-tensors checkpoint
+MOE = {"tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe"}
+LLAMA_CPP = {"tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3", *MOE}  # llama.cpp names their linears
 MATRIX = {  # preset -> finalizer (each calibrated method meets experts at least once)
     "tiny-llama": "hqq",
     "tiny-mistral": "awq",
@@ -43,6 +45,10 @@ def test_smoke_search_with_finalize_reloads_and_reproduces(arch: str, tmp_path: 
     model_dir = run / "models" / "4"
     assert (model_dir / "eval.json").is_file()
     assert (model_dir / "compressed-tensors").is_dir() == (arch not in ONLY_AMQ_FORMAT)
+    types = model_dir / "llama_cpp_tensor_types.txt"
+    assert types.is_file() == (arch in LLAMA_CPP)
+    if arch in MOE:  # a block's experts: one fused tensor per projection (search.expert_genes=projection)
+        assert "ffn_gate_exps" in types.read_text() and "experts" not in types.read_text()
     rows = json.loads((run / "evaluation.json").read_text())["rows"]
     for row in rows:
         if row["kind"] == "uniform":  # every searched weight at one width: that width plus scale/zero

@@ -61,14 +61,15 @@ def test_every_decoder_linear_gets_its_gguf_name_and_a_type_its_rows_allow(famil
     model = _tiny(CONFIGS[family])
     layout = discover_layout(model)
     assert gguf_plan.architecture(model.config.model_type)
-    rows = {gguf_plan.gguf_tensor_name(li.name): li.in_features for li in layout.linears}
+    rows = gguf_plan.row_lengths(layout.linears)
     config = _mixed(layout.names)
     choices = gguf_plan.plan(config, rows)
     assert len(choices) == len(layout.linears) == 14
     for c in choices:
-        block, role = re.match(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$", c.module).groups()
+        (module,) = c.modules
+        block, role = re.match(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$", module).groups()
         assert c.tensor == f"blk.{block}.{ROLE_OF[role]}.weight"
-        row = model.get_submodule(c.module).in_features
+        row = model.get_submodule(module).in_features
         assert c.row_length == row
         needed = 256 if c.ggml_type.endswith("_K") else 32
         assert row % needed == 0, (c, row)
@@ -274,7 +275,7 @@ def test_llama_cpp_names_every_family_as_the_plan_does(family):
     names = discover_layout(model).names
     arch = gguf_plan.architecture(model.config.model_type)
     proc = subprocess.run([sys.executable, "-c", _NAME_MAP, str(src / "gguf-py"), arch, "2", json.dumps(names)], capture_output=True, text=True, check=True)
-    assert json.loads(proc.stdout) == {n: gguf_plan.gguf_tensor_name(n) for n in names}
+    assert json.loads(proc.stdout) == {n: gguf_plan.gguf_tensor_names(n)[0] for n in names}
 
 
 @pytest.mark.heavy
@@ -334,3 +335,74 @@ def test_export_writes_a_gguf_of_the_planned_types(tmp_path):
     assert {t: written[t] for t in planned} == {t: ty.lower() for t, ty in planned.items()}  # GGUFReader's names: q3_k for q3_K
     first = gguf.stat().st_mtime_ns
     assert export.main([*args, "--base-mix", "Q8_0"]) == 0 and gguf.stat().st_mtime_ns != first
+
+
+# ------------------------------------------------------------------------------- mixture of experts
+def _moe(arch: str) -> torch.nn.Module:
+    from amq.modeling.experts import unfuse_experts
+    from amq.modeling.random_init import build_model
+
+    model = build_model(arch, "cpu", torch.float32, seed=0)
+    unfuse_experts(model)  # amq's experts: one nn.Linear per expert and projection, as the search sees them
+    return model
+
+
+@pytest.mark.parametrize("arch", ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe"])
+def test_experts_of_one_projection_are_one_gguf_tensor_at_their_one_width(arch):
+    """llama.cpp keeps a block's experts in one tensor per projection (ffn_gate_exps, ffn_up_exps,
+    ffn_down_exps): a plan with one width per projection (search.expert_genes=projection) maps onto
+    it, gate_up to two tensors; experts of one projection at two widths are refused, naming the way out."""
+    model = _moe(arch)
+    layout = discover_layout(model)
+    assert gguf_plan.architecture(model.config.model_type) in ("llama", "qwen2moe", "qwen3moe")
+    per_projection = {n: (4 if n.endswith("down_proj") else 3) if ".experts." in n else 8 for n in layout.names}
+    choices = gguf_plan.plan(BitConfig(per_projection, 64), gguf_plan.row_lengths(layout.linears))
+    by_tensor = {c.tensor: c for c in choices}
+    n_experts = model.config.num_experts if hasattr(model.config, "num_experts") else model.config.num_local_experts
+    for block in range(model.config.num_hidden_layers):
+        for role, bits, rows in (("gate", 3, model.config.hidden_size), ("up", 3, model.config.hidden_size), ("down", 4, None)):
+            c = by_tensor[f"blk.{block}.ffn_{role}_exps.weight"]
+            assert c.bits == bits and len(c.modules) == n_experts and all(".experts." in m for m in c.modules)
+            assert rows is None or c.row_length == rows
+    assert len(choices) == len(layout.names) - (2 * n_experts - 3) * model.config.num_hidden_layers  # 2E expert linears -> 3 tensors a block
+    if arch == "tiny-qwen2-moe":
+        assert by_tensor["blk.0.ffn_down_shexp.weight"].modules == ("model.layers.0.mlp.shared_expert.down_proj",)
+    mixed = dict(per_projection)
+    mixed[next(n for n in layout.names if n.endswith("experts.1.down_proj"))] = 8
+    with pytest.raises(InvalidArgument, match=r"ffn_down_exps.weight holds \d+ experts at 4/8 bits.*search.expert_genes=projection"):
+        gguf_plan.plan(BitConfig(mixed, 64))
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("arch", ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe"])
+def test_export_writes_a_mixture_of_experts_gguf_with_one_type_per_projection(arch, tmp_path):
+    """A tiny mixture-of-experts model through `amq-export --format gguf`: llama.cpp's converter
+    stacks each block's experts into ffn_gate_exps/ffn_up_exps/ffn_down_exps, and llama-quantize
+    writes the plan's width of each projection there."""
+    pytest.importorskip("sentencepiece")
+    lc, tok = _built(), _smollm2_tokenizer_dir()
+    if lc is None or tok is None:
+        pytest.skip("llama.cpp is not built (python scripts/llama_cpp.py builds it) or SmolLM2 is not converted yet")
+    from amq.cli import export
+    from amq.llamacpp import run
+    from amq.modeling.random_init import build_model
+
+    src = tmp_path / "hf"
+    build_model(arch, "cpu", torch.float32, seed=0, overrides={"vocab_size": 49152}).save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok / name, src / name)
+    names = discover_layout(_moe(arch)).names
+    bits = {n: (5 if n.endswith("down_proj") else 2) if ".experts." in n else 8 for n in names}  # each its own type at 64-wide rows
+    d = tmp_path / "models" / "4"
+    d.mkdir(parents=True)
+    shutil.copy(src / "config.json", d / "config.json")
+    (d / BITCONFIG_FILE).write_text(json.dumps(BitConfig(bits, 64).to_dict()))
+    args = [str(d), "--format", "gguf", "--model", str(src), "--imatrix-chunks", "2", "--ctx", "128", "--cache-dir", str(lc.root.parents[1])]
+    assert export.main(args) == 0
+    (gguf,) = (d / "gguf").glob("*.gguf")
+    written = run.parse_quantize_log(gguf.with_suffix(".quantize.log").read_text(), gguf).types  # the pip gguf reader predates q2_0
+    for block in (0, 1):
+        assert written[f"blk.{block}.ffn_gate_exps.weight"] == written[f"blk.{block}.ffn_up_exps.weight"] == "q2_0"
+        assert written[f"blk.{block}.ffn_down_exps.weight"] == "q5_0" and written[f"blk.{block}.attn_q.weight"] == "q8_0"
+        if arch == "tiny-qwen2-moe":  # the shared expert: a linear of its own, here at 8 bits
+            assert written[f"blk.{block}.ffn_down_shexp.weight"] == "q8_0"

@@ -233,9 +233,8 @@ class Finalizer:
         if getattr(self.lm.model.config, "model_type", None) not in llamacpp.LLAMA_CPP_ARCHITECTURES:
             return None
         # each tensor's row length (its input width) decides which ggml types it can take
-        rows = {llamacpp.gguf_tensor_name(li.name): li.in_features for li in self.layout.linears}
         try:
-            return llamacpp.tensor_types(config, {t: r for t, r in rows.items() if t is not None})
+            return llamacpp.tensor_types(config, llamacpp.row_lengths(self.layout.linears))
         except ValueError as exc:
             log.warning("no llama.cpp tensor types: %s", exc)
             return None

@@ -80,7 +80,7 @@ def export_gguf(inputs: Inputs, lc: LlamaCpp, settings: GgufSettings, out: Path 
         if differs:  # the plan chooses types each row allows, so this would be a llama.cpp that decided otherwise
             log.warning("%s: llama-quantize wrote %d planned tensors in another type, e.g. %s", path, len(differs), next(iter(differs.items())))
         log.info(
-            "%s: %s, %.1f MiB, %d linears at the plan's types (%.2f bits a linear weight), the rest as %s",
+            "%s: %s, %.1f MiB, %d tensors at the plan's types (%.2f bits a linear weight), the rest as %s",
             p.label, path, q.file_bytes / 2**20, len(choices), gguf_plan.planned_bpw(choices, numels), settings.base_mix,
         )  # fmt: skip
         written.append(path)

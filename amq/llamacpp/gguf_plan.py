@@ -4,7 +4,12 @@ Two facts shape the mapping:
 
 - Names. llama.cpp's converter names the decoder linears of the llama-like families the same way
   (`blk.N.attn_q/attn_k/attn_v/attn_output/ffn_gate/ffn_up/ffn_down.weight`); families that fuse
-  them (phi3's attn_qkv) or keep them elsewhere are refused rather than guessed.
+  them (phi3's attn_qkv) or keep them elsewhere are refused rather than guessed. In its
+  mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) a block's experts are one tensor per
+  projection (`ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`: one type for all experts), so a plan
+  gives those its experts' one width (amq's default `search.expert_genes=projection` searches
+  exactly that) and refuses experts of one projection at different widths; a shared expert is
+  `ffn_gate_shexp/ffn_up_shexp/ffn_down_shexp`.
 - Row lengths. K-quants (q2_K ... q6_K) work in super-blocks of 256 weights along a row, and a
   row is a linear's input width. SmolLM2 (hidden 576) and Gemma-3-270M (hidden 640) have many
   linears whose rows are not a multiple of 256; llama-quantize would silently swap in another type
@@ -20,17 +25,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from amq.bits import BitConfig
 from amq.errors import InvalidArgument
+from amq.modeling.discovery import LinearInfo
 
 # transformers model_type -> llama.cpp architecture whose decoder linears carry the names below
 ARCHITECTURES: dict[str, str] = {
     "llama": "llama",
     "mistral": "llama",  # converted as llama
+    "mixtral": "llama",  # llama with experts (ffn_*_exps)
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
     "gemma": "gemma",
     "gemma2": "gemma2",
     "gemma3": "gemma3",
@@ -44,7 +53,13 @@ ROLES: dict[str, str] = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
 }
+# an expert's linears (`mlp.experts.E.gate_up_proj`, amq's unfused experts) -> the block's fused tensors
+EXPERT_ROLES: dict[str, tuple[str, ...]] = {"gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"), "down_proj": ("ffn_down_exps",)}
+_EXPERT = re.compile(r"^mlp\.experts\.\d+\.(\w+)$")
 # `model.layers.3.mlp.down_proj`, also under a multimodal wrapper (`model.language_model.layers.3...`)
 _NAME = re.compile(r"^(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(\d+)\.(.+)$")
 
@@ -79,12 +94,22 @@ def architecture(model_type: str | None) -> str:
     return ARCHITECTURES[model_type]
 
 
-def gguf_tensor_name(module_name: str) -> str | None:
-    """`model.layers.3.mlp.down_proj` -> `blk.3.ffn_down.weight` (None when not a decoder linear)."""
+def gguf_tensor_names(module_name: str) -> tuple[str, ...]:
+    """The GGUF tensors a decoder linear's weights go to: `model.layers.3.mlp.down_proj` ->
+    (`blk.3.ffn_down.weight`,), an expert's `mlp.experts.5.gate_up_proj` -> (`blk.3.ffn_gate_exps.weight`,
+    `blk.3.ffn_up_exps.weight`); () when it is not a decoder linear llama.cpp names."""
     m = _NAME.match(module_name)
-    if not m or m.group(2) not in ROLES:
-        return None
-    return f"blk.{m.group(1)}.{ROLES[m.group(2)]}.weight"
+    if not m:
+        return ()
+    block, rest = m.groups()
+    expert = _EXPERT.match(rest)
+    roles = (ROLES[rest],) if rest in ROLES else EXPERT_ROLES.get(expert.group(1), ()) if expert else ()
+    return tuple(f"blk.{block}.{role}.weight" for role in roles)
+
+
+def row_lengths(linears: Iterable[LinearInfo]) -> dict[str, int]:
+    """GGUF tensor name -> row length (the input width) for the model's decoder linears, without converting it."""
+    return {tensor: li.in_features for li in linears for tensor in gguf_tensor_names(li.name)}
 
 
 def ggml_type(bits: int, row_length: int | None = None) -> str:
@@ -99,9 +124,10 @@ def ggml_type(bits: int, row_length: int | None = None) -> str:
 
 @dataclass(frozen=True)
 class TensorChoice:
-    """One decoder linear's planned type, and whether its row length forced a different one."""
+    """One GGUF tensor's planned type (the linear, or a block's experts of one projection, it holds),
+    and whether its row length forced a different one."""
 
-    module: str
+    modules: tuple[str, ...]
     tensor: str
     bits: int
     row_length: int | None
@@ -118,22 +144,35 @@ class TensorChoice:
 
 
 def plan(config: BitConfig, row_lengths: Mapping[str, int] | None = None) -> list[TensorChoice]:
-    """Every linear of the configuration with its type; `row_lengths` is keyed by GGUF tensor name.
+    """Every GGUF tensor of the configuration's linears with its type; `row_lengths` is keyed by GGUF tensor name.
 
     Raises InvalidArgument (a ValueError) for a module that is not a decoder linear, a width with
-    no ggml type, or (when `row_lengths` is given) a tensor the GGUF does not hold.
+    no ggml type, experts of one fused tensor at different widths, or (when `row_lengths` is given)
+    a tensor the GGUF does not hold.
     """
-    out = []
+    members: dict[str, list[tuple[str, int]]] = {}
     for name, bits in config.bits.items():
-        tensor = gguf_tensor_name(name)
-        if tensor is None:
-            raise InvalidArgument("bit_config", f"{name} has no llama.cpp tensor name", f"decoder linears named model.layers.N.({'|'.join(ROLES)})")
+        tensors = gguf_tensor_names(name)
+        if not tensors:
+            valid = f"decoder linears named model.layers.N.({'|'.join(ROLES)}) or model.layers.N.mlp.experts.E.({'|'.join(EXPERT_ROLES)})"
+            raise InvalidArgument("bit_config", f"{name} has no llama.cpp tensor name", valid)
+        for tensor in tensors:
+            members.setdefault(tensor, []).append((name, int(bits)))
+    out = []
+    for tensor, linears in members.items():
+        widths = sorted({bits for _, bits in linears})
+        if len(widths) > 1:
+            raise InvalidArgument(
+                "bit_config",
+                f"{tensor} holds {len(linears)} experts at {'/'.join(map(str, widths))} bits, and llama.cpp keeps them in one tensor of one type",
+                "one width per projection of a layer's experts (search.expert_genes=projection, the default)",
+            )
         row = None
         if row_lengths is not None:
             if tensor not in row_lengths:
-                raise InvalidArgument("bit_config", f"{name} -> {tensor} is not in the converted GGUF", "a bit configuration searched on this model")
+                raise InvalidArgument("bit_config", f"{linears[0][0]} -> {tensor} is not in the converted GGUF", "a bit configuration searched on this model")
             row = int(row_lengths[tensor])
-        out.append(TensorChoice(name, tensor, int(bits), row, ggml_type(int(bits), row)))
+        out.append(TensorChoice(tuple(n for n, _ in linears), tensor, widths[0], row, ggml_type(widths[0], row)))
     return out
 
 

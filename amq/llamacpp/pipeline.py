@@ -191,7 +191,10 @@ def _amq_row(
     differs = {t: (asked[t], q.types.get(t)) for t in asked if q.types.get(t) != asked[t]}
     if differs:
         log.warning("llama-quantize wrote %d amq tensors in another type than planned, e.g. %s", len(differs), next(iter(differs.items())))
-    module_numels = {c.module: numels[c.tensor] for c in choices}
+    module_numels: dict[str, float] = {}  # a block's experts share their fused tensors' weights
+    for c in choices:
+        for m in c.modules:
+            module_numels[m] = module_numels.get(m, 0) + numels[c.tensor] / len(c.modules)
     plan_info = {
         "target": p.label,
         "source": str(p.source),

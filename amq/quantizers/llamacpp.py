@@ -7,10 +7,10 @@ and `scripts/llama_cpp.py` runs llama.cpp on it for real.
 
 from __future__ import annotations
 
-from amq.llamacpp.gguf_plan import ARCHITECTURES, TYPE_CANDIDATES, gguf_tensor_name, plan, tensor_type_file, tensor_types
+from amq.llamacpp.gguf_plan import ARCHITECTURES, TYPE_CANDIDATES, gguf_tensor_names, plan, row_lengths, tensor_type_file, tensor_types
 
 LLAMA_CPP_ARCHITECTURES: tuple[str, ...] = tuple(ARCHITECTURES)
 # the type each width gets when a tensor's rows allow every type (its K-quant; q8_0 for 8 bits)
 GGML_TYPE_FOR_BITS: dict[int, str] = {bits: candidates[0][0] for bits, candidates in TYPE_CANDIDATES.items()}
 
-__all__ = ["GGML_TYPE_FOR_BITS", "LLAMA_CPP_ARCHITECTURES", "gguf_tensor_name", "plan", "tensor_type_file", "tensor_types"]
+__all__ = ["GGML_TYPE_FOR_BITS", "LLAMA_CPP_ARCHITECTURES", "gguf_tensor_names", "plan", "row_lengths", "tensor_type_file", "tensor_types"]
