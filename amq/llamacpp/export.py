@@ -4,8 +4,8 @@ What `amq-export --format gguf` runs, per model directory: the unquantized model
 (llama.cpp's convert_hf_to_gguf.py), an importance matrix on amq's calibration split, then
 llama-quantize with the plan's per-tensor types (`gguf_plan`: each width's K-quant where a row
 allows it). The tensors the search does not touch (token embedding, output, norms) take the types
-of one of llama.cpp's mixes, `base_mix`: Q4_K_M by default, llama.cpp's usual choice, which keeps
-the output tensor at 6 bits. Nothing is measured here; scripts/llama_cpp.py measures such files
+of one of llama.cpp's mixes, `base_mix` (Q4_K_M by default, the mix llama.cpp's users most often
+pick). Nothing is measured here; scripts/llama_cpp.py measures such files
 against llama.cpp's uniform mixes. The converted model and the imatrix live in the run's
 `llama_cpp/` folder, the script's, so each reuses what the other made.
 """
@@ -41,9 +41,7 @@ class GgufSettings:
             raise ConfigError("--base-mix", self.base_mix, ", ".join(UNIFORM_MIXES))
         if self.outtype not in OUTTYPES:
             raise ConfigError("--outtype", self.outtype, ", ".join(OUTTYPES))
-        for name, value in (("--ctx", self.tools.ctx), ("--threads", self.tools.threads), ("--imatrix-chunks", self.tools.imatrix_chunks or 1)):
-            if value < 1:
-                raise ConfigError(name, str(value), "a positive integer")
+        self.tools.check()
 
 
 def check_out(n_models: int, out: Path | None) -> None:

@@ -67,14 +67,7 @@ class Settings:
             raise ConfigError("--base-mix", f"{self.base_mix} is not among --mixes", ", ".join(self.mixes))
         if self.outtype not in OUTTYPES:
             raise ConfigError("--outtype", self.outtype, ", ".join(OUTTYPES))
-        for name, value in (
-            ("--ctx", self.tools.ctx),
-            ("--threads", self.tools.threads),
-            ("--chunks", self.tools.chunks or 1),
-            ("--imatrix-chunks", self.tools.imatrix_chunks or 1),
-        ):
-            if value < 1:
-                raise ConfigError(name, str(value), "a positive integer")
+        self.tools.check()
 
 
 def _tag(opts: run.ToolOptions, chunks: int | None) -> str:

@@ -37,6 +37,12 @@ class ToolOptions:
     chunks: int | None = None  # perplexity/KLD chunks of `ctx` tokens (None: the whole text)
     imatrix_chunks: int | None = None
 
+    def check(self) -> None:
+        """Each count positive (None, the whole text, for the chunks), named by its command-line option."""
+        for name, value in (("--ctx", self.ctx), ("--threads", self.threads), ("--chunks", self.chunks or 1), ("--imatrix-chunks", self.imatrix_chunks or 1)):
+            if value < 1:
+                raise ConfigError(name, str(value), "a positive integer")
+
 
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
