@@ -406,3 +406,23 @@ def test_export_writes_a_mixture_of_experts_gguf_with_one_type_per_projection(ar
         assert written[f"blk.{block}.ffn_down_exps.weight"] == "q5_0" and written[f"blk.{block}.attn_q.weight"] == "q8_0"
         if arch == "tiny-qwen2-moe":  # the shared expert: a linear of its own, here at 8 bits
             assert written[f"blk.{block}.ffn_down_shexp.weight"] == "q8_0"
+
+
+def test_a_hub_model_converts_from_its_snapshot_in_the_hugging_face_cache(tmp_path):
+    """A model the search loaded by hub id is converted from the cache's snapshot of the commit it
+    was loaded at (as a search with network leaves it); not cached, or a local path that is not a
+    model, gives None, which the commands turn into one line naming `model`."""
+    from amq.llamacpp.inputs import checkpoint_dir
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / commit
+    model = _tiny(CONFIGS["llama"])
+    model.save_pretrained(snapshot)
+    model.name_or_path, model.config._commit_hash = "acme/tiny-llama", commit
+    assert checkpoint_dir(model, tmp_path / "hub") == snapshot
+    model.config._commit_hash = "f" * 40  # another commit: not in the cache
+    assert checkpoint_dir(model, tmp_path / "hub") is None
+    model.name_or_path = str(tmp_path / "nowhere")
+    assert checkpoint_dir(model, tmp_path / "hub") is None
+    model.name_or_path = str(snapshot)  # a local directory is itself
+    assert checkpoint_dir(model) == snapshot

@@ -110,6 +110,26 @@ def _model_overrides(model: str) -> list[str]:
     return [f"model={model}"]
 
 
+def checkpoint_dir(model: object, hub_cache: Path | None = None) -> Path | None:
+    """The directory on disk a loaded model's files are in: its own local directory, or for a hub id
+    the Hugging Face cache's snapshot of the commit it was loaded at (the search downloaded it
+    there); None when neither holds a config.json."""
+    path = Path(str(getattr(model, "name_or_path", "")))
+    if (path / "config.json").is_file():
+        return path
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    if not str(path) or path.is_absolute() or commit is None:
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(snapshot_download(str(path), revision=commit, cache_dir=hub_cache, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        return None
+    return snapshot if (snapshot / "config.json").is_file() else None
+
+
 def load_inputs(path: Path, model: str | None = None) -> Inputs:
     """Plans from `path`; model and data from its run's settings (or `--model` with the default data)."""
     from amq.cli.finalize import compose_for_run
@@ -128,16 +148,16 @@ def load_inputs(path: Path, model: str | None = None) -> Inputs:
             "--model smollm2 | gemma3_270m | <checkpoint dir>",
         )
     md = load_model_and_data(cfg)
-    model_dir = Path(str(getattr(md.lm.model, "name_or_path", "")))
+    model_dir = checkpoint_dir(md.lm.model)
     model_type = str(getattr(md.lm.model.config, "model_type", ""))
     name = md.lm.name
     md.lm.model = None  # the tools read the checkpoint from disk; free the torch copy now
     gc.collect()
-    if not (model_dir / "config.json").is_file():
+    if model_dir is None:
         raise ConfigError(
             "model",
-            f"{name} was not loaded from a local checkpoint directory ({model_dir})",
-            "an embedded model or a local directory (llama.cpp converts from files)",
+            f"{name} was not loaded from a checkpoint directory on this machine",
+            "an embedded model, a local directory, or a hub model in the Hugging Face cache (llama.cpp converts from files)",
         )
     log.info("model %s (%s) from %s; %d bit configuration(s): %s", name, model_type, model_dir, len(plans), ", ".join(p.label for p in plans))
     return Inputs(plans, model_dir, model_type, name, md.splits, run_dir)
