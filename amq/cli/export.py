@@ -12,7 +12,8 @@ or a run directory (every model under its `models/`). Each model gets `<model di
                        from the run's calibration text. Builds llama.cpp's tools on first use (about
                        10 min on 2 cores, cached outside the repository; --no-build refuses instead)
                        and needs `pip install -c constraints.txt -e '.[llamacpp]'`. The converted
-                       model and the imatrix stay in `<run>/llama_cpp/` for the next export.
+                       model and the imatrix stay in `<run>/llama_cpp/` for the next export. A model
+                       searched by hub id converts from the Hugging Face cache's copy (offline).
 """
 
 from __future__ import annotations
