@@ -122,6 +122,13 @@ def _search_and_finalize(cfg: DictConfig, config: dict, o: SearchRun, session: R
     if evals["reused_from_cache"]:
         log.info("evaluation cache: reused %d of %d evaluations", evals["reused_from_cache"], evals["archived"])
     log.info("front: %d configurations in %s (front.json, front.csv, front.png)", len(front), session.dir)
+    if models := (summary.get("finalize") or {}).get("models"):
+        gguf = any((session.dir / "models" / t / "llama_cpp_tensor_types.txt").is_file() for t in models)  # llama.cpp names its linears
+        log.info(
+            "models: %s under %s (each README.md says how to load and serve it%s)",
+            ", ".join(f"{t} bits" for t in models), session.dir / "models",
+            f"; amq-export {session.dir} --format gguf writes llama.cpp files" if gguf else "",
+        )  # fmt: skip
     return summary
 
 
