@@ -11,7 +11,8 @@ computes an importance matrix on amq's calibration split, quantizes llama.cpp's 
 and each amq plan (per-tensor types chosen for each tensor's row length, the imatrix for all),
 measures held-out perplexity and KL divergence against the unquantized GGUF with
 llama-perplexity, and writes `llama_cpp.md` and `llama_cpp.json` (default: `<run>/llama_cpp/`,
-beside the GGUFs, imatrix and logs). Steps whose output exists are reused.
+beside the GGUFs, imatrix and logs). Steps whose output exists are reused. `--speed` adds each
+GGUF's decode and prefill tokens/s on this CPU, all of them in one llama-bench run.
 
 Bad input (a missing path, an architecture llama.cpp names otherwise, a width with no ggml type,
 a missing or failed build) is one line on stderr and exit 2.
@@ -44,6 +45,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--base-mix", default=None, help="the mix the amq GGUFs' other tensors follow (default: the one nearest in decoder-linear bits)")
     ap.add_argument("--heldout", default=None, help="which held-out text (default: the data's first, `wiki` for the embedded data)")
     ap.add_argument("--chunks", type=int, default=20, help="perplexity/KLD chunks (default 20; 0: the whole held-out text)")
+    ap.add_argument("--speed", action="store_true", help="also decode (128) and prefill (512) tokens/s of every GGUF, in one llama-bench run (built on first use)")
     add_tool_arguments(ap)
     return ap.parse_args(argv)
 
@@ -54,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         mixes = tuple(m.strip().upper() for m in args.mixes.split(",") if m.strip())
         tools = tool_options(args, args.chunks or None)
-        settings = Settings(mixes, args.outtype, args.heldout, args.base_mix.upper() if args.base_mix else None, tools)
+        settings = Settings(mixes, args.outtype, args.heldout, args.base_mix.upper() if args.base_mix else None, tools, args.speed)
         settings.check()
         check_plans(args.path)
         lc = llama_cpp(args)

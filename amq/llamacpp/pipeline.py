@@ -11,6 +11,7 @@ closest to the plan's, so amq's GGUF differs from that mix only where the search
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from amq.bits import CONVENTION_WITH_META, average_bits
 from amq.errors import ConfigError
 from amq.io import atomic_write_text
 from amq.llamacpp import gguf_plan, run
-from amq.llamacpp.build import LlamaCpp
+from amq.llamacpp.build import LlamaCpp, ensure_tool
 from amq.llamacpp.inputs import Inputs, Plan
 from amq.llamacpp.report import Row, make_row, write_report
 
@@ -58,6 +59,7 @@ class Settings:
     heldout: str | None = None  # which held-out text (None: the first)
     base_mix: str | None = None  # the mix amq plans follow outside the linears (None: nearest in linear bits)
     tools: run.ToolOptions = run.ToolOptions()
+    speed: bool = False  # also decode and prefill tokens/s of every GGUF (llama-bench, built on first use)
 
     def check(self) -> None:
         bad = [m for m in self.mixes if m not in UNIFORM_MIXES]
@@ -126,6 +128,10 @@ def run_all(inputs: Inputs, lc: LlamaCpp, out_dir: Path, s: Settings) -> tuple[P
 
     for i, p in enumerate(inputs.plans, 1):
         rows.append(_amq_row(lc, p, i, len(inputs.plans), inputs, base, im, im_tag, logits, ppl_tag, rows_len, numels, total_weights, uniform, s))
+    if s.speed:  # every GGUF in one llama-bench run, so the ratios compare like with like
+        speeds = run.bench(ensure_tool(lc, "llama-bench"), [Path(r.path) for r in rows], opts, out_dir / "bench" / "llama-bench.log")
+        for r in rows:
+            r.speed = dataclasses.asdict(speeds[r.path]) if r.path in speeds else None
     protocol: dict[str, Any] = {
         "model": inputs.model_name,
         "model_dir": str(inputs.model_dir),
@@ -138,6 +144,9 @@ def run_all(inputs: Inputs, lc: LlamaCpp, out_dir: Path, s: Settings) -> tuple[P
         "ppl_tokens": f"{base_ppl.tokens} tokens read, the second half of each {opts.ctx}-token chunk scored" if base_ppl.tokens else "the whole text",
         "imatrix": f"{opts.imatrix_chunks or 'all'} chunks of {opts.ctx} tokens",
         "threads": opts.threads,
+        "speed": f"llama-bench -n 128 -p 512 -r 3 -t {opts.threads}, every GGUF in one run, on {next((r.speed['cpu'] for r in rows if r.speed), '?')}"
+        if s.speed
+        else None,
         "bits_convention_amq": CONVENTION_WITH_META,
         "bpw": "file bytes x 8 / all weights of the unquantized model (embeddings included); bpw (linears): tensor bytes of the decoder linears x 8 / their weights",
         "minutes": round((time.perf_counter() - t0) / 60, 1),

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from amq.io import atomic_write_json, atomic_write_text
-from amq.llamacpp.gguf_plan import ROLES
+from amq.llamacpp.gguf_plan import EXPERT_ROLES, ROLES
 from amq.llamacpp.run import Perplexity, QuantizeResult
 
-_LINEAR_ROLES = tuple(f".{r}.weight" for r in ROLES.values())
+_LINEAR_ROLES = tuple(f".{r}.weight" for r in (*ROLES.values(), *(t for ts in EXPERT_ROLES.values() for t in ts)))
 
 
 def is_linear(tensor: str) -> bool:
@@ -45,6 +45,7 @@ class Row:
     fallbacks: int = 0  # tensors llama-quantize gave another type than asked (row length)
     plan: dict[str, Any] | None = None  # amq only: target, planned bpw, substitutions we made
     path: str = ""
+    speed: dict[str, float] | None = None  # llama-bench tokens/s (run.Speed's fields), with --speed
 
 
 def linear_summary(q: QuantizeResult) -> tuple[float | None, dict[str, int]]:
@@ -81,12 +82,20 @@ def _types(row: Row) -> str:
     return ", ".join(f"{t} x{n}" for t, n in row.linear_types.items()) or "-"
 
 
+def _speed(row: Row) -> str:
+    s = row.speed
+    return f" {s['decode']:.1f} ± {s['decode_sd']:.1f} | {s['prefill']:.0f} ± {s['prefill_sd']:.0f} |" if s else " - | - |"
+
+
 def render_markdown(rows: list[Row], protocol: Mapping[str, Any]) -> str:
     """All GGUFs by size, then per amq model its uniform neighbours in file size."""
+    timed = any(r.speed for r in rows)
     head = "| GGUF | file MiB | bpw (file) | bpw (linears) | PPL | KLD | KLD p99 | same top % | decoder linear types | fallbacks |"
+    head += " decode t/s | prefill t/s |" if timed else ""
     lines = [
         f"llama.cpp on {protocol['model']}: held-out `{protocol['heldout']}`, {protocol['ppl_tokens']} (`--chunks {protocol['chunks']}`, `-c {protocol['ctx']}`); "
-        f"KLD against the unquantized {protocol['outtype']} GGUF on the same tokens; imatrix from the calibration split ({protocol['imatrix']}).",
+        f"KLD against the unquantized {protocol['outtype']} GGUF on the same tokens; imatrix from the calibration split ({protocol['imatrix']})."
+        + (f" Tokens/s: {protocol['speed']}." if protocol.get("speed") else ""),
         "",
         head,
         "|" + " --- |" * (head.count("|") - 1),
@@ -96,6 +105,7 @@ def render_markdown(rows: list[Row], protocol: Mapping[str, Any]) -> str:
         lines.append(
             f"| {name} | {r.file_mib:.1f} | {r.bpw:.2f} | {_f(r.bpw_linears, '.2f')} | {r.ppl:.3f} ± {r.ppl_err:.3f} | "
             f"{_f(r.kld, '.4f')}{'' if r.kld_err is None else f' ± {r.kld_err:.4f}'} | {_f(r.kld_99, '.3f')} | {_f(r.same_top, '.1f')} | {_types(r)} | {r.fallbacks} |"
+            + (_speed(r) if timed else "")
         )
     uniforms = [r for r in rows if r.kind == "uniform"]
     amq = [r for r in rows if r.kind == "amq"]

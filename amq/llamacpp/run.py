@@ -295,3 +295,58 @@ def kl_divergence(lc: LlamaCpp, model: Path, logits: Path, opts: ToolOptions, lo
     finally:
         tmp_log.unlink(missing_ok=True)
     return result
+
+
+@dataclass(frozen=True)
+class Speed:
+    """llama-bench's tokens/s for one GGUF (mean and standard deviation over its repetitions)."""
+
+    decode: float
+    decode_sd: float
+    prefill: float
+    prefill_sd: float
+    cpu: str = ""  # llama-bench's cpu_info
+
+
+def parse_bench_json(text: str) -> dict[str, Speed]:
+    """Model file -> Speed from `llama-bench -o json` (one record per model and test: n_gen for
+    decode, n_prompt for prefill)."""
+    import json
+
+    by_model: dict[str, dict[str, tuple[float, float]]] = {}
+    cpu = {}
+    for rec in json.loads(text):
+        test = "decode" if rec.get("n_gen", 0) > 0 else "prefill"
+        by_model.setdefault(rec["model_filename"], {})[test] = (float(rec["avg_ts"]), float(rec["stddev_ts"]))
+        cpu[rec["model_filename"]] = str(rec.get("cpu_info", ""))
+    return {m: Speed(*t["decode"], *t["prefill"], cpu[m]) for m, t in by_model.items() if {"decode", "prefill"} <= t.keys()}
+
+
+def bench(
+    tool: Path, models: Sequence[Path], opts: ToolOptions, log_path: Path, decode_tokens: int = 128, prompt_tokens: int = 512, reps: int = 3
+) -> dict[str, Speed]:
+    """Decode and prefill tokens/s of every model, side by side in one llama-bench run (same threads,
+    same moment of the machine); keyed by the model's path as given. Its JSON (stdout) is kept as
+    `log_path` with `.json`, its log (stderr) as `log_path`."""
+    argv = [str(tool)]
+    for m in models:
+        argv += ["-m", str(m)]
+    argv += ["-p", str(prompt_tokens), "-n", str(decode_tokens), "-t", str(opts.threads), "-r", str(reps), "-o", "json"]
+    log.info("llama-bench: %d models, decode %d and prefill %d tokens, %d repetitions", len(models), decode_tokens, prompt_tokens, reps)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as fh:
+        fh.write(f"$ {' '.join(argv)}\n")
+        fh.flush()
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=fh, text=True, check=False)
+    if proc.returncode != 0:
+        raise ConfigError(
+            "llama-bench", f"{_exit_status(proc.returncode)} (log {log_path})", "see the log; the models and the llama.cpp build must fit together"
+        )
+    json_path = log_path.with_suffix(".json")
+    json_path.write_text(proc.stdout, encoding="utf-8")
+    try:
+        return parse_bench_json(proc.stdout)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(
+            "llama-bench", f"its output {json_path} is not the JSON list -o json prints ({exc})", "a llama.cpp build whose llama-bench takes -o json"
+        ) from None
