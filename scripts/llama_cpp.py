@@ -45,7 +45,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--base-mix", default=None, help="the mix the amq GGUFs' other tensors follow (default: the one nearest in decoder-linear bits)")
     ap.add_argument("--heldout", default=None, help="which held-out text (default: the data's first, `wiki` for the embedded data)")
     ap.add_argument("--chunks", type=int, default=20, help="perplexity/KLD chunks (default 20; 0: the whole held-out text)")
-    ap.add_argument("--speed", action="store_true", help="also decode (128) and prefill (512) tokens/s of every GGUF, in one llama-bench run (built on first use)")
+    ap.add_argument(
+        "--speed", action="store_true", help="also decode (128) and prefill (512) tokens/s of every GGUF, in one llama-bench run (built on first use)"
+    )
     add_tool_arguments(ap)
     return ap.parse_args(argv)
 
