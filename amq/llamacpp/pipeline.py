@@ -144,14 +144,18 @@ def run_all(inputs: Inputs, lc: LlamaCpp, out_dir: Path, s: Settings) -> tuple[P
         "ppl_tokens": f"{base_ppl.tokens} tokens read, the second half of each {opts.ctx}-token chunk scored" if base_ppl.tokens else "the whole text",
         "imatrix": f"{opts.imatrix_chunks or 'all'} chunks of {opts.ctx} tokens",
         "threads": opts.threads,
-        "speed": f"llama-bench -n 128 -p 512 -r 3 -t {opts.threads}, every GGUF in one run, on {next((r.speed['cpu'] for r in rows if r.speed), '?')}"
-        if s.speed
-        else None,
+        "speed": _speed_protocol(rows, opts) if s.speed else None,
         "bits_convention_amq": CONVENTION_WITH_META,
         "bpw": "file bytes x 8 / all weights of the unquantized model (embeddings included); bpw (linears): tensor bytes of the decoder linears x 8 / their weights",
         "minutes": round((time.perf_counter() - t0) / 60, 1),
     }
     return write_report(out_dir, rows, protocol)
+
+
+def _speed_protocol(rows: list[Row], opts: run.ToolOptions) -> str:
+    b = run.BENCH
+    cpu = next((r.speed["cpu"] for r in rows if r.speed), "?")
+    return f"llama-bench -n {b['decode_tokens']} -p {b['prompt_tokens']} -r {b['reps']} -t {opts.threads}, every GGUF in one run, on {cpu}"
 
 
 def _kld(lc: LlamaCpp, path: Path, logits: Path, ppl_tag: str, opts: run.ToolOptions) -> run.Perplexity:

@@ -322,8 +322,17 @@ def parse_bench_json(text: str) -> dict[str, Speed]:
     return {m: Speed(*t["decode"], *t["prefill"], cpu[m]) for m, t in by_model.items() if {"decode", "prefill"} <= t.keys()}
 
 
+BENCH = {"decode_tokens": 128, "prompt_tokens": 512, "reps": 3}  # llama-bench's -n, -p, -r by default
+
+
 def bench(
-    tool: Path, models: Sequence[Path], opts: ToolOptions, log_path: Path, decode_tokens: int = 128, prompt_tokens: int = 512, reps: int = 3
+    tool: Path,
+    models: Sequence[Path],
+    opts: ToolOptions,
+    log_path: Path,
+    decode_tokens: int = BENCH["decode_tokens"],
+    prompt_tokens: int = BENCH["prompt_tokens"],
+    reps: int = BENCH["reps"],
 ) -> dict[str, Speed]:
     """Decode and prefill tokens/s of every model, side by side in one llama-bench run (same threads,
     same moment of the machine); keyed by the model's path as given. Its JSON (stdout) is kept as
