@@ -38,7 +38,11 @@ class FinalizeSettings:
     def __post_init__(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown:
-            raise ConfigError("finalize.formats", f"unknown format {', '.join(map(repr, unknown))}", ", ".join(FORMATS) + " (or [] for amq's own only)")
+            raise ConfigError(
+                "finalize.formats",
+                f"unknown format {', '.join(map(repr, unknown))}",
+                ", ".join(FORMATS) + " (or [] for amq's own only; a llama.cpp GGUF: amq-export <run> --format gguf after the search)",
+            )
         if self.bits_convention not in CONVENTIONS:
             raise ConfigError("finalize.bits_convention", f"{self.bits_convention!r}", ", ".join(CONVENTIONS))
         if self.extra_front_points < 0:
