@@ -246,6 +246,22 @@ def _smollm2_tokenizer_dir() -> Path | None:
     return next((d for c in _caches() for d in sorted((c / "models").glob("smollm2-*")) if (d / "tokenizer.json").is_file()), None)
 
 
+def _tools_and_tokenizer() -> tuple:
+    """The built tools and SmolLM2's converted tokenizer, or the test skipped."""
+    lc, tok = _built(), _smollm2_tokenizer_dir()
+    if lc is None or tok is None:
+        pytest.skip("llama.cpp is not built (python scripts/llama_cpp.py builds it) or SmolLM2 is not converted yet")
+    return lc, tok
+
+
+def _checkpoint(model: torch.nn.Module, tok: Path, dest: Path) -> Path:
+    """`model` saved with SmolLM2's tokenizer beside it: a directory llama.cpp's converter takes."""
+    model.save_pretrained(dest)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok / name, dest / name)
+    return dest
+
+
 # llama.cpp's own HF -> GGUF name map (the converter's gguf-py, from the cached source), per family
 _NAME_MAP = """
 import json, sys
@@ -285,18 +301,13 @@ def test_llama_cpp_names_and_writes_the_planned_types(family, tmp_path):
     """llama.cpp's converter names the tiny model's linears as the plan does, and llama-quantize
     writes exactly the planned types (no fallback) from the plan's type file."""
     pytest.importorskip("sentencepiece")
-    lc, tok = _built(), _smollm2_tokenizer_dir()
-    if lc is None or tok is None:
-        pytest.skip("llama.cpp is not built (python scripts/llama_cpp.py builds it) or SmolLM2 is not converted yet")
+    lc, tok = _tools_and_tokenizer()
     from amq.llamacpp import run
     from amq.llamacpp.pipeline import gguf_shapes
 
     config = CONFIGS[family].__class__(**{**CONFIGS[family].to_dict(), "vocab_size": 49152})  # the tokenizer's vocabulary
     model = _tiny(config).to(torch.float32)
-    src = tmp_path / "hf"
-    model.save_pretrained(src)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok / name, src / name)
+    src = _checkpoint(model, tok, tmp_path / "hf")
     base = run.convert(lc, src, tmp_path / "base.gguf", "f32")
     rows, _ = gguf_shapes(base)
     layout = discover_layout(model)
@@ -314,18 +325,13 @@ def test_export_writes_a_gguf_of_the_planned_types(tmp_path):
     imatrix on the embedded calibration text, then llama-quantize with the plan; the file lands in
     `<model dir>/gguf/` with every planned tensor in its planned type, and a second export replaces it."""
     pytest.importorskip("sentencepiece")
-    lc, tok = _built(), _smollm2_tokenizer_dir()
-    if lc is None or tok is None:
-        pytest.skip("llama.cpp is not built (python scripts/llama_cpp.py builds it) or SmolLM2 is not converted yet")
+    lc, tok = _tools_and_tokenizer()
     from gguf import GGUFReader
 
     from amq.cli import export
 
     config = LlamaConfig(**{**SHAPES, "vocab_size": 49152})
-    src = tmp_path / "hf"
-    _tiny(config).to(torch.float32).save_pretrained(src)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok / name, src / name)
+    src = _checkpoint(_tiny(config).to(torch.float32), tok, tmp_path / "hf")
     names = discover_layout(_tiny(config)).names
     d = _model_dir(tmp_path, config, {n: (3, 4, 8)[i % 3] for i, n in enumerate(names)})
     args = [str(d), "--format", "gguf", "--model", str(src), "--imatrix-chunks", "2", "--ctx", "128", "--cache-dir", str(lc.root.parents[1])]
@@ -381,17 +387,12 @@ def test_export_writes_a_mixture_of_experts_gguf_with_one_type_per_projection(ar
     stacks each block's experts into ffn_gate_exps/ffn_up_exps/ffn_down_exps, and llama-quantize
     writes the plan's width of each projection there."""
     pytest.importorskip("sentencepiece")
-    lc, tok = _built(), _smollm2_tokenizer_dir()
-    if lc is None or tok is None:
-        pytest.skip("llama.cpp is not built (python scripts/llama_cpp.py builds it) or SmolLM2 is not converted yet")
+    lc, tok = _tools_and_tokenizer()
     from amq.cli import export
     from amq.llamacpp import run
     from amq.modeling.random_init import build_model
 
-    src = tmp_path / "hf"
-    build_model(arch, "cpu", torch.float32, seed=0, overrides={"vocab_size": 49152}).save_pretrained(src)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok / name, src / name)
+    src = _checkpoint(build_model(arch, "cpu", torch.float32, seed=0, overrides={"vocab_size": 49152}), tok, tmp_path / "hf")
     names = discover_layout(_moe(arch)).names
     bits = {n: (5 if n.endswith("down_proj") else 2) if ".experts." in n else 8 for n in names}  # each its own type at 64-wide rows
     d = tmp_path / "models" / "4"
@@ -474,17 +475,12 @@ def test_an_optional_tool_needs_a_ready_build_and_a_known_name(tmp_path):
 @pytest.mark.heavy
 def test_llama_bench_times_every_gguf_in_one_run(tmp_path):
     """The built llama-bench (made on first use) times two GGUFs of a tiny Llama side by side."""
-    lc, tok = _built(), _smollm2_tokenizer_dir()
-    if lc is None or tok is None:
-        pytest.skip("llama.cpp is not built (python scripts/llama_cpp.py builds it) or SmolLM2 is not converted yet")
+    lc, tok = _tools_and_tokenizer()
     from amq.llamacpp import run
     from amq.llamacpp.build import ensure_tool
 
     config = LlamaConfig(**{**SHAPES, "vocab_size": 49152})
-    src = tmp_path / "hf"
-    _tiny(config).to(torch.float32).save_pretrained(src)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok / name, src / name)
+    src = _checkpoint(_tiny(config).to(torch.float32), tok, tmp_path / "hf")
     base = run.convert(lc, src, tmp_path / "base.gguf", "f32")
     q8 = tmp_path / "q8.gguf"
     run.quantize(lc, base, q8, "Q8_0", None, run.ToolOptions(threads=2))
