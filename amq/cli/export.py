@@ -71,12 +71,11 @@ def export_gguf(path: Path, args: argparse.Namespace) -> list[Path]:
     from amq.llamacpp.cli_args import llama_cpp, tool_options
     from amq.llamacpp.export import GgufSettings, check_out
     from amq.llamacpp.export import export_gguf as write_ggufs
-    from amq.llamacpp.inputs import check_plans, load_inputs, read_plans
+    from amq.llamacpp.inputs import check_plans, load_inputs
 
     settings = GgufSettings(args.base_mix.upper(), args.outtype, tool_options(args))
     settings.check()
-    check_plans(path)
-    check_out(len(read_plans(path)), args.out)
+    check_out(len(check_plans(path)), args.out)
     lc = llama_cpp(args)
     return write_ggufs(load_inputs(path, args.model), lc, settings, args.out)
 

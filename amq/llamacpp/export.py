@@ -20,7 +20,7 @@ from amq.errors import ConfigError
 from amq.llamacpp import gguf_plan, run
 from amq.llamacpp.build import LlamaCpp
 from amq.llamacpp.inputs import Inputs, Plan, require_architecture
-from amq.llamacpp.pipeline import OUTTYPES, UNIFORM_MIXES, base_and_imatrix, gguf_shapes
+from amq.llamacpp.pipeline import UNIFORM_MIXES, base_and_imatrix, check_base, gguf_shapes
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,7 @@ class GgufSettings:
     def check(self) -> None:
         if self.base_mix not in UNIFORM_MIXES:
             raise ConfigError("--base-mix", self.base_mix, ", ".join(UNIFORM_MIXES))
-        if self.outtype not in OUTTYPES:
-            raise ConfigError("--outtype", self.outtype, ", ".join(OUTTYPES))
-        self.tools.check()
+        check_base(self.outtype, self.tools)
 
 
 def check_out(n_models: int, out: Path | None) -> None:

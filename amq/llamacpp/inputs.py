@@ -72,10 +72,11 @@ def read_plans(path: Path) -> list[Plan]:
     return plans
 
 
-def check_plans(path: Path) -> None:
-    """Refuse, before loading or building anything, bit configurations llama.cpp cannot hold and
-    models it names otherwise (each amq model directory keeps the model's config.json)."""
-    for p in read_plans(path):
+def check_plans(path: Path) -> list[Plan]:
+    """The plans under `path`, after refusing, before loading or building anything, bit configurations
+    llama.cpp cannot hold and models it names otherwise (each amq model directory keeps the model's config.json)."""
+    plans = read_plans(path)
+    for p in plans:
         config = p.source / "config.json"
         model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
         try:
@@ -85,6 +86,7 @@ def check_plans(path: Path) -> None:
         except ConfigError as exc:
             setting = {"model_type": "model", "bit_config": "path"}.get(exc.setting, exc.setting)  # bits: a width in bit_config.json
             raise ConfigError(setting, f"{p.source / 'bit_config.json' if setting != 'model' else p.source}: {exc.problem}", exc.valid) from None
+    return plans
 
 
 def require_architecture(inputs: "Inputs") -> str:

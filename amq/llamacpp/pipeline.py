@@ -67,9 +67,14 @@ class Settings:
             raise ConfigError("--mixes", f"{', '.join(bad) or 'none given'}", ", ".join(UNIFORM_MIXES))
         if self.base_mix is not None and self.base_mix not in self.mixes:
             raise ConfigError("--base-mix", f"{self.base_mix} is not among --mixes", ", ".join(self.mixes))
-        if self.outtype not in OUTTYPES:
-            raise ConfigError("--outtype", self.outtype, ", ".join(OUTTYPES))
-        self.tools.check()
+        check_base(self.outtype, self.tools)
+
+
+def check_base(outtype: str, tools: run.ToolOptions) -> None:
+    """The settings `base_and_imatrix` takes (the unquantized GGUF's type, the tools' counts), checked before any build."""
+    if outtype not in OUTTYPES:
+        raise ConfigError("--outtype", outtype, ", ".join(OUTTYPES))
+    tools.check()
 
 
 def _tag(opts: run.ToolOptions, chunks: int | None) -> str:
