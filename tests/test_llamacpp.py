@@ -173,6 +173,27 @@ def test_export_refuses_an_unknown_base_mix(tmp_path, monkeypatch, capfd):
     _refused([str(d), "--base-mix", "Q9_K"], tmp_path, monkeypatch, capfd, "--base-mix", "Q9_K", "Q4_K_M", command=EXPORT)
 
 
+def test_refuses_a_negative_chunk_count(command, tmp_path, monkeypatch, capfd):
+    d = _model_dir(tmp_path, CONFIGS["llama"])
+    _refused([str(d), "--chunks", "-1"], tmp_path, monkeypatch, capfd, "--chunks", "-1", "a positive integer", command=command)
+
+
+def test_the_gguf_card_says_how_to_run_it_and_what_llama_cpp_measured():
+    from amq.llamacpp.export import render_card
+
+    measured = {"perplexity": 24.5281, "perplexity_err": 1.2, "unquantized_perplexity": 22.9, "kld": 0.0842, "kld_err": 0.002}
+    record = {
+        "gguf": "m-amq-4.5.gguf", "target": "4.5", "model": "m", "file_mib": 89.3, "planned_tensors": 210, "bpw_linears": 4.61,
+        "base_mix": "Q4_K_M", "llama_cpp": "1.0",
+        "heldout": {"wiki": {**measured, "same_top_pct": 88.25, "tokens_read": 4096}, "lee": {**measured, "same_top_pct": None, "tokens_read": None}},
+        "protocol": {"tool": "llama-perplexity --kl-divergence", "ctx": 512, "chunks": 8, "scored": "the second half of each chunk"},
+    }  # fmt: skip
+    card = render_card(record)
+    assert "llama-cli -m m-amq-4.5.gguf" in card and "`Q4_K_M`" in card and "4.61 bits a weight" in card
+    assert "| wiki | 24.528 ± 1.200 | 22.900 | 0.0842 | 88.2% | 2048 |" in card
+    assert "| lee | 24.528 ± 1.200 | 22.900 | 0.0842 | - | - |" in card  # not measured: a dash
+
+
 def test_refuses_an_unknown_mix(tmp_path, monkeypatch, capfd):
     d = _model_dir(tmp_path, CONFIGS["qwen2"])
     _refused([str(d), "--mixes", "Q4_K_M,Q9_K"], tmp_path, monkeypatch, capfd, "--mixes", "Q9_K", "Q4_K_S")
@@ -334,14 +355,21 @@ def test_export_writes_a_gguf_of_the_planned_types(tmp_path):
     src = _checkpoint(_tiny(config).to(torch.float32), tok, tmp_path / "hf")
     names = discover_layout(_tiny(config)).names
     d = _model_dir(tmp_path, config, {n: (3, 4, 8)[i % 3] for i, n in enumerate(names)})
-    args = [str(d), "--format", "gguf", "--model", str(src), "--imatrix-chunks", "2", "--ctx", "128", "--cache-dir", str(lc.root.parents[1])]
+    args = [str(d), "--format", "gguf", "--model", str(src), "--imatrix-chunks", "2", "--ctx", "128", "--chunks", "2", "--cache-dir", str(lc.root.parents[1])]
     assert export.main(args) == 0
     (gguf,) = (d / "gguf").glob("*.gguf")
     written = {t.name: t.tensor_type.name.lower() for t in GGUFReader(gguf).tensors}
     planned = gguf_plan.tensor_types(read_bit_config(d), {t.name: int(t.shape[0]) for t in GGUFReader(gguf).tensors})
     assert {t: written[t] for t in planned} == {t: ty.lower() for t, ty in planned.items()}  # GGUFReader's names: q3_k for q3_K
+    # measured by llama-perplexity on every held-out text of the embedded data, against the unquantized GGUF
+    record = json.loads((d / "gguf" / "eval.json").read_text())
+    assert record["gguf"] == gguf.name and set(record["heldout"]) == {"wiki", "lee"}
+    for v in record["heldout"].values():
+        assert v["perplexity"] > 1 and v["unquantized_perplexity"] > 1 and v["kld"] > -1e-3 and v["tokens_read"] == 2 * 128
+    assert f"llama-cli -m {gguf.name}" in (d / "gguf" / "README.md").read_text()
     first = gguf.stat().st_mtime_ns
-    assert export.main([*args, "--base-mix", "Q8_0"]) == 0 and gguf.stat().st_mtime_ns != first
+    assert export.main([*args, "--base-mix", "Q8_0", "--no-eval"]) == 0 and gguf.stat().st_mtime_ns != first
+    assert not (d / "gguf" / "eval.json").exists() and not (d / "gguf" / "README.md").exists()  # they described the replaced file
 
 
 # ------------------------------------------------------------------------------- mixture of experts

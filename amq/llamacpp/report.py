@@ -74,7 +74,8 @@ def neighbours(row: Row, uniforms: list[Row]) -> list[Row]:
     return ([max(below, key=lambda u: u.file_mib)] if below else []) + ([min(above, key=lambda u: u.file_mib)] if above else [])
 
 
-def _f(x: float | None, fmt: str) -> str:
+def fmt_or_dash(x: float | None, fmt: str) -> str:
+    """`x` formatted, or '-' where it was not measured."""
     return "-" if x is None else format(x, fmt)
 
 
@@ -103,8 +104,8 @@ def render_markdown(rows: list[Row], protocol: Mapping[str, Any]) -> str:
     for r in sorted(rows, key=lambda r: r.file_mib):
         name = f"**amq {r.label}** (on {r.ftype})" if r.kind == "amq" else (f"{r.label} (unquantized)" if r.kind == "base" else r.label)
         lines.append(
-            f"| {name} | {r.file_mib:.1f} | {r.bpw:.2f} | {_f(r.bpw_linears, '.2f')} | {r.ppl:.3f} ± {r.ppl_err:.3f} | "
-            f"{_f(r.kld, '.4f')}{'' if r.kld_err is None else f' ± {r.kld_err:.4f}'} | {_f(r.kld_99, '.3f')} | {_f(r.same_top, '.1f')} | {_types(r)} | {r.fallbacks} |"
+            f"| {name} | {r.file_mib:.1f} | {r.bpw:.2f} | {fmt_or_dash(r.bpw_linears, '.2f')} | {r.ppl:.3f} ± {r.ppl_err:.3f} | "
+            f"{fmt_or_dash(r.kld, '.4f')}{'' if r.kld_err is None else f' ± {r.kld_err:.4f}'} | {fmt_or_dash(r.kld_99, '.3f')} | {fmt_or_dash(r.same_top, '.1f')} | {_types(r)} | {r.fallbacks} |"
             + (_speed(r) if timed else "")
         )
     uniforms = [r for r in rows if r.kind == "uniform"]
@@ -112,8 +113,8 @@ def render_markdown(rows: list[Row], protocol: Mapping[str, Any]) -> str:
     if amq:
         lines += ["", "At about the same file size:", ""]
         for r in amq:
-            pair = "; ".join(f"{u.label} {u.file_mib:.1f} MiB, KLD {_f(u.kld, '.4f')}, PPL {u.ppl:.3f}" for u in neighbours(r, uniforms))
-            lines.append(f"- amq {r.label}: {r.file_mib:.1f} MiB, KLD {_f(r.kld, '.4f')}, PPL {r.ppl:.3f} | {pair or 'no uniform mix measured'}")
+            pair = "; ".join(f"{u.label} {u.file_mib:.1f} MiB, KLD {fmt_or_dash(u.kld, '.4f')}, PPL {u.ppl:.3f}" for u in neighbours(r, uniforms))
+            lines.append(f"- amq {r.label}: {r.file_mib:.1f} MiB, KLD {fmt_or_dash(r.kld, '.4f')}, PPL {r.ppl:.3f} | {pair or 'no uniform mix measured'}")
     return "\n".join(lines) + "\n"
 
 
