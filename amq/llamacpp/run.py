@@ -272,7 +272,7 @@ def kl_divergence(lc: LlamaCpp, model: Path, logits: Path, opts: ToolOptions, lo
             return parse_perplexity_log(log_path.read_text(encoding="utf-8"))
         except ConfigError:
             pass  # an interrupted earlier run: measure again
-    log.info("perplexity: %s against the base logits", model.name)
+    log.info("perplexity: %s against the base logits %s", model.name, logits.name)
     cmd: list[str | Path] = [
         lc.tool("llama-perplexity"),
         "-m",
