@@ -60,7 +60,7 @@ def render(info: dict[str, Any], config: BitConfig, evaluation: dict | None) -> 
         "```",
         "`bit_config.json` holds the bits of every linear by module name"
         + (
-            "; `llama_cpp_tensor_types.txt` the same as llama.cpp quantize types (`amq-export <this directory> --format gguf` writes the GGUF in `gguf/`)."
+            "; `llama_cpp_tensor_types.txt` the same as llama.cpp quantize types (`amq-export <this directory> --format gguf` writes the GGUF in `gguf/`, with llama.cpp's held-out perplexity and KLD of it in `gguf/eval.json`)."
             if info.get("llama_cpp")
             else "."
         ),
