@@ -189,9 +189,18 @@ def test_the_gguf_card_says_how_to_run_it_and_what_llama_cpp_measured():
         "protocol": {"tool": "llama-perplexity --kl-divergence", "ctx": 512, "chunks": 8, "scored": "the second half of each chunk"},
     }  # fmt: skip
     card = render_card(record)
+    assert "Speed" not in card  # not measured: no line
+    speed = {"decode_tps": 250.84, "decode_sd": 2.6, "prefill_tps": 954.2, "prefill_sd": 9.1, "cpu": "X", "unquantized_decode_tps": 65.4}
+    timed = render_card({**record, "speed": {**speed, "decode_vs_unquantized": 3.836}, "protocol": {**record["protocol"], "speed": "llama-bench on X"}})
+    assert "Speed (llama-bench on X): decode 250.8 ± 2.6 tokens/s (3.84x the unquantized GGUF's 65.4), prefill 954 ± 9 tokens/s." in timed
     assert "llama-cli -m m-amq-4.5.gguf" in card and "`Q4_K_M`" in card and "4.61 bits a weight" in card
     assert "| wiki | 24.528 ± 1.200 | 22.900 | 0.0842 | 88.2% | 2048 |" in card
     assert "| lee | 24.528 ± 1.200 | 22.900 | 0.0842 | - | - |" in card  # not measured: a dash
+
+
+def test_export_refuses_speed_without_the_evaluation(tmp_path, monkeypatch, capfd):
+    d = _model_dir(tmp_path, CONFIGS["llama"])
+    _refused([str(d), "--speed", "--no-eval"], tmp_path, monkeypatch, capfd, "--speed", "--no-eval", command=EXPORT)
 
 
 def test_refuses_an_unknown_mix(tmp_path, monkeypatch, capfd):
@@ -356,7 +365,7 @@ def test_export_writes_a_gguf_of_the_planned_types(tmp_path):
     names = discover_layout(_tiny(config)).names
     d = _model_dir(tmp_path, config, {n: (3, 4, 8)[i % 3] for i, n in enumerate(names)})
     args = [str(d), "--format", "gguf", "--model", str(src), "--imatrix-chunks", "2", "--ctx", "128", "--chunks", "2", "--cache-dir", str(lc.root.parents[1])]
-    assert export.main(args) == 0
+    assert export.main([*args, "--speed"]) == 0
     (gguf,) = (d / "gguf").glob("*.gguf")
     written = {t.name: t.tensor_type.name.lower() for t in GGUFReader(gguf).tensors}
     planned = gguf_plan.tensor_types(read_bit_config(d), {t.name: int(t.shape[0]) for t in GGUFReader(gguf).tensors})
@@ -366,6 +375,7 @@ def test_export_writes_a_gguf_of_the_planned_types(tmp_path):
     assert record["gguf"] == gguf.name and set(record["heldout"]) == {"wiki", "lee"}
     for v in record["heldout"].values():
         assert v["perplexity"] > 1 and v["unquantized_perplexity"] > 1 and v["kld"] > -1e-3 and v["tokens_read"] == 2 * 128
+    assert record["speed"]["decode_tps"] > 0 and record["speed"]["decode_vs_unquantized"] > 0  # one llama-bench run with the f32 GGUF
     assert f"llama-cli -m {gguf.name}" in (d / "gguf" / "README.md").read_text()
     first = gguf.stat().st_mtime_ns
     assert export.main([*args, "--base-mix", "Q8_0", "--no-eval"]) == 0 and gguf.stat().st_mtime_ns != first

@@ -76,7 +76,7 @@ def export_gguf(path: Path, args: argparse.Namespace) -> list[Path]:
     from amq.llamacpp.export import export_gguf as write_ggufs
     from amq.llamacpp.inputs import check_plans, load_inputs
 
-    settings = GgufSettings(args.base_mix.upper(), args.outtype, tool_options(args, args.chunks or None), args.eval)
+    settings = GgufSettings(args.base_mix.upper(), args.outtype, tool_options(args, args.chunks or None), args.eval, args.speed)
     settings.check()
     check_out(len(check_plans(path)), args.out)
     lc = llama_cpp(args)
@@ -99,6 +99,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     gguf.add_argument(
         "--eval", action=argparse.BooleanOptionalAction, default=True, help="measure each GGUF's held-out perplexity and KLD (gguf/eval.json; default on)"
     )
+    gguf.add_argument("--speed", action="store_true", help="also each GGUF's decode and prefill tokens/s on this CPU (llama-bench, built on first use)")
     gguf.add_argument(
         "--chunks", type=int, default=DEFAULT_EVAL_CHUNKS, help=f"held-out chunks of --ctx tokens per text (default {DEFAULT_EVAL_CHUNKS}; 0: the whole text)"
     )

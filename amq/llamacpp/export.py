@@ -21,7 +21,7 @@ from pathlib import Path
 from amq.errors import ConfigError
 from amq.io import atomic_write_json, atomic_write_text
 from amq.llamacpp import gguf_plan, run
-from amq.llamacpp.build import LlamaCpp
+from amq.llamacpp.build import LlamaCpp, ensure_tool
 from amq.llamacpp.inputs import Inputs, Plan, require_architecture
 from amq.llamacpp.pipeline import UNIFORM_MIXES, base_and_imatrix, check_base, gguf_shapes, heldout_reference
 from amq.llamacpp.report import fmt_or_dash
@@ -43,10 +43,13 @@ class GgufSettings:
     outtype: str = "f32"
     tools: run.ToolOptions = run.ToolOptions(imatrix_chunks=20, chunks=DEFAULT_EVAL_CHUNKS)
     evaluate: bool = True  # held-out perplexity and KLD of each file (gguf/eval.json)
+    speed: bool = False  # and its decode and prefill tokens/s on this CPU (llama-bench, built on first use)
 
     def check(self) -> None:
         if self.base_mix not in UNIFORM_MIXES:
             raise ConfigError("--base-mix", self.base_mix, ", ".join(UNIFORM_MIXES))
+        if self.speed and not self.evaluate:
+            raise ConfigError("--speed", "the speed is part of the evaluation, which --no-eval turns off", "--speed without --no-eval")
         check_base(self.outtype, self.tools)
 
 
@@ -116,6 +119,7 @@ def evaluate(lc: LlamaCpp, inputs: Inputs, work: Path, base: Path, made: list[Ma
     opts = settings.tools
     refs = {name: heldout_reference(lc, inputs, work, base, name, opts) for name in inputs.splits.heldout}
     done: dict[tuple, tuple[str, dict]] = {}  # two targets whose searches picked one configuration give one file
+    records: list[tuple[Made, dict]] = []
     for m in made:
         measured = {}
         if m.types in done:
@@ -132,32 +136,71 @@ def evaluate(lc: LlamaCpp, inputs: Inputs, work: Path, base: Path, made: list[Ma
                 "kld": r.kld, "kld_err": r.kld_err, "same_top_pct": r.same_top, "kld_99pct": r.kld_99, "tokens_read": r.tokens,
             }  # fmt: skip
         done.setdefault(m.types, (m.plan.label, measured))
-        record = {
-            "gguf": m.path.name,
-            "target": m.plan.label,
-            "model": inputs.model_name,
-            "file_mib": round(m.file_bytes / 2**20, 2),
-            "planned_tensors": m.tensors,
-            "bpw_linears": round(m.bpw_linears, 4),
-            "base_mix": settings.base_mix,
-            "llama_cpp": lc.version,
-            "heldout": measured,
-            "protocol": {
-                "tool": "llama-perplexity --kl-divergence, against the unquantized GGUF's logits on the same tokens",
-                "unquantized": f"{base.name} (llama.cpp's convert_hf_to_gguf.py, {settings.outtype})",
-                "ctx": opts.ctx,
-                "chunks": opts.chunks or "all",
-                "scored": "the second half of each chunk (llama-perplexity's own windows, not amq's eval.json windows)",
-                "imatrix": f"{opts.imatrix_chunks or 'all'} chunks of {opts.ctx} tokens of the calibration split",
-                "threads": opts.threads,
-            },
-        }
+        records.append((m, measured))
+    speeds = _speeds(lc, work, base, [m for m, _ in records], opts) if settings.speed else {}
+    speed_protocol = _speed_protocol(speeds, opts) if speeds else None
+    for m, measured in records:
+        record = _record(m, measured, speeds.get(str(m.path)), inputs, lc, base, settings, speed_protocol)
         atomic_write_json(m.path.parent / EVAL_FILE, record)
         atomic_write_text(m.path.parent / CARD_FILE, render_card(record))
         log.info(
             "%s: %s", m.plan.label,
             "; ".join(f"{n} perplexity {v['perplexity']:.3f} (unquantized GGUF {v['unquantized_perplexity']:.3f}), KLD {fmt_or_dash(v['kld'], '.4f')}" for n, v in measured.items()),
         )  # fmt: skip
+
+
+def _record(m: Made, measured: dict, speed: dict | None, inputs: Inputs, lc: LlamaCpp, base: Path, settings: GgufSettings, speed_protocol: str | None) -> dict:
+    """What `eval.json` holds for one file: the file, what llama.cpp measured, and how."""
+    opts = settings.tools
+    return {
+        "gguf": m.path.name,
+        "target": m.plan.label,
+        "model": inputs.model_name,
+        "file_mib": round(m.file_bytes / 2**20, 2),
+        "planned_tensors": m.tensors,
+        "bpw_linears": round(m.bpw_linears, 4),
+        "base_mix": settings.base_mix,
+        "llama_cpp": lc.version,
+        "heldout": measured,
+        "speed": speed,
+        "protocol": {
+            "tool": "llama-perplexity --kl-divergence, against the unquantized GGUF's logits on the same tokens",
+            "unquantized": f"{base.name} (llama.cpp's convert_hf_to_gguf.py, {settings.outtype})",
+            "ctx": opts.ctx,
+            "chunks": opts.chunks or "all",
+            "scored": "the second half of each chunk (llama-perplexity's own windows, not amq's eval.json windows)",
+            "imatrix": f"{opts.imatrix_chunks or 'all'} chunks of {opts.ctx} tokens of the calibration split",
+            "threads": opts.threads,
+            "speed": speed_protocol,
+        },
+    }
+
+
+def _speeds(lc: LlamaCpp, work: Path, base: Path, made: list[Made], opts: run.ToolOptions) -> dict[str, dict]:
+    """Decode and prefill tokens/s of each file and of the unquantized GGUF, all in one llama-bench
+    run (same threads, same moment of the machine), with the ratios to the unquantized one."""
+    paths = [base, *dict.fromkeys(m.path for m in made)]
+    measured = run.bench(ensure_tool(lc, "llama-bench"), paths, opts, work / "bench" / "export-llama-bench.log")
+    ref = measured.get(str(base))
+    out = {}
+    for m in made:
+        sp = measured.get(str(m.path))
+        if sp is None:
+            continue
+        out[str(m.path)] = {
+            "decode_tps": sp.decode, "decode_sd": sp.decode_sd, "prefill_tps": sp.prefill, "prefill_sd": sp.prefill_sd, "cpu": sp.cpu,
+            "unquantized_decode_tps": ref.decode if ref else None, "unquantized_prefill_tps": ref.prefill if ref else None,
+            "decode_vs_unquantized": round(sp.decode / ref.decode, 3) if ref else None,
+        }  # fmt: skip
+    return out
+
+
+def _speed_protocol(speeds: dict[str, dict], opts: run.ToolOptions) -> str:
+    b = run.BENCH
+    cpu = next(iter(speeds.values()))["cpu"]
+    return (
+        f"llama-bench -n {b['decode_tokens']} -p {b['prompt_tokens']} -r {b['reps']} -t {opts.threads}, the files and the unquantized GGUF in one run, on {cpu}"
+    )
 
 
 def render_card(record: dict) -> str:
@@ -186,6 +229,14 @@ def render_card(record: dict) -> str:
         lines.append(
             f"| {name} | {v['perplexity']:.3f} ± {v['perplexity_err']:.3f} | {v['unquantized_perplexity']:.3f} | {fmt_or_dash(v['kld'], '.4f')} | {top} | {tokens} |"
         )
+    sp = record.get("speed")
+    if sp:
+        ratio = f" ({sp['decode_vs_unquantized']:.2f}x the unquantized GGUF's {sp['unquantized_decode_tps']:.1f})" if sp["decode_vs_unquantized"] else ""
+        lines += [
+            "",
+            f"Speed ({p['speed']}): decode {sp['decode_tps']:.1f} ± {sp['decode_sd']:.1f} tokens/s{ratio}, "
+            f"prefill {sp['prefill_tps']:.0f} ± {sp['prefill_sd']:.0f} tokens/s.",
+        ]
     lines += [
         "",
         f"`{p['tool']}`; {p['chunks']} chunks of {p['ctx']} tokens, {p['scored']}. Compare these numbers with each other "
