@@ -179,7 +179,7 @@ def test_refuses_a_negative_chunk_count(command, tmp_path, monkeypatch, capfd):
 
 
 def test_the_gguf_card_says_how_to_run_it_and_what_llama_cpp_measured():
-    from amq.llamacpp.export import render_card
+    from amq.llamacpp.gguf_eval import render_card
 
     measured = {"perplexity": 24.5281, "perplexity_err": 1.2, "unquantized_perplexity": 22.9, "kld": 0.0842, "kld_err": 0.002}
     record = {

@@ -85,7 +85,8 @@ def export_gguf(path: Path, args: argparse.Namespace) -> list[Path]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from amq.llamacpp.cli_args import add_tool_arguments
-    from amq.llamacpp.export import DEFAULT_BASE_MIX, DEFAULT_EVAL_CHUNKS
+    from amq.llamacpp.export import DEFAULT_BASE_MIX
+    from amq.llamacpp.gguf_eval import DEFAULT_EVAL_CHUNKS
 
     doc = __doc__ or ""
     ap = argparse.ArgumentParser(
