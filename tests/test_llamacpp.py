@@ -203,6 +203,33 @@ def test_export_refuses_speed_without_the_evaluation(tmp_path, monkeypatch, capf
     _refused([str(d), "--speed", "--no-eval"], tmp_path, monkeypatch, capfd, "--speed", "--no-eval", command=EXPORT)
 
 
+KLD_LOG = """0.00.244.264 I kl_divergence: computing over 8 chunks, n_ctx=512, batch_size=2048, n_seq=4
+Mean PPL(Q)                   :  20.471385 ±   1.339727
+Mean PPL(Q)/PPL(base)         :   1.067750 ±   0.010842
+Mean    KLD:   0.082422 ±   0.003414
+99.0%   KLD:   0.647209
+Same top p: 84.657 ± 0.798 %
+"""
+SHORT_LOG = """0.00.669.342 E perplexity: you need at least 1024 tokens to evaluate perplexity with a context of 512
+0.00.669.342 E perplexity: the data file you provided tokenizes to only 514 tokens
+"""
+
+
+def test_llama_perplexity_logs_give_their_numbers_or_name_a_text_too_short_for_the_context():
+    """llama-perplexity's KLD block parsed; a text shorter than two chunks (it says so and exits 0)
+    is one error naming --ctx and a context that fits, never a measurement of nothing."""
+    from amq.errors import ConfigError
+    from amq.llamacpp.run import parse_perplexity_log
+
+    r = parse_perplexity_log(KLD_LOG)
+    assert (r.ppl, r.ppl_err, r.kld, r.kld_err, r.kld_99, r.same_top, r.tokens) == (20.471385, 1.339727, 0.082422, 0.003414, 0.647209, 84.657, 4096)
+    with pytest.raises(ConfigError) as exc:
+        parse_perplexity_log(SHORT_LOG, "heldout-lee.txt")
+    assert str(exc.value) == (
+        "--ctx: 512 tokens a chunk, but heldout-lee.txt holds 514 tokens; llama-perplexity needs at least 1024 (two chunks) (valid: --ctx 257 or less)"
+    )
+
+
 def test_refuses_an_unknown_mix(tmp_path, monkeypatch, capfd):
     d = _model_dir(tmp_path, CONFIGS["qwen2"])
     _refused([str(d), "--mixes", "Q4_K_M,Q9_K"], tmp_path, monkeypatch, capfd, "--mixes", "Q9_K", "Q4_K_S")

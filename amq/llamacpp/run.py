@@ -228,8 +228,17 @@ def _num(pattern: str, text: str) -> tuple[float, float] | None:
     return (float(m.group(1)), float(m.group(2))) if m else None
 
 
-def parse_perplexity_log(text: str) -> Perplexity:
+def parse_perplexity_log(text: str, source: str = "the text") -> Perplexity:
     """`Final estimate: PPL = ...` (base run) or the `Mean PPL(Q)` / `Mean KLD` block (--kl-divergence)."""
+    short = re.search(r"you need at least (\d+) tokens to evaluate perplexity with a context of (\d+)", text)
+    if short:  # llama-perplexity says so and exits 0
+        only = re.search(r"tokenizes to only (\d+) tokens", text)
+        have = int(only.group(1)) if only else None
+        raise ConfigError(
+            "--ctx",
+            f"{short.group(2)} tokens a chunk, but {source} holds {have if have is not None else 'too few'} tokens; llama-perplexity needs at least {short.group(1)} (two chunks)",
+            f"--ctx {have // 2} or less" if have and have >= 32 else "a longer held-out text",
+        )
     pm = "(?:±|\\+/-)"
     q = _num(rf"Mean PPL\(Q\)\s*:\s*([\d.]+)\s*{pm}\s*([\d.]+)", text) or _num(rf"Final estimate: PPL = ([\d.]+) {pm} ([\d.]+)", text)
     if q is None:
@@ -257,10 +266,11 @@ def base_logits(lc: LlamaCpp, model: Path, text: Path, logits: Path, opts: ToolO
         cmd += ["--chunks", str(opts.chunks)]
     try:
         out = _run(cmd, log_path, "llama-perplexity")
+        result = parse_perplexity_log(out, text.name)  # before the logits are published: a run that measured nothing leaves none
         os.replace(tmp, logits)
     finally:
         tmp.unlink(missing_ok=True)
-    return parse_perplexity_log(out)
+    return result
 
 
 def kl_divergence(lc: LlamaCpp, model: Path, logits: Path, opts: ToolOptions, log_path: Path | None = None) -> Perplexity:
