@@ -127,7 +127,7 @@ def _search_and_finalize(cfg: DictConfig, config: dict, o: SearchRun, session: R
         log.info(
             "models: %s under %s (each README.md says how to load and serve it%s)",
             ", ".join(f"{t} bits" for t in models), session.dir / "models",
-            f"; amq-export {session.dir} --format gguf writes llama.cpp files" if gguf else "",
+            f"; amq-export {session.dir} --format gguf writes llama.cpp files and measures them" if gguf else "",
         )  # fmt: skip
     return summary
 
