@@ -180,6 +180,9 @@ def _configure_and_build(lc: LlamaCpp, targets: tuple[str, ...], jobs: int) -> P
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     _run_logged(["cmake", "-S", str(lc.source), "-B", str(build_dir), *generator, *_cmake_options()], log_file, "cmake configure")
     _run_logged(["cmake", "--build", str(build_dir), "--config", "Release", "--target", *targets, f"-j{jobs}"], log_file, "cmake build")
+    missing = [build_dir / "bin" / t for t in targets if not (build_dir / "bin" / t).is_file()]
+    if missing:
+        raise ConfigError("llama.cpp build", f"the build finished without {missing[0]}", f"a llama.cpp source with the targets {', '.join(targets)}")
     return build_dir / "bin"
 
 
@@ -190,11 +193,7 @@ def _compile(lc: LlamaCpp, jobs: int) -> None:
     built_dir = _configure_and_build(lc, TOOLS, jobs)
     tmp = Path(tempfile.mkdtemp(dir=lc.root, prefix=f".{lc.bin_dir.name}."))
     for tool in TOOLS:
-        built = built_dir / tool
-        if not built.is_file():
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ConfigError("llama.cpp build", f"the build finished without {built}", f"a llama.cpp source with the targets {', '.join(TOOLS)}")
-        shutil.copy2(built, tmp / tool)
+        shutil.copy2(built_dir / tool, tmp / tool)
     if lc.bin_dir.exists():
         shutil.rmtree(lc.bin_dir)
     os.replace(tmp, lc.bin_dir)
@@ -211,10 +210,7 @@ def ensure_tool(lc: LlamaCpp, name: str, jobs: int = 2) -> Path:
     with file_lock(lc.root):
         if not os.access(lc.tool(name), os.X_OK):
             log.info("llama.cpp %s: building %s (log %s)", lc.version, name, lc.root / "build.log")
-            built = _configure_and_build(lc, (name,), jobs) / name
-            if not built.is_file():
-                raise ConfigError("llama.cpp build", f"the build finished without {built}", f"a llama.cpp source with the target {name}")
             tmp = lc.bin_dir / f".{name}.{os.getpid()}.tmp"
-            shutil.copy2(built, tmp)
+            shutil.copy2(_configure_and_build(lc, (name,), jobs) / name, tmp)
             os.replace(tmp, lc.tool(name))
     return lc.tool(name)

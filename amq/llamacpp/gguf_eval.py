@@ -17,7 +17,7 @@ from amq.io import atomic_write_json, atomic_write_text
 from amq.llamacpp import run
 from amq.llamacpp.build import LlamaCpp, ensure_tool
 from amq.llamacpp.inputs import Inputs, Plan
-from amq.llamacpp.pipeline import heldout_reference
+from amq.llamacpp.pipeline import heldout_reference, kld_log
 from amq.llamacpp.report import fmt_or_dash
 
 log = logging.getLogger(__name__)
@@ -51,24 +51,15 @@ def evaluate(
     done: dict[tuple, tuple[str, dict]] = {}  # two targets whose searches picked one configuration give one file
     records: list[tuple[Made, dict]] = []
     for m in made:
-        measured = {}
         if m.types in done:
             label, measured = done[m.types]
             log.info("%s: the same tensor types as %s, so the same file: its measurement", m.plan.label, label)
-        for name, (logits, base_ppl, tag) in refs.items():
-            if name in measured:
-                continue
-            log_path = m.path.with_name(f"{m.path.stem}.{tag}.kld.log")
-            log_path.unlink(missing_ok=True)
-            r = run.kl_divergence(lc, m.path, logits, opts, log_path=log_path)
-            measured[name] = {
-                "perplexity": r.ppl, "perplexity_err": r.ppl_err, "unquantized_perplexity": base_ppl.ppl,
-                "kld": r.kld, "kld_err": r.kld_err, "same_top_pct": r.same_top, "kld_99pct": r.kld_99, "tokens_read": r.tokens,
-            }  # fmt: skip
-        done.setdefault(m.types, (m.plan.label, measured))
+        else:
+            measured = {name: _heldout(lc, m.path, ref, opts) for name, ref in refs.items()}
+            done[m.types] = (m.plan.label, measured)
         records.append((m, measured))
-    speeds = _speeds(lc, work, base, [m for m, _ in records], opts) if speed else {}
-    speed_protocol = _speed_protocol(speeds, opts) if speeds else None
+    speeds = _speeds(lc, work, base, made, opts) if speed else {}
+    speed_protocol = run.bench_protocol(opts, next(iter(speeds.values()))["cpu"], "the files and the unquantized GGUF") if speeds else None
     for m, measured in records:
         record = _record(m, measured, speeds.get(str(m.path)), inputs, lc, base, opts, base_mix, outtype, speed_protocol)
         atomic_write_json(m.path.parent / EVAL_FILE, record)
@@ -77,6 +68,18 @@ def evaluate(
             "%s: %s", m.plan.label,
             "; ".join(f"{n} perplexity {v['perplexity']:.3f} (unquantized GGUF {v['unquantized_perplexity']:.3f}), KLD {fmt_or_dash(v['kld'], '.4f')}" for n, v in measured.items()),
         )  # fmt: skip
+
+
+def _heldout(lc: LlamaCpp, path: Path, ref: tuple[Path, run.Perplexity, str], opts: run.ToolOptions) -> dict:
+    """One file's perplexity and KL divergence on one held-out text, against `ref` (`heldout_reference`)."""
+    logits, base_ppl, tag = ref
+    log_path = kld_log(path, tag)
+    log_path.unlink(missing_ok=True)  # a measurement of the file this export replaced
+    r = run.kl_divergence(lc, path, logits, opts, log_path=log_path)
+    return {
+        "perplexity": r.ppl, "perplexity_err": r.ppl_err, "unquantized_perplexity": base_ppl.ppl,
+        "kld": r.kld, "kld_err": r.kld_err, "same_top_pct": r.same_top, "kld_99pct": r.kld_99, "tokens_read": r.tokens,
+    }  # fmt: skip
 
 
 def _record(
@@ -119,12 +122,14 @@ def _record(
 def _speeds(lc: LlamaCpp, work: Path, base: Path, made: list[Made], opts: run.ToolOptions) -> dict[str, dict]:
     """Decode and prefill tokens/s of each file and of the unquantized GGUF, all in one llama-bench
     run (same threads, same moment of the machine), with the ratios to the unquantized one."""
-    paths = [base, *dict.fromkeys(m.path for m in made)]
-    measured = run.bench(ensure_tool(lc, "llama-bench"), paths, opts, work / "bench" / "export-llama-bench.log")
+    timed: dict[tuple, Path] = {}  # one file of each content: equal types, equal files
+    for m in made:
+        timed.setdefault(m.types, m.path)
+    measured = run.bench(ensure_tool(lc, "llama-bench"), [base, *timed.values()], opts, work / "bench" / "export-llama-bench.log")
     ref = measured.get(str(base))
     out = {}
     for m in made:
-        sp = measured.get(str(m.path))
+        sp = measured.get(str(timed[m.types]))
         if sp is None:
             continue
         out[str(m.path)] = {
@@ -133,14 +138,6 @@ def _speeds(lc: LlamaCpp, work: Path, base: Path, made: list[Made], opts: run.To
             "decode_vs_unquantized": round(sp.decode / ref.decode, 3) if ref else None,
         }  # fmt: skip
     return out
-
-
-def _speed_protocol(speeds: dict[str, dict], opts: run.ToolOptions) -> str:
-    b = run.BENCH
-    cpu = next(iter(speeds.values()))["cpu"]
-    return (
-        f"llama-bench -n {b['decode_tokens']} -p {b['prompt_tokens']} -r {b['reps']} -t {opts.threads}, the files and the unquantized GGUF in one run, on {cpu}"
-    )
 
 
 def render_card(record: dict) -> str:

@@ -156,7 +156,7 @@ def run_all(inputs: Inputs, lc: LlamaCpp, out_dir: Path, s: Settings) -> tuple[P
         "ppl_tokens": f"{base_ppl.tokens} tokens read, the second half of each {opts.ctx}-token chunk scored" if base_ppl.tokens else "the whole text",
         "imatrix": f"{opts.imatrix_chunks or 'all'} chunks of {opts.ctx} tokens",
         "threads": opts.threads,
-        "speed": _speed_protocol(rows, opts) if s.speed else None,
+        "speed": run.bench_protocol(opts, next((r.speed["cpu"] for r in rows if r.speed), "?"), "every GGUF") if s.speed else None,
         "bits_convention_amq": CONVENTION_WITH_META,
         "bpw": "file bytes x 8 / all weights of the unquantized model (embeddings included); bpw (linears): tensor bytes of the decoder linears x 8 / their weights",
         "minutes": round((time.perf_counter() - t0) / 60, 1),
@@ -164,14 +164,13 @@ def run_all(inputs: Inputs, lc: LlamaCpp, out_dir: Path, s: Settings) -> tuple[P
     return write_report(out_dir, rows, protocol)
 
 
-def _speed_protocol(rows: list[Row], opts: run.ToolOptions) -> str:
-    b = run.BENCH
-    cpu = next((r.speed["cpu"] for r in rows if r.speed), "?")
-    return f"llama-bench -n {b['decode_tokens']} -p {b['prompt_tokens']} -r {b['reps']} -t {opts.threads}, every GGUF in one run, on {cpu}"
+def kld_log(path: Path, ppl_tag: str) -> Path:
+    """Where a GGUF's perplexity and KLD against the base logits `ppl_tag` are logged: beside it (reused while it holds the result)."""
+    return path.with_name(f"{path.stem}.{ppl_tag}.kld.log")
 
 
 def _kld(lc: LlamaCpp, path: Path, logits: Path, ppl_tag: str, opts: run.ToolOptions) -> run.Perplexity:
-    return run.kl_divergence(lc, path, logits, opts, log_path=path.with_name(f"{path.stem}.{ppl_tag}.kld.log"))
+    return run.kl_divergence(lc, path, logits, opts, log_path=kld_log(path, ppl_tag))
 
 
 def _amq_row(

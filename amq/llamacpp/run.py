@@ -335,6 +335,12 @@ def parse_bench_json(text: str) -> dict[str, Speed]:
 BENCH = {"decode_tokens": 128, "prompt_tokens": 512, "reps": 3}  # llama-bench's -n, -p, -r by default
 
 
+def bench_protocol(opts: ToolOptions, cpu: str, what: str) -> str:
+    """How `bench` timed `what` (its arguments and the CPU llama-bench reported), for a report's protocol."""
+    b = BENCH
+    return f"llama-bench -n {b['decode_tokens']} -p {b['prompt_tokens']} -r {b['reps']} -t {opts.threads}, {what} in one run, on {cpu}"
+
+
 def bench(
     tool: Path,
     models: Sequence[Path],
