@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from amq.config import compose
 from amq.errors import ConfigError, ResourceError
 from amq.run.interrupts import Interrupted
-from amq.run.session import RunSession
+from amq.run.session import IterationObserver, RunSession
 from amq.run.stage_clock import StageClock
 from amq.run.summary import confirmation_values, finalize_summary, search_summary
 from amq.search.archive import Archive
@@ -47,6 +47,7 @@ class SearchRun:
     search: IterativeSearch
     run_dir: Path
     clock: StageClock  # per-stage wall time and peak GPU memory (summary.json `stages`)
+    observer: IterationObserver  # what each iteration writes and logs; draws the skipped plots at the end
 
 
 def run(cfg: DictConfig) -> tuple[dict, SearchRun]:
@@ -78,9 +79,9 @@ def run(cfg: DictConfig) -> tuple[dict, SearchRun]:
         if session.resuming:
             log.info("resuming %s at iteration %d with %d archived configurations", session.dir, start, len(archive))
         title = f"{wb.lm.name}: {wb.metric.name} vs bits ({plan.predictor_name}, seed {plan.seed})"
-        observer = session.iteration_observer(rows, wb.metric.name, title, space_fp, plan.seed, plan.tracker, wb.targets)
+        observer = session.iteration_observer(rows, wb.metric.name, title, space_fp, plan.seed, plan.tracker, wb.targets, plan.plot_every_s)
         search = compose.assemble_search(plan, wb, table, space, archive, [observer], stop.deferred, deadline)
-        objects = SearchRun(plan, wb, table, space, archive, search, session.dir, clock)
+        objects = SearchRun(plan, wb, table, space, archive, search, session.dir, clock, observer)
         return _search_and_finalize(cfg, config, objects, session, rows, start, title, started), objects
 
 
@@ -103,6 +104,7 @@ def _search_and_finalize(cfg: DictConfig, config: dict, o: SearchRun, session: R
                 confirmation = compose.confirm(cfg, plan, wb, o.space, archive, session.dir, search.evaluation_guard)
             plan.tracker.log(confirmation_values(confirmation[0], wb.metric.name), step=plan.settings.iterations)
         front = session.outputs.write_front(archive, wb.metric.name, title, wb.targets)
+        o.observer.finish(front)
         summary = search_summary(plan, wb, o.table, o.space, archive, rows, front, search.stopped, search_s, time.monotonic() - started, confirmation)
         summary["stages"] = o.clock.stages
         session.write_summary(summary)

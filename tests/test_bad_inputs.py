@@ -85,6 +85,7 @@ CASES = {
     "negative budget": Case(["budget.batch_size=-4"], "budget.batch_size"),
     "negative seed": Case(["seed=-1"], "seed"),
     "zero threads": Case(["num_threads=0"], "num_threads"),
+    "negative plot interval": Case(["plot_every_s=-1"], "plot_every_s"),
     "unknown metric": Case(["metric.kind=mse"], "metric.kind"),
     "metric trim out of range": Case(["metric.trim=0.5"], "metric.trim"),
     "bad predictor option": Case(["predictor.target=sqrt"], "predictor.target"),

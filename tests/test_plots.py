@@ -126,3 +126,65 @@ def test_predictor_plot_appears_once_a_predictor_proposed(tmp_path):
             archive.add(g, Evaluation(4.0 ** -(bits - 3) * 0.3, 1.0), 5, METRIC, predicted=4.0 ** -(bits - 3) * 0.25)
     path = out.write_predictor_plot(archive, METRIC, "toy")
     assert path == out.path("predictor.png") and path.read_bytes()[:8] == PNG
+
+
+class _Tracker:
+    """What an observer hands the tracker: (kind, step, image name or None)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, str | None]] = []
+
+    def log(self, row, step):
+        self.calls.append(("log", step, None))
+
+    def log_front(self, front, metric_name, image, step):
+        self.calls.append(("front", step, None if image is None else image.name))
+
+    def log_image(self, key, image, step):
+        self.calls.append(("image", step, image.name))
+
+
+def _observe(tmp_path, plot_every_s: float, clock: list[float], monkeypatch) -> tuple[RunOutputs, _Tracker, list[int]]:
+    """Three iterations ten (fake) seconds apart through a RunSession's observer; returns what it
+    drew after each (front.png's modification counter) and the tracker's calls."""
+    from amq.run import session as session_module
+    from amq.run.session import RunSession
+
+    monkeypatch.setattr(session_module.time, "monotonic", lambda: clock[0])
+    session = RunSession(tmp_path / "run")
+    session.outputs = RunOutputs(session.dir)
+    tracker = _Tracker()
+    archive = _archive(tmp_path)
+    space = archive.space
+    for g in space.random(np.random.default_rng(1), 6):  # configurations a predictor proposed: predictor.png has points
+        if g not in archive:
+            bits = float(space.avg_bits(g))
+            archive.add(g, Evaluation(4.0 ** -(bits - 3) * 0.3, 1.0), 5, METRIC, predicted=4.0 ** -(bits - 3) * 0.25)
+    observer = session.iteration_observer([], METRIC, "toy", "fp", 0, tracker, [4.0], plot_every_s)
+    drawn = []
+    for it in range(3):
+        clock[0] += 10.0
+        observer({"iteration": it, "hypervolume": 0.5}, archive)
+        drawn.append(session.outputs.path("front.png").exists())
+        session.outputs.path("front.png").unlink(missing_ok=True)
+    front = session.outputs.write_front(archive, METRIC, "toy", [4.0])  # the search's end, as train_search writes it
+    observer.finish(front)
+    return session.outputs, tracker, drawn
+
+
+def test_plots_are_redrawn_at_most_every_plot_every_s_and_always_at_the_end(tmp_path, monkeypatch):
+    out, tracker, drawn = _observe(tmp_path / "a", 25.0, [0.0], monkeypatch)
+    assert drawn == [False, False, True]  # 10 s, 20 s: too soon; 30 s: drawn
+    assert [c for c in tracker.calls if c[0] == "front"] == [("front", 0, None), ("front", 1, None), ("front", 2, "front.png")]
+    assert ("image", 2, "predictor.png") in tracker.calls and out.path("predictor.png").is_file()
+    assert all(out.path(n).is_file() for n in ("front.json", "front.csv", "metrics.jsonl", "state.json"))  # written every iteration
+
+    out, tracker, drawn = _observe(tmp_path / "b", 1000.0, [0.0], monkeypatch)  # never due: the end draws the last iteration's
+    assert drawn == [False, False, False]
+    fronts = [c for c in tracker.calls if c[0] == "front"]
+    assert fronts[-1] == ("front", 2, "front.png") and all(c[2] is None for c in fronts[:-1])
+    assert tracker.calls[-1] == ("image", 2, "predictor.png") and out.path("front.png").is_file()
+
+    _, tracker, drawn = _observe(tmp_path / "c", 0.0, [0.0], monkeypatch)  # 0: after every iteration, and nothing left for the end
+    assert drawn == [True, True, True]
+    assert [c[2] for c in tracker.calls if c[0] == "front"] == ["front.png"] * 3

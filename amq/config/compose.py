@@ -259,6 +259,7 @@ class SearchPlan:
     sensitivity_widths: str = sensitivity.SENSITIVITY_WIDTHS[0]  # lowest | all | estimated: the widths each linear is probed at
     predictor_prior: str = PRIORS[0]  # none | table: the predictor learns what the table's additive model leaves
     shrink_table: bool = False  # shrink the middle widths' damages toward their role's ratio of the lowest width's
+    plot_every_s: float = 0.0  # front.png and predictor.png redrawn after an iteration at most this often (always at the end)
 
 
 def plan(cfg: DictConfig) -> SearchPlan:
@@ -303,6 +304,9 @@ def plan(cfg: DictConfig) -> SearchPlan:
     if isinstance(min_coverage, bool) or not isinstance(min_coverage, (int, float)) or not 0.0 <= float(min_coverage) <= 1.0:
         raise ConfigError("search.min_coverage", f"{min_coverage!r}", "a fraction from 0 to 1, e.g. 0.99")
     _check_targets_given(cfg)
+    plot_every_s = cfg.get("plot_every_s", 0.0)
+    if isinstance(plot_every_s, bool) or not isinstance(plot_every_s, (int, float)) or not plot_every_s >= 0:
+        raise ConfigError("plot_every_s", f"{plot_every_s!r}", "a number of seconds >= 0 (0: redraw the plots after every iteration)")
     return SearchPlan(
         seed=int(cfg.seed),
         calibration=calibration_spec(cfg),
@@ -324,6 +328,7 @@ def plan(cfg: DictConfig) -> SearchPlan:
         sensitivity_widths=str(sensitivity_widths),
         predictor_prior=predictor_prior,
         shrink_table=shrink_table,
+        plot_every_s=float(plot_every_s),
     )
 
 

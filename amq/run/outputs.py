@@ -59,8 +59,8 @@ class RunOutputs:
         atomic_write_text(self.path("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
 
     # -------------------------------------------------------------- front
-    def write_front(self, archive: Archive, metric_name: str, title: str, targets: Sequence[float] = ()) -> list[dict]:
-        """front.json, front.csv and front.png (with `targets` marked); returns the front's rows."""
+    def write_front(self, archive: Archive, metric_name: str, title: str, targets: Sequence[float] = (), plot: bool = True) -> list[dict]:
+        """front.json, front.csv and, with `plot`, front.png (with `targets` marked); returns the front's rows."""
         X, y, bits = archive.arrays()
         finite = np.isfinite(y)
         idx = np.flatnonzero(finite)[nondominated(np.column_stack([y[finite], bits[finite]]))]
@@ -89,6 +89,8 @@ class RunOutputs:
         for r in rows:
             w.writerow([f"{r['avg_bits']:.6f}", f"{r['avg_bits_weights_only']:.6f}", f"{r[metric_name]:.8g}", r["iteration"], "".join(map(str, r["genes"]))])
         atomic_write_text(self.path("front.csv"), buf.getvalue())
+        if not plot:
+            return rows
         iters = np.array([r.iteration for r in archive.records])
         plot_front(self.path("front.png"), bits, y, iters, idx, metric_name, title, f"average bits ({CONVENTION_WITH_META})", targets, uniform_points(archive))
         return rows

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from amq.errors import ConfigError
 from amq.io import atomic_write_json, atomic_write_text
@@ -99,22 +100,18 @@ class RunSession:
         return state.next_iteration if state else 0
 
     def iteration_observer(
-        self, rows: list[dict], metric_name: str, title: str, space_fingerprint: str, seed: int, tracker: Any, targets: Sequence[float] = ()
-    ) -> Callable[[dict, Archive], None]:
-        """What happens after every iteration: metrics, front and checkpoint on disk, then the tracker."""
-
-        def on_iteration(row: dict, archive: Archive) -> None:
-            rows.append(row)
-            self.outputs.write_metrics(rows)
-            front = self.outputs.write_front(archive, metric_name, title, targets)
-            self.outputs.write_state(RunState(space_fingerprint, row["iteration"], seed))
-            tracker.log(row, step=row["iteration"])
-            tracker.log_front(front, metric_name, self.outputs.path("front.png"), step=row["iteration"])
-            predictor_png = self.outputs.write_predictor_plot(archive, metric_name, title)
-            if predictor_png is not None:
-                tracker.log_image("predictor/predicted_vs_measured", predictor_png, step=row["iteration"])
-
-        return on_iteration
+        self,
+        rows: list[dict],
+        metric_name: str,
+        title: str,
+        space_fingerprint: str,
+        seed: int,
+        tracker: Any,
+        targets: Sequence[float] = (),
+        plot_every_s: float = 0.0,
+    ) -> "IterationObserver":
+        """What happens after every iteration (see IterationObserver)."""
+        return IterationObserver(self.outputs, rows, metric_name, title, space_fingerprint, seed, tracker, targets, plot_every_s)
 
     def log_time_limit_stop(self, stopped: dict, max_minutes: float | None) -> None:
         """Say where the time limit stopped the search and how to continue it."""
@@ -130,3 +127,58 @@ class RunSession:
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_json(self.outputs.path(SUMMARY_FILE), summary)
+
+
+class IterationObserver:
+    """After every iteration: metrics.jsonl, front.json/csv and state.json on disk, then the tracker.
+
+    The plots (front.png, predictor.png) are drawn after an iteration only when `plot_every_s`
+    seconds have passed since the last drawing (0: after every iteration), and always by `finish()`
+    at the end of the search. A plot costs about half a second of matplotlib: nothing beside an
+    iteration of minutes, but a quarter of a seconds-long smoke search."""
+
+    def __init__(
+        self,
+        outputs: RunOutputs,
+        rows: list[dict],
+        metric_name: str,
+        title: str,
+        space_fingerprint: str,
+        seed: int,
+        tracker: Any,
+        targets: Sequence[float],
+        plot_every_s: float,
+    ) -> None:
+        self.outputs, self.rows, self.metric_name, self.title = outputs, rows, metric_name, title
+        self.space_fingerprint, self.seed, self.tracker, self.targets = space_fingerprint, seed, tracker, tuple(targets)
+        self.plot_every_s = float(plot_every_s)
+        self._drawn_at = time.monotonic()  # the search's start: a first iteration of seconds is not drawn either
+        self._undrawn: tuple[int, Archive] | None = None  # (step, archive) of the last iteration, when its plots were skipped
+
+    def __call__(self, row: dict, archive: Archive) -> None:
+        step = row["iteration"]
+        self.rows.append(row)
+        self.outputs.write_metrics(self.rows)
+        draw = time.monotonic() - self._drawn_at >= self.plot_every_s
+        front = self.outputs.write_front(archive, self.metric_name, self.title, self.targets, plot=draw)
+        self.outputs.write_state(RunState(self.space_fingerprint, step, self.seed))
+        self.tracker.log(row, step=step)
+        if draw:
+            self._log_plots(front, archive, step)
+        else:
+            self.tracker.log_front(front, self.metric_name, None, step=step)
+        self._undrawn = None if draw else (step, archive)
+
+    def finish(self, front: list[dict]) -> None:
+        """After the final front.png (`RunOutputs.write_front`): the plots the last iteration skipped."""
+        if self._undrawn is not None:
+            step, archive = self._undrawn
+            self._log_plots(front, archive, step)
+            self._undrawn = None
+
+    def _log_plots(self, front: list[dict], archive: Archive, step: int) -> None:
+        self.tracker.log_front(front, self.metric_name, self.outputs.path("front.png"), step=step)
+        predictor_png = self.outputs.write_predictor_plot(archive, self.metric_name, self.title)
+        if predictor_png is not None:
+            self.tracker.log_image("predictor/predicted_vs_measured", predictor_png, step=step)
+        self._drawn_at = time.monotonic()
