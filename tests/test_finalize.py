@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SMOKE, main_in_process, run_module
+from conftest import SMOKE, main_in_process
 
 from amq.bits import BitConfig
 from amq.errors import ConfigError
@@ -54,10 +54,6 @@ def test_llama_cpp_types_cover_every_llama_linear():
         llamacpp.tensor_types(BitConfig({"model.layers.0.mlp.down_proj": 7}, 64))
 
 
-def _evaluate_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return run_module("cli.evaluate", args, timeout=1200)
-
-
 def test_evaluate_refuses_a_directory_without_a_bit_configuration(tmp_path, capfd):
     from amq.cli.evaluate import main
 
@@ -67,9 +63,13 @@ def test_evaluate_refuses_a_directory_without_a_bit_configuration(tmp_path, capf
 
 
 @pytest.mark.slow
-def test_search_exports_models_that_reload_and_reproduce(searched, tmp_path):
+def test_search_exports_models_that_reload_and_reproduce(searched, tmp_path, capfd):
     """The session's finalized smoke search (conftest: HQQ at the default budgets, one extra front
-    point), copied so that `amq-evaluate` writes into the copy."""
+    point), copied so that `amq-evaluate` writes into the copy. `amq-evaluate` runs in this process,
+    which never held these models (the search wrote them in its own; tests/test_tracking_path.py
+    runs the command in a new process)."""
+    from amq.cli.evaluate import main
+
     run = Path(shutil.copytree(searched, tmp_path / "run", ignore=shutil.ignore_patterns("finalized", "wandb")))
     summary = json.loads((run / "summary.json").read_text())
     report = json.loads((run / "evaluation.json").read_text())
@@ -95,8 +95,8 @@ def test_search_exports_models_that_reload_and_reproduce(searched, tmp_path):
         assert 0 < r["bytes_on_disk"] < r["bytes_bf16"]
         assert json.loads((d / "bit_config.json").read_text())["version"] == 1
     assert report["proxy_fidelity"]["n"] >= 3
-    # a fresh process reloads every exported model and reproduces its recorded perplexity
-    proc = _evaluate_cli([str(run), "--threads", "2"])
+    # another process reloads every exported model and reproduces its recorded perplexity
+    proc = main_in_process("amq-evaluate", main, [str(run), "--threads", "2"], capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for r in targets:
         rep = json.loads((run / "models" / f"{r['target']:g}" / "eval.json").read_text())["reproduction"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -151,6 +152,8 @@ def _observe(tmp_path, plot_every_s: float, clock: list[float], monkeypatch) -> 
     from amq.run.session import RunSession
 
     monkeypatch.setattr(session_module.time, "monotonic", lambda: clock[0])
+    for name in ("plot_front", "plot_predictions"):  # what is drawn when, not the drawing (tested above)
+        monkeypatch.setattr(outputs_module, name, lambda path, *args, **kwargs: Path(path).write_bytes(PNG))
     session = RunSession(tmp_path / "run")
     session.outputs = RunOutputs(session.dir)
     tracker = _Tracker()
