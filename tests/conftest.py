@@ -98,6 +98,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_GUARD] = _NewFiles(watched, exclude=[cache, base])
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Beside the durations (also under -q): the CPU the suite's times come from (an AVX2-only CPU
+    takes about 2.5x as long: the model computes in float32 there) and the dtype `dtype: auto` picks."""
+    import torch
+
+    from amq.devices import resolve_dtype
+
+    chosen = resolve_dtype("auto", torch.device("cpu"))
+    terminalreporter.write_line(
+        f"amq: {os.cpu_count()} CPUs, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, models compute in {chosen.name} ({chosen.reason})"
+    )
+
+
 def _restore_env(saved: dict[str, str | None]) -> None:
     for key, value in saved.items():
         if value is None:
