@@ -26,6 +26,7 @@ from hydra import compose, initialize_config_dir
 from amq.bench.script_args import script_parser
 from amq.bits import average_bits
 from amq.config.compose import build, quiet_libraries
+from amq.data.corpora import keep_parsed
 from amq.data.tokens import CalibrationSpec, calibration_windows
 from amq.evaluation.perplexity import PerplexityProtocol, perplexity, perplexity_windows
 from amq.modeling.discovery import discover_layout
@@ -66,7 +67,7 @@ def main() -> None:
     torch.manual_seed(int(cfg.seed))
     lm = build(cfg.model.source, "model").load(Path(cfg.paths.cache_dir))
     model, layout, group = lm.model, discover_layout(lm.model), int(cfg.quantizer.group_size)
-    splits = build(cfg.data, "data").load()
+    splits = keep_parsed(build(cfg.data, "data"), cfg.paths.cache_dir).load()
     calib = calibration_windows(lm.tokenizer, splits.calibration, CalibrationSpec(args.calib_samples, args.calib_len, int(cfg.data_seed)), lm.add_bos)
     protocol = PerplexityProtocol(args.window, args.max_windows, lm.add_bos).fit_to(model)
     heldout = {name: perplexity_windows(lm.tokenizer, docs, protocol) for name, docs in splits.heldout.items()}

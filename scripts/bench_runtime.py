@@ -169,8 +169,9 @@ def main() -> None:
     device = torch.device(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     from amq.cli.evaluate import load_corpus
+    from amq.llamacpp.build import default_cache_dir
 
-    text = "\n\n".join(next(iter(load_corpus("wiki_lee").load().heldout.values())))
+    text = "\n\n".join(next(iter(load_corpus("wiki_lee", str(default_cache_dir())).load().heldout.values())))
     tokens = tokenizer(text, return_tensors="pt").input_ids[:, : args.window].to(device)
     runs: dict[str, list[dict]] = {r: [] for r in RUNTIMES}
     for i in range(args.repeats):

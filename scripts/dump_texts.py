@@ -15,6 +15,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from amq.config.compose import CONF_DIR, build
+from amq.data.corpora import keep_parsed
 from amq.io import atomic_write_text
 
 
@@ -26,10 +27,7 @@ def _document(doc: str) -> str:
 def main(out_dir: Path, overrides: list[str]) -> None:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train_search", overrides=overrides)
-    corpus = build(cfg.data, "data")
-    if getattr(corpus, "cache_dir", "") is None:
-        corpus.cache_dir = str(cfg.paths.cache_dir)
-    splits = corpus.load()
+    splits = keep_parsed(build(cfg.data, "data"), cfg.paths.cache_dir).load()
     parts = {"calibration": splits.calibration, **splits.heldout}
     for name, docs in parts.items():
         atomic_write_text(out_dir / f"{name}.txt", "\n\n".join(_document(d) for d in docs if d.strip()) + "\n")

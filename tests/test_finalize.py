@@ -138,9 +138,11 @@ def check_plain_transformers_reproduces(run, targets: list[str], tmp_path) -> No
     from transformers import AutoTokenizer
 
     from amq.config.compose import build, compose_config
+    from amq.data.corpora import keep_parsed
     from amq.evaluation.perplexity import PerplexityProtocol, perplexity_windows
 
-    splits = build(compose_config(SMOKE).data, "data").load()
+    cfg = compose_config(SMOKE)
+    splits = keep_parsed(build(cfg.data, "data"), cfg.paths.cache_dir).load()
     jobs, recorded = {}, {}
     for t in targets:
         d = run / "models" / t

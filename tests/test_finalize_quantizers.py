@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from amq.config.compose import build
+from amq.data.corpora import keep_parsed
 from amq.data.tokens import CalibrationSpec, calibration_windows
 from amq.errors import ConfigError
 from amq.modeling.discovery import discover_layout, find_decoder_blocks
@@ -73,7 +74,7 @@ def test_packed_linear_state_dict_round_trips_through_safetensors(tmp_path: Path
 def smollm2(compose_cfg):
     cfg = compose_cfg(["model=smollm2", "logger=none"])
     lm = build(cfg.model.source, "model").load(Path(cfg.paths.cache_dir))
-    splits = build(cfg.data, "data").load()
+    splits = keep_parsed(build(cfg.data, "data"), cfg.paths.cache_dir).load()
     calib = calibration_windows(lm.tokenizer, splits.calibration, CalibrationSpec(8, 128, seed=0), lm.add_bos)
     return lm, discover_layout(lm.model), calib, compose_cfg
 
@@ -404,7 +405,9 @@ def test_gemma3_blocks_get_their_own_arguments(compose_cfg):
     lm = build(cfg.model.source, "model").load(Path(cfg.paths.cache_dir))
     layout = discover_layout(lm.model)
     full = lm.model.config.layer_types.index("full_attention")
-    calib = calibration_windows(lm.tokenizer, build(cfg.data, "data").load().calibration, CalibrationSpec(4, 64, seed=0), lm.add_bos)
+    calib = calibration_windows(
+        lm.tokenizer, keep_parsed(build(cfg.data, "data"), cfg.paths.cache_dir).load().calibration, CalibrationSpec(4, 64, seed=0), lm.add_bos
+    )
     _, blocks = find_decoder_blocks(lm.model)
     _, calls = capture_block_calls(lm.model, blocks, calib, len(calib), full)
     cos0, cos_full = calls[0][0].kwargs["position_embeddings"][0], calls[full][0].kwargs["position_embeddings"][0]

@@ -17,6 +17,7 @@ from conftest import SMOKE, run_cli_in_process, run_dirs
 
 from amq.bits import BitConfig
 from amq.config.compose import build, eval_suite, finalizer_for, load_model_and_data
+from amq.data.corpora import keep_parsed
 from amq.errors import ConfigError
 from amq.evaluation import task_index, zeroshot
 from amq.evaluation.task_index import INDEX_DIR, index_file, task_manager
@@ -43,7 +44,7 @@ def test_few_shot_task_on_smollm2_keeps_lm_evals_results(compose_cfg, tmp_path, 
     torch.set_num_threads(int(cfg.num_threads))
     cache = Path(cfg.paths.cache_dir)
     lm = build(cfg.model.source, "model").load(cache)
-    suite = eval_suite(cfg.finalize, build(cfg.data, "data").load(), lm.add_bos, cache)
+    suite = eval_suite(cfg.finalize, keep_parsed(build(cfg.data, "data"), cache).load(), lm.add_bos, cache)
     evaluation = suite.run(lm.model, lm.tokenizer, "unquantized", keep_lm_eval=True)
     write_lm_eval_results(tmp_path / LM_EVAL_RESULTS, evaluation.pop("lm_eval"))
     results = json.loads((tmp_path / LM_EVAL_RESULTS).read_text())

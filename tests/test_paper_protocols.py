@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -59,9 +60,9 @@ def tokenizers(smollm2):
 
 
 @pytest.fixture(scope="module")
-def articles(tmp_path_factory) -> list[str]:
-    """The embedded Wikipedia articles (gensim's excerpt), title first."""
-    splits = EmbeddedWikiLee(cache_dir=str(tmp_path_factory.mktemp("wiki-cache"))).load()
+def articles() -> list[str]:
+    """The embedded Wikipedia articles (gensim's excerpt), title first (parsed once a session: its cache)."""
+    splits = EmbeddedWikiLee(cache_dir=os.environ["AMQ_CACHE_DIR"]).load()
     return splits.calibration + splits.heldout["wiki"]
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def texts(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def embedded() -> TextSplits:
-    return EmbeddedWikiLee().load()
+    return EmbeddedWikiLee(cache_dir=os.environ["AMQ_CACHE_DIR"]).load()  # parsed once a session: its cache
 
 
 def _embedded_calibration_file(folder: Path, embedded: TextSplits) -> Path:

@@ -32,6 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from amq.config.compose import CONF_DIR, quiet_libraries
+from amq.data.corpora import keep_parsed
 from amq.errors import ConfigError, settings_of
 from amq.evaluation.perplexity import PerplexityProtocol
 from amq.evaluation.suite import EvalSuite
@@ -62,8 +63,9 @@ def model_dirs(path: Path) -> list[Path]:
 DEFAULT_DATA = "wiki_lee"  # for a model directory whose run left no config.yaml
 
 
-def load_corpus(name: str):
-    """A data config under conf/data, or a text file or folder of *.txt files (held-out only)."""
+def load_corpus(name: str, cache_dir: str):
+    """A data config under conf/data (what it parses kept in `cache_dir`), or a text file or folder
+    of *.txt files (held-out only)."""
     if Path(name).exists():
         from amq.data.corpora import TextFiles
 
@@ -72,7 +74,7 @@ def load_corpus(name: str):
     options = sorted(p.stem for p in CONF_DATA.glob("*.yaml"))
     if name not in options:
         raise ConfigError("--data", f"unknown data config {name!r}", ", ".join(options) + ", or a text file or folder")
-    return instantiate(OmegaConf.load(CONF_DATA / f"{name}.yaml"))
+    return keep_parsed(instantiate(OmegaConf.load(CONF_DATA / f"{name}.yaml")), cache_dir)
 
 
 def run_corpus(model_dir: Path, cache_dir: str):
@@ -83,10 +85,7 @@ def run_corpus(model_dir: Path, cache_dir: str):
     node = OmegaConf.load(config).get("data")
     if node is None:
         return None
-    corpus = instantiate(node)
-    if getattr(corpus, "cache_dir", "") is None:
-        corpus.cache_dir = cache_dir
-    return corpus
+    return keep_parsed(instantiate(node), cache_dir)
 
 
 def earlier_same_protocol(recorded: dict, protocol: dict) -> dict | None:
@@ -154,9 +153,9 @@ def evaluate_dir(model_dir: Path, args: argparse.Namespace, corpus_cache: dict) 
         corpus = run_corpus(model_dir, args.cache_dir)
         data = f"run:{model_dir.parent.parent}" if corpus is not None else DEFAULT_DATA
         if data not in corpus_cache:
-            corpus_cache[data] = corpus.load() if corpus is not None else load_corpus(DEFAULT_DATA).load()
+            corpus_cache[data] = (corpus if corpus is not None else load_corpus(DEFAULT_DATA, args.cache_dir)).load()
     elif data not in corpus_cache:
-        corpus_cache[data] = load_corpus(data).load()
+        corpus_cache[data] = load_corpus(data, args.cache_dir).load()
     splits = corpus_cache[data]
     with settings_of(named={"window": "--window", "max_windows": "--max-windows"}):
         protocol = PerplexityProtocol(int(window), None if max_windows in (None, 0) else int(max_windows), bool(add_bos))

@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from amq.config.check import check_settings
-from amq.data.corpora import TextSplits
+from amq.data.corpora import TextSplits, keep_parsed
 from amq.data.tokens import CalibrationSpec, calibration_windows
 from amq.errors import ConfigError, InvalidArgument, setting_for, settings_of
 from amq.evaluation.perplexity import PerplexityProtocol, perplexity_windows
@@ -221,9 +221,7 @@ def load_model_and_data(cfg: DictConfig) -> ModelAndData:
     quiet_libraries()
     set_threads(cfg.num_threads)
     cache_dir = Path(cfg.paths.cache_dir)
-    source, corpus = build(cfg.model.source, "model", MODEL_SETTINGS), build(cfg.data, "data")
-    if getattr(corpus, "cache_dir", "") is None:  # a corpus that caches what it parses: in the run's cache
-        corpus.cache_dir = str(cache_dir)
+    source, corpus = build(cfg.model.source, "model", MODEL_SETTINGS), keep_parsed(build(cfg.data, "data"), cache_dir)
     splits = corpus.load()  # before the model: text that cannot be read (offline hub data) fails at once
     with settings_of("model", MODEL_SETTINGS):
         lm = source.load(cache_dir)
