@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> tuple[dict, SearchRun]:
         if session.resuming:
             log.info("resuming %s at iteration %d with %d archived configurations", session.dir, start, len(archive))
         title = f"{wb.lm.name}: {wb.metric.name} vs bits ({plan.predictor_name}, seed {plan.seed})"
-        observer = session.iteration_observer(rows, wb.metric.name, title, space_fp, plan.seed, plan.tracker, wb.targets, plan.plot_every_s)
+        observer = IterationObserver(session.outputs, rows, wb.metric.name, title, space_fp, plan.seed, plan.tracker, wb.targets, plan.plot_every_s)
         search = compose.assemble_search(plan, wb, table, space, archive, [observer], stop.deferred, deadline)
         objects = SearchRun(plan, wb, table, space, archive, search, session.dir, clock, observer)
         return _search_and_finalize(cfg, config, objects, session, rows, start, title, started), objects

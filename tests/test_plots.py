@@ -146,10 +146,10 @@ class _Tracker:
 
 
 def _observe(tmp_path, plot_every_s: float, clock: list[float], monkeypatch) -> tuple[RunOutputs, _Tracker, list[int]]:
-    """Three iterations ten (fake) seconds apart through a RunSession's observer; returns what it
+    """Three iterations ten (fake) seconds apart through the observer a search gives its run directory; returns what it
     drew after each (front.png's modification counter) and the tracker's calls."""
     from amq.run import session as session_module
-    from amq.run.session import RunSession
+    from amq.run.session import IterationObserver, RunSession
 
     monkeypatch.setattr(session_module.time, "monotonic", lambda: clock[0])
     for name in ("plot_front", "plot_predictions"):  # what is drawn when, not the drawing (tested above)
@@ -163,7 +163,7 @@ def _observe(tmp_path, plot_every_s: float, clock: list[float], monkeypatch) -> 
         if g not in archive:
             bits = float(space.avg_bits(g))
             archive.add(g, Evaluation(4.0 ** -(bits - 3) * 0.3, 1.0), 5, METRIC, predicted=4.0 ** -(bits - 3) * 0.25)
-    observer = session.iteration_observer([], METRIC, "toy", "fp", 0, tracker, [4.0], plot_every_s)
+    observer = IterationObserver(session.outputs, [], METRIC, "toy", "fp", 0, tracker, [4.0], plot_every_s)
     drawn = []
     for it in range(3):
         clock[0] += 10.0

@@ -99,20 +99,6 @@ class RunSession:
         self.outputs.path(SUMMARY_FILE).unlink(missing_ok=True)  # a continued run is not finished until it writes it again
         return state.next_iteration if state else 0
 
-    def iteration_observer(
-        self,
-        rows: list[dict],
-        metric_name: str,
-        title: str,
-        space_fingerprint: str,
-        seed: int,
-        tracker: Any,
-        targets: Sequence[float] = (),
-        plot_every_s: float = 0.0,
-    ) -> "IterationObserver":
-        """What happens after every iteration (see IterationObserver)."""
-        return IterationObserver(self.outputs, rows, metric_name, title, space_fingerprint, seed, tracker, targets, plot_every_s)
-
     def log_time_limit_stop(self, stopped: dict, max_minutes: float | None) -> None:
         """Say where the time limit stopped the search and how to continue it."""
         log.info(
