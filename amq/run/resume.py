@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 
 TIME_LIMIT = "budget.max_minutes"
 # Settings that may differ between an interrupted run and its continuation: where outputs and
-# caches go, tracking, how often plots are redrawn, CPU threads, how the metric is batched (same values up to float rounding), and
-# how long the search may take (where it stops, not what it finds).
+# caches go, tracking, how often plots are redrawn, CPU threads, how the metric is batched (same
+# values up to float rounding), and how long the search may take (where it stops, not what it finds).
 RESUME_MAY_DIFFER = (
     "resume",
     "paths",

@@ -120,7 +120,7 @@ class IterationObserver:
 
     The plots (front.png, predictor.png) are drawn after an iteration only when `plot_every_s`
     seconds have passed since the last drawing (0: after every iteration), and always by `finish()`
-    at the end of the search. A plot costs about half a second of matplotlib: nothing beside an
+    at the end of the search. A drawing costs about 0.3 s of matplotlib: nothing beside an
     iteration of minutes, but a quarter of a seconds-long smoke search."""
 
     def __init__(
