@@ -1,7 +1,10 @@
 """`experiment=vllm`: a search whose exported checkpoints vLLM's kernels serve whole (by its source:
 amq does not run vLLM), on the real SmolLM2 with the smoke budget. HQQ stands in for the preset's
-GPTQ (same export path, no calibration pass); the refusals are in tests/test_bad_inputs.py, the
-finalizers' integer zero points in tests/test_finalize_quantizers.py."""
+GPTQ (same export path, no calibration pass), and the session's proxies (fractional zero points)
+for the preset's whole-code ones, so that the search reuses the cached 4- and 8-bit proxies and the
+4-bit sensitivity table (tests/test_sensitivity_widths.py measures it); the preset's proxy with
+whole-code zero points is tested in tests/test_finalize_quantizers.py, the refusals in
+tests/test_bad_inputs.py, the finalizers' integer zero points in tests/test_finalize_quantizers.py."""
 
 from __future__ import annotations
 
@@ -13,10 +16,11 @@ from test_finalize import check_plain_transformers_reproduces
 
 
 @pytest.mark.slow
-def test_the_vllm_preset_exports_every_layer_bit_packed_with_a_vllm_kernel(tmp_path):
+def test_the_vllm_preset_exports_every_layer_bit_packed_with_a_vllm_kernel(compose_cfg, tmp_path):
     overrides = [o for o in SMOKE if o != "finalize.enabled=false"]
     overrides += ["experiment=vllm", "finalizer=hqq", "finalize.targets=[5.0]", "finalize.baselines=false", "finalize.extra_front_points=0"]
-    overrides += ["finalize.window=256", "finalize.max_windows=1", "quantizer.optimize=false"]  # HQQ without its zero-point iterations: seconds less
+    assert compose_cfg(overrides).quantizer.integer_zero is True  # the preset's own proxy...
+    overrides += ["finalize.window=256", "finalize.max_windows=1", "quantizer.integer_zero=false"]  # ...and the session's cached one here
     search_in_process(overrides, tmp_path / "run")
     (run,) = [p for p in (tmp_path / "run").rglob("summary.json")]
     model = run.parent / "models" / "5"
