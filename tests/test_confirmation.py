@@ -40,7 +40,8 @@ def test_confirmation_measures_each_targets_near_ties_once_and_counts_its_tokens
         assert d["search_metric"] == search and d["combined"] == pytest.approx((2 * search + CONFIRM_SAMPLES * confirm) / (2 + CONFIRM_SAMPLES))
         assert confirm != search  # other windows than the search's
     conf = summary["confirmation"]
-    assert conf["measured"] == len(lines) and conf["tokens"] == len(lines) * CONFIRM_SAMPLES * 64
+    window = objects.workbench.tokens.shape[1]  # budget.seq_len tokens a window
+    assert conf["measured"] == len(lines) and conf["tokens"] == len(lines) * CONFIRM_SAMPLES * window
     assert summary["true_evaluations"] == len(archive)  # the pass adds no archive record...
     same = [json.loads(line) for line in (smoke_run[0] / "archive.jsonl").read_text().splitlines()]
     assert [r["genes"] for r in read_jsonl(run_dir / "archive.jsonl")] == [r["genes"] for r in same]  # ...and changes no search result

@@ -39,7 +39,8 @@ def test_estimated_middle_widths_seed_the_search_from_one_pass(tmp_path):
     assert set(table.mid) == {middle} and set(table.mid[middle]) == set(table.damage)
     assert table.estimate_tokens == wb.tokens.numel() and table.probes == len(table.damage) + 1
     lowest, mid = np.array(list(table.damage.values())), np.array([table.mid[middle][n] for n in table.damage])
-    assert np.all(mid >= 0) and np.all(mid <= np.maximum(lowest, 0)) and mid.sum() < lowest.sum()
+    # between no damage and the lowest width's (whose probe can measure a little below the baseline: noise)
+    assert np.all(mid >= np.minimum(lowest, 0)) and np.all(mid <= np.maximum(lowest, 0)) and mid.sum() < lowest.sum()
     sens = json.loads((run / "sensitivity.json").read_text())
     assert sens["mid"][str(middle)] == table.mid[middle] and sens["estimate_tokens"] == table.estimate_tokens
     assert summary["final_hypervolume"] > 0
