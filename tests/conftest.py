@@ -31,6 +31,7 @@ millisecond per test. amq/, tests/, conf/ are not watched: people edit them whil
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -305,6 +306,71 @@ def search_in_process(overrides: list[str], run_dir: Path) -> tuple[dict, Any]:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train_search", overrides=[*overrides, f"paths.output_dir={run_dir}"])
     return run(cfg)
+
+
+# ---------------------------------------------------------------------------- plain transformers
+# Runs each script sent to it (JSON lines: code and argv) as `python -c code *argv` would, with its
+# stdout captured, and answers with one JSON line: exit status, stdout, traceback. It imports nothing
+# of amq's, so a script can still check that loading a checkpoint never imported amq.
+_PLAIN_WORKER = """
+import contextlib, io, json, sys, traceback
+for line in sys.stdin:
+    job, out = json.loads(line), io.StringIO()
+    sys.argv = ["-c", *job["argv"]]
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(job["code"], "<plain script>", "exec"), {"__name__": "__main__"})
+        rc, err = 0, ""
+    except BaseException:
+        rc, err = 1, traceback.format_exc()
+    sys.__stdout__.write(json.dumps({"rc": rc, "stdout": out.getvalue(), "stderr": err}) + "\\n")
+    sys.__stdout__.flush()
+"""
+
+
+class PlainPython:
+    """One Python process without amq, kept for the session, in which the checks that plain
+    transformers loads amq's checkpoints run their scripts: its interpreter start and the imports of
+    torch, transformers and compressed-tensors (about 5 s a process) are paid once, not per check.
+    Its own stderr (library warnings, progress bars) goes to `log`."""
+
+    def __init__(self, cwd: Path, log: Path):
+        self._log = open(log, "w")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _PLAIN_WORKER], cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True
+        )
+
+    def run(self, code: str, argv: list[str], timeout: float = 1200) -> subprocess.CompletedProcess:
+        """`python -c code *argv`, run in the kept process."""
+        import select
+
+        self._proc.stdin.write(json.dumps({"code": code, "argv": argv}) + "\n")
+        self._proc.stdin.flush()
+        ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
+        line = self._proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            raise RuntimeError(f"the plain transformers process gave no answer (exit status {self._proc.returncode}); its stderr: {self._log.name}")
+        answer = json.loads(line)
+        return subprocess.CompletedProcess(["python", "-c", "<script>", *argv], answer["rc"], answer["stdout"], answer["stderr"])
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def plain_python(tmp_path_factory) -> PlainPython:
+    """The session's process for plain-transformers scripts (`PlainPython`)."""
+    root = tmp_path_factory.mktemp("plain")
+    worker = PlainPython(root, root / "stderr.log")
+    yield worker
+    worker.close()
 
 
 def run_script(script: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

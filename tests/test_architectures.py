@@ -11,8 +11,6 @@ compressed-tensors export is refused in one line, and amq's own directory serves
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -79,7 +77,7 @@ TOLERANCE = 5e-4  # max |logit difference| in float32 (folded scales round once 
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> dict[str, dict]:
+def exported(tmp_path_factory, plain_python) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("arch")
     torch.save(TOKENS, root / "tokens.pt")
     calib = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -118,7 +116,7 @@ def exported(tmp_path_factory) -> dict[str, dict]:
             continue
         out[name]["dir"] = export_compressed_tensors(amq_dir, root / f"ct{i}")
     dirs = [str(c["dir"]) for c in out.values() if "dir" in c]
-    proc = subprocess.run([sys.executable, "-c", LOADER, json.dumps(dirs), str(root / "tokens.pt")], capture_output=True, text=True, timeout=600, cwd=root)
+    proc = plain_python.run(LOADER, [json.dumps(dirs), str(root / "tokens.pt")], timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for c in out.values():
         if "dir" in c:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -128,7 +126,7 @@ def _model(kind: str, dtype: torch.dtype) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> dict[str, dict]:
+def exported(tmp_path_factory, plain_python) -> dict[str, dict]:
     """Each case exported by amq, reloaded with `load_quantized`, converted; then all loaded by transformers."""
     root = tmp_path_factory.mktemp("ct")
     torch.save(TOKENS, root / "tokens.pt")
@@ -151,7 +149,7 @@ def exported(tmp_path_factory) -> dict[str, dict]:
             ref = reloaded(input_ids=TOKENS).logits.float()
         cases[name] = {"dir": ct_dir, "ref": ref, "dtype": dtype, "kind": kind, "zero_points": zero_points}
     dirs = [str(c["dir"]) for c in cases.values()]
-    proc = subprocess.run([sys.executable, "-c", LOADER, json.dumps(dirs), str(root / "tokens.pt")], capture_output=True, text=True, timeout=600, cwd=root)
+    proc = plain_python.run(LOADER, [json.dumps(dirs), str(root / "tokens.pt")], timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     dtypes = json.loads(proc.stdout.strip().splitlines()[-1])
     for c in cases.values():

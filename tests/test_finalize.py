@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -63,7 +61,7 @@ def test_evaluate_refuses_a_directory_without_a_bit_configuration(tmp_path, capf
 
 
 @pytest.mark.slow
-def test_search_exports_models_that_reload_and_reproduce(searched, tmp_path, capfd):
+def test_search_exports_models_that_reload_and_reproduce(searched, plain_python, tmp_path, capfd):
     """The session's finalized smoke search (conftest: HQQ at the default budgets, one extra front
     point), copied so that `amq-evaluate` writes into the copy. `amq-evaluate` runs in this process,
     which never held these models (the search wrote them in its own; tests/test_tracking_path.py
@@ -95,13 +93,13 @@ def test_search_exports_models_that_reload_and_reproduce(searched, tmp_path, cap
         assert 0 < r["bytes_on_disk"] < r["bytes_bf16"]
         assert json.loads((d / "bit_config.json").read_text())["version"] == 1
     assert report["proxy_fidelity"]["n"] >= 3
-    # another process reloads every exported model and reproduces its recorded perplexity
+    # amq-evaluate reloads every exported model and reproduces its recorded perplexity
     proc = main_in_process("amq-evaluate", main, [str(run), "--threads", "2"], capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for r in targets:
         rep = json.loads((run / "models" / f"{r['target']:g}" / "eval.json").read_text())["reproduction"]
         assert rep and all(x["rel_diff"] < 1e-3 for x in rep.values())
-    check_plain_transformers_reproduces(run, [f"{r['target']:g}" for r in targets], tmp_path)
+    check_plain_transformers_reproduces(plain_python, run, [f"{r['target']:g}" for r in targets], tmp_path)
 
 
 # The plain-transformers side: a process that never imports amq, scoring as amq's perplexity does.
@@ -130,7 +128,7 @@ print(json.dumps(out))
 """
 
 
-def check_plain_transformers_reproduces(run, targets: list[str], tmp_path) -> None:
+def check_plain_transformers_reproduces(plain_python, run, targets: list[str], tmp_path) -> None:
     """Every exported model's compressed-tensors/ checkpoint loads in plain transformers (amq never
     imported) and gives the held-out perplexity of its eval.json (within 0.1%); the amq-packed directory
     itself is refused rather than loaded with random weights."""
@@ -156,7 +154,7 @@ def check_plain_transformers_reproduces(run, targets: list[str], tmp_path) -> No
         recorded[str(d / "compressed-tensors")] = {name: r["perplexity"] for name, r in ev["perplexity"].items()}
         card = (d / "README.md").read_text()
         assert "compressed-tensors/" in card and "vLLM" in card
-    proc = subprocess.run([sys.executable, "-c", PLAIN_LOADER, json.dumps(jobs)], capture_output=True, text=True, timeout=1200)
+    proc = plain_python.run(PLAIN_LOADER, [json.dumps(jobs)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     for d, ppl in recorded.items():

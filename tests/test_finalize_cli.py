@@ -30,7 +30,7 @@ def run_copy(smoke_run, tmp_path) -> Path:
     return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
 
-def check_finalized(done: Finalized, target: str, tmp_path: Path) -> None:
+def check_finalized(plain_python, done: Finalized, target: str, tmp_path: Path) -> None:
     """A new directory under the run's finalized/, the run's own files untouched, the model files of
     one budget, and a checkpoint plain transformers reproduces."""
     assert tree_digest(done.run) == done.before  # the search's own files are untouched
@@ -42,27 +42,27 @@ def check_finalized(done: Finalized, target: str, tmp_path: Path) -> None:
         assert (model / name).is_file(), name
     assert [f"{t:g}" for t in OmegaConf.load(done.out / "config.yaml").finalize.targets] == [target]
     assert str(done.out) in done.proc.stderr
-    check_plain_transformers_reproduces(done.out, [target], tmp_path)
+    check_plain_transformers_reproduces(plain_python, done.out, [target], tmp_path)
 
 
 @pytest.mark.slow
-def test_awq_finalizes_a_finished_run_into_its_own_directory(awq_finalized, tmp_path):
+def test_awq_finalizes_a_finished_run_into_its_own_directory(awq_finalized, plain_python, tmp_path):
     """AWQ, later, from the archive (the session's shared search, conftest), its input scales folded
     into the norms and up_proj of the checkpoint; the amq directory holds that same folded model."""
-    check_finalized(awq_finalized, "4.25", tmp_path)
+    check_finalized(plain_python, awq_finalized, "4.25", tmp_path)
     modules = json.loads((awq_finalized.out / "models" / "4.25" / "amq_quant.json").read_text())["modules"]
     assert not [n for n, m in modules.items() if m["has_input_scale"]]  # SmolLM2: every scale folds
 
 
 @pytest.mark.slow
 @pytest.mark.heavy  # GPTQ's export takes the same path as HQQ's (fractional zeros; test_finalize) and the min-max grid's (test_compressed_tensors)
-def test_gptq_finalizes_a_finished_run_into_its_own_directory(run_copy, tmp_path):
+def test_gptq_finalizes_a_finished_run_into_its_own_directory(run_copy, plain_python, tmp_path):
     before = tree_digest(run_copy)
     args = ["finalizer=gptq", "finalize.targets=[4.25]", "finalize.baselines=false", "finalize.extra_front_points=0", "finalize.window=256"]
     proc = run_module("cli.finalize", [str(run_copy), *args, "finalize.max_windows=1", "num_threads=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     (out,) = list((run_copy / "finalized").iterdir())
-    check_finalized(Finalized(run_copy, out, proc, before), "4.25", tmp_path)
+    check_finalized(plain_python, Finalized(run_copy, out, proc, before), "4.25", tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from test_finalize import check_plain_transformers_reproduces
 
 
 @pytest.mark.slow
-def test_the_vllm_preset_exports_every_layer_bit_packed_with_a_vllm_kernel(compose_cfg, tmp_path):
+def test_the_vllm_preset_exports_every_layer_bit_packed_with_a_vllm_kernel(compose_cfg, plain_python, tmp_path):
     overrides = [o for o in SMOKE if o != "finalize.enabled=false"]
     overrides += ["experiment=vllm", "finalizer=hqq", "finalize.targets=[5.0]", "finalize.baselines=false", "finalize.extra_front_points=0"]
     assert compose_cfg(overrides).quantizer.integer_zero is True  # the preset's own proxy...
@@ -34,4 +34,4 @@ def test_the_vllm_preset_exports_every_layer_bit_packed_with_a_vllm_kernel(compo
     assert json.loads((model / "amq_quant.json").read_text())["quantizer"]["integer_zero"] is True
     card = (model / "README.md").read_text()
     assert "every group has a kernel" in card and "vllm serve" in card and "naive-quantized" not in card
-    check_plain_transformers_reproduces(run.parent, ["5"], tmp_path)  # bit-packed, and still eval.json's perplexity
+    check_plain_transformers_reproduces(plain_python, run.parent, ["5"], tmp_path)  # bit-packed, and still eval.json's perplexity
