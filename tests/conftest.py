@@ -21,6 +21,9 @@ The BIG-bench source package (358 MB, for the zero-shot tests) is downloaded int
 unless AMQ_BIGBENCH_SDIST names a copy, or the user cache (~/.cache/amq, or the caller's
 AMQ_CACHE_DIR) holds one: the session cache then links to it (read only; its sha256 is checked).
 
+The checks that plain transformers loads amq's checkpoints (amq never imported) run their scripts
+in one kept process of the session (`plain_python`), not in a new process each.
+
 A guard (`_no_files_outside_tmp`, autouse) fails a test after which new files appear in the
 repository checkout (top-level entries, and outputs/, multirun/, wandb/, .cache/ three levels deep)
 or in the user's cache and output folders (~/.cache/amq, the caller's AMQ_CACHE_DIR and
