@@ -42,6 +42,23 @@ def test_front_extras_are_nondominated_and_not_already_chosen():
     assert len(extra) == 3 and cands[9] not in extra and all(c.metric < 0.99 or c.avg_bits != 4.0 for c in extra)
 
 
+def test_proxy_fidelity_counts_each_configuration_once(recwarn):
+    """Two targets that selected one configuration, and the uniform baseline equal to it, are one
+    point; with too few distinct points, or all-equal numbers, no correlation and no warning."""
+    from amq.evaluation.report import fidelity
+
+    def row(kind: str, bits: float, proxy: float, ppl: float) -> dict:
+        return {"kind": kind, "avg_bits": bits, "proxy_jsd": proxy, "perplexity": {"wiki": ppl}}
+
+    same = [row("target", 4.5, 0.03, 33.0), row("target", 4.5, 0.03, 33.0), row("uniform", 4.5, 0.03, 33.0)]
+    assert fidelity([*same, row("unquantized", 16.0, 0.0, 25.0)], "proxy_jsd")["n"] == 1
+    got = fidelity([*same, row("front", 3.6, 0.08, 90.0), row("target", 4.0, 0.05, 50.0)], "proxy_jsd")
+    assert got["n"] == 3 and got["wiki"]["spearman"] == pytest.approx(1.0)
+    flat = fidelity([row("target", b, 0.03, 33.0) for b in (4.0, 4.5, 5.0)], "proxy_jsd")
+    assert flat["n"] == 3 and flat["wiki"] == {"spearman": None, "kendall_tau": None}
+    assert not recwarn.list
+
+
 def test_llama_cpp_types_cover_every_llama_linear():
     names = [f"model.layers.{i}.{r}" for i in range(2) for r in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")]
     types = llamacpp.tensor_types(BitConfig({n: b for n, b in zip(names, [2, 3, 4, 5, 6, 8])}, 64))

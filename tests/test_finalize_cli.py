@@ -65,6 +65,27 @@ def test_gptq_finalizes_a_finished_run_into_its_own_directory(run_copy, plain_py
     check_finalized(plain_python, Finalized(run_copy, out, proc, before), "4.25", tmp_path)
 
 
+@pytest.mark.slow
+def test_a_configuration_selected_twice_is_evaluated_once(run_copy, capfd):
+    """Targets 8.5 and 9.0 both select uniform 8-bit (8.5 bits with scale and zero at group 64, the
+    largest configuration), which is also the uniform baseline of both: one evaluation, its numbers
+    in both models' eval.json and the baseline's row, each reuse said in the log and the file."""
+    from amq.cli.finalize import main
+
+    args = ["finalize.targets=[8.5,9.0]", "finalize.extra_front_points=0", "finalize.window=128", "finalize.max_windows=1", "num_threads=2"]
+    proc = main_in_process("amq-finalize", main, [str(run_copy), *args], capfd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (out,) = (run_copy / "finalized").iterdir()
+    first, second = (json.loads((out / "models" / t / "eval.json").read_text()) for t in ("8.5", "9"))
+    assert json.loads((out / "models" / "9" / "bit_config.json").read_text()) == json.loads((out / "models" / "8.5" / "bit_config.json").read_text())
+    assert second["perplexity"] == first["perplexity"] and second["same_as"] == "8.5 bits" and "same_as" not in first
+    rows = {(r["kind"], r.get("target")): r for r in json.loads((out / "evaluation.json").read_text())["rows"]}
+    assert rows[("uniform", None)]["perplexity"] == rows[("target", 8.5)]["perplexity"] == rows[("target", 9.0)]["perplexity"]
+    assert rows[("unquantized", None)]["perplexity"] != rows[("target", 8.5)]["perplexity"]
+    reused = [line for line in proc.stderr.splitlines() if "whose evaluation is reused" in line]
+    assert len(reused) == 2 and "9 bits: the configuration of 8.5 bits" in reused[0] and "uniform 8-bit" in reused[1], proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     "args,setting",
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 from scipy import stats
@@ -14,9 +15,11 @@ def fidelity(rows: list[dict], proxy_key: str) -> dict:
     """Rank correlation between the proxy metric and each held-out perplexity over quantized rows.
 
     Only quantized configurations with a proxy value count (not the unquantized model), so the
-    numbers say whether the search's ordering carries over to the deployed quantizer.
+    numbers say whether the search's ordering carries over to the deployed quantizer; each once (two
+    targets that select one configuration, or a target and a uniform baseline, are one point).
     """
     pts = [r for r in rows if r["kind"] != "unquantized" and r.get(proxy_key) is not None and r.get("perplexity")]
+    pts = list({(r["avg_bits"], r[proxy_key]): r for r in pts}.values())
     out: dict = {"n": len(pts), "proxy": proxy_key}
     if len(pts) < 3:
         out["note"] = "fewer than 3 quantized configurations with both numbers: no correlation reported"
@@ -24,8 +27,10 @@ def fidelity(rows: list[dict], proxy_key: str) -> dict:
     for name in pts[0]["perplexity"]:
         proxy = [r[proxy_key] for r in pts]
         ppl = [r["perplexity"][name] for r in pts]
-        rho = stats.spearmanr(proxy, ppl).statistic
-        tau = stats.kendalltau(proxy, ppl).statistic
+        with warnings.catch_warnings():  # all-equal numbers: no correlation (None below), not a warning
+            warnings.simplefilter("ignore", stats.ConstantInputWarning)
+            rho = stats.spearmanr(proxy, ppl).statistic
+            tau = stats.kendalltau(proxy, ppl).statistic
         out[name] = {"spearman": None if math.isnan(rho) else float(rho), "kendall_tau": None if math.isnan(tau) else float(tau)}
     return out
 

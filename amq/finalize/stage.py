@@ -10,6 +10,7 @@ carries over to the deployed models (`evaluation.json`, `evaluation.md`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ class Finalizer:
     calib: torch.Tensor | None = None
     out_dir: Path | None = None  # where models/ and the reports go (None: the run directory)
     _memo: dict[tuple[str, int, int], GroupQuant] = field(default_factory=dict, repr=False)
+    _evaluations: dict[tuple, tuple[str, dict]] = field(default_factory=dict, repr=False)  # configuration -> (label, result)
 
     @property
     def output_dir(self) -> Path:
@@ -143,10 +145,26 @@ class Finalizer:
         log.info("%s: quantized %d linears in %.1fs", self.quantizer.name, len(quants), time.perf_counter() - t0)
         return quants
 
-    def _evaluate(self, label: str, keep_lm_eval: bool = False) -> dict | None:
+    def _evaluate(self, label: str, config: BitConfig | None = None, keep_lm_eval: bool = False) -> dict | None:
+        """The suite's numbers for the model as it is now, holding `config` (None: unquantized).
+
+        A configuration this stage measured before (two targets that select the same one, a uniform
+        baseline that a target selected) is not measured again: the same weights give the same
+        numbers, and on a large model with zero-shot tasks one evaluation takes many minutes."""
         if self.suite is None or not self.settings.evaluate:
             return None
-        return self.suite.run(self.lm.model, self.lm.tokenizer, label, keep_lm_eval=keep_lm_eval)
+        key = None if config is None else (config.group_size, tuple(sorted(config.bits.items())))
+        seen = self._evaluations.get(key) if key is not None else None
+        if seen is not None and (not keep_lm_eval or "lm_eval" in seen[1] or not self.suite.tasks.tasks):
+            log.info("%s: the configuration of %s, whose evaluation is reused", label, seen[0])
+            result = {**copy.deepcopy(seen[1]), "same_as": seen[0]}  # eval.json says whose numbers these are
+            if not keep_lm_eval:
+                result.pop("lm_eval", None)
+            return result
+        result = self.suite.run(self.lm.model, self.lm.tokenizer, label, keep_lm_eval=keep_lm_eval)
+        if key is not None:
+            self._evaluations[key] = (label, copy.deepcopy(result))
+        return result
 
     def _bits(self, config: BitConfig) -> tuple[float, float]:
         numels = self.layout.numels
@@ -168,7 +186,7 @@ class Finalizer:
         linears_bf16 = bf16_bytes(model, config.bits)
         total_bf16 = bf16_bytes(model)
         with packed_swap(model, self._quantize(config)), in_shipped_form(model):
-            evaluation = self._evaluate(f"{target:g} bits", keep_lm_eval=True)
+            evaluation = self._evaluate(f"{target:g} bits", config, keep_lm_eval=True)
             lm_eval_results = evaluation.pop("lm_eval", None) if evaluation is not None else None  # its own file, not eval.json
             packed = sum(b.numel() * b.element_size() for m in packed_modules(model).values() for b in m.buffers())
             info = {
@@ -227,7 +245,7 @@ class Finalizer:
     def measure(self, kind: str, config: BitConfig, proxy: float | None, label: str) -> dict:
         """Quantize and evaluate without saving (front points and uniform baselines)."""
         with packed_swap(self.lm.model, self._quantize(config)), in_shipped_form(self.lm.model):
-            return self._row(kind, self._bits(config), proxy, self._evaluate(label))
+            return self._row(kind, self._bits(config), proxy, self._evaluate(label, config))
 
     def _llama_cpp_types(self, config: BitConfig) -> dict[str, str] | None:
         if getattr(self.lm.model.config, "model_type", None) not in llamacpp.LLAMA_CPP_ARCHITECTURES:
