@@ -110,6 +110,7 @@ def test_search_exports_models_that_reload_and_reproduce(searched, plain_python,
         assert 0 < r["bytes_on_disk"] < r["bytes_bf16"]
         assert json.loads((d / "bit_config.json").read_text())["version"] == 1
     assert report["proxy_fidelity"]["n"] >= 3
+    assert "(210 from the proxy's cache)" in (run / "train_search.log").read_text()  # HQQ as the proxy ran it: not quantized twice
     # amq-evaluate reloads every exported model and reproduces its recorded perplexity
     proc = main_in_process("amq-evaluate", main, [str(run), "--threads", "2"], capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]

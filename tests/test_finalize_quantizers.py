@@ -420,6 +420,30 @@ def test_gemma3_blocks_get_their_own_arguments(compose_cfg):
     assert _reconstruction_error(lm.model, quants, calib, full) < _reconstruction_error(lm.model, rtn, calib, full)
 
 
+@pytest.mark.parametrize("integer_zero", [False, True])
+def test_the_proxys_cached_result_is_what_the_hqq_finalizer_makes(smollm2, integer_zero):
+    """`group_quant_from_proxy`: the proxy's packed HQQ result of a SmolLM2 weight (as the bank caches
+    it) gives the finalizer's GroupQuant bit for bit, at every width HQQ packs; another layout is refused."""
+    from amq.quantizers.hqq import group_quant_from_proxy, hqq_group_quant
+
+    lm, layout, _, _ = smollm2
+    proxy = HQQQuantizer(group_size=GROUP, axis=1, optimize=True, integer_zero=integer_zero)
+    for name, bits in (
+        ("model.layers.0.self_attn.k_proj", 2),
+        ("model.layers.1.mlp.down_proj", 3),
+        ("model.layers.2.self_attn.o_proj", 4),
+        ("model.layers.3.mlp.up_proj", 8),
+    ):
+        weight = lm.model.get_submodule(name).weight
+        got = group_quant_from_proxy(*proxy.quantize(weight.detach(), bits), weight, bits)
+        want = hqq_group_quant(proxy, weight, bits)
+        for field in ("codes", "scale", "zero"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), (name, bits, field)
+        assert (got.bits, got.group_size) == (want.bits, want.group_size)
+    with pytest.raises(ValueError, match="axis 1"):
+        group_quant_from_proxy(*HQQQuantizer(group_size=GROUP, axis=0).quantize(weight.detach(), 4), weight, 4)
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("axis", [1, 0])
 def test_proxy_with_integer_zero_points_packs_whole_codes(bits, axis):

@@ -35,7 +35,9 @@ from amq.evaluation.perplexity import PerplexityProtocol, perplexity_windows
 from amq.metrics.base import QualityMetric
 from amq.modeling.discovery import Coverage, ModelLayout, coverage, discover_layout
 from amq.predictors.table_prior import PRIORS, table_model, with_prior
-from amq.proxy.bank import ProxyBank
+from amq.proxy.bank import ProxyBank, cached_width
+from amq.quantizers.hqq import HQQFinalizer
+from amq.quantizers.hqq_proxy import HQQQuantizer
 from amq.run.resume import TIME_LIMIT, comparable_settings
 from amq.run.stage_clock import StageClock
 from amq.search import sensitivity
@@ -704,7 +706,25 @@ def finalizer_for(cfg: DictConfig, wb: ModelAndData, run_dir: Path, metric_name:
             spec = CalibrationSpec(int(node.n_samples), int(node.seq_len), seed=int(cfg.data_seed))
             calib = calibration_windows(wb.lm.tokenizer, wb.splits.calibration, spec, wb.lm.add_bos, wb.cache_dir)
     suite = eval_suite(node, wb.splits, wb.lm.add_bos, wb.cache_dir) if node.evaluate else None
-    return Finalizer(run_dir, wb.lm, wb.layout, quantizer, finalize_settings(node), suite, metric_name, calib, out_dir)
+    proxy_results = _proxy_results(build(cfg.quantizer, "quantizer"), quantizer, wb)
+    return Finalizer(run_dir, wb.lm, wb.layout, quantizer, finalize_settings(node), suite, metric_name, calib, out_dir, proxy_results)
+
+
+def _proxy_results(proxy: Any, final: Any, wb: ModelAndData) -> Callable[[int, int], dict | None] | None:
+    """Where the final quantizer is the proxy's HQQ with its settings, a reader of the proxy's cached
+    results per (width, group size); else None (the finalizer quantizes everything itself)."""
+    if not (isinstance(proxy, HQQQuantizer) and isinstance(final, HQQFinalizer)):
+        return None
+    if (proxy.axis, proxy.optimize, proxy.integer_zero) != (1, final.optimize, final.integer_zero):
+        return None
+    weight = wb.lm.model.get_submodule(wb.layout.names[0]).weight  # its dtype and device are the cache's key
+
+    def read(width: int, group_size: int) -> dict | None:
+        if group_size != proxy.group_size:
+            return None
+        return cached_width(wb.cache_dir / "proxy", wb.lm.fingerprint, proxy, wb.layout, weight, width)
+
+    return read
 
 
 def run_finalize(cfg: DictConfig, wb: ModelAndData, run_dir: Path, metric_name: str, bits: Sequence[int], out_dir: Path | None = None) -> dict:

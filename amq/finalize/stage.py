@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from amq.quantizers import llamacpp
 from amq.quantizers.base import FinalQuantizer, quantizer_info
 from amq.quantizers.compressed_tensors import compressed_tensors_summary, fold_input_scales, write_compressed_tensors
 from amq.quantizers.export import WEIGHTS_FILE, directory_bytes, packed_modules, write_model_dir
+from amq.quantizers.hqq import group_quant_from_proxy
 from amq.quantizers.packed import GroupQuant, replace_linears
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ class Finalizer:
     metric_name: str
     calib: torch.Tensor | None = None
     out_dir: Path | None = None  # where models/ and the reports go (None: the run directory)
+    # (width, group size) -> the search's proxy results with this quantizer's settings ({name: (packed, meta)}), or None
+    proxy_results: Callable[[int, int], dict | None] | None = None
     _memo: dict[tuple[str, int, int], GroupQuant] = field(default_factory=dict, repr=False)
     _evaluations: dict[tuple, tuple[str, dict]] = field(default_factory=dict, repr=False)  # configuration -> (label, result)
 
@@ -132,18 +135,40 @@ class Finalizer:
 
     def _quantize(self, config: BitConfig) -> dict[str, GroupQuant]:
         """Quantize for real. A calibration-free quantizer's result for a linear depends only on its
-        weight and width, so those are remembered across the configurations of the stage."""
+        weight and width, so those are remembered across the configurations of the stage, and taken
+        from the search's proxy where it ran with the same settings (`proxy_results`)."""
         t0 = time.perf_counter()
+        reused = 0
         if self.quantizer.needs_calibration:
             quants = self.quantizer.quantize(self.lm.model, self.layout, config.bits, config.group_size, self.calib)
         else:
             todo = {n: b for n, b in config.bits.items() if (n, b, config.group_size) not in self._memo}
-            if todo:
-                fresh = self.quantizer.quantize(self.lm.model, self.layout, todo, config.group_size, None)
-                self._memo.update({(n, todo[n], config.group_size): q for n, q in fresh.items()})
+            fresh = self._from_proxy(todo, config.group_size)
+            reused = len(fresh)
+            if len(fresh) < len(todo):
+                rest = {n: b for n, b in todo.items() if n not in fresh}
+                fresh.update(self.quantizer.quantize(self.lm.model, self.layout, rest, config.group_size, None))
+            self._memo.update({(n, todo[n], config.group_size): q for n, q in fresh.items()})
             quants = {n: self._memo[(n, b, config.group_size)] for n, b in config.bits.items()}
-        log.info("%s: quantized %d linears in %.1fs", self.quantizer.name, len(quants), time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        log.info("%s: quantized %d linears in %.1fs%s", self.quantizer.name, len(quants), took, f" ({reused} from the proxy's cache)" if reused else "")
         return quants
+
+    def _from_proxy(self, todo: Mapping[str, int], group_size: int) -> dict[str, GroupQuant]:
+        """The linears of `todo` the search's proxy quantized as this quantizer would, from its cache."""
+        if self.proxy_results is None or not todo:
+            return {}
+        out: dict[str, GroupQuant] = {}
+        for width in sorted(set(todo.values())):
+            cached = self.proxy_results(width, group_size)
+            if cached is None:
+                continue
+            for name in (n for n, b in todo.items() if b == width and n in cached):
+                try:
+                    out[name] = group_quant_from_proxy(*cached[name], self.lm.model.get_submodule(name).weight, width)
+                except ValueError as exc:  # not what this quantizer makes after all: quantize it
+                    log.warning("%s: %s; quantizing it again", name, exc)
+        return out
 
     def _evaluate(self, label: str, config: BitConfig | None = None, keep_lm_eval: bool = False) -> dict | None:
         """The suite's numbers for the model as it is now, holding `config` (None: unquantized).

@@ -48,6 +48,20 @@ def _cache_key(fingerprint: str, quantizer: WeightQuantizer, nbits: int, layout:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def _cache_path(cache_dir: str | Path, fingerprint: str, quantizer: WeightQuantizer, layout: ModelLayout, weight: torch.Tensor, nbits: int) -> Path:
+    """Where a width's quantized weights are cached (`weight`: any of the layout's, for its dtype and device)."""
+    return Path(cache_dir) / f"{_cache_key(fingerprint, quantizer, nbits, layout, weight)}-{nbits}bit.pt"
+
+
+def cached_width(
+    cache_dir: str | Path, fingerprint: str, quantizer: WeightQuantizer, layout: ModelLayout, weight: torch.Tensor, nbits: int
+) -> dict[str, tuple[torch.Tensor, dict]] | None:
+    """A width's cached result ({name: (packed weights, meta)} on the CPU), as a bank built with these
+    settings left it, or None where the cache holds none: for the finalize stage, which need not
+    quantize again what the search quantized (amq.quantizers.hqq.group_quant_from_proxy)."""
+    return ProxyBank._load_cached(_cache_path(cache_dir, fingerprint, quantizer, layout, weight, nbits))
+
+
 class ProxyBank:
     """Holds quantized weights per bit width and swaps them into the live model."""
 
@@ -95,8 +109,7 @@ class ProxyBank:
         return self
 
     def _cached_or_quantized(self, cache_dir: Path, fingerprint: str, nbits: int) -> dict:
-        some_weight = next(iter(self._original.values()))
-        path = cache_dir / f"{_cache_key(fingerprint, self.quantizer, nbits, self.layout, some_weight)}-{nbits}bit.pt"
+        path = _cache_path(cache_dir, fingerprint, self.quantizer, self.layout, next(iter(self._original.values())), nbits)
         with file_lock(path):  # parallel jobs of a sweep: one quantizes, the others wait and reuse it
             packed = self._load_cached(path)
             if packed is None:

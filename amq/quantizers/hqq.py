@@ -1,7 +1,9 @@
 """HQQ as a final quantizer: the proxy's own quantizer, its results stored as packed GroupQuants.
 
 Calibration-free, so the deployed model is quantized exactly as the search's proxy was (up to the
-rounding of HQQ's float32 scale and zero to float16 values that the model's dtype holds exactly).
+rounding of HQQ's float32 scale and zero to float16 values that the model's dtype holds exactly);
+where the proxy ran with these settings, the finalize stage takes its cached results
+(`group_quant_from_proxy`) instead of running HQQ again.
 Groups run along the input features (HQQ axis 1), the layout `PackedLinear` stores.
 
 HQQ optimises each group's zero point as a real number. `integer_zero` moves it to the better of
@@ -56,4 +58,26 @@ def hqq_group_quant(hqq: HQQQuantizer, weight: torch.Tensor, bits: int) -> Group
         held_zero(meta["zero"].reshape(groups).float(), bits, weight.dtype).half(),
         bits,
         hqq.group_size,
+    )
+
+
+def group_quant_from_proxy(w_q: torch.Tensor, meta: dict, weight: torch.Tensor, bits: int) -> GroupQuant:
+    """`hqq_group_quant(weight)` from the proxy's HQQ result for it (`ProxyBank.cached_width`: same
+    settings, axis 1): HQQ's packed codes unpacked, its scale and zero held as there. The finalize
+    stage then need not run HQQ again on what the search already quantized."""
+    from hqq.core.quantize import Quantizer
+
+    out_f, in_f = weight.shape
+    group = int(meta["group_size"])
+    if meta.get("axis") != 1 or int(meta.get("nbits", bits)) != bits or tuple(meta["shape"]) != (out_f, in_f):
+        raise ValueError(f"the proxy's result is not {bits}-bit HQQ along axis 1 of a {out_f} x {in_f} weight")
+    rows = out_f * in_f // group  # 3-bit packing pads rows
+    codes = Quantizer.unpack[meta["packing"]](w_q, dtype=torch.uint8)[:rows] if "packing" in meta else w_q
+    groups = (out_f, in_f // group)
+    return GroupQuant(
+        codes.reshape(out_f, in_f).to(torch.uint8),
+        held_scale(meta["scale"].reshape(groups).float(), weight.dtype).half(),
+        held_zero(meta["zero"].reshape(groups).float(), bits, weight.dtype).half(),
+        bits,
+        group,
     )
