@@ -73,11 +73,11 @@ def group_quant_from_proxy(w_q: torch.Tensor, meta: dict, weight: torch.Tensor, 
         raise ValueError(f"the proxy's result is not {bits}-bit HQQ along axis 1 of a {out_f} x {in_f} weight")
     rows = out_f * in_f // group  # 3-bit packing pads rows
     codes = Quantizer.unpack[meta["packing"]](w_q, dtype=torch.uint8)[:rows] if "packing" in meta else w_q
-    groups = (out_f, in_f // group)
+    groups, device = (out_f, in_f // group), weight.device  # the cache is read onto the CPU; the layer goes where the weight is
     return GroupQuant(
-        codes.reshape(out_f, in_f).to(torch.uint8),
-        held_scale(meta["scale"].reshape(groups).float(), weight.dtype).half(),
-        held_zero(meta["zero"].reshape(groups).float(), bits, weight.dtype).half(),
+        codes.reshape(out_f, in_f).to(device=device, dtype=torch.uint8),
+        held_scale(meta["scale"].reshape(groups).float(), weight.dtype).half().to(device),
+        held_zero(meta["zero"].reshape(groups).float(), bits, weight.dtype).half().to(device),
         bits,
         group,
     )
