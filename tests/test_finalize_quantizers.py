@@ -444,6 +444,23 @@ def test_the_proxys_cached_result_is_what_the_hqq_finalizer_makes(smollm2, integ
         group_quant_from_proxy(*HQQQuantizer(group_size=GROUP, axis=0).quantize(weight.detach(), 4), weight, 4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_the_proxys_cached_result_lands_on_the_weights_device_cuda(bits):
+    """A search on the GPU caches its proxy results, read back onto the CPU; the finalize stage's
+    GroupQuant from them sits on the GPU with the weight, and equals HQQ's there bit for bit."""
+    from amq.quantizers.hqq import group_quant_from_proxy, hqq_group_quant
+
+    weight = torch.randn(192, 256, generator=torch.Generator().manual_seed(bits)).to("cuda", torch.bfloat16)
+    proxy = HQQQuantizer(group_size=GROUP, axis=1, optimize=True)
+    w_q, meta = proxy.quantize(weight, bits)
+    cached = (w_q.cpu(), {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in meta.items()})  # as ProxyBank caches it
+    got, want = group_quant_from_proxy(*cached, weight, bits), hqq_group_quant(proxy, weight, bits)
+    for field in ("codes", "scale", "zero"):
+        assert getattr(got, field).device == weight.device and torch.equal(getattr(got, field), getattr(want, field)), field
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("axis", [1, 0])
 def test_proxy_with_integer_zero_points_packs_whole_codes(bits, axis):
