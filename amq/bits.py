@@ -38,6 +38,10 @@ class BitConfig:
     group_size: int
     version: int = field(default=BITCONFIG_VERSION)
 
+    def key(self) -> tuple:
+        """The bits as a hashable value: one configuration, one key (archives, confirmations, the finalize stage)."""
+        return tuple(sorted(self.bits.items()))
+
     def to_dict(self) -> dict:
         return {"version": self.version, "group_size": self.group_size, "bits": dict(self.bits)}
 

@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -345,8 +346,6 @@ class PlainPython:
 
     def run(self, code: str, argv: list[str], timeout: float = 1200) -> subprocess.CompletedProcess:
         """`python -c code *argv`, run in the kept process."""
-        import select
-
         self._proc.stdin.write(json.dumps({"code": code, "argv": argv}) + "\n")
         self._proc.stdin.flush()
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout)

@@ -67,7 +67,7 @@ def read_candidates(archive_path: Path, metric_name: str) -> list[Candidate]:
     for d in read_jsonl(archive_path):
         value = float(d["metrics"].get(metric_name, math.inf))
         cfg = BitConfig.from_dict(d["config"])
-        key = tuple(sorted(cfg.bits.items()))
+        key = cfg.key()
         if not math.isfinite(value) or key in seen:
             continue
         seen.add(key)

@@ -159,7 +159,7 @@ class Finalizer:
         if self.proxy_results is None or not todo:
             return {}
         out: dict[str, GroupQuant] = {}
-        for width in sorted(set(todo.values())):
+        for width in sorted(set(todo.values())):  # read per configuration, not held: at 7B a width's file is GBs
             cached = self.proxy_results(width, group_size)
             if cached is None:
                 continue
@@ -178,9 +178,10 @@ class Finalizer:
         numbers, and on a large model with zero-shot tasks one evaluation takes many minutes."""
         if self.suite is None or not self.settings.evaluate:
             return None
-        key = None if config is None else (config.group_size, tuple(sorted(config.bits.items())))
+        key = None if config is None else config.key()  # one group size a stage
         seen = self._evaluations.get(key) if key is not None else None
-        if seen is not None and (not keep_lm_eval or "lm_eval" in seen[1] or not self.suite.tasks.tasks):
+        wants_lm_eval = keep_lm_eval and bool(self.suite.tasks.tasks)  # lm-eval's own results, which `measure` drops
+        if seen is not None and ("lm_eval" in seen[1] or not wants_lm_eval):
             log.info("%s: the configuration of %s, whose evaluation is reused", label, seen[0])
             result = {**copy.deepcopy(seen[1]), "same_as": seen[0]}  # eval.json says whose numbers these are
             if not keep_lm_eval:
@@ -291,12 +292,12 @@ class Finalizer:
         for c in front_extras(candidates, chosen, self.settings.extra_front_points, self.settings.bits_convention):
             rows.append(self.measure("front", c.config, c.metric, f"front {c.avg_bits:.3f} bits"))
         if self.settings.baselines and self.settings.evaluate and self.suite is not None:
-            proxy_of = {tuple(sorted(c.config.bits.items())): c.metric for c in candidates}
+            proxy_of = {c.config.key(): c.metric for c in candidates}
             rows.append(self._row("unquantized", (16.0, 16.0), 0.0, self._evaluate("unquantized")))
             group = chosen[0].config.group_size
             for cfg in uniform_baselines(self.layout, widths, group, list(self.settings.targets), self.settings.bits_convention):
                 b = next(iter(cfg.bits.values()))
-                rows.append(self.measure("uniform", cfg, proxy_of.get(tuple(sorted(cfg.bits.items()))), f"uniform {b}-bit"))
+                rows.append(self.measure("uniform", cfg, proxy_of.get(cfg.key()), f"uniform {b}-bit"))
         report = {
             "model": self.lm.name,
             "quantizer": quantizer_info(self.quantizer),

@@ -49,20 +49,26 @@ class HQQFinalizer:
 def hqq_group_quant(hqq: HQQQuantizer, weight: torch.Tensor, bits: int) -> GroupQuant:
     """One weight through HQQ (axis 1), as codes with float16 scale and zero per group, exact in the
     weight's dtype (`grid.held_scale`, `grid.held_zero`; whole-code zero points stay as they are)."""
-    out_f, in_f = weight.shape
     codes, meta = hqq.quantize(weight.detach(), bits, bitpack=False)
-    groups = (out_f, in_f // hqq.group_size)
+    return _held_group_quant(codes, meta, weight, bits, hqq.group_size)
+
+
+def _held_group_quant(codes: torch.Tensor, meta: dict, weight: torch.Tensor, bits: int, group: int) -> GroupQuant:
+    """HQQ's unpacked codes and meta of `weight` as a GroupQuant on the weight's device, scale and zero
+    in float16 values the weight's dtype holds exactly."""
+    out_f, in_f = weight.shape
+    groups, device = (out_f, in_f // group), weight.device
     return GroupQuant(
-        codes.reshape(out_f, in_f).to(torch.uint8),
-        held_scale(meta["scale"].reshape(groups).float(), weight.dtype).half(),
-        held_zero(meta["zero"].reshape(groups).float(), bits, weight.dtype).half(),
+        codes.reshape(out_f, in_f).to(device=device, dtype=torch.uint8),
+        held_scale(meta["scale"].reshape(groups).float(), weight.dtype).half().to(device),
+        held_zero(meta["zero"].reshape(groups).float(), bits, weight.dtype).half().to(device),
         bits,
-        hqq.group_size,
+        group,
     )
 
 
 def group_quant_from_proxy(w_q: torch.Tensor, meta: dict, weight: torch.Tensor, bits: int) -> GroupQuant:
-    """`hqq_group_quant(weight)` from the proxy's HQQ result for it (`ProxyBank.cached_width`: same
+    """`hqq_group_quant(weight)` from the proxy's HQQ result for it (`amq.proxy.bank.cached_width`: same
     settings, axis 1): HQQ's packed codes unpacked, its scale and zero held as there. The finalize
     stage then need not run HQQ again on what the search already quantized."""
     from hqq.core.quantize import Quantizer
@@ -73,11 +79,4 @@ def group_quant_from_proxy(w_q: torch.Tensor, meta: dict, weight: torch.Tensor, 
         raise ValueError(f"the proxy's result is not {bits}-bit HQQ along axis 1 of a {out_f} x {in_f} weight")
     rows = out_f * in_f // group  # 3-bit packing pads rows
     codes = Quantizer.unpack[meta["packing"]](w_q, dtype=torch.uint8)[:rows] if "packing" in meta else w_q
-    groups, device = (out_f, in_f // group), weight.device  # the cache is read onto the CPU; the layer goes where the weight is
-    return GroupQuant(
-        codes.reshape(out_f, in_f).to(device=device, dtype=torch.uint8),
-        held_scale(meta["scale"].reshape(groups).float(), weight.dtype).half().to(device),
-        held_zero(meta["zero"].reshape(groups).float(), bits, weight.dtype).half().to(device),
-        bits,
-        group,
-    )
+    return _held_group_quant(codes, meta, weight, bits, group)  # the cache is read onto the CPU; the layer goes where the weight is
