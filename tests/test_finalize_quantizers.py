@@ -253,6 +253,29 @@ def test_mixed_bits_per_layer(smollm2):
         assert int(q.codes.max()) <= 2 ** bits[n] - 1
 
 
+def test_the_stage_quantizes_a_configuration_asked_for_twice_in_a_row_once(smollm2, tmp_path, caplog):
+    """Two targets that select the same configuration (or a uniform baseline a target selected, right
+    after it) take the calibrating quantizer's last result: the same weights, not a second GPTQ pass."""
+    from amq.bits import BitConfig
+    from amq.finalize.settings import FinalizeSettings
+    from amq.finalize.stage import Finalizer
+
+    lm, layout, calib, compose_cfg = smollm2
+    block0 = [li.name for li in layout.linears if li.block == 0]
+    first, other = (BitConfig({n: b for n in block0}, GROUP) for b in (4, 3))
+    stage = Finalizer(tmp_path, lm, layout, _finalizer(compose_cfg, "gptq"), FinalizeSettings((4.0,)), None, "jsd", calib[:2])
+    with caplog.at_level("INFO", logger="amq.finalize.stage"):
+        a = stage._quantize(first)
+        assert stage._quantize(BitConfig(dict(first.bits), GROUP)) is a  # an equal configuration, another object
+        b = stage._quantize(other)
+        again = stage._quantize(first)  # only the last is kept: quantized anew, to the same codes
+    assert b is not a and again is not a and {q.bits for q in b.values()} == {3}
+    assert all(torch.equal(again[n].codes, a[n].codes) and torch.equal(again[n].scale, a[n].scale) for n in block0)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("the configuration quantized last" in m for m in said) == 1
+    assert sum(f"quantized {len(block0)} linears" in m for m in said) == 3
+
+
 def test_packed_bytes_of_a_3bit_layer(smollm2):
     lm, layout, _, _ = smollm2
     name = layout.linears[0].name

@@ -128,6 +128,7 @@ class Finalizer:
     proxy_results: Callable[[int, int], dict | None] | None = None
     _memo: dict[tuple[str, int, int], GroupQuant] = field(default_factory=dict, repr=False)
     _evaluations: dict[tuple, tuple[str, dict]] = field(default_factory=dict, repr=False)  # configuration -> (label, result)
+    _last_calibrated: tuple[tuple, dict[str, GroupQuant]] | None = field(default=None, repr=False)  # (configuration, result)
 
     @property
     def output_dir(self) -> Path:
@@ -136,11 +137,17 @@ class Finalizer:
     def _quantize(self, config: BitConfig) -> dict[str, GroupQuant]:
         """Quantize for real. A calibration-free quantizer's result for a linear depends only on its
         weight and width, so those are remembered across the configurations of the stage, and taken
-        from the search's proxy where it ran with the same settings (`proxy_results`)."""
+        from the search's proxy where it ran with the same settings (`proxy_results`). A calibrating
+        one's result is kept for its last configuration only (a byte per weight: gigabytes at 7B),
+        which is the one two targets selecting the same configuration ask for again."""
         t0 = time.perf_counter()
         reused = 0
         if self.quantizer.needs_calibration:
+            if self._last_calibrated is not None and self._last_calibrated[0] == (config.group_size, config.key()):
+                log.info("%s: the configuration quantized last, whose result is reused", self.quantizer.name)
+                return self._last_calibrated[1]
             quants = self.quantizer.quantize(self.lm.model, self.layout, config.bits, config.group_size, self.calib)
+            self._last_calibrated = ((config.group_size, config.key()), quants)
         else:
             todo = {n: b for n, b in config.bits.items() if (n, b, config.group_size) not in self._memo}
             fresh = self._from_proxy(todo, config.group_size)
