@@ -250,6 +250,16 @@ def test_refuses_a_missing_build_with_no_build(command, tmp_path, monkeypatch, c
     )
 
 
+@pytest.mark.parametrize("option,value", [("--llama-cpp-version", "../elsewhere"), ("--llama-cpp-version", "latest"), ("--jobs", "0")])
+def test_refuses_a_bad_build_setting_before_building(command, option, value, tmp_path, monkeypatch, capfd):
+    """The version names the build's folder under the cache: a path or a word is one line, and no
+    folder appears anywhere; so is a job count below one."""
+    d = _model_dir(tmp_path, CONFIGS["llama"])
+    cache = tmp_path / "cache"
+    _refused([str(d), "--cache-dir", str(cache), option, value], tmp_path, monkeypatch, capfd, option, value, "valid:", command=command)
+    assert not cache.exists() and not (tmp_path / "elsewhere").exists()
+
+
 def test_refuses_a_failing_build(tmp_path, monkeypatch, capfd):
     """A version PyPI does not have: pip download fails, the build stops with one line, no tools appear."""
     d = _model_dir(tmp_path, CONFIGS["llama"])

@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.version import InvalidVersion, Version
+
 from amq.errors import ConfigError
 from amq.io import file_lock
 
@@ -105,8 +107,20 @@ class LlamaCpp:
         return self.convert_script.is_file() and all(os.access(self.tool(t), os.X_OK) for t in TOOLS)
 
 
+def check_version(version: str) -> None:
+    """A version as PyPI spells one: it names the build's folder, so a path (or a typo that pip would
+    only refuse after a download attempt) is one line here."""
+    try:
+        ok = str(Version(version)) == version
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        raise ConfigError("--llama-cpp-version", repr(version), f"a published version of {PIP_NAME}, e.g. {DEFAULT_VERSION}")
+
+
 def locate(cache_dir: Path | None = None, version: str = DEFAULT_VERSION) -> LlamaCpp:
     """Where this version's build lives (whether or not it has been built: see `ready()`)."""
+    check_version(version)
     return LlamaCpp((cache_dir or default_cache_dir()) / "llama.cpp" / version, version)
 
 
@@ -115,6 +129,8 @@ def ensure_built(cache_dir: Path | None = None, version: str = DEFAULT_VERSION, 
 
     Raises ConfigError (exit 2, one line) when they are absent and building is off, or the build fails.
     """
+    if jobs < 1:
+        raise ConfigError("--jobs", str(jobs), "a positive integer")
     lc = locate(cache_dir, version)
     if lc.ready():
         log.info("llama.cpp %s: using the build in %s", version, lc.bin_dir)
