@@ -146,6 +146,7 @@ class Finalizer:
             if self._last_calibrated is not None and self._last_calibrated[0] == (config.group_size, config.key()):
                 log.info("%s: the configuration quantized last, whose result is reused", self.quantizer.name)
                 return self._last_calibrated[1]
+            self._last_calibrated = None  # freed before the next pass: the stage's peak memory stays one configuration's
             quants = self.quantizer.quantize(self.lm.model, self.layout, config.bits, config.group_size, self.calib)
             self._last_calibrated = ((config.group_size, config.key()), quants)
         else:
