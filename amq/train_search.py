@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from amq.config import compose
 from amq.errors import ConfigError, ResourceError
 from amq.run.interrupts import Interrupted
+from amq.run.resume import FINALIZE_PENDING
 from amq.run.session import IterationObserver, RunSession
 from amq.run.stage_clock import StageClock
 from amq.run.summary import confirmation_values, finalize_summary, search_summary
@@ -76,7 +77,9 @@ def run(cfg: DictConfig) -> tuple[dict, SearchRun]:
         # ---- the search, checkpointed after every iteration
         archive = compose.load_archive(space, session.outputs.archive_path, wb.metric.name)
         rows = session.outputs.read_metrics(start - 1)
-        if session.resuming:
+        if session.resuming and start > plan.settings.iterations:
+            log.info("resuming %s: its search is complete (%d archived configurations); what is left is the finalize stage", session.dir, len(archive))
+        elif session.resuming:
             log.info("resuming %s at iteration %d with %d archived configurations", session.dir, start, len(archive))
         title = f"{wb.lm.name}: {wb.metric.name} vs bits ({plan.predictor_name}, seed {plan.seed})"
         observer = IterationObserver(session.outputs, rows, wb.metric.name, title, space_fp, plan.seed, plan.tracker, wb.targets, plan.plot_every_s)
@@ -107,7 +110,7 @@ def _search_and_finalize(cfg: DictConfig, config: dict, o: SearchRun, session: R
         o.observer.finish(front)
         summary = search_summary(plan, wb, o.table, o.space, archive, rows, front, search.stopped, search_s, time.monotonic() - started, confirmation)
         summary["stages"] = o.clock.stages
-        session.write_summary(summary)
+        session.write_summary({**summary, FINALIZE_PENDING: True} if plan.finalize is not None else summary)  # unfinished until it ends
         if plan.finalize is not None:
             wb.bank.release()
             with o.clock.stage("finalize"):

@@ -226,3 +226,45 @@ def test_sigint_outside_an_evaluation_stops_at_once(tmp_path):
     assert "stopped by SIGINT" in stderr and "Continue with:" in stderr and "Traceback" not in stderr
     (run_dir,) = run_dirs(tmp_path)
     assert (run_dir / "config.yaml").is_file() and not (run_dir / "archive.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_run_stopped_in_its_finalize_stage_is_continued_there(tmp_path, monkeypatch, capfd):
+    """SIGINT while the finalize stage exports its second model: the run is unfinished (summary.json
+    says `finalize_pending`), and rerunning the command with resume=auto continues it rather than
+    starting a new run: no search again, every model written, half-written model folders removed."""
+    from conftest import run_cli_in_process
+
+    from amq.finalize.stage import Finalizer
+    from amq.run.interrupts import Interrupted
+
+    args = [o for o in REFERENCE if o != "finalize.enabled=false"] + ["finalize.extra_front_points=0", "finalize.baselines=false", "finalize.max_windows=1"]
+    export = Finalizer.export
+
+    def stopped_at_the_second(self, target, cand):
+        if (self.output_dir / "models").is_dir():
+            raise Interrupted(signal.SIGINT)
+        return export(self, target, cand)
+
+    with monkeypatch.context() as m:
+        m.setattr(Finalizer, "export", stopped_at_the_second)
+        proc = run_cli_in_process(args, tmp_path, monkeypatch, capfd)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path)
+    assert json.loads((run_dir / "summary.json").read_text())["finalize_pending"] is True
+    assert [p.name for p in (run_dir / "models").iterdir()] == ["4"] and "Continue with:" in proc.stderr
+    (run_dir / "models" / ".4.5.k1ll3d.tmp").mkdir()  # what a SIGKILL in the middle of writing a model leaves
+    archived = (run_dir / "archive.jsonl").read_text()
+
+    proc = run_cli_in_process([*args, "resume=auto"], tmp_path, monkeypatch, capfd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_dirs(tmp_path) == [run_dir] and f"resume=auto: continuing {run_dir}" in proc.stderr
+    assert "its search is complete" in proc.stderr and "iteration 0/" not in proc.stderr
+    assert (run_dir / "archive.jsonl").read_text() == archived
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "finalize_pending" not in summary and sorted(summary["finalize"]["models"]) == ["4", "4.5", "5"]
+    assert sorted(p.name for p in (run_dir / "models").iterdir()) == ["4", "4.5", "5"]
+    # finished now: the same command starts a new run
+    from amq.run.resume import finished
+
+    assert finished(run_dir)

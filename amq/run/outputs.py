@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -40,10 +41,16 @@ class RunOutputs:
         return self.path(ARCHIVE_FILE)
 
     def remove_stale_temps(self) -> None:
-        """Temporary files of atomic writes a killed process left behind (the run is their only writer)."""
+        """Temporary files of atomic writes a killed process left behind (the run is their only writer),
+        and the model directories its finalize stage had not finished (`models/.<target>.*.tmp`, or
+        the `.old` one a replacement was moving aside): the continued run writes them again."""
         for p in list(self.dir.iterdir()):
-            if p.name.startswith(".") and p.name.endswith(".tmp"):
+            if p.name.startswith(".") and p.name.endswith(".tmp") and not p.is_dir():
                 p.unlink(missing_ok=True)
+        models = self.dir / "models"
+        for p in list(models.iterdir()) if models.is_dir() else []:
+            if p.name.startswith(".") and p.name.endswith((".tmp", ".old")):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     # -------------------------------------------------------------- state for resume
     def read_state(self) -> RunState | None:

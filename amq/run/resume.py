@@ -7,6 +7,9 @@ ones, except those that change how fast a run goes or where it reports, not what
 time limit stopped (`budget.max_minutes`, recorded as `stopped` in summary.json) is unfinished:
 continued with a larger limit or none, it searches on from the next iteration.
 
+A run killed or stopped in its finalize stage is unfinished too (`finalize_pending` in summary.json):
+continued, it finds its search complete and runs the finalize stage again.
+
 `resume=auto` makes a command safe to rerun as is (a preempted job, a requeue): it continues the
 newest unfinished run with the same settings under the same runs folder, or starts a new one.
 
@@ -77,6 +80,9 @@ ADDED_LATER: dict[str, Any] = {
     "quantizer.integer_zero": False,
 }
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+# summary.json key, true while the search has ended and its finalize stage has not: a run killed or
+# stopped in the finalize stage is unfinished, and continuing it runs that stage again.
+FINALIZE_PENDING = "finalize_pending"
 VALID_DIR = "the directory of an unfinished amq-search run (outputs/search/runs/<time>), or auto"
 
 
@@ -148,12 +154,14 @@ def continue_past_time_limit(run_dir: Path) -> str:
 
 
 def finished(run_dir: Path) -> bool:
-    """Whether a run's search ended: it wrote summary.json, and not because its time limit stopped it."""
+    """Whether a run ended: it wrote summary.json, its time limit did not stop the search, and its
+    finalize stage (where on) is done."""
     path = run_dir / SUMMARY_FILE
     if not path.is_file():
         return False
     try:
-        return not json.loads(path.read_text()).get("stopped")
+        summary = json.loads(path.read_text())
+        return not summary.get("stopped") and not summary.get(FINALIZE_PENDING)
     except (OSError, ValueError, AttributeError):
         return True  # unreadable: not a run to continue on its own
 
@@ -174,7 +182,7 @@ def check_resumable(run_dir: Path, settings: dict[str, Any], iterations: int) ->
     if diff:
         raise ConfigError("resume", f"{run_dir} was searched with other settings: {shown_differences(diff)}", f"its own settings: {resume_command(run_dir)}")
     state = read_state(run_dir)
-    if state is not None and (run_dir / SUMMARY_FILE).is_file() and state.last_completed_iteration >= iterations:
+    if state is not None and finished(run_dir) and state.last_completed_iteration >= iterations:
         raise ConfigError(
             "resume",
             f"{run_dir} is already complete ({state.last_completed_iteration} iterations)",
