@@ -237,6 +237,7 @@ def test_cli_stops_on_its_limit_then_resume_auto_reaches_the_uninterrupted_archi
 
     # the printed settings with resume=auto (what a requeued job script reruns): continues in place
     overrides = [o for o in command.split()[1:] if not o.startswith("resume=")]
+    _refused_while_another_process_runs_it(run_dir, overrides, tmp_path, monkeypatch, capfd)
     proc = run_cli([*overrides, "resume=auto"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert run_dirs(tmp_path) == [run_dir] and f"resume=auto: continuing {run_dir}" in proc.stderr
@@ -244,6 +245,28 @@ def test_cli_stops_on_its_limit_then_resume_auto_reaches_the_uninterrupted_archi
     assert _archive(run_dir) == _archive(smoke_run[0])
     assert json.loads((run_dir / "summary.json").read_text())["stopped"] is None
     assert json.loads((run_dir / "front.json").read_text()) == json.loads((smoke_run[0] / "front.json").read_text())
+
+
+def _refused_while_another_process_runs_it(run_dir: Path, overrides: list[str], tmp_path: Path, monkeypatch, capfd) -> None:
+    """While a process holds the run (the lock a running search holds, taken here), resume=auto passes
+    it over and resume=<dir> is one line, exit 2, nothing touched; released, it is continuable again."""
+    from amq.config.compose import compose_config
+    from amq.run.run_lock import RunLock, in_use
+
+    _, settings, iterations = resume_settings(compose_config(overrides))
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        assert in_use(run_dir) and find_unfinished(run_dir.parent, settings, iterations) is None
+        proc = run_cli_in_process([*overrides, f"resume={run_dir}"], tmp_path, monkeypatch, capfd)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        (error,) = [line for line in proc.stderr.splitlines() if "[ERROR]" in line]
+        assert error.split("] - ", 1)[1].startswith(f"resume: {run_dir} is in use: another amq-search process") and "(valid: " in error
+    finally:
+        lock.release()
+    assert not in_use(run_dir) and find_unfinished(run_dir.parent, settings, iterations) == run_dir
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before and run_dirs(tmp_path) == [run_dir]
 
 
 @pytest.mark.slow

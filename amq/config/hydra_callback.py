@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from amq.config.compose import resume_settings
 from amq.errors import ConfigError
 from amq.run.resume import check_resumable, find_unfinished, probe_writable
+from amq.run.run_lock import in_use, in_use_error
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class RunDirCallback(Callback):
             else:
                 target = Path(str(resume)).expanduser().absolute()
                 check_resumable(target, settings, iterations)
+                if in_use(target):
+                    raise in_use_error(target)
         if target is None:
             _set_hydra(config, "run.dir", str(fresh))  # freeze the time stamp it was probed with
             probe_writable(fresh, "paths.log_dir")

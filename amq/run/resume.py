@@ -33,6 +33,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from amq.errors import ConfigError
 from amq.run.outputs import CONFIG_FILE, SUMMARY_FILE
+from amq.run.run_lock import in_use
 from amq.run.state import read_state
 
 log = logging.getLogger(__name__)
@@ -195,8 +196,8 @@ def find_unfinished(runs_dir: Path, settings: dict[str, Any], iterations: int) -
     if not runs_dir.is_dir():
         return None
     for run_dir in sorted((p for p in runs_dir.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True):
-        if finished(run_dir) or not (run_dir / CONFIG_FILE).is_file():
-            continue  # finished, or stopped before it wrote anything (nothing to continue)
+        if finished(run_dir) or not (run_dir / CONFIG_FILE).is_file() or in_use(run_dir):
+            continue  # finished, stopped before it wrote anything (nothing to continue), or another process is running it
         try:
             check_resumable(run_dir, settings, iterations)
         except ConfigError:

@@ -22,6 +22,7 @@ from amq.run.faults import resource_errors
 from amq.run.interrupts import GracefulStop, Interrupted
 from amq.run.outputs import ARCHIVE_FILE, CONFIG_FILE, SUMMARY_FILE, RunOutputs
 from amq.run.resume import TIME_LIMIT, check_resumable, continue_past_time_limit, resume_command
+from amq.run.run_lock import RunLock
 from amq.run.state import STATE_FILE, RunState
 from amq.search.archive import Archive
 
@@ -39,6 +40,8 @@ class RunSession:
         """The run's lifetime: yields the graceful stop whose `deferred` guards each evaluation
         (`memory`: the settings an out-of-memory message names, with their values)."""
         new_dir = not (self.dir / CONFIG_FILE).is_file()  # Hydra just made it: remove it again on a user error
+        lock = RunLock(self.dir)
+        lock.acquire()  # one process a run directory (amq/run/run_lock.py): before anything is read or written
         try:
             with GracefulStop() as stop, resource_errors(memory, self.dir):
                 self.outputs = RunOutputs(self.dir)
@@ -50,6 +53,8 @@ class RunSession:
         except Interrupted as exc:
             log.warning("%s; every finished evaluation is saved in %s. Continue with:\n  %s", exc, self.dir, resume_command(self.dir))
             raise
+        finally:
+            lock.release()
 
     def check_resume(self, resume: str | None, settings: dict[str, Any], iterations: int) -> bool:
         """Whether this run continues an earlier one in its directory (checked: same `settings`,

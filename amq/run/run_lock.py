@@ -1,0 +1,66 @@
+"""One process per run directory.
+
+A requeued job whose predecessor is still draining, or the same command started twice, would
+otherwise append to one archive from two processes. The process that runs a search holds an
+exclusive advisory lock (fcntl) on `<run dir>/.amq-search.lock` for its whole life; the operating
+system releases it when the process ends, however it ends (SIGKILL included), so a lock never
+outlives its holder and there is nothing to clean up. `resume=auto` passes over a run that another
+process holds, and `resume=<dir>` on one is refused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from amq.errors import ConfigError
+
+LOCK_FILE = ".amq-search.lock"
+
+
+class RunLock:
+    """The lock of one run directory, held from `acquire()` until `release()` or the process's end."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise ConfigError (naming `resume`) when another process holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise in_use_error(self.path.parent) from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+
+def in_use(run_dir: Path) -> bool:
+    """Whether another process holds `run_dir`'s lock now (a process that holds it itself must not ask)."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: no process ever ran a search there since locks existed
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def in_use_error(run_dir: Path) -> ConfigError:
+    return ConfigError(
+        "resume",
+        f"{run_dir} is in use: another amq-search process is running it",
+        "wait for that process to end (or stop it), then continue the run; resume=auto meanwhile starts a new one",
+    )
