@@ -28,6 +28,7 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise ConfigError (naming `resume`) when another process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # a run started from Python names a folder Hydra did not make
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
