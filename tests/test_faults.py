@@ -238,7 +238,7 @@ def test_a_run_stopped_in_its_finalize_stage_is_continued_there(tmp_path, monkey
     from amq.finalize.stage import Finalizer
     from amq.run.interrupts import Interrupted
 
-    args = [o for o in REFERENCE if o != "finalize.enabled=false"] + ["finalize.extra_front_points=0", "finalize.baselines=false", "finalize.max_windows=1"]
+    args = [o for o in REFERENCE if o != "finalize.enabled=false"] + ["finalize.extra_front_points=0", "finalize.evaluate=false", "finalize.formats=[]"]
     export = Finalizer.export
 
     def stopped_at_the_second(self, target, cand):

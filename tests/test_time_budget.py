@@ -216,7 +216,7 @@ def _archive(run_dir: Path) -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_cli_stops_on_its_limit_then_resume_auto_reaches_the_uninterrupted_archive(smoke_run, tmp_path, monkeypatch, capfd):
+def test_cli_stops_on_its_limit_then_resume_auto_reaches_the_uninterrupted_archive(smoke_run, tmp_path, monkeypatch, capfd, caplog):
     # 0.001 minutes are spent before iteration 0 ends (loading alone takes longer): it stops right after it.
     # The stop runs the CLI's entry point in this process; the resume, as a requeued job would, in a new one.
     proc = run_cli_in_process([*SMOKE, "seed=3", "budget.max_minutes=0.001"], tmp_path, monkeypatch, capfd)
@@ -237,7 +237,7 @@ def test_cli_stops_on_its_limit_then_resume_auto_reaches_the_uninterrupted_archi
 
     # the printed settings with resume=auto (what a requeued job script reruns): continues in place
     overrides = [o for o in command.split()[1:] if not o.startswith("resume=")]
-    _refused_while_another_process_runs_it(run_dir, overrides, tmp_path, monkeypatch, capfd)
+    _refused_while_another_process_runs_it(run_dir, overrides, tmp_path, monkeypatch, capfd, caplog)
     proc = run_cli([*overrides, "resume=auto"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert run_dirs(tmp_path) == [run_dir] and f"resume=auto: continuing {run_dir}" in proc.stderr
@@ -247,7 +247,7 @@ def test_cli_stops_on_its_limit_then_resume_auto_reaches_the_uninterrupted_archi
     assert json.loads((run_dir / "front.json").read_text()) == json.loads((smoke_run[0] / "front.json").read_text())
 
 
-def _refused_while_another_process_runs_it(run_dir: Path, overrides: list[str], tmp_path: Path, monkeypatch, capfd) -> None:
+def _refused_while_another_process_runs_it(run_dir: Path, overrides: list[str], tmp_path: Path, monkeypatch, capfd, caplog) -> None:
     """While a process holds the run (the lock a running search holds, taken here), resume=auto passes
     it over and resume=<dir> is one line, exit 2, nothing touched; released, it is continuable again."""
     from amq.config.compose import compose_config
@@ -258,7 +258,9 @@ def _refused_while_another_process_runs_it(run_dir: Path, overrides: list[str], 
     lock = RunLock(run_dir)
     lock.acquire()
     try:
-        assert in_use(run_dir) and find_unfinished(run_dir.parent, settings, iterations) is None
+        with caplog.at_level("INFO", logger="amq.run.resume"):
+            assert in_use(run_dir) and find_unfinished(run_dir.parent, settings, iterations) is None
+        assert f"passing over {run_dir}, which another amq-search process is running" in caplog.text
         proc = run_cli_in_process([*overrides, f"resume={run_dir}"], tmp_path, monkeypatch, capfd)
         assert proc.returncode == 2, proc.stderr[-3000:]
         (error,) = [line for line in proc.stderr.splitlines() if "[ERROR]" in line]

@@ -196,11 +196,14 @@ def find_unfinished(runs_dir: Path, settings: dict[str, Any], iterations: int) -
     if not runs_dir.is_dir():
         return None
     for run_dir in sorted((p for p in runs_dir.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True):
-        if finished(run_dir) or not (run_dir / CONFIG_FILE).is_file() or in_use(run_dir):
-            continue  # finished, stopped before it wrote anything (nothing to continue), or another process is running it
+        if finished(run_dir) or not (run_dir / CONFIG_FILE).is_file():
+            continue  # finished, or stopped before it wrote anything (nothing to continue)
         try:
             check_resumable(run_dir, settings, iterations)
         except ConfigError:
+            continue
+        if in_use(run_dir):
+            log.info("resume=auto: passing over %s, which another amq-search process is running", run_dir)
             continue
         return run_dir
     return None
