@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SMOKE, run_cli, run_dirs
+from conftest import ROOT, SMOKE, run_cli, run_cli_in_process, run_dirs
 
 from amq.config import compose
 from amq.config.compose import memory_settings, prepare, prune
@@ -233,10 +233,9 @@ def test_a_run_stopped_in_its_finalize_stage_is_continued_there(tmp_path, monkey
     """SIGINT while the finalize stage exports its second model: the run is unfinished (summary.json
     says `finalize_pending`), and rerunning the command with resume=auto continues it rather than
     starting a new run: no search again, every model written, half-written model folders removed."""
-    from conftest import run_cli_in_process
-
     from amq.finalize.stage import Finalizer
     from amq.run.interrupts import Interrupted
+    from amq.run.resume import finished
 
     args = [o for o in REFERENCE if o != "finalize.enabled=false"] + ["finalize.extra_front_points=0", "finalize.evaluate=false", "finalize.formats=[]"]
     export = Finalizer.export
@@ -263,8 +262,4 @@ def test_a_run_stopped_in_its_finalize_stage_is_continued_there(tmp_path, monkey
     assert (run_dir / "archive.jsonl").read_text() == archived
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "finalize_pending" not in summary and sorted(summary["finalize"]["models"]) == ["4", "4.5", "5"]
-    assert sorted(p.name for p in (run_dir / "models").iterdir()) == ["4", "4.5", "5"]
-    # finished now: the same command starts a new run
-    from amq.run.resume import finished
-
-    assert finished(run_dir)
+    assert sorted(p.name for p in (run_dir / "models").iterdir()) == ["4", "4.5", "5"] and finished(run_dir)
