@@ -278,3 +278,22 @@ def test_cli_refuses_a_bad_limit_before_anything_runs(tmp_path, monkeypatch, cap
     (error,) = [line for line in proc.stderr.splitlines() if "[ERROR]" in line]
     assert error.split("] - ", 1)[1].startswith("budget.max_minutes: 0 (valid: ") and "Traceback" not in proc.stderr
     assert run_dirs(tmp_path) == []
+
+
+def test_a_filesystem_without_flock_runs_the_search_unguarded(tmp_path, monkeypatch, caplog):
+    """Some network mounts refuse flock (ENOLCK): the run goes on, saying that nothing keeps a
+    second process out, rather than failing; and no run there counts as in use."""
+    import errno
+
+    from amq.run import run_lock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+    lock = run_lock.RunLock(tmp_path / "run")
+    with caplog.at_level("WARNING", logger="amq.run.run_lock"):
+        lock.acquire()
+    assert "(No locks available): nothing keeps a second process out of this run" in caplog.text
+    assert not run_lock.in_use(tmp_path / "run")
+    lock.release()

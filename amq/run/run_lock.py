@@ -11,10 +11,13 @@ process holds, and `resume=<dir>` on one is refused.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from pathlib import Path
 
 from amq.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = ".amq-search.lock"
 
@@ -35,6 +38,10 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             raise in_use_error(self.path.parent) from None
+        except OSError as exc:  # a filesystem without flock (some network mounts): run, unguarded
+            os.close(fd)
+            log.warning("cannot lock %s (%s): nothing keeps a second process out of this run", self.path, exc.strerror or exc)
+            return
         self._fd = fd
 
     def release(self) -> None:
@@ -55,6 +62,8 @@ def in_use(run_dir: Path) -> bool:
         return False
     except BlockingIOError:
         return True
+    except OSError:
+        return False  # no flock on this filesystem: no process can be holding it
     finally:
         os.close(fd)
 
