@@ -114,7 +114,7 @@ def _search_and_finalize(cfg: DictConfig, config: dict, o: SearchRun, session: R
         if plan.finalize is not None:
             wb.bank.release()
             with o.clock.stage("finalize"):
-                report = compose.run_finalize(cfg, wb, session.dir, wb.metric.name, o.space.bit_choices)
+                report = compose.run_finalize(cfg, wb, session.dir, wb.metric.name, o.space.bit_choices, keep_finished=session.resuming)
             summary["finalize"] = finalize_summary(report)
             summary["stages"] = o.clock.stages
             session.write_summary(summary)

@@ -232,7 +232,8 @@ def test_sigint_outside_an_evaluation_stops_at_once(tmp_path):
 def test_a_run_stopped_in_its_finalize_stage_is_continued_there(tmp_path, monkeypatch, capfd):
     """SIGINT while the finalize stage exports its second model: the run is unfinished (summary.json
     says `finalize_pending`), and rerunning the command with resume=auto continues it rather than
-    starting a new run: no search again, every model written, half-written model folders removed."""
+    starting a new run: no search again, the finished model kept, the others written, half-written
+    model folders removed."""
     from amq.finalize.stage import Finalizer
     from amq.run.interrupts import Interrupted
     from amq.run.resume import finished
@@ -254,12 +255,17 @@ def test_a_run_stopped_in_its_finalize_stage_is_continued_there(tmp_path, monkey
     assert [p.name for p in (run_dir / "models").iterdir()] == ["4"] and "Continue with:" in proc.stderr
     (run_dir / "models" / ".4.5.k1ll3d.tmp").mkdir()  # what a SIGKILL in the middle of writing a model leaves
     archived = (run_dir / "archive.jsonl").read_text()
+    first = {p.name: p.stat().st_mtime_ns for p in (run_dir / "models" / "4").iterdir()}
 
     proc = run_cli_in_process([*args, "resume=auto"], tmp_path, monkeypatch, capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert run_dirs(tmp_path) == [run_dir] and f"resume=auto: continuing {run_dir}" in proc.stderr
     assert "its search is complete" in proc.stderr and "iteration 0/" not in proc.stderr
     assert (run_dir / "archive.jsonl").read_text() == archived
+    # the model the stopped process finished is kept, not quantized and written again
+    assert "models/4: finished by the stopped run for this configuration and settings, kept" in proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "models" / "4").iterdir()} == first
+    assert "models/4.5: finished" not in proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "finalize_pending" not in summary and sorted(summary["finalize"]["models"]) == ["4", "4.5", "5"]
     assert sorted(p.name for p in (run_dir / "models").iterdir()) == ["4", "4.5", "5"] and finished(run_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -274,6 +275,38 @@ def test_the_stage_quantizes_a_configuration_asked_for_twice_in_a_row_once(smoll
     said = [r.getMessage() for r in caplog.records]
     assert sum("the configuration quantized last" in m for m in said) == 1
     assert sum(f"quantized {len(block0)} linears" in m for m in said) == 3
+
+
+def test_a_continued_stage_keeps_only_model_folders_of_its_own_configuration_and_quantizer(smollm2, tmp_path, caplog):
+    """A continued run's stage keeps models/<target>/ that its stopped process finished, but only for
+    the same configuration and quantizer settings: another configuration (a search extended by
+    more iterations picks anew) or other settings are quantized and written again."""
+    from amq.bits import BitConfig
+    from amq.finalize.selection import Candidate
+    from amq.finalize.settings import FinalizeSettings
+    from amq.finalize.stage import Finalizer
+
+    lm, layout, _, compose_cfg = smollm2
+    bits = {li.name: 4 for li in layout.linears if li.block == 0}  # the rest stays unquantized: a cheap model folder
+
+    def candidate(width: int) -> Candidate:
+        return Candidate(BitConfig({**bits, layout.names[0]: width}, GROUP), 4.5, 4.0, 0.1, 0)
+
+    def stage(keep: bool, *overrides: str) -> Finalizer:
+        return Finalizer(tmp_path, lm, layout, _finalizer(compose_cfg, "hqq", *overrides), FinalizeSettings((4.5,)), None, "jsd", keep_finished=keep)
+
+    stage(False).export(4.5, candidate(4))
+    written = (tmp_path / "models" / "4.5" / "bit_config.json").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="amq.finalize.stage"):
+        stage(True).export(4.5, candidate(4))
+        assert "models/4.5: finished by the stopped run" in caplog.text
+        assert (tmp_path / "models" / "4.5" / "bit_config.json").stat().st_mtime_ns == written  # kept as it was
+        caplog.clear()
+        stage(True, "finalizer.integer_zero=true").export(4.5, candidate(4))  # other quantizer settings
+        stage(True).export(4.5, candidate(8))  # another configuration
+        assert "finished by the stopped run" not in caplog.text
+    saved = json.loads((tmp_path / "models" / "4.5" / "bit_config.json").read_text())["bits"]
+    assert saved[layout.names[0]] == 8
 
 
 def test_packed_bytes_of_a_3bit_layer(smollm2):

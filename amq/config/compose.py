@@ -692,10 +692,11 @@ def check_finalize_components(cfg: DictConfig) -> None:
             prepare_zero_shot(tasks.tasks, cfg.paths.cache_dir, tasks.num_fewshot)
 
 
-def finalizer_for(cfg: DictConfig, wb: ModelAndData, run_dir: Path, metric_name: str, out_dir: Path | None = None) -> "Finalizer":
+def finalizer_for(cfg: DictConfig, wb: ModelAndData, run_dir: Path, metric_name: str, out_dir: Path | None = None, keep_finished: bool = False) -> "Finalizer":
     """The finalize stage for a loaded model and data (calibration windows drawn from the calibration split).
 
-    Models and reports go to `out_dir` (default: the run directory itself)."""
+    Models and reports go to `out_dir` (default: the run directory itself); `keep_finished` (a
+    continued run) keeps the model folders its stopped process finished for the same configuration."""
     from amq.finalize.stage import Finalizer
 
     node = cfg.finalize
@@ -707,7 +708,7 @@ def finalizer_for(cfg: DictConfig, wb: ModelAndData, run_dir: Path, metric_name:
             calib = calibration_windows(wb.lm.tokenizer, wb.splits.calibration, spec, wb.lm.add_bos, wb.cache_dir)
     suite = eval_suite(node, wb.splits, wb.lm.add_bos, wb.cache_dir) if node.evaluate else None
     proxy_results = _proxy_results(build(cfg.quantizer, "quantizer"), quantizer, wb)
-    return Finalizer(run_dir, wb.lm, wb.layout, quantizer, finalize_settings(node), suite, metric_name, calib, out_dir, proxy_results)
+    return Finalizer(run_dir, wb.lm, wb.layout, quantizer, finalize_settings(node), suite, metric_name, calib, out_dir, proxy_results, keep_finished)
 
 
 def _proxy_results(proxy: Any, final: Any, wb: ModelAndData) -> Callable[[int, int], dict | None] | None:
@@ -727,8 +728,10 @@ def _proxy_results(proxy: Any, final: Any, wb: ModelAndData) -> Callable[[int, i
     return read
 
 
-def run_finalize(cfg: DictConfig, wb: ModelAndData, run_dir: Path, metric_name: str, bits: Sequence[int], out_dir: Path | None = None) -> dict:
+def run_finalize(
+    cfg: DictConfig, wb: ModelAndData, run_dir: Path, metric_name: str, bits: Sequence[int], out_dir: Path | None = None, keep_finished: bool = False
+) -> dict:
     """The finalize stage (`finalizer_for`), run: exported models and their report."""
-    finalizer = finalizer_for(cfg, wb, run_dir, metric_name, out_dir)
+    finalizer = finalizer_for(cfg, wb, run_dir, metric_name, out_dir, keep_finished)
     with settings_of(named=FINALIZE_SETTINGS):
         return finalizer.run(list(bits))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from amq.modeling.loading import LoadedModel
 from amq.quantizers import llamacpp
 from amq.quantizers.base import FinalQuantizer, quantizer_info
 from amq.quantizers.compressed_tensors import compressed_tensors_summary, fold_input_scales, write_compressed_tensors
-from amq.quantizers.export import WEIGHTS_FILE, directory_bytes, packed_modules, write_model_dir
+from amq.quantizers.export import BITCONFIG_FILE, QUANT_FILE, WEIGHTS_FILE, directory_bytes, packed_modules, write_model_dir
 from amq.quantizers.hqq import group_quant_from_proxy
 from amq.quantizers.packed import GroupQuant, replace_linears
 
@@ -126,6 +127,8 @@ class Finalizer:
     out_dir: Path | None = None  # where models/ and the reports go (None: the run directory)
     # (width, group size) -> the search's proxy results with this quantizer's settings ({name: (packed, meta)}), or None
     proxy_results: Callable[[int, int], dict | None] | None = None
+    # a continued run (resume): keep models/<target>/ folders its stopped process finished for the same configuration
+    keep_finished: bool = False
     _memo: dict[tuple[str, int, int], GroupQuant] = field(default_factory=dict, repr=False)
     _evaluations: dict[tuple, tuple[str, dict]] = field(default_factory=dict, repr=False)  # configuration -> (label, result)
     _last_calibrated: tuple[tuple, dict[str, GroupQuant]] | None = field(default=None, repr=False)  # (configuration, result)
@@ -219,6 +222,21 @@ class Finalizer:
         model, config = self.lm.model, cand.config
         linears_bf16 = bf16_bytes(model, config.bits)
         total_bf16 = bf16_bytes(model)
+        kept = self._finished(out_dir, config) if self.keep_finished else None
+        if kept is not None:
+            log.info("models/%s: finished by the stopped run for this configuration and settings, kept", out_dir.name)
+            if kept:
+                self._evaluations[config.key()] = (f"{target:g} bits", copy.deepcopy(kept))
+            return self._row(
+                "target",
+                self._bits(config),
+                cand.metric,
+                kept or None,
+                target=target,
+                dir=str(out_dir),
+                bytes_on_disk=directory_bytes(out_dir),
+                bytes_bf16=total_bf16,
+            )
         with packed_swap(model, self._quantize(config)), in_shipped_form(model):
             evaluation = self._evaluate(f"{target:g} bits", config, keep_lm_eval=True)
             lm_eval_results = evaluation.pop("lm_eval", None) if evaluation is not None else None  # its own file, not eval.json
@@ -259,6 +277,30 @@ class Finalizer:
         return self._row(
             "target", self._bits(config), cand.metric, evaluation, target=target, dir=str(out_dir), bytes_on_disk=info["bytes_on_disk"], bytes_bf16=total_bf16
         )
+
+    def _finished(self, out_dir: Path, config: BitConfig) -> dict | None:
+        """What a stopped process of this run measured for the model folder it finished at `out_dir`
+        ({} when the stage does not evaluate), or None unless that folder holds this configuration,
+        quantized and saved as this stage would (quantizer and its settings, standard formats) and
+        evaluated under this stage's protocol. Folders are published whole (`write_model_dir`), so
+        one that exists is complete."""
+        try:
+            if json.loads((out_dir / BITCONFIG_FILE).read_text()) != json.loads(json.dumps(config.to_dict())):
+                return None
+            if json.loads((out_dir / QUANT_FILE).read_text()).get("quantizer") != json.loads(json.dumps(quantizer_info(self.quantizer))):
+                return None
+            if any(not (out_dir / fmt).is_dir() for fmt in self.settings.formats):
+                return None
+            if self.suite is None or not self.settings.evaluate:
+                return {}
+            evaluation = json.loads((out_dir / "eval.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if evaluation.get("protocol") != json.loads(json.dumps(self.suite.describe(self.lm.model))):
+            return None
+        if self.suite.tasks.tasks and not (out_dir / LM_EVAL_RESULTS).is_file():
+            return None
+        return {k: v for k, v in evaluation.items() if k not in ("model_dir", "history", "reproduction")}
 
     def _standard_formats(self, model: nn.Module, model_dir: Path, label: str) -> dict[str, dict]:
         """Write the standard checkpoints `finalize.formats` asks for into subfolders of `model_dir`;
