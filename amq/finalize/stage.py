@@ -94,6 +94,11 @@ def in_shipped_form(model: nn.Module) -> Iterator[nn.Module]:
             current.data.copy_(values)
 
 
+def _as_json(value: Any) -> Any:
+    """`value` as a JSON file holds it (tuples as lists, keys as strings), to compare with one read back."""
+    return json.loads(json.dumps(value))
+
+
 def bf16_bytes(model: nn.Module, names: Mapping[str, Any] | None = None) -> int:
     """Bytes at 2 per parameter: the whole model (tied weights once) or the named modules' weights."""
     if names is None:
@@ -146,12 +151,12 @@ class Finalizer:
         t0 = time.perf_counter()
         reused = 0
         if self.quantizer.needs_calibration:
-            if self._last_calibrated is not None and self._last_calibrated[0] == (config.group_size, config.key()):
+            if self._last_calibrated is not None and self._last_calibrated[0] == config.key():
                 log.info("%s: the configuration quantized last, whose result is reused", self.quantizer.name)
                 return self._last_calibrated[1]
             self._last_calibrated = None  # freed before the next pass: the stage's peak memory stays one configuration's
             quants = self.quantizer.quantize(self.lm.model, self.layout, config.bits, config.group_size, self.calib)
-            self._last_calibrated = ((config.group_size, config.key()), quants)
+            self._last_calibrated = (config.key(), quants)
         else:
             todo = {n: b for n, b in config.bits.items() if (n, b, config.group_size) not in self._memo}
             fresh = self._from_proxy(todo, config.group_size)
@@ -220,7 +225,6 @@ class Finalizer:
         """Quantize, evaluate and save one selected configuration under models/<target>/."""
         out_dir = self.output_dir / "models" / f"{target:g}"
         model, config = self.lm.model, cand.config
-        linears_bf16 = bf16_bytes(model, config.bits)
         total_bf16 = bf16_bytes(model)
         kept = self._finished(out_dir, config) if self.keep_finished else None
         if kept is not None:
@@ -237,6 +241,7 @@ class Finalizer:
                 bytes_on_disk=directory_bytes(out_dir),
                 bytes_bf16=total_bf16,
             )
+        linears_bf16 = bf16_bytes(model, config.bits)
         with packed_swap(model, self._quantize(config)), in_shipped_form(model):
             evaluation = self._evaluate(f"{target:g} bits", config, keep_lm_eval=True)
             lm_eval_results = evaluation.pop("lm_eval", None) if evaluation is not None else None  # its own file, not eval.json
@@ -285,9 +290,9 @@ class Finalizer:
         evaluated under this stage's protocol. Folders are published whole (`write_model_dir`), so
         one that exists is complete."""
         try:
-            if json.loads((out_dir / BITCONFIG_FILE).read_text()) != json.loads(json.dumps(config.to_dict())):
+            if json.loads((out_dir / BITCONFIG_FILE).read_text()) != _as_json(config.to_dict()):
                 return None
-            if json.loads((out_dir / QUANT_FILE).read_text()).get("quantizer") != json.loads(json.dumps(quantizer_info(self.quantizer))):
+            if json.loads((out_dir / QUANT_FILE).read_text()).get("quantizer") != _as_json(quantizer_info(self.quantizer)):
                 return None
             if any(not (out_dir / fmt).is_dir() for fmt in self.settings.formats):
                 return None
@@ -296,7 +301,7 @@ class Finalizer:
             evaluation = json.loads((out_dir / "eval.json").read_text())
         except (OSError, ValueError):
             return None
-        if evaluation.get("protocol") != json.loads(json.dumps(self.suite.describe(self.lm.model))):
+        if evaluation.get("protocol") != _as_json(self.suite.describe(self.lm.model)):
             return None
         if self.suite.tasks.tasks and not (out_dir / LM_EVAL_RESULTS).is_file():
             return None
