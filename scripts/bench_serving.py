@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amq.quantizers.grid import rtn_quant  # noqa: E402
 from amq.quantizers.packed import PackedLinear, dequantize_packed  # noqa: E402
-from amq.runtime import PlanesLinear, TinyGemmLinear  # noqa: E402
+from amq.runtime import PlanesLinear, TinyGemmLinear, cuda_mma  # noqa: E402
 from amq.runtime.fuse import SIBLINGS, SiblingGroup, fuse_siblings  # noqa: E402
 from amq.runtime.layout import split_workspace, tile_size  # noqa: E402
 
@@ -137,13 +137,26 @@ def layer_bytes(m: nn.Module) -> int:
 def candidates(bits: int, layer: PackedLinear, tiles: Sequence[int] = ()) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Callables x -> y for every kernel that holds this width; `tiles`: the planes layout again at
     each of these largest tiles where it gives the layer another tile than the default's."""
-    out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"planes": PlanesLinear(layer)}
+    planes = PlanesLinear(layer)
+    out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"planes": planes}
+    if bits in cuda_mma.WIDTHS:  # the same layer on the Triton tile kernel at 2-16 rows (the CUDA one's alternative)
+        out["planes, Triton tiles"] = lambda x: triton_tiles(planes, x)
     default = tile_size(layer.in_features, bits, layer.group_size)
     for tile in sorted({tile_size(layer.in_features, bits, layer.group_size, t) for t in tiles} - {default, None}):
         out[f"planes, tile {tile}"] = PlanesLinear(layer, max_tile=tile)  # packed once, only where the tile differs
     if bits == 4:
         out["tinygemm"] = TinyGemmLinear(layer)
     return out
+
+
+def triton_tiles(layer: PlanesLinear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's product with the CUDA tile kernel off: Triton's at 2-16 rows, the layer's own path otherwise."""
+    if not 2 <= x.shape[0] <= layer.gemm_max_rows:
+        return layer(x)
+    from amq.runtime import triton_kernels as tk
+
+    geometry = (layer.bits, layer.group_size, layer.tile, layer.out_features)
+    return tk.product(x, layer.planes(), layer.scale, layer.zero, *geometry, (layer.split_partial, layer.split_count), cuda_mma=False)
 
 
 def compiled_dequant_matmul() -> Callable[[torch.Tensor, PackedLinear], torch.Tensor]:

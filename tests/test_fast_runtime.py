@@ -379,6 +379,51 @@ def test_cuda_gemv_build_without_the_asked_shape_returns_none_not_a_crash():
     assert module.gemv(*args, cuda_gemv.block_shape(4)) is not None
 
 
+# ------------------------------------------------------------------- the CUDA tile kernel (2-16 rows)
+def test_cuda_tile_kernel_takes_only_what_it_was_built_for():
+    from amq.runtime import cuda_mma
+
+    layer = PlanesLinear(_random_layer(4, out_f=64, in_f=512, group=128))
+    x = torch.randn(4, 512, dtype=torch.bfloat16)
+    assert not cuda_mma.fits(x, layer.planes(), layer.scale, layer.zero, 4, 128, layer.tile)  # a CPU tensor: never
+    assert cuda_mma.mma(x, layer.planes(), layer.scale, layer.zero, 4, 128, layer.tile, 64, (layer.split_partial, layer.split_count)) is None
+    assert [cuda_mma.groups_served(g) for g in (32, 64, 128, 256, 512, 96, 16)] == [True] * 5 + [False] * 2
+    # slices fill the GPU on layers of few rows, never more than SPLIT_MAX nor one per tile
+    assert cuda_mma.split_for(4096, 4096, 132) == 4 and cuda_mma.split_for(11008, 4096, 132) == 2 and cuda_mma.split_for(22016, 4096, 132) == 1
+    assert cuda_mma.split_for(384, 512, 132) == 2 and cuda_mma.split_for(4096, 11008, 16) == 1
+    # products go to it only where it was measured the faster: 3 bits up to 16 rows, 2 and 4 up to 8
+    assert [cuda_mma.preferred(3, m) for m in (1, 2, 16)] == [False, True, True] and cuda_mma.preferred(4, 8) and not cuda_mma.preferred(4, 9)
+    assert not cuda_mma.preferred(8, 4) and set(cuda_mma.FASTER_UP_TO) == set(cuda_mma.WIDTHS)
+    launched = re.findall(r"case (\d+): return by_rows<P0, P1, (\d+)>", cuda_mma.SOURCE.read_text())
+    assert all(int(g) * int(ng) == cuda_mma.TILE for g, ng in launched) and sorted(int(g) for g, _ in launched) == [32, 64, 128]
+    warps = re.search(r"constexpr int WARPS = (\d+);", cuda_mma.SOURCE.read_text())
+    assert warps and 16 * int(warps.group(1)) == cuda_mma.BLOCK_ROWS  # the slices' count assumes the .cu's block
+
+
+@cuda
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("rows", [2, 7, 8, 9, 16])
+def test_cuda_tile_kernel_matches_packed_linear(bits, rows):
+    from amq.runtime import cuda_mma
+
+    if not cuda_mma.available(torch.device("cuda")):
+        pytest.skip("the CUDA tile kernel could not be built here (no nvcc?)")
+    # rows no block divides; 2 to 8 groups per tile and whole-tile groups; split-K over 2 tiles, and
+    # over 5 tiles in 4 slices (one empty; 3 bits: a padded narrow span)
+    for out_f, in_f, group in ((390, 512, 64), (384, 1280, 128), (200, 2048, 32), (256, 512, 256)):
+        layer = _random_layer(bits, out_f=out_f, in_f=in_f, group=group, device="cuda")
+        fast = PlanesLinear(layer)
+        assert fast.tile == cuda_mma.TILE
+        x = torch.randn(rows, in_f, dtype=torch.bfloat16, device="cuda")
+        ref = x.float() @ layer.weight_float().t()
+        args = (x, fast.planes(), fast.scale, fast.zero, bits, group, fast.tile, out_f, (fast.split_partial, fast.split_count))
+        y = cuda_mma.mma(*args)
+        assert y is not None and y.dtype == torch.bfloat16 and _rel(y, ref) < 1e-2, (out_f, in_f, group)
+        assert torch.equal(cuda_mma.mma(*args), y)  # slices added in a fixed order
+        assert int(fast.split_count.abs().sum()) == 0  # the counters are back at zero
+        assert _rel(fast(x), ref + layer.bias.float()) < 1e-2
+
+
 @cuda
 @pytest.mark.parametrize("bits", SERVED)
 @pytest.mark.parametrize("rows", [1, 7, 100])

@@ -15,16 +15,13 @@ the build is cached in torch's extensions folder, outside the repository). Where
 from __future__ import annotations
 
 import functools
-import logging
-import os
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from amq.runtime.cuda_build import build
 from amq.runtime.layout import plane_widths, runs_per_group
-
-log = logging.getLogger(__name__)
 
 ENV = "AMQ_CUDA_GEMV"
 SOURCE = Path(__file__).with_name("cuda") / "gemv_planes.cu"
@@ -58,26 +55,8 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor p0, torch::Tensor p1, torch::T
 def _module(capability: tuple[int, int], all_shapes: bool = False) -> ModuleType | None:
     """The built extension for one compute capability, or None (logged once) where it cannot be built.
     `all_shapes`: every block shape for every width (a separate build, for re-measuring the shapes)."""
-    if os.environ.get(ENV, "1").strip() == "0":
-        return None
-    arch = f"{capability[0]}{capability[1]}"
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        log.info("building the CUDA GEMV for sm_%s (once per machine; cached by torch)", arch)
-        return load_inline(
-            name=f"amq_gemv_planes_sm{arch}" + ("_all_shapes" if all_shapes else ""),
-            cpp_sources=_WRAPPER,
-            cuda_sources=SOURCE.read_text(),
-            functions=["gemv"],
-            extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", *_shape_flags(all_shapes)],
-            verbose=False,
-        )
-    except Exception as exc:  # no nvcc, no compiler, a failed build: the Triton GEMV serves
-        log.warning(
-            "the CUDA GEMV could not be built (%s: %s); one-row products use the Triton GEMV (%s=0 silences this)", type(exc).__name__, str(exc)[:300], ENV
-        )
-        return None
+    name = "amq_gemv_planes" + ("_all_shapes" if all_shapes else "")
+    return build(name, _WRAPPER, SOURCE, ["gemv"], capability, ENV, "CUDA GEMV", "one-row products use the Triton GEMV", _shape_flags(all_shapes))
 
 
 def available(device: torch.device) -> bool:

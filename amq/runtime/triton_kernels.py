@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from amq.runtime.cuda_gemv import gemv
+from amq.runtime.cuda_mma import mma, preferred
 from amq.runtime.layout import SPLIT_MAX, TILE_ROWS_MAX, plane_widths, runs_per_group
 
 
@@ -469,16 +470,22 @@ def product(
     n: int,
     workspace: tuple[torch.Tensor, torch.Tensor],
     cuda_gemv: bool = True,
+    cuda_mma: bool = True,
 ) -> torch.Tensor:
     """y (m, n) = x (m, k) @ W.T for 1 to TILE_ROWS_MAX rows (decoding): for one row the CUDA GEMV
     (`amq.runtime.cuda_gemv`, where it is built and takes the product; `cuda_gemv=False`: never)
-    or the Triton one, the tile kernel for more (it needs runs of >= 16 codes). `workspace`
+    or the Triton one; for more, the CUDA tile kernel (`amq.runtime.cuda_mma`, at the widths and rows
+    where it is the faster, where it is built and takes the product; `cuda_mma=False`: never) or the Triton one (it needs runs of >= 16 codes). `workspace`
     (`layout.split_workspace`) must not be used by two launches running at once (on different streams)."""
     m, k = x.shape
     if m > TILE_ROWS_MAX:
         raise ValueError(f"{m} rows: the decode kernels take at most {TILE_ROWS_MAX}")
     if m == 1 and cuda_gemv:
         y = gemv(x, planes, scale, zero, bits, group_size, tile, n)
+        if y is not None:
+            return y
+    if cuda_mma and preferred(bits, m):
+        y = mma(x, planes, scale, zero, bits, group_size, tile, n, workspace)
         if y is not None:
             return y
     p0, p1, meta = _planes(planes, bits, tile, group_size)
