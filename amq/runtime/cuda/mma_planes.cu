@@ -147,8 +147,8 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
     }
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
-      const int c = threadIdx.x + i * 32 * WARPS;  // chunk: activation row c % (MT * 8), pairs 8 * (c / (MT * 8)) ..
-      const int r = c % (MT * 8), kc = c / (MT * 8) * 8;
+      const int c = threadIdx.x + i * 32 * WARPS;  // chunk: activation row c / 16, pairs 8 * (c % 16) ..
+      const int r = c >> 4, kc = (c & 15) * 8;
       if (r < m) {
         const __nv_bfloat16* src = x + (size_t)r * k + (size_t)t * TILE + kc;
         tl.xl[i] = __ldg(reinterpret_cast<const uint4*>(src));
@@ -162,8 +162,8 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
   auto stage = [&](const T& tl, uint32_t* dst) {
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
-      const int c = threadIdx.x + i * 32 * WARPS;  // consecutive lanes: consecutive rows (2-way bank conflicts at most)
-      uint32_t* d = dst + xrow(c % (MT * 8)) + c / (MT * 8) * 8;
+      const int c = threadIdx.x + i * 32 * WARPS;
+      uint32_t* d = dst + xrow(c >> 4) + (c & 15) * 8;
       const uint32_t l[4] = {tl.xl[i].x, tl.xl[i].y, tl.xl[i].z, tl.xl[i].w};
       const uint32_t h[4] = {tl.xh[i].x, tl.xh[i].y, tl.xh[i].z, tl.xh[i].w};
 #pragma unroll
