@@ -27,15 +27,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serving import SHAPES, WIDTHS, graph_time, packed_layer  # noqa: E402
+from bench_serving import SHAPES, WIDTHS, graph_time, packed_layer, rel_err  # noqa: E402
 
 from amq.runtime import PlanesLinear, TinyGemmLinear, cuda_gemv  # noqa: E402
 
 log = logging.getLogger("bench_gemv")
-
-
-def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.float() - ref).norm() / ref.norm())
 
 
 def bench_shape(name: str, out_f: int, in_f: int, widths: list[int], all_shapes: bool, cold_bytes: float, gen: torch.Generator) -> list[dict]:
@@ -61,7 +57,7 @@ def bench_shape(name: str, out_f: int, in_f: int, widths: list[int], all_shapes:
                 x, layer.planes(), layer.scale, layer.zero, bits, 128, layer.tile, out_f, (layer.split_partial, layer.split_count), cuda_gemv=False
             )
 
-        row["triton_err"] = _rel(triton(layers[0]), ref)
+        row["triton_err"] = rel_err(triton(layers[0]), ref)
         row["triton_us"] = graph_time(lambda: [triton(m) for m in layers]) / n * 1e6
         # the build that serves (each width at its own shape), or a build of every shape
         shapes = list(range(len(cuda_gemv.SHAPES))) if all_shapes else [None]
@@ -75,10 +71,10 @@ def bench_shape(name: str, out_f: int, in_f: int, widths: list[int], all_shapes:
                 log.warning("%s %d-bit: the CUDA GEMV does not take this layer", name, bits)
                 continue
             label = f"cuda{cuda_gemv.block_shape(bits) if s is None else s}"  # the shape index it ran
-            row[f"{label}_err"] = _rel(y, ref)
+            row[f"{label}_err"] = rel_err(y, ref)
             row[f"{label}_us"] = graph_time(lambda: [cuda(m) for m in layers]) / n * 1e6
         if tiny:
-            row["tinygemm_err"] = _rel(tiny[0](x), ref)
+            row["tinygemm_err"] = rel_err(tiny[0](x), ref)
             row["tinygemm_us"] = graph_time(lambda: [m(x) for m in tiny]) / n * 1e6
         log.info("%s", json.dumps({k: round(v, 5 if k.endswith("err") else 2) if isinstance(v, float) else v for k, v in row.items()}))
         rows.append(row)

@@ -118,6 +118,11 @@ def machine() -> dict[str, str]:
     return info
 
 
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative norm error of a product against the float32 reference."""
+    return float((y.float() - ref).norm() / ref.norm())
+
+
 # ------------------------------------------------------------------------------------ layers
 def packed_layer(out_f: int, in_f: int, bits: int, group: int, gen: torch.Generator) -> PackedLinear:
     """A PackedLinear of random codes with fractional zero points (HQQ-like), on the GPU."""
@@ -203,13 +208,13 @@ def micro(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
                 x = torch.randn(m_rows, in_f, device="cuda", dtype=torch.bfloat16, generator=gen)
                 ref = x.float() @ ref_w.t()
                 for name in fast[0]:
-                    err = float((fast[0][name](x).float() - ref).norm() / ref.norm())
+                    err = rel_err(fast[0][name](x), ref)
                     t = graph_time(lambda: [c[name](x) for c in fast]) / n
                     rows.append({"shape": shape_name, "rows": m_rows, "bits": bits, "kernel": name, "us": t * 1e6, "rel_err": err})
                     log.info("%s rows=%d %d-bit %s: %.1f us (err %.1e)", shape_name, m_rows, bits, name, t * 1e6, err)
                 if compiled is not None and m_rows == 1 and shape_name == "gate/up" and time.monotonic() < deadline:
                     try:
-                        err = float((compiled(x, layers[0]).float() - ref).norm() / ref.norm())
+                        err = rel_err(compiled(x, layers[0]), ref)
                         t = graph_time(lambda: [compiled(x, m) for m in layers]) / n
                         rows.append({"shape": shape_name, "rows": m_rows, "bits": bits, "kernel": "compile dequant+mm", "us": t * 1e6, "rel_err": err})
                     except Exception as e:  # a candidate that fails is reported, not fatal
@@ -218,7 +223,7 @@ def micro(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
                     try:
                         gl = [gemlite_layer(m) for m in layers[: min(n, 8)]]
                         if gl[0] is not None:
-                            err = float((gl[0](x).float() - ref).norm() / ref.norm())
+                            err = rel_err(gl[0](x), ref)
                             t = graph_time(lambda: [g(x) for g in gl]) / len(gl)
                             rows.append({"shape": shape_name, "rows": m_rows, "bits": bits, "kernel": "gemlite", "us": t * 1e6, "rel_err": err})
                     except Exception as e:

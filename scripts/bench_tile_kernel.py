@@ -28,16 +28,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serving import SHAPES, graph_time, packed_layer  # noqa: E402
+from bench_serving import SHAPES, graph_time, packed_layer, rel_err  # noqa: E402
 
 from amq.runtime import PlanesLinear, cuda_mma  # noqa: E402
 from amq.runtime.layout import TILE_ROWS_MAX  # noqa: E402
 
 log = logging.getLogger("bench_tile_kernel")
-
-
-def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.float() - ref).norm() / ref.norm())
 
 
 def bench_shape(name: str, out_f: int, in_f: int, args: argparse.Namespace, gen: torch.Generator) -> list[dict]:
@@ -73,7 +69,7 @@ def bench_shape(name: str, out_f: int, in_f: int, args: argparse.Namespace, gen:
                 if y is None:
                     log.warning("%s %d-bit: the CUDA tile kernel does not take this layer", name, bits)
                     continue
-                row[f"{label}_err"] = _rel(y, ref)
+                row[f"{label}_err"] = rel_err(y, ref)
                 row[f"{label}_us"] = graph_time(lambda fn=fn: [fn(layer) for layer in layers]) / n * 1e6
             log.info("%s", json.dumps({k: round(v, 5 if k.endswith("err") else 2) if isinstance(v, float) else v for k, v in row.items()}))
             rows.append(row)

@@ -396,6 +396,8 @@ def test_cuda_tile_kernel_takes_only_what_it_was_built_for():
     assert not cuda_mma.preferred(8, 4) and set(cuda_mma.FASTER_UP_TO) == set(cuda_mma.WIDTHS)
     launched = re.findall(r"case (\d+): return by_rows<P0, P1, (\d+)>", cuda_mma.SOURCE.read_text())
     assert all(int(g) * int(ng) == cuda_mma.TILE for g, ng in launched) and sorted(int(g) for g, _ in launched) == [32, 64, 128]
+    widths = re.findall(r"if \(p0w == (\d) && p1w == (\d)\) return by_groups", cuda_mma.SOURCE.read_text())
+    assert sorted(int(a) + int(b) for a, b in widths) == list(cuda_mma.WIDTHS)  # the .cu builds exactly WIDTHS
     warps = re.search(r"constexpr int WARPS = (\d+);", cuda_mma.SOURCE.read_text())
     assert warps and 16 * int(warps.group(1)) == cuda_mma.BLOCK_ROWS  # the slices' count assumes the .cu's block
 
@@ -448,3 +450,11 @@ def test_tinygemm_matches_packed_linear_on_cuda():
 def test_bench_gemv_without_a_gpu_says_so_and_exits_2():
     proc = run_script("bench_gemv.py", ["--widths", "3", "--all-shapes", "--json", "/nonexistent/never-written.json"], timeout=300)
     assert proc.returncode == 2 and "bench_gemv needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")
+def test_bench_tile_kernel_refuses_bad_settings_and_says_when_there_is_no_gpu():
+    proc = run_script("bench_tile_kernel.py", ["--splits", "0"], timeout=300)
+    assert proc.returncode == 2 and "--splits" in proc.stderr, proc.stderr[-2000:]
+    proc = run_script("bench_tile_kernel.py", ["--rows", "16", "--json", "/nonexistent/never-written.json"], timeout=300)
+    assert proc.returncode == 2 and "bench_tile_kernel needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
