@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -17,7 +18,15 @@ log = logging.getLogger(__name__)
 
 
 def build(
-    name: str, cpp_source: str, cuda_source: Path, functions: list[str], capability: tuple[int, int], env: str, what: str, fallback: str, flags: list[str] = ()
+    name: str,
+    cpp_source: str,
+    cuda_source: Path,
+    functions: list[str],
+    capability: tuple[int, int],
+    env: str,
+    what: str,
+    fallback: str,
+    flags: Sequence[str] = (),
 ) -> ModuleType | None:
     """The extension `name`_sm<arch>, or None where `env` is "0" or it cannot be built (no nvcc, no
     compiler, a failed build; logged at each call, so callers cache). `what` names the kernel and
