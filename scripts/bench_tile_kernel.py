@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serving import SHAPES, graph_time, packed_layer, rel_err  # noqa: E402
+from bench_serving import SHAPES, graph_time, packed_layer, rel_err, triton_tiles  # noqa: E402
 
 from amq.runtime import PlanesLinear, cuda_mma  # noqa: E402
 from amq.runtime.layout import TILE_ROWS_MAX  # noqa: E402
@@ -37,8 +37,6 @@ log = logging.getLogger("bench_tile_kernel")
 
 
 def bench_shape(name: str, out_f: int, in_f: int, args: argparse.Namespace, gen: torch.Generator) -> list[dict]:
-    from amq.runtime import triton_kernels as tk  # needs Triton: imported on the GPU machine only
-
     rows = []
     n_dense = max(2, math.ceil(args.cold_bytes / (out_f * in_f * 2)))
     dense = [torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02 for _ in range(n_dense)]
@@ -55,15 +53,13 @@ def bench_shape(name: str, out_f: int, in_f: int, args: argparse.Namespace, gen:
             ref = x.float() @ ref_w.t()
             row = {"shape": name, "bits": bits, "rows": m, "bf16_us": bf16_us[m]}
 
-            def triton(layer: PlanesLinear, x: torch.Tensor = x) -> torch.Tensor:
-                geometry = (bits, 128, layer.tile, out_f)
-                return tk.product(x, layer.planes(), layer.scale, layer.zero, *geometry, (layer.split_partial, layer.split_count), cuda_mma=False)
-
             def cuda(layer: PlanesLinear, split: int | None = None, x: torch.Tensor = x) -> torch.Tensor | None:
                 workspace = (layer.split_partial, layer.split_count) if split is None else wide
                 return cuda_mma.mma(x, layer.planes(), layer.scale, layer.zero, bits, 128, layer.tile, out_f, workspace, split=split)
 
-            variants = [("triton", triton), ("cuda", cuda)] + [(f"cuda_split{s}", lambda layer, s=s: cuda(layer, s)) for s in args.splits]
+            variants = [("triton", lambda layer, x=x: triton_tiles(layer, x)), ("cuda", cuda)] + [
+                (f"cuda_split{s}", lambda layer, s=s: cuda(layer, s)) for s in args.splits
+            ]
             for label, fn in variants:
                 y = fn(layers[0])
                 if y is None:

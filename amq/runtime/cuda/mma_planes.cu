@@ -269,15 +269,19 @@ struct Args {
 };
 
 template <int P0, int P1, int NG, int MT>
-bool launch(const Args& a, cudaStream_t stream) {
+void launch(const Args& a, cudaStream_t stream) {
   const dim3 grid((a.n + BLOCK_ROWS - 1) / BLOCK_ROWS, a.split);
   mma_planes_kernel<P0, P1, NG, MT><<<grid, 32 * WARPS, 0, stream>>>(a.x, a.p0, a.p1, a.scale, a.zero, a.y, a.partial, a.count, a.m, a.n, a.k, a.group, a.split);
-  return true;
 }
 
 template <int P0, int P1, int NG>
 bool by_rows(const Args& a, cudaStream_t s) {
-  return a.m <= 8 ? launch<P0, P1, NG, 1>(a, s) : launch<P0, P1, NG, 2>(a, s);
+  if (a.m <= 8) {
+    launch<P0, P1, NG, 1>(a, s);
+  } else {
+    launch<P0, P1, NG, 2>(a, s);
+  }
+  return true;
 }
 
 template <int P0, int P1>
