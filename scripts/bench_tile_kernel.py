@@ -6,10 +6,11 @@ linear shapes, group 128, each width of the CUDA kernel.
 Same protocol as `bench_serving.py`'s per-layer products (random codes with fractional zero points,
 each candidate checked against the float32 product of amq's dequantized weight, then timed as the
 median replay of one CUDA graph over 256 MB of distinct layers, more than L2). `--splits` also times
-the CUDA kernel at these K-slice counts beside the one `split_for` picks. docs/benchmarks.md, "The
-CUDA tile kernel", has the numbers.
+the CUDA kernel at these K-slice counts beside the one `split_for` picks; `--variant` times kernels
+built from other .cu files (the same entry point) beside the shipped one, on the same layers.
+docs/benchmarks.md, "The CUDA tile kernel", has the numbers.
 
-    python3 scripts/bench_tile_kernel.py [--rows 16 8 2] [--widths 2 3 4] [--splits 1 2 4 8] [--json $OUT/bench_tile_kernel.json]
+    python3 scripts/bench_tile_kernel.py [--rows 16 8 2] [--widths 2 3 4] [--splits 1 2 4 8] [--variant ring.cu] [--json $OUT/bench_tile_kernel.json]
 """
 
 from __future__ import annotations
@@ -53,13 +54,13 @@ def bench_shape(name: str, out_f: int, in_f: int, args: argparse.Namespace, gen:
             ref = x.float() @ ref_w.t()
             row = {"shape": name, "bits": bits, "rows": m, "bf16_us": bf16_us[m]}
 
-            def cuda(layer: PlanesLinear, split: int | None = None, x: torch.Tensor = x) -> torch.Tensor | None:
+            def cuda(layer: PlanesLinear, split: int | None = None, source: Path = cuda_mma.SOURCE, x: torch.Tensor = x) -> torch.Tensor | None:
                 workspace = (layer.split_partial, layer.split_count) if split is None else wide
-                return cuda_mma.mma(x, layer.planes(), layer.scale, layer.zero, bits, 128, layer.tile, out_f, workspace, split=split)
+                return cuda_mma.mma(x, layer.planes(), layer.scale, layer.zero, bits, 128, layer.tile, out_f, workspace, split=split, source=source)
 
-            variants = [("triton", lambda layer, x=x: triton_tiles(layer, x)), ("cuda", cuda)] + [
-                (f"cuda_split{s}", lambda layer, s=s: cuda(layer, s)) for s in args.splits
-            ]
+            variants = [("triton", lambda layer, x=x: triton_tiles(layer, x)), ("cuda", cuda)]
+            variants += [(f"cuda_split{s}", lambda layer, s=s: cuda(layer, s)) for s in args.splits]
+            variants += [(f"cuda_{v.stem}", lambda layer, v=v: cuda(layer, source=v)) for v in args.variant]
             for label, fn in variants:
                 y = fn(layers[0])
                 if y is None:
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", nargs="+", type=int, default=list(cuda_mma.WIDTHS), choices=cuda_mma.WIDTHS)
     p.add_argument("--rows", nargs="+", type=int, default=[16, 8, 2], choices=range(2, TILE_ROWS_MAX + 1), metavar="ROWS")
     p.add_argument("--splits", nargs="*", type=int, default=[], help="also time the CUDA kernel at these K-slice counts")
+    p.add_argument("--variant", nargs="*", type=Path, default=[], help="also time the kernel built from these .cu files (same entry point)")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--cold-bytes", type=float, default=256e6)
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_tile_kernel.json"))
@@ -86,11 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if any(s < 1 for s in args.splits):
         p.error("--splits: K-slice counts are 1 or more")
+    missing = [str(v) for v in args.variant if not v.is_file()]
+    if missing:
+        p.error(f"--variant: no such .cu file: {', '.join(missing)}")
     if not torch.cuda.is_available():
         print("bench_tile_kernel needs a CUDA GPU", file=sys.stderr)
         return 2
-    if not cuda_mma.available(torch.device("cuda")):
-        print("the CUDA tile kernel could not be built here (see the warning above)", file=sys.stderr)
+    unbuilt = [str(s) for s in [cuda_mma.SOURCE, *args.variant] if not cuda_mma.available(torch.device("cuda"), s)]
+    if unbuilt:
+        print(f"the CUDA tile kernel could not be built here from {', '.join(unbuilt)} (see the warning above)", file=sys.stderr)
         return 2
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = [r for name, (o, i) in SHAPES.items() if name in args.shapes for r in bench_shape(name, o, i, args, gen)]

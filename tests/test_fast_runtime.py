@@ -456,5 +456,7 @@ def test_bench_gemv_without_a_gpu_says_so_and_exits_2():
 def test_bench_tile_kernel_refuses_bad_settings_and_says_when_there_is_no_gpu():
     proc = run_script("bench_tile_kernel.py", ["--splits", "0"], timeout=300)
     assert proc.returncode == 2 and "--splits" in proc.stderr, proc.stderr[-2000:]
+    proc = run_script("bench_tile_kernel.py", ["--variant", "/nonexistent/ring.cu"], timeout=300)
+    assert proc.returncode == 2 and "--variant: no such .cu file: /nonexistent/ring.cu" in proc.stderr, proc.stderr[-2000:]
     proc = run_script("bench_tile_kernel.py", ["--rows", "16", "--json", "/nonexistent/never-written.json"], timeout=300)
     assert proc.returncode == 2 and "bench_tile_kernel needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]

@@ -18,6 +18,7 @@ rows, 2 and 4 bits at 2-8). `AMQ_CUDA_MMA=0` turns it off.
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 from types import ModuleType
 
@@ -55,14 +56,18 @@ torch::Tensor mma(torch::Tensor x, torch::Tensor p0, torch::Tensor p1, torch::Te
 
 
 @functools.lru_cache(maxsize=None)
-def _module(capability: tuple[int, int]) -> ModuleType | None:
-    """The built extension for one compute capability, or None (logged once) where it cannot be built."""
-    return build("amq_mma_planes", _WRAPPER, SOURCE, ["mma"], capability, ENV, "CUDA tile kernel", "products of 2-16 rows use the Triton tile kernel")
+def _module(capability: tuple[int, int], source: Path = SOURCE) -> ModuleType | None:
+    """The built extension for one compute capability, or None (logged once) where it cannot be built.
+    `source`: another .cu with the same entry point (a variant to measure beside the shipped one)."""
+    name = "amq_mma_planes"
+    if source != SOURCE:  # its own extension name, so both load in one process
+        name += "_" + hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    return build(name, _WRAPPER, source, ["mma"], capability, ENV, "CUDA tile kernel", "products of 2-16 rows use the Triton tile kernel")
 
 
-def available(device: torch.device) -> bool:
+def available(device: torch.device, source: Path = SOURCE) -> bool:
     """Whether the kernel is built (building it now if need be) for this device."""
-    return device.type == "cuda" and _module(torch.cuda.get_device_capability(device)) is not None
+    return device.type == "cuda" and _module(torch.cuda.get_device_capability(device), source) is not None
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,14 +115,16 @@ def mma(
     n: int,
     workspace: tuple[torch.Tensor, torch.Tensor],
     split: int | None = None,
+    source: Path = SOURCE,
 ) -> torch.Tensor | None:
     """y (m, n) = x (m, k) @ W.T, or None where the kernel does not take the product (`fits`) or is
     not built: the caller then uses the Triton tile kernel. `workspace`: the split-K scratch
     (`layout.split_workspace`), shared with the Triton kernels (both leave it zeroed). `split`: K
-    slices instead of `split_for`'s (to measure; the workspace must hold split x m x n floats)."""
+    slices instead of `split_for`'s (to measure; the workspace must hold split x m x n floats).
+    `source`: a variant of the kernel to measure (`_module`)."""
     if not fits(x, planes, scale, zero, bits, group_size, tile):
         return None
-    module = _module(torch.cuda.get_device_capability(x.device))
+    module = _module(torch.cuda.get_device_capability(x.device), source)
     if module is None:
         return None
     widths = plane_widths(bits)
