@@ -28,6 +28,8 @@ from amq.runtime.layout import SPLIT_MAX, TILE_ROWS_MAX, pack_planes, plane_widt
 
 GROUP = 64
 SERVED = (2, 3, 4, 8)
+# variants of the CUDA tile kernel that bench_tile_kernel.py --variant times beside the shipped one
+KERNEL_VARIANTS = sorted((Path(__file__).resolve().parents[1] / "scripts" / "kernel_variants").glob("*.cu"))
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -402,13 +404,29 @@ def test_cuda_tile_kernel_takes_only_what_it_was_built_for():
     assert warps and 16 * int(warps.group(1)) == cuda_mma.BLOCK_ROWS  # the slices' count assumes the .cu's block
 
 
+def test_kernel_variants_have_the_shipped_tile_kernels_entry_point():
+    """The variants `bench_tile_kernel.py --variant` times beside the shipped kernel load through the
+    same wrapper, so their entry point must be the shipped one's."""
+    from amq.runtime import cuda_mma
+
+    def entry(path: Path) -> str:
+        text = path.read_text()
+        start = text.index("bool amq_mma_planes(")
+        return " ".join(text[start : text.index("{", start)].split())
+
+    assert KERNEL_VARIANTS and all(entry(v) == entry(cuda_mma.SOURCE) for v in KERNEL_VARIANTS)
+
+
 @cuda
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("rows", [2, 7, 8, 9, 16])
-def test_cuda_tile_kernel_matches_packed_linear(bits, rows):
+@pytest.mark.parametrize("source", [None, *KERNEL_VARIANTS], ids=lambda s: "shipped" if s is None else s.stem)
+def test_cuda_tile_kernel_matches_packed_linear(bits, rows, source):
+    """The shipped kernel, and each variant in scripts/kernel_variants (timed by bench_tile_kernel.py)."""
     from amq.runtime import cuda_mma
 
-    if not cuda_mma.available(torch.device("cuda")):
+    source = source or cuda_mma.SOURCE
+    if not cuda_mma.available(torch.device("cuda"), source):
         pytest.skip("the CUDA tile kernel could not be built here (no nvcc?)")
     # rows no block divides; 2 to 8 groups per tile and whole-tile groups; split-K over 2 tiles, and
     # over 5 tiles in 4 slices (one empty; 3 bits: a padded narrow span)
@@ -419,9 +437,9 @@ def test_cuda_tile_kernel_matches_packed_linear(bits, rows):
         x = torch.randn(rows, in_f, dtype=torch.bfloat16, device="cuda")
         ref = x.float() @ layer.weight_float().t()
         args = (x, fast.planes(), fast.scale, fast.zero, bits, group, fast.tile, out_f, (fast.split_partial, fast.split_count))
-        y = cuda_mma.mma(*args)
+        y = cuda_mma.mma(*args, source=source)
         assert y is not None and y.dtype == torch.bfloat16 and _rel(y, ref) < 1e-2, (out_f, in_f, group)
-        assert torch.equal(cuda_mma.mma(*args), y)  # slices added in a fixed order
+        assert torch.equal(cuda_mma.mma(*args, source=source), y)  # slices added in a fixed order
         assert int(fast.split_count.abs().sum()) == 0  # the counters are back at zero
         assert _rel(fast(x), ref + layer.bias.float()) < 1e-2
 
