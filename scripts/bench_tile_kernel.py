@@ -7,10 +7,10 @@ Same protocol as `bench_serving.py`'s per-layer products (random codes with frac
 each candidate checked against the float32 product of amq's dequantized weight, then timed as the
 median replay of one CUDA graph over 256 MB of distinct layers, more than L2). `--splits` also times
 the CUDA kernel at these K-slice counts beside the one `split_for` picks; `--variant` times kernels
-built from other .cu files (the same entry point) beside the shipped one, on the same layers.
-docs/benchmarks.md, "The CUDA tile kernel", has the numbers.
+built from other .cu files (the same entry point) beside the shipped one, on the same layers (at the
+`--splits` counts too). docs/benchmarks.md, "The CUDA tile kernel", has the numbers.
 
-    python3 scripts/bench_tile_kernel.py [--rows 16 8 2] [--widths 2 3 4] [--splits 1 2 4 8] [--variant ring.cu] [--json $OUT/bench_tile_kernel.json]
+    python3 scripts/bench_tile_kernel.py [--rows 16 8 2] [--widths 2 3 4] [--splits 1 2 4 8] [--variant scripts/kernel_variants/*.cu] [--json $OUT/bench_tile_kernel.json]
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def bench_shape(name: str, out_f: int, in_f: int, args: argparse.Namespace, gen:
             variants = [("triton", lambda layer, x=x: triton_tiles(layer, x)), ("cuda", cuda)]
             variants += [(f"cuda_split{s}", lambda layer, s=s: cuda(layer, s)) for s in args.splits]
             variants += [(f"cuda_{v.stem}", lambda layer, v=v: cuda(layer, source=v)) for v in args.variant]
+            variants += [(f"cuda_{v.stem}_split{s}", lambda layer, v=v, s=s: cuda(layer, s, v)) for v in args.variant for s in args.splits]
             for label, fn in variants:
                 y = fn(layers[0])
                 if y is None:

@@ -1,13 +1,12 @@
 // A variant of amq/runtime/cuda/mma_planes.cu, to time beside it with
-//   python3 scripts/bench_tile_kernel.py --rows 16 8 --variant scripts/kernel_variants/mma_planes_ring.cu
-// The runtime does not use it. What differs: each warp keeps the words, scales and zero points of
-// STAGES tiles (default 4; -DAMQ_MMA_STAGES=N) in a ring in shared memory, filled by cp.async, so
-// STAGES - 1 tiles are in flight while one is multiplied (the shipped kernel keeps one tile ahead in
-// registers). The 32 lanes' copies of one slot sit side by side (16-byte accesses without bank
-// conflicts; an earlier ring with each lane's slots side by side was correct but slower, see "The
-// CUDA tile kernel" in docs/benchmarks.md). Activations are staged with consecutive lanes on
-// consecutive rows. Shared memory above 48 KB is asked for per launch outside graph capture.
-// Registers (nvcc 13.0, sm_90): 62-128, against 69-160 for the shipped kernel.
+//   python3 scripts/bench_tile_kernel.py --rows 16 8 --splits 2 4 --variant scripts/kernel_variants/mma_planes_wide.cu
+// The runtime does not use it. What differs: each warp multiplies RT = 2 A tiles (32 weight rows)
+// by each B fragment it loads from shared memory, so the activations' shared-memory reads per weight
+// halve; blocks hold 128 rows. Why: at 16 rows each weight tile's B fragments are 4x its bytes at 4
+// bits and 8x at 2 bits in shared-memory reads, and the two deeper pipelines (more bytes in flight,
+// more shared-memory traffic in the ring) did not help, which points at shared memory and issue
+// rather than at DRAM latency. The split-K count comes from cuda_mma.split_for, which assumes
+// 64-row blocks: at the same split this grid has half the blocks, so time it with --splits too.
 //
 // Few-row product y (m, n) = x (m, k) @ W.T, 2 <= m <= 16 (batched decoding), on the tile-interleaved
 // bit-plane layout (amq/runtime/layout.py), with the tensor cores' mma.sync (m16n8k16, bf16).
@@ -42,7 +41,8 @@ namespace {
 constexpr int TILE = 256;              // input features per tile: the layout's tile for every width here
 constexpr int PAIRS = TILE / 2;        // activation pairs (k, k + 128) per tile and activation row
 constexpr int WARPS = 4;
-constexpr int BLOCK_ROWS = 16 * WARPS;  // weight rows per block (16 per warp: the mma's M)
+constexpr int RT = 2;                         // 16-row A tiles per warp, each multiplied by the same B fragments
+constexpr int BLOCK_ROWS = 16 * RT * WARPS;  // weight rows per block
 constexpr int XSTRIDE = PAIRS + 32;    // shared words per activation row, a multiple of 32 banks
 
 // Word offset of activation row r's pairs in shared memory. A B-operand load by the 32 lanes reads
@@ -90,47 +90,16 @@ __device__ __forceinline__ void mma(float* c, uint32_t a0, uint32_t a1, uint32_t
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-template <int BYTES>
-__device__ __forceinline__ void copy_async(void* dst, const void* src, bool ok) {
-  // src-size 0 zero-fills the slot (rows past the layer's end); .cg (16 bytes) keeps the weights out of L1
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  if constexpr (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(BYTES), "r"(ok ? BYTES : 0));
-  }
-}
-
-__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N>
-__device__ __forceinline__ void wait_groups() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// A lane's 16-byte slots per tile in its warp's ring of STAGES tiles: its words of its two rows (and
-// of the narrow plane at 3 bits), then the rows' scales and zero points. A lane reads back only what
-// it copied itself, so the ring needs no barrier; the copies of STAGES - 1 tiles are in flight while
-// one is multiplied.
-template <int P0, int P1, int NG>
-struct Slots {
-  static constexpr int NU = TILE * P0 / 32 / 16;  // 16-byte loads per lane and row (1 at 2-3 bits, 2 at 4)
-  static constexpr int NARROW = 2 * NU;
-  static constexpr int SCALE = NARROW + (P1 > 0 ? 2 : 0);
-  static constexpr int SC_BYTES = NG >= 2 ? 2 * NG : 4;  // one group's half is copied with its neighbour
-  static constexpr int SC_SLOTS = SC_BYTES <= 8 ? 2 : 4;  // (scale, zero) of a row share a slot up to 8 bytes each
-  static constexpr int COUNT = SCALE + SC_SLOTS;
-};
-
-#ifndef AMQ_MMA_STAGES
-#define AMQ_MMA_STAGES 4  // tiles in a warp's ring: STAGES - 1 in flight while one is multiplied
-#endif
-constexpr int STAGES = AMQ_MMA_STAGES;
-
+// What one tile needs, loaded a tile ahead: this lane's words of its two rows (16-byte loads), their
+// scales and zero points, and this thread's share of the activations to stage.
 template <int P0, int P1, int NG, int MT>
-constexpr size_t smem_bytes() {
-  return 2 * MT * 8 * XSTRIDE * 4 + (size_t)STAGES * WARPS * 32 * Slots<P0, P1, NG>::COUNT * 16;
-}
+struct Tile {
+  static constexpr int NU = TILE * P0 / 32 / 16;  // 16-byte loads per lane and row (1 at 2-3 bits, 2 at 4)
+  uint4 w[2 * RT][NU];
+  uint4 n[2 * RT];
+  __half sc[2 * RT][NG], ze[2 * RT][NG];
+  uint4 xl[MT * 128 / (32 * WARPS)], xh[MT * 128 / (32 * WARPS)];
+};
 
 // NG: quantization groups per tile (256 / group; 1 for groups of 256 or more). MT: 8-row slices of
 // the activations (1: m <= 8, 2: m <= 16).
@@ -151,67 +120,63 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
     int split) {
   constexpr int W = TILE * P0 / 32;  // wide words per tile and row
   constexpr int HALF = 16 / P0;      // pairs per word (codes j and j + HALF); 8 at 3 bits
-  using S = Slots<P0, P1, NG>;
-  constexpr int NU = S::NU;
-  extern __shared__ uint4 smem[];
-  uint32_t* xs = reinterpret_cast<uint32_t*>(smem);  // two buffers of MT * 8 * XSTRIDE words
-  uint4* ring = smem + 2 * MT * 8 * XSTRIDE / 4;
+  using T = Tile<P0, P1, NG, MT>;
+  constexpr int NU = T::NU;
+  __shared__ uint32_t xs[2][MT * 8 * XSTRIDE];
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32;
   const int g = lane / 4, tq = lane % 4;
   const int tiles = k / TILE;
   const int per = (tiles + split - 1) / split;
   const int t_lo = blockIdx.y * per;
   const int t_hi = min(tiles, t_lo + per);
-  int rows[2];
-  rows[0] = blockIdx.x * BLOCK_ROWS + warp * 16 + g;  // the mma's rows g and g + 8
-  rows[1] = rows[0] + 8;
+  int rows[2 * RT];  // A tile a's rows g and g + 8: rows[2a], rows[2a + 1]
+#pragma unroll
+  for (int r = 0; r < 2 * RT; ++r) rows[r] = blockIdx.x * BLOCK_ROWS + (threadIdx.x / 32) * 16 * RT + 8 * r + g;
   const size_t stride0 = (size_t)k / 32 * P0;
   const size_t stride1 = (size_t)((tiles + 1) / 2) * W;  // the narrow plane: spans of two tiles
   const int groups = k / group;
-  // slot i of this lane at slots(t)[32 * i]: the 32 lanes' copies of one slot are contiguous (no bank conflicts)
-  auto slots = [&](int t) { return ring + ((t % STAGES) * WARPS + warp) * 32 * S::COUNT + lane; };
-  auto first_group = [&](int r, int t) { return (rows[r] < n ? (size_t)rows[r] : 0) * groups + (size_t)t * TILE / group; };
 
-  auto issue = [&](int t) {
-    uint4* sl = slots(t);
+  auto load = [&](T& tl, int t) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < 2 * RT; ++r) {
       const bool ok = rows[r] < n;
       const size_t row = ok ? rows[r] : 0;
 #pragma unroll
-      for (int u = 0; u < NU; ++u) copy_async<16>(sl + 32 * (r * NU + u), p0 + row * stride0 + (size_t)t * W + u * 16 + 4 * tq, ok);
-      if constexpr (P1 > 0) copy_async<16>(sl + 32 * (S::NARROW + r), p1 + row * stride1 + (size_t)(t / 2) * W + 4 * tq, ok);
-      const size_t at = NG >= 2 ? first_group(r, t) : first_group(r, t) & ~size_t(1);  // 4-byte aligned
-      // (scale, zero) of row r: one slot (8 bytes each) or two (16 bytes each)
-      char* sc = reinterpret_cast<char*>(sl + 32 * (S::SCALE + (S::SC_SLOTS == 2 ? r : 2 * r)));
-      copy_async<S::SC_BYTES>(sc, scale + at, ok);
-      copy_async<S::SC_BYTES>(S::SC_SLOTS == 2 ? sc + 8 : reinterpret_cast<char*>(reinterpret_cast<uint4*>(sc) + 32), zero + at, ok);
-    }
-  };
-
-  uint4 xl[MT], xh[MT];  // this thread's share of the next tile's activations, staged through registers
-  auto load_x = [&](int t) {
+      for (int u = 0; u < NU; ++u) {
+        tl.w[r][u] = ok ? __ldg(reinterpret_cast<const uint4*>(p0 + row * stride0 + (size_t)t * W + u * 16 + 4 * tq)) : make_uint4(0, 0, 0, 0);
+      }
+      if constexpr (P1 > 0) {
+        tl.n[r] = ok ? __ldg(reinterpret_cast<const uint4*>(p1 + row * stride1 + (size_t)(t / 2) * W + 4 * tq)) : make_uint4(0, 0, 0, 0);
+      }
+      const int g0 = t * TILE / group;
 #pragma unroll
-    for (int i = 0; i < MT; ++i) {
-      const int c = threadIdx.x + i * 32 * WARPS;  // chunk: activation row c % (MT * 8), pairs 8 * (c / (MT * 8)) ..
-      const int r = c % (MT * 8), kc = c / (MT * 8) * 8;
+      for (int i = 0; i < NG; ++i) {
+        tl.sc[r][i] = ok ? scale[row * groups + g0 + i] : __float2half(0.f);
+        tl.ze[r][i] = ok ? zero[row * groups + g0 + i] : __float2half(0.f);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < MT * 128 / (32 * WARPS); ++i) {
+      const int c = threadIdx.x + i * 32 * WARPS;  // chunk: activation row c / 16, pairs 8 * (c % 16) ..
+      const int r = c >> 4, kc = (c & 15) * 8;
       if (r < m) {
         const __nv_bfloat16* src = x + (size_t)r * k + (size_t)t * TILE + kc;
-        xl[i] = __ldg(reinterpret_cast<const uint4*>(src));
-        xh[i] = __ldg(reinterpret_cast<const uint4*>(src + PAIRS));
+        tl.xl[i] = __ldg(reinterpret_cast<const uint4*>(src));
+        tl.xh[i] = __ldg(reinterpret_cast<const uint4*>(src + PAIRS));
       } else {
-        xl[i] = xh[i] = make_uint4(0, 0, 0, 0);
+        tl.xl[i] = tl.xh[i] = make_uint4(0, 0, 0, 0);
       }
     }
   };
-  auto stage = [&](uint32_t* dst) {
+
+  auto stage = [&](const T& tl, uint32_t* dst) {
 #pragma unroll
-    for (int i = 0; i < MT; ++i) {
-      const int c = threadIdx.x + i * 32 * WARPS;  // consecutive lanes: consecutive rows (2-way bank conflicts at most)
-      uint32_t* d = dst + xrow(c % (MT * 8)) + c / (MT * 8) * 8;
-      const uint32_t l[4] = {xl[i].x, xl[i].y, xl[i].z, xl[i].w};
-      const uint32_t h[4] = {xh[i].x, xh[i].y, xh[i].z, xh[i].w};
+    for (int i = 0; i < MT * 128 / (32 * WARPS); ++i) {
+      const int c = threadIdx.x + i * 32 * WARPS;
+      uint32_t* d = dst + xrow(c >> 4) + (c & 15) * 8;
+      const uint32_t l[4] = {tl.xl[i].x, tl.xl[i].y, tl.xl[i].z, tl.xl[i].w};
+      const uint32_t h[4] = {tl.xh[i].x, tl.xh[i].y, tl.xh[i].z, tl.xh[i].w};
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         d[2 * q] = __byte_perm(l[q], h[q], 0x5410);      // (x[k], x[k + 128]) of the even k
@@ -220,80 +185,77 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
     }
   };
 
-  float acc[MT][4];
+  float acc[RT][MT][4];
 #pragma unroll
-  for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-
+  for (int a = 0; a < RT; ++a) {
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (t_lo + s < t_hi) issue(t_lo + s);
-    commit();  // one group per tile, empty past the end: the wait below counts groups
+    for (int i = 0; i < MT; ++i) acc[a][i][0] = acc[a][i][1] = acc[a][i][2] = acc[a][i][3] = 0.f;
   }
-  if (t_lo < t_hi) load_x(t_lo);
+
+  T cur, nxt;
+  if (t_lo < t_hi) load(cur, t_lo);
   int buf = 0;
   for (int t = t_lo; t < t_hi; ++t) {
-    uint32_t* xb = xs + buf * MT * 8 * XSTRIDE;
-    stage(xb);
-    wait_groups<STAGES - 2>();  // this lane's copies of tile t have landed
-    __syncthreads();            // and every thread's activations (the other buffer was last read before this barrier)
-    if (t + STAGES - 1 < t_hi) issue(t + STAGES - 1);  // into the slots tile t - 1 used
-    commit();
-    if (t + 1 < t_hi) load_x(t + 1);
-    const uint4* sl = slots(t);
-    uint4 wv[2][NU], nv[2];
-    Affine af[2][NG];
+    stage(cur, xs[buf]);
+    __syncthreads();  // the double buffer: the other half was last read before this barrier
+    if (t + 1 < t_hi) load(nxt, t + 1);  // in flight while this tile is multiplied
+    Affine af[2 * RT][NG];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < 2 * RT; ++r) {
 #pragma unroll
-      for (int u = 0; u < NU; ++u) wv[r][u] = sl[32 * (r * NU + u)];
-      if constexpr (P1 > 0) nv[r] = sl[32 * (S::NARROW + r)];
-      const uint4* sp = sl + 32 * (S::SCALE + (S::SC_SLOTS == 2 ? r : 2 * r));
-      const __half* sc = reinterpret_cast<const __half*>(sp);
-      const __half* ze = S::SC_SLOTS == 2 ? sc + 4 : reinterpret_cast<const __half*>(sp + 32);
-      const int sel = NG >= 2 ? 0 : static_cast<int>(first_group(r, t) & 1);
-#pragma unroll
-      for (int i = 0; i < NG; ++i) af[r][i] = affine(sc[i + sel], ze[i + sel]);
+      for (int i = 0; i < NG; ++i) af[r][i] = affine(cur.sc[r][i], cur.ze[r][i]);
     }
+    const uint32_t* xb = xs[buf];
     const int nshift = (t & 1) * 16;  // tile t's half of its span's narrow words
 #pragma unroll
     for (int u = 0; u < NU; ++u) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const uint32_t wa = (&wv[0][u].x)[e], wb = (&wv[1][u].x)[e];
-        uint32_t na = 0, nb = 0;
-        if constexpr (P1 > 0) {
-          na = (&nv[0].x)[e] >> nshift;
-          nb = (&nv[1].x)[e] >> nshift;
-        }
 #pragma unroll
         for (int j = 0; j < HALF; j += 2) {  // k slots 2tq (+1): pair j; slots 2tq + 8 (+9): pair j + 1
           constexpr int GH = NG >= 2 ? NG / 2 : 0;
           const int lo0 = W * j * NG / TILE, lo1 = W * (j + 1) * NG / TILE;
-          const uint32_t a0 = dequant(pair_codes<P0, P1>(wa, na, j), af[0][lo0], af[0][lo0 + GH]);
-          const uint32_t a1 = dequant(pair_codes<P0, P1>(wb, nb, j), af[1][lo0], af[1][lo0 + GH]);
-          const uint32_t a2 = dequant(pair_codes<P0, P1>(wa, na, j + 1), af[0][lo1], af[0][lo1 + GH]);
-          const uint32_t a3 = dequant(pair_codes<P0, P1>(wb, nb, j + 1), af[1][lo1], af[1][lo1 + GH]);
           const int kk = u * 16 + 4 * tq + e + W * j;  // the pair's first feature in the tile
+          uint32_t b[MT][2];  // loaded once, multiplied by each of the warp's RT A tiles
 #pragma unroll
           for (int i = 0; i < MT; ++i) {
             const uint32_t* xr = xb + xrow(i * 8 + g) + kk;
-            mma(acc[i], a0, a1, a2, a3, xr[0], xr[W]);
+            b[i][0] = xr[0];
+            b[i][1] = xr[W];
+          }
+#pragma unroll
+          for (int a = 0; a < RT; ++a) {
+            const uint32_t wa = (&cur.w[2 * a][u].x)[e], wb = (&cur.w[2 * a + 1][u].x)[e];
+            uint32_t na = 0, nb = 0;
+            if constexpr (P1 > 0) {
+              na = (&cur.n[2 * a].x)[e] >> nshift;
+              nb = (&cur.n[2 * a + 1].x)[e] >> nshift;
+            }
+            const uint32_t a0 = dequant(pair_codes<P0, P1>(wa, na, j), af[2 * a][lo0], af[2 * a][lo0 + GH]);
+            const uint32_t a1 = dequant(pair_codes<P0, P1>(wb, nb, j), af[2 * a + 1][lo0], af[2 * a + 1][lo0 + GH]);
+            const uint32_t a2 = dequant(pair_codes<P0, P1>(wa, na, j + 1), af[2 * a][lo1], af[2 * a][lo1 + GH]);
+            const uint32_t a3 = dequant(pair_codes<P0, P1>(wb, nb, j + 1), af[2 * a + 1][lo1], af[2 * a + 1][lo1 + GH]);
+#pragma unroll
+            for (int i = 0; i < MT; ++i) mma(acc[a][i], a0, a1, a2, a3, b[i][0], b[i][1]);
           }
         }
       }
     }
+    cur = nxt;
     buf ^= 1;
   }
-  wait_groups<0>();  // no copy outlives the block
 
-  // acc[i]: (row g, activation rows i * 8 + 2tq, + 1), then (row g + 8, the same two)
+  // acc[a][i]: (row g of A tile a, activation rows i * 8 + 2tq, + 1), then (its row g + 8, the same two)
   auto each = [&](auto&& f) {
 #pragma unroll
-    for (int i = 0; i < MT; ++i) {
+    for (int a = 0; a < RT; ++a) {
 #pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const int r = i * 8 + 2 * tq + (v & 1), row = rows[v >> 1];
-        if (r < m && row < n) f(acc[i][v], (size_t)r * n + row);
+      for (int i = 0; i < MT; ++i) {
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          const int r = i * 8 + 2 * tq + (v & 1), row = rows[2 * a + (v >> 1)];
+          if (r < m && row < n) f(acc[a][i][v], (size_t)r * n + row);
+        }
       }
     }
   };
@@ -331,24 +293,19 @@ struct Args {
 };
 
 template <int P0, int P1, int NG, int MT>
-bool launch(const Args& a, cudaStream_t stream) {
+void launch(const Args& a, cudaStream_t stream) {
   const dim3 grid((a.n + BLOCK_ROWS - 1) / BLOCK_ROWS, a.split);
-  constexpr size_t bytes = smem_bytes<P0, P1, NG, MT>();
-  // Shared memory above 48 KB must be asked for, per device: on every eager call (cheap), not while a
-  // CUDA graph is captured (the warm-up calls before a capture have asked on that device).
-  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &capturing) != cudaSuccess) return false;
-  if (capturing == cudaStreamCaptureStatusNone &&
-      cudaFuncSetAttribute(mma_planes_kernel<P0, P1, NG, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes) != cudaSuccess) {
-    return false;
-  }
-  mma_planes_kernel<P0, P1, NG, MT><<<grid, 32 * WARPS, bytes, stream>>>(a.x, a.p0, a.p1, a.scale, a.zero, a.y, a.partial, a.count, a.m, a.n, a.k, a.group, a.split);
-  return true;
+  mma_planes_kernel<P0, P1, NG, MT><<<grid, 32 * WARPS, 0, stream>>>(a.x, a.p0, a.p1, a.scale, a.zero, a.y, a.partial, a.count, a.m, a.n, a.k, a.group, a.split);
 }
 
 template <int P0, int P1, int NG>
 bool by_rows(const Args& a, cudaStream_t s) {
-  return a.m <= 8 ? launch<P0, P1, NG, 1>(a, s) : launch<P0, P1, NG, 2>(a, s);
+  if (a.m <= 8) {
+    launch<P0, P1, NG, 1>(a, s);
+  } else {
+    launch<P0, P1, NG, 2>(a, s);
+  }
+  return true;
 }
 
 template <int P0, int P1>
