@@ -58,10 +58,11 @@ def bench_shape(name: str, out_f: int, in_f: int, args: argparse.Namespace, gen:
                 workspace = (layer.split_partial, layer.split_count) if split is None else wide
                 return cuda_mma.mma(x, layer.planes(), layer.scale, layer.zero, bits, 128, layer.tile, out_f, workspace, split=split, source=source)
 
-            variants = [("triton", lambda layer, x=x: triton_tiles(layer, x)), ("cuda", cuda)]
-            variants += [(f"cuda_split{s}", lambda layer, s=s: cuda(layer, s)) for s in args.splits]
-            variants += [(f"cuda_{v.stem}", lambda layer, v=v: cuda(layer, source=v)) for v in args.variant]
-            variants += [(f"cuda_{v.stem}_split{s}", lambda layer, v=v, s=s: cuda(layer, s, v)) for v in args.variant for s in args.splits]
+            variants = [("triton", lambda layer, x=x: triton_tiles(layer, x))]
+            # the shipped kernel, then each variant; each at split_for's split, then at each of --splits
+            for v in [cuda_mma.SOURCE, *args.variant]:
+                name_v = "cuda" if v == cuda_mma.SOURCE else f"cuda_{v.stem}"
+                variants += [(name_v + ("" if s is None else f"_split{s}"), lambda layer, v=v, s=s: cuda(layer, s, v)) for s in [None, *args.splits]]
             for label, fn in variants:
                 y = fn(layers[0])
                 if y is None:
