@@ -1,12 +1,12 @@
 // A variant of amq/runtime/cuda/mma_planes.cu, to time beside it with
-//   python3 scripts/bench_tile_kernel.py --rows 16 8 --splits 2 4 --variant scripts/kernel_variants/mma_planes_wide.cu
-// The runtime does not use it. What differs: each warp multiplies RT = 2 A tiles (32 weight rows)
-// by each B fragment it loads from shared memory, so the activations' shared-memory reads per weight
-// halve; blocks hold 128 rows. Why: at 16 rows each weight tile's B fragments are 4x its bytes at 4
-// bits and 8x at 2 bits in shared-memory reads, and the two deeper pipelines (more bytes in flight,
-// more shared-memory traffic in the ring) did not help, which points at shared memory and issue
-// rather than at DRAM latency. The split-K count comes from cuda_mma.split_for, which assumes
-// 64-row blocks: at the same split this grid has half the blocks, so time it with --splits too.
+//   python3 scripts/bench_tile_kernel.py --rows 16 8 --splits 2 4 --variant scripts/kernel_variants/mma_planes_ksplit.cu
+// The runtime does not use it. What differs: each block runs KG = 2 groups of 4 warps on the same 64
+// weight rows, group g taking the slice's tiles g, g + 2, ..., and adds the groups' sums in shared
+// memory at the end. Why: Nsight Compute on the shipped kernel (docs/benchmarks.md, "The CUDA tile
+// kernel") shows it bound by latency with 10 warps per multiprocessor, because its grid (64 rows x
+// K slices per block) is small, although its registers would allow 28; more K slices give it more
+// warps but add float32 partial sums through global memory and a reduction at the end. Here the
+// block's warps double without either.
 //
 // Few-row product y (m, n) = x (m, k) @ W.T, 2 <= m <= 16 (batched decoding), on the tile-interleaved
 // bit-plane layout (amq/runtime/layout.py), with the tensor cores' mma.sync (m16n8k16, bf16).
@@ -40,9 +40,10 @@ namespace {
 
 constexpr int TILE = 256;              // input features per tile: the layout's tile for every width here
 constexpr int PAIRS = TILE / 2;        // activation pairs (k, k + 128) per tile and activation row
-constexpr int WARPS = 4;
-constexpr int RT = 2;                         // 16-row A tiles per warp, each multiplied by the same B fragments
-constexpr int BLOCK_ROWS = 16 * RT * WARPS;  // weight rows per block
+constexpr int WARPS = 4;               // warps per K group, each on its own 16 weight rows
+constexpr int KG = 2;                  // K groups per block: group g takes the slice's tiles g, g + KG, ...
+constexpr int THREADS = 32 * WARPS * KG;
+constexpr int BLOCK_ROWS = 16 * WARPS;  // weight rows per block (16 per warp: the mma's M)
 constexpr int XSTRIDE = PAIRS + 32;    // shared words per activation row, a multiple of 32 banks
 
 // Word offset of activation row r's pairs in shared memory. A B-operand load by the 32 lanes reads
@@ -95,16 +96,16 @@ __device__ __forceinline__ void mma(float* c, uint32_t a0, uint32_t a1, uint32_t
 template <int P0, int P1, int NG, int MT>
 struct Tile {
   static constexpr int NU = TILE * P0 / 32 / 16;  // 16-byte loads per lane and row (1 at 2-3 bits, 2 at 4)
-  uint4 w[2 * RT][NU];
-  uint4 n[2 * RT];
-  __half sc[2 * RT][NG], ze[2 * RT][NG];
-  uint4 xl[MT * 128 / (32 * WARPS)], xh[MT * 128 / (32 * WARPS)];
+  uint4 w[2][NU];
+  uint4 n[2];
+  __half sc[2][NG], ze[2][NG];
+  uint4 xl[MT], xh[MT];
 };
 
 // NG: quantization groups per tile (256 / group; 1 for groups of 256 or more). MT: 8-row slices of
 // the activations (1: m <= 8, 2: m <= 16).
 template <int P0, int P1, int NG, int MT>
-__global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
+__global__ void __launch_bounds__(THREADS) mma_planes_kernel(
     const __nv_bfloat16* __restrict__ x,
     const int32_t* __restrict__ p0,
     const int32_t* __restrict__ p1,
@@ -122,24 +123,26 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
   constexpr int HALF = 16 / P0;      // pairs per word (codes j and j + HALF); 8 at 3 bits
   using T = Tile<P0, P1, NG, MT>;
   constexpr int NU = T::NU;
-  __shared__ uint32_t xs[2][MT * 8 * XSTRIDE];
+  __shared__ uint32_t xs[2][KG][MT * 8 * XSTRIDE];
 
+  const int kg = threadIdx.x / (32 * WARPS);   // this thread's K group
+  const int gt = threadIdx.x % (32 * WARPS);   // and its index in the group
   const int lane = threadIdx.x % 32;
   const int g = lane / 4, tq = lane % 4;
   const int tiles = k / TILE;
   const int per = (tiles + split - 1) / split;
   const int t_lo = blockIdx.y * per;
   const int t_hi = min(tiles, t_lo + per);
-  int rows[2 * RT];  // A tile a's rows g and g + 8: rows[2a], rows[2a + 1]
-#pragma unroll
-  for (int r = 0; r < 2 * RT; ++r) rows[r] = blockIdx.x * BLOCK_ROWS + (threadIdx.x / 32) * 16 * RT + 8 * r + g;
+  int rows[2];
+  rows[0] = blockIdx.x * BLOCK_ROWS + (gt / 32) * 16 + g;  // the mma's rows g and g + 8
+  rows[1] = rows[0] + 8;
   const size_t stride0 = (size_t)k / 32 * P0;
   const size_t stride1 = (size_t)((tiles + 1) / 2) * W;  // the narrow plane: spans of two tiles
   const int groups = k / group;
 
   auto load = [&](T& tl, int t) {
 #pragma unroll
-    for (int r = 0; r < 2 * RT; ++r) {
+    for (int r = 0; r < 2; ++r) {
       const bool ok = rows[r] < n;
       const size_t row = ok ? rows[r] : 0;
 #pragma unroll
@@ -157,8 +160,8 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
       }
     }
 #pragma unroll
-    for (int i = 0; i < MT * 128 / (32 * WARPS); ++i) {
-      const int c = threadIdx.x + i * 32 * WARPS;  // chunk: activation row c / 16, pairs 8 * (c % 16) ..
+    for (int i = 0; i < MT; ++i) {
+      const int c = gt + i * 32 * WARPS;  // chunk: activation row c / 16, pairs 8 * (c % 16) ..
       const int r = c >> 4, kc = (c & 15) * 8;
       if (r < m) {
         const __nv_bfloat16* src = x + (size_t)r * k + (size_t)t * TILE + kc;
@@ -172,8 +175,8 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
 
   auto stage = [&](const T& tl, uint32_t* dst) {
 #pragma unroll
-    for (int i = 0; i < MT * 128 / (32 * WARPS); ++i) {
-      const int c = threadIdx.x + i * 32 * WARPS;
+    for (int i = 0; i < MT; ++i) {
+      const int c = gt + i * 32 * WARPS;
       uint32_t* d = dst + xrow(c >> 4) + (c & 15) * 8;
       const uint32_t l[4] = {tl.xl[i].x, tl.xl[i].y, tl.xl[i].z, tl.xl[i].w};
       const uint32_t h[4] = {tl.xh[i].x, tl.xh[i].y, tl.xh[i].z, tl.xh[i].w};
@@ -185,58 +188,54 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
     }
   };
 
-  float acc[RT][MT][4];
+  float acc[MT][4];
 #pragma unroll
-  for (int a = 0; a < RT; ++a) {
-#pragma unroll
-    for (int i = 0; i < MT; ++i) acc[a][i][0] = acc[a][i][1] = acc[a][i][2] = acc[a][i][3] = 0.f;
-  }
+  for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
   T cur, nxt;
-  if (t_lo < t_hi) load(cur, t_lo);
+  if (t_lo + kg < t_hi) load(cur, t_lo + kg);
   int buf = 0;
-  for (int t = t_lo; t < t_hi; ++t) {
-    stage(cur, xs[buf]);
+  // every thread runs the same number of steps (barriers); a group whose tile is past the slice idles
+  for (int t0 = t_lo; t0 < t_hi; t0 += KG) {
+    const int t = t0 + kg;
+    if (t < t_hi) stage(cur, xs[buf][kg]);
     __syncthreads();  // the double buffer: the other half was last read before this barrier
-    if (t + 1 < t_hi) load(nxt, t + 1);  // in flight while this tile is multiplied
-    Affine af[2 * RT][NG];
+    if (t >= t_hi) {
+      buf ^= 1;
+      continue;
+    }
+    if (t + KG < t_hi) load(nxt, t + KG);  // in flight while this tile is multiplied
+    Affine af[2][NG];
 #pragma unroll
-    for (int r = 0; r < 2 * RT; ++r) {
+    for (int r = 0; r < 2; ++r) {
 #pragma unroll
       for (int i = 0; i < NG; ++i) af[r][i] = affine(cur.sc[r][i], cur.ze[r][i]);
     }
-    const uint32_t* xb = xs[buf];
+    const uint32_t* xb = xs[buf][kg];
     const int nshift = (t & 1) * 16;  // tile t's half of its span's narrow words
 #pragma unroll
     for (int u = 0; u < NU; ++u) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
+        const uint32_t wa = (&cur.w[0][u].x)[e], wb = (&cur.w[1][u].x)[e];
+        uint32_t na = 0, nb = 0;
+        if constexpr (P1 > 0) {
+          na = (&cur.n[0].x)[e] >> nshift;
+          nb = (&cur.n[1].x)[e] >> nshift;
+        }
 #pragma unroll
         for (int j = 0; j < HALF; j += 2) {  // k slots 2tq (+1): pair j; slots 2tq + 8 (+9): pair j + 1
           constexpr int GH = NG >= 2 ? NG / 2 : 0;
           const int lo0 = W * j * NG / TILE, lo1 = W * (j + 1) * NG / TILE;
+          const uint32_t a0 = dequant(pair_codes<P0, P1>(wa, na, j), af[0][lo0], af[0][lo0 + GH]);
+          const uint32_t a1 = dequant(pair_codes<P0, P1>(wb, nb, j), af[1][lo0], af[1][lo0 + GH]);
+          const uint32_t a2 = dequant(pair_codes<P0, P1>(wa, na, j + 1), af[0][lo1], af[0][lo1 + GH]);
+          const uint32_t a3 = dequant(pair_codes<P0, P1>(wb, nb, j + 1), af[1][lo1], af[1][lo1 + GH]);
           const int kk = u * 16 + 4 * tq + e + W * j;  // the pair's first feature in the tile
-          uint32_t b[MT][2];  // loaded once, multiplied by each of the warp's RT A tiles
 #pragma unroll
           for (int i = 0; i < MT; ++i) {
             const uint32_t* xr = xb + xrow(i * 8 + g) + kk;
-            b[i][0] = xr[0];
-            b[i][1] = xr[W];
-          }
-#pragma unroll
-          for (int a = 0; a < RT; ++a) {
-            const uint32_t wa = (&cur.w[2 * a][u].x)[e], wb = (&cur.w[2 * a + 1][u].x)[e];
-            uint32_t na = 0, nb = 0;
-            if constexpr (P1 > 0) {
-              na = (&cur.n[2 * a].x)[e] >> nshift;
-              nb = (&cur.n[2 * a + 1].x)[e] >> nshift;
-            }
-            const uint32_t a0 = dequant(pair_codes<P0, P1>(wa, na, j), af[2 * a][lo0], af[2 * a][lo0 + GH]);
-            const uint32_t a1 = dequant(pair_codes<P0, P1>(wb, nb, j), af[2 * a + 1][lo0], af[2 * a + 1][lo0 + GH]);
-            const uint32_t a2 = dequant(pair_codes<P0, P1>(wa, na, j + 1), af[2 * a][lo1], af[2 * a][lo1 + GH]);
-            const uint32_t a3 = dequant(pair_codes<P0, P1>(wb, nb, j + 1), af[2 * a + 1][lo1], af[2 * a + 1][lo1 + GH]);
-#pragma unroll
-            for (int i = 0; i < MT; ++i) mma(acc[a][i], a0, a1, a2, a3, b[i][0], b[i][1]);
+            mma(acc[i], a0, a1, a2, a3, xr[0], xr[W]);
           }
         }
       }
@@ -245,17 +244,38 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
     buf ^= 1;
   }
 
-  // acc[a][i]: (row g of A tile a, activation rows i * 8 + 2tq, + 1), then (its row g + 8, the same two)
-  auto each = [&](auto&& f) {
+  // the K groups' sums meet in shared memory (the activations' buffers are free after this barrier);
+  // group 0 adds them in group order and writes the result
+  static_assert((KG - 1) * MT * 4 * 32 * WARPS <= 2 * KG * MT * 8 * XSTRIDE, "the K groups' sums fit in xs");
+  __syncthreads();  // every warp is done with the activations
+  float* redf = reinterpret_cast<float*>(&xs[0][0][0]);
+  if (kg > 0) {
 #pragma unroll
-    for (int a = 0; a < RT; ++a) {
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+      for (int v = 0; v < 4; ++v) redf[((kg - 1) * MT * 4 + i * 4 + v) * 32 * WARPS + gt] = acc[i][v];
+    }
+  }
+  __syncthreads();
+  if (kg == 0) {
+    for (int o = 1; o < KG; ++o) {
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const int r = i * 8 + 2 * tq + (v & 1), row = rows[2 * a + (v >> 1)];
-          if (r < m && row < n) f(acc[a][i][v], (size_t)r * n + row);
-        }
+        for (int v = 0; v < 4; ++v) acc[i][v] += redf[((o - 1) * MT * 4 + i * 4 + v) * 32 * WARPS + gt];
+      }
+    }
+  }
+
+  // acc[i]: (row g, activation rows i * 8 + 2tq, + 1), then (row g + 8, the same two); group 0's hold the block's sums
+
+  auto each = [&](auto&& f) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const int r = i * 8 + 2 * tq + (v & 1), row = rows[v >> 1];
+        if (kg == 0 && r < m && row < n) f(acc[i][v], (size_t)r * n + row);
       }
     }
   };
@@ -295,7 +315,7 @@ struct Args {
 template <int P0, int P1, int NG, int MT>
 void launch(const Args& a, cudaStream_t stream) {
   const dim3 grid((a.n + BLOCK_ROWS - 1) / BLOCK_ROWS, a.split);
-  mma_planes_kernel<P0, P1, NG, MT><<<grid, 32 * WARPS, 0, stream>>>(a.x, a.p0, a.p1, a.scale, a.zero, a.y, a.partial, a.count, a.m, a.n, a.k, a.group, a.split);
+  mma_planes_kernel<P0, P1, NG, MT><<<grid, THREADS, 0, stream>>>(a.x, a.p0, a.p1, a.scale, a.zero, a.y, a.partial, a.count, a.m, a.n, a.k, a.group, a.split);
 }
 
 template <int P0, int P1, int NG>
