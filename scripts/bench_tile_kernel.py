@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Products of 2 to 16 rows (batched decoding) on one GPU: amq's CUDA tile kernel
 (`amq.runtime.cuda_mma`) against its Triton tile kernel and bf16 cuBLAS, on the three Llama-2-7B
-linear shapes, group 128, each width of the CUDA kernel.
+linear shapes (and q/k/v and gate/up stacked into one layer, as the runtime serves them), group 128,
+each width of the CUDA kernel.
 
 Same protocol as `bench_serving.py`'s per-layer products (random codes with fractional zero points,
 each candidate checked against the float32 product of amq's dequantized weight, then timed as the
@@ -10,7 +11,7 @@ the CUDA kernel at these K-slice counts beside the one `split_for` picks; `--var
 built from other .cu files (the same entry point) beside the shipped one, on the same layers (at the
 `--splits` counts too). docs/benchmarks.md, "The CUDA tile kernel", has the numbers.
 
-    python3 scripts/bench_tile_kernel.py [--rows 16 8 2] [--widths 2 3 4] [--splits 1 2 4 8] [--variant scripts/kernel_variants/*.cu] [--json $OUT/bench_tile_kernel.json]
+    python3 scripts/bench_tile_kernel.py [--rows 16 8 2] [--widths 2 3 4] [--splits 1 2 4 8] [--shapes gate/up down q/k/v/o 'gate/up stacked' 'q/k/v stacked'] [--variant FILE.cu ...] [--json $OUT/bench_tile_kernel.json]
 """
 
 from __future__ import annotations

@@ -393,9 +393,12 @@ def test_cuda_tile_kernel_takes_only_what_it_was_built_for():
     # slices fill the GPU on layers of few rows, never more than SPLIT_MAX nor one per tile
     assert cuda_mma.split_for(4096, 4096, 132) == 4 and cuda_mma.split_for(11008, 4096, 132) == 2 and cuda_mma.split_for(22016, 4096, 132) == 1
     assert cuda_mma.split_for(384, 512, 132) == 2 and cuda_mma.split_for(4096, 11008, 16) == 1
-    # products go to it only where it was measured the faster: 3 bits up to 16 rows, 2 and 4 up to 8
+    # products go to it only where it was measured the faster: 2 and 3 bits up to 16 rows, 4 up to 8
     assert [cuda_mma.preferred(3, m) for m in (1, 2, 16)] == [False, True, True] and cuda_mma.preferred(4, 8) and not cuda_mma.preferred(4, 9)
-    assert not cuda_mma.preferred(8, 4) and set(cuda_mma.FASTER_UP_TO) == set(cuda_mma.WIDTHS)
+    assert cuda_mma.preferred(2, 16) and not cuda_mma.preferred(2, 17)
+    # layers of many rows (stacked gate/up) take it at every width up to 16 rows
+    assert cuda_mma.preferred(4, 16, 22016) and not cuda_mma.preferred(4, 16, 12288) and not cuda_mma.preferred(4, 1, 22016)
+    assert not cuda_mma.preferred(8, 4) and not cuda_mma.preferred(8, 16, 22016) and set(cuda_mma.FASTER_UP_TO) == set(cuda_mma.WIDTHS)
     launched = re.findall(r"case (\d+): return by_rows<P0, P1, (\d+)>", cuda_mma.SOURCE.read_text())
     assert all(int(g) * int(ng) == cuda_mma.TILE for g, ng in launched) and sorted(int(g) for g, _ in launched) == [32, 64, 128]
     widths = re.findall(r"if \(p0w == (\d) && p1w == (\d)\) return by_groups", cuda_mma.SOURCE.read_text())
@@ -414,7 +417,9 @@ def test_kernel_variants_have_the_shipped_tile_kernels_entry_point():
         start = text.index("bool amq_mma_planes(")
         return " ".join(text[start : text.index("{", start)].split())
 
-    assert KERNEL_VARIANTS and all(entry(v) == entry(cuda_mma.SOURCE) for v in KERNEL_VARIANTS)
+    if not KERNEL_VARIANTS:
+        pytest.skip("no kernel variants in scripts/kernel_variants (measured ones are removed; git history keeps them)")
+    assert all(entry(v) == entry(cuda_mma.SOURCE) for v in KERNEL_VARIANTS)
 
 
 @cuda

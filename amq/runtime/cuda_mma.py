@@ -33,9 +33,13 @@ WIDTHS = (2, 3, 4)
 TILE = 256
 BLOCK_ROWS = 64  # weight rows per block (BLOCK_ROWS in the .cu)
 BLOCKS_PER_SM = 2  # split-K slices are added until about this many blocks per multiprocessor run
-# the most rows at which the kernel beat the Triton tile kernel on all three Llama-2-7B shapes, per
-# width (one H100; docs/benchmarks.md, "The CUDA tile kernel"): above them the Triton kernel serves
-FASTER_UP_TO = {2: 8, 3: 16, 4: 8}
+# per width, the most rows at which the kernel took less time than the Triton tile kernel over a
+# Llama-2-7B decoder block's products, q/k/v and gate/up stacked (one H100; docs/benchmarks.md, "The
+# CUDA tile kernel"): above them the Triton kernel serves, except on layers of WIDE_ROWS rows or more
+FASTER_UP_TO = {2: 16, 3: 16, 4: 8}
+# from this many output rows (stacked gate/up: 22016) the kernel fills the GPU with one K slice and
+# beat the Triton kernel at 16 rows at every width (2 / 3 / 4 bits: 1.28x / 1.39x / 1.10x)
+WIDE_ROWS = 16384
 
 _WRAPPER = """
 #include <torch/extension.h>
@@ -92,9 +96,11 @@ def fits(x: torch.Tensor, planes: list[torch.Tensor], scale: torch.Tensor, zero:
     return all(t.dtype == torch.float16 and t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (scale, zero))
 
 
-def preferred(bits: int, rows: int) -> bool:
-    """Whether products of this width and row count go to this kernel (where it takes them)."""
-    return 2 <= rows <= FASTER_UP_TO.get(bits, 0)
+def preferred(bits: int, rows: int, n: int = 0) -> bool:
+    """Whether products of this width, row count and output size n go to this kernel (where it takes them)."""
+    if bits not in FASTER_UP_TO:
+        return False
+    return 2 <= rows <= (TILE_ROWS_MAX if n >= WIDE_ROWS else FASTER_UP_TO[bits])
 
 
 def split_for(n: int, k: int, multiprocessors: int) -> int:

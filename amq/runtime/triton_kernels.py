@@ -484,7 +484,7 @@ def product(
         y = gemv(x, planes, scale, zero, bits, group_size, tile, n)
         if y is not None:
             return y
-    if cuda_mma and preferred(bits, m):
+    if cuda_mma and preferred(bits, m, n):
         y = mma(x, planes, scale, zero, bits, group_size, tile, n, workspace)
         if y is not None:
             return y
