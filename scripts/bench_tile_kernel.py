@@ -37,7 +37,8 @@ from amq.runtime.layout import TILE_ROWS_MAX  # noqa: E402
 
 log = logging.getLogger("bench_tile_kernel")
 # the unstacked Llama-2-7B shapes, and q/k/v and gate/up stacked into one layer each (amq.runtime.fuse)
-TILE_SHAPES = {**SHAPES, "q/k/v stacked": (12288, 4096), "gate/up stacked": (22016, 4096)}
+_QKV, _GATE = SHAPES["q/k/v/o"], SHAPES["gate/up"]
+TILE_SHAPES = {**SHAPES, "q/k/v stacked": (3 * _QKV[0], _QKV[1]), "gate/up stacked": (2 * _GATE[0], _GATE[1])}
 
 
 def bench_shape(name: str, out_f: int, in_f: int, args: argparse.Namespace, gen: torch.Generator) -> list[dict]:
