@@ -11,8 +11,9 @@ same bit-plane layout as every other kernel and a layer keeps one copy of its bi
 It serves 2, 3 and 4 bits with bf16 activations, tiles of 256 (every Llama-shaped layer) and groups
 of 32, 64, 128 or a multiple of 256; everything else (8 bits, fp16 activations, narrower layers'
 tiles) goes on to the Triton tile kernel, as does everything where it cannot be built (no nvcc).
-Of what it takes, products go to it only where it measured faster (`FASTER_UP_TO`: 3 bits at 2-16
-rows, 2 and 4 bits at 2-8). `AMQ_CUDA_MMA=0` turns it off.
+Of what it takes, products go to it only where it measured faster (`preferred`: 2 and 3 bits at 2-16
+rows, 4 bits at 2-8, every width at 2-16 rows on layers of `WIDE_ROWS` rows or more). `AMQ_CUDA_MMA=0`
+turns it off.
 """
 
 from __future__ import annotations
