@@ -10,13 +10,15 @@ skip cleanly without it.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMOKE, run_script
+from conftest import SMOKE, load_script, run_script
 
 from amq.config.compose import build
 from amq.modeling.discovery import discover_layout
@@ -483,3 +485,56 @@ def test_bench_tile_kernel_refuses_bad_settings_and_says_when_there_is_no_gpu():
     assert proc.returncode == 2 and "--variant: no such .cu file: /nonexistent/ring.cu" in proc.stderr, proc.stderr[-2000:]
     proc = run_script("bench_tile_kernel.py", ["--rows", "16", "--json", "/nonexistent/never-written.json"], timeout=300)
     assert proc.returncode == 2 and "bench_tile_kernel needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
+
+
+_SASS = """
+        Function : _ZN46_GLOBAL__N__mma_planes_cu17mma_planes_kernelILi2ELi1ELi2ELi2EEEvPK13__nv_bfloat16PKiS5_
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0020*/                   LOP3.LUT R2, R0, 0x70007, RZ, 0xc0, !PT ;
+        /*0030*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0040*/              @!P0 SHF.R.U32.HI R2, RZ, 0x3, R2 ;
+        /*0050*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0060*/               @P1 BRA 0x90 ;
+        /*0070*/              @!P2 BRA 0x20 ;
+        /*0080*/                   EXIT ;
+        Function : _ZN46_GLOBAL__N__mma_planes_cu9other_kernelEv
+        /*0000*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0010*/                   BRA 0x0 ;
+"""
+
+
+def test_count_tile_instructions_counts_the_loop_that_holds_the_mma(monkeypatch):
+    """The loop is found from its backward branch around the mma instructions (a forward branch inside
+    it does not end it); other kernels are left out."""
+    script = load_script("count_tile_instructions.py", monkeypatch)
+    assert script.loop_counts(_SASS) == {(2, 1, 2, 2): 6}  # 0x20 .. 0x70
+
+
+def test_count_tile_instructions_refuses_bad_settings_and_missing_tools(monkeypatch, capsys):
+    script = load_script("count_tile_instructions.py", monkeypatch)
+    for argv, what in ((["--source", "/nonexistent/ring.cu"], "--source: no such file"), (["--arch", "9.0"], "--arch: '9.0'")):
+        with pytest.raises(SystemExit) as stop:
+            script.main(argv)
+        assert stop.value.code == 2 and what in capsys.readouterr().err
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    assert script.main([]) == 2 and "needs nvcc" in capsys.readouterr().err
+
+
+def test_count_tile_instructions_on_the_shipped_kernel(monkeypatch, capsys, tmp_path):
+    """Where nvcc and cuobjdump are installed (not in CI): every instance of the shipped kernel has its
+    loop counted, and a 9-16-row tile (two activation slices) issues more than a 2-8-row one."""
+    script = load_script("count_tile_instructions.py", monkeypatch)
+    if not shutil.which("nvcc") or script.find_cuobjdump(None) is None:
+        pytest.skip("needs nvcc and cuobjdump (the CUDA toolkit, or the nvidia-cuda-cuobjdump wheel)")
+    from amq.runtime import cuda_mma
+
+    assert script.main(["--source", str(cuda_mma.SOURCE), "--json", str(tmp_path / "c.json")]) == 0
+    counts = json.loads((tmp_path / "c.json").read_text())["loop_instructions"]["shipped"]
+    assert len(counts) == len(cuda_mma.WIDTHS) * 4 * 2  # widths x (groups of 32/64/128, whole tiles) x row slices
+    for key, n in counts.items():
+        assert script.WEIGHTS_PER_LANE <= n <= 16 * script.WEIGHTS_PER_LANE, key
+        if key.endswith("mt2"):
+            assert n > counts[key.replace("mt2", "mt1")], key
+    assert "| bits | group | rows |" in capsys.readouterr().out
