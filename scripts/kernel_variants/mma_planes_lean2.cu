@@ -1,14 +1,17 @@
 // VARIANT of amq/runtime/cuda/mma_planes.cu, timed beside it by `scripts/bench_tile_kernel.py --variant`
-// and checked by tests/test_fast_runtime.py on a GPU: the leaner variant (mma_planes_lean.cu: 3-bit
+// and checked by tests/test_fast_runtime.py on a GPU. The leaner variant (mma_planes_lean.cu: 3-bit
 // pairs from two words assembled once per column; a tile's scales and zero points in one load per
-// row) with each mma's two B registers read by one 64-bit shared-memory load instead of two 32-bit
-// ones (`scripts/count_tile_instructions.py`: 563 / 639 / 567 per tile at 2 / 3 / 4 bits, 16 rows,
-// groups of 128; 652 / 797 / 663 shipped). The activation pairs are staged so that the two an mma
-// takes, pairs kk and kk + W of the tile, sit side by side: pair p at column (p % W) * S + p / W of its
-// row, S = 128 / W + 2. The two spare words per run give the lanes' columns strides of 8 banks
-// (4 * tq * S = 40 tq or 24 tq words) and the row offsets 2 * (r & 3) spread the rows, so a half
-// warp's 64-bit loads touch 32 different banks; the staging stores have at most the shipped layout's
-// 4-way conflicts (2-way at 2 and 3 bits).
+// row) and two more changes (`scripts/count_tile_instructions.py`: 501 / 576 / 504 instructions per
+// tile at 2 / 3 / 4 bits, 16 rows, groups of 128, against 652 / 797 / 663 shipped):
+// - Each pair's and-or is one instruction (`and_or`): with the mask and the magic number both
+//   immediates, nvcc emitted an and and an or.
+// - Each mma's two B registers come from one 64-bit shared-memory load instead of two 32-bit ones.
+//   The activation pairs are staged so that the two an mma takes, pairs kk and kk + W of the tile,
+//   sit side by side: pair p at column (p % W) * S + p / W of its row, S = 128 / W + 2. The two spare
+//   words per run give the lanes' columns strides of 8 banks (4 * tq * S = 40 tq or 24 tq words) and
+//   the row offsets 2 * (r & 3) spread the rows, so a half warp's 64-bit loads touch 32 different
+//   banks; the staging stores have at most the shipped layout's 4-way conflicts (2-way at 2 and 3
+//   bits).
 //
 // Few-row product y (m, n) = x (m, k) @ W.T, 2 <= m <= 16 (batched decoding), on the tile-interleaved
 // bit-plane layout (amq/runtime/layout.py), with the tensor cores' mma.sync (m16n8k16, bf16).
@@ -73,15 +76,23 @@ __device__ __forceinline__ uint2 column_words(uint32_t w, uint32_t w1) {
   }
 }
 
-// The bf16 pair (128 + code j, 128 + code j + 16 / P0) of a column's words (`column_words`).
+// (x & mask) | magic in one instruction: `magic` comes from a register the compiler cannot fold
+// into an immediate (an and-or with two immediates takes two instructions).
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t and_or(uint32_t x, uint32_t magic) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "n"(MASK), "r"(magic));
+  return d;
+}
+
+// The bf16 pair (128 + code j, 128 + code j + 16 / P0) of a column's words (`column_words`); `magic`
+// holds 0x43004300, the bf16 pair (128, 128).
 template <int P0, int P1>
-__device__ __forceinline__ uint32_t pair_codes(uint2 c, int j) {
+__device__ __forceinline__ uint32_t pair_codes(uint2 c, int j, uint32_t magic) {
   if constexpr (P1 == 0) {
-    constexpr uint32_t MASK = ((1u << P0) - 1u) * 0x10001u;
-    return ((c.x >> (P0 * j)) & MASK) | 0x43004300u;
+    return and_or<((1u << P0) - 1u) * 0x10001u>(c.x >> (P0 * j), magic);
   } else {
-    const uint32_t u = j <= 4 ? c.x >> (3 * j) : c.y >> (3 * (j - 5));
-    return (u & 0x00070007u) | 0x43004300u;
+    return and_or<0x00070007u>(j <= 4 ? c.x >> (3 * j) : c.y >> (3 * (j - 5)), magic);
   }
 }
 
@@ -211,6 +222,8 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
   };
 
   float acc[MT][4];
+  uint32_t magic;
+  asm volatile("mov.b32 %0, 0x43004300;" : "=r"(magic));  // opaque to the compiler: see and_or
 #pragma unroll
   for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
@@ -243,10 +256,10 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
         for (int j = 0; j < HALF; j += 2) {  // k slots 2tq (+1): pair j; slots 2tq + 8 (+9): pair j + 1
           constexpr int GH = NG >= 2 ? NG / 2 : 0;
           const int lo0 = W * j * NG / TILE, lo1 = W * (j + 1) * NG / TILE;
-          const uint32_t a0 = dequant(pair_codes<P0, P1>(wa, j), af[0][lo0], af[0][lo0 + GH]);
-          const uint32_t a1 = dequant(pair_codes<P0, P1>(wb, j), af[1][lo0], af[1][lo0 + GH]);
-          const uint32_t a2 = dequant(pair_codes<P0, P1>(wa, j + 1), af[0][lo1], af[0][lo1 + GH]);
-          const uint32_t a3 = dequant(pair_codes<P0, P1>(wb, j + 1), af[1][lo1], af[1][lo1 + GH]);
+          const uint32_t a0 = dequant(pair_codes<P0, P1>(wa, j, magic), af[0][lo0], af[0][lo0 + GH]);
+          const uint32_t a1 = dequant(pair_codes<P0, P1>(wb, j, magic), af[1][lo0], af[1][lo0 + GH]);
+          const uint32_t a2 = dequant(pair_codes<P0, P1>(wa, j + 1, magic), af[0][lo1], af[0][lo1 + GH]);
+          const uint32_t a3 = dequant(pair_codes<P0, P1>(wb, j + 1, magic), af[1][lo1], af[1][lo1 + GH]);
           const int col = (u * 16 + 4 * tq + e) * X::S + j;  // pairs kk and kk + W, kk = u * 16 + 4tq + e + W * j
 #pragma unroll
           for (int i = 0; i < MT; ++i) {
