@@ -6,9 +6,11 @@ Same protocol as `bench_serving.py`'s per-layer products (random codes with frac
 each candidate checked against the float32 product of amq's dequantized weight, then timed as the
 median replay of one CUDA graph over 256 MB of distinct layers, more than L2). `--all-shapes` times
 every block shape of the CUDA kernel (`amq.runtime.cuda_gemv.SHAPES`, from a separate build of all
-of them) instead of the one `block_shape` picks for the width. docs/benchmarks.md, "The CUDA GEMV", has the numbers.
+of them) instead of the one `block_shape` picks for the width. `--variant` also times kernels built
+from other .cu files with the same entry point (scripts/kernel_variants/gemv/), each at the width's
+block shape, beside the shipped one. docs/benchmarks.md, "The CUDA GEMV", has the numbers.
 
-    python3 scripts/bench_gemv.py [--widths 2 3 4 8] [--all-shapes] [--json $OUT/bench_gemv.json]
+    python3 scripts/bench_gemv.py [--widths 2 3 4 8] [--all-shapes] [--variant FILE.cu ...] [--json $OUT/bench_gemv.json]
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from amq.runtime import PlanesLinear, TinyGemmLinear, cuda_gemv  # noqa: E402
 log = logging.getLogger("bench_gemv")
 
 
-def bench_shape(name: str, out_f: int, in_f: int, widths: list[int], all_shapes: bool, cold_bytes: float, gen: torch.Generator) -> list[dict]:
+def bench_shape(
+    name: str, out_f: int, in_f: int, widths: list[int], all_shapes: bool, variants: list[Path], cold_bytes: float, gen: torch.Generator
+) -> list[dict]:
     from amq.runtime import triton_kernels as tk  # needs Triton: imported on the GPU machine only
 
     rows = []
@@ -59,18 +63,20 @@ def bench_shape(name: str, out_f: int, in_f: int, widths: list[int], all_shapes:
 
         row["triton_err"] = rel_err(triton(layers[0]), ref)
         row["triton_us"] = graph_time(lambda: [triton(m) for m in layers]) / n * 1e6
-        # the build that serves (each width at its own shape), or a build of every shape
+        # the build that serves (each width at its own shape), or a build of every shape; then each variant
         shapes = list(range(len(cuda_gemv.SHAPES))) if all_shapes else [None]
-        for s in shapes:
+        runs = [(s, cuda_gemv.SOURCE) for s in shapes] + [(None, v) for v in variants]
+        for s, source in runs:
 
-            def cuda(layer: PlanesLinear, s: int | None = s) -> torch.Tensor | None:
-                return cuda_gemv.gemv(x, layer.planes(), layer.scale, layer.zero, bits, 128, layer.tile, out_f, shape=s)
+            def cuda(layer: PlanesLinear, s: int | None = s, source: Path = source) -> torch.Tensor | None:
+                return cuda_gemv.gemv(x, layer.planes(), layer.scale, layer.zero, bits, 128, layer.tile, out_f, shape=s, source=source)
 
             y = cuda(layers[0])
             if y is None:
-                log.warning("%s %d-bit: the CUDA GEMV does not take this layer", name, bits)
+                log.warning("%s %d-bit: the CUDA GEMV (%s) does not take this layer", name, bits, source.name)
                 continue
             label = f"cuda{cuda_gemv.block_shape(bits) if s is None else s}"  # the shape index it ran
+            label += "" if source == cuda_gemv.SOURCE else f"_{source.stem}"
             row[f"{label}_err"] = rel_err(y, ref)
             row[f"{label}_us"] = graph_time(lambda: [cuda(m) for m in layers]) / n * 1e6
         if tiny:
@@ -88,18 +94,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--widths", nargs="+", type=int, default=list(WIDTHS), choices=WIDTHS)
     p.add_argument("--all-shapes", action="store_true", help="time every block shape of the CUDA kernel")
+    p.add_argument("--variant", nargs="*", type=Path, default=[], help="also time the kernel built from these .cu files (same entry point)")
     p.add_argument("--cold-bytes", type=float, default=256e6)
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_gemv.json"))
     args = p.parse_args(argv)
+    missing = [str(v) for v in args.variant if not v.is_file()]
+    if missing:
+        p.error(f"--variant: no such .cu file: {', '.join(missing)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not torch.cuda.is_available():
         print("bench_gemv needs a CUDA GPU", file=sys.stderr)
         return 2
-    if not cuda_gemv.available(torch.device("cuda")):
-        print("the CUDA GEMV could not be built here (see the warning above)", file=sys.stderr)
+    unbuilt = [str(s) for s in [cuda_gemv.SOURCE, *args.variant] if not cuda_gemv.available(torch.device("cuda"), s)]
+    if unbuilt:
+        print(f"the CUDA GEMV could not be built here from {', '.join(unbuilt)} (see the warning above)", file=sys.stderr)
         return 2
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = [r for name, (o, i) in SHAPES.items() for r in bench_shape(name, o, i, args.widths, args.all_shapes, args.cold_bytes, gen)]
+    rows = [r for name, (o, i) in SHAPES.items() for r in bench_shape(name, o, i, args.widths, args.all_shapes, args.variant, args.cold_bytes, gen)]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

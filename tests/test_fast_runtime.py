@@ -32,6 +32,8 @@ GROUP = 64
 SERVED = (2, 3, 4, 8)
 # variants of the CUDA tile kernel that bench_tile_kernel.py --variant times beside the shipped one
 KERNEL_VARIANTS = sorted((Path(__file__).resolve().parents[1] / "scripts" / "kernel_variants").glob("*.cu"))
+# and of the CUDA GEMV, which bench_gemv.py --variant times
+GEMV_VARIANTS = sorted((Path(__file__).resolve().parents[1] / "scripts" / "kernel_variants" / "gemv").glob("*.cu"))
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -344,13 +346,32 @@ def test_cuda_gemv_takes_the_group_layouts_it_was_built_for():
     assert [tuple(map(int, t[1:])) for t in sorted(launched)] == list(SHAPES)  # the .cu's shapes are SHAPES, in order
 
 
+def _entry_point(path: Path, signature: str) -> str:
+    """A kernel source's exported entry point, whitespace folded (a variant must declare the shipped one)."""
+    text = path.read_text()
+    start = text.index(signature)
+    return " ".join(text[start : text.index("{", start)].split())
+
+
+def test_gemv_variants_have_the_shipped_gemvs_entry_point():
+    """The variants `bench_gemv.py --variant` times load through the shipped wrapper."""
+    from amq.runtime import cuda_gemv
+
+    if not GEMV_VARIANTS:
+        pytest.skip("no GEMV variants in scripts/kernel_variants/gemv (measured ones are removed; git history keeps them)")
+    assert all(_entry_point(v, "bool amq_gemv_planes(") == _entry_point(cuda_gemv.SOURCE, "bool amq_gemv_planes(") for v in GEMV_VARIANTS)
+
+
 @cuda
 @pytest.mark.parametrize("bits", SERVED)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_gemv_matches_packed_linear(bits, dtype):
+@pytest.mark.parametrize("source", [None, *GEMV_VARIANTS], ids=lambda s: "shipped" if s is None else s.stem)
+def test_cuda_gemv_matches_packed_linear(bits, dtype, source):
+    """The shipped GEMV, and each variant in scripts/kernel_variants/gemv (timed by bench_gemv.py)."""
     from amq.runtime import cuda_gemv
 
-    if not cuda_gemv.available(torch.device("cuda")):
+    source = source or cuda_gemv.SOURCE
+    if not cuda_gemv.available(torch.device("cuda"), source):
         pytest.skip("the CUDA GEMV could not be built here (no nvcc?)")
     # rows no block size divides; one group per tile (576 / 64), two (512 / 128), an odd tile count (1280 / 128)
     for out_f, in_f, group in ((390, 576, 64), (384, 512, 128), (200, 1280, 128)):
@@ -358,7 +379,7 @@ def test_cuda_gemv_matches_packed_linear(bits, dtype):
         fast = PlanesLinear(layer)
         x = torch.randn(1, in_f, dtype=dtype, device="cuda")
         ref = x.float() @ layer.weight_float().t()
-        y = cuda_gemv.gemv(x, fast.planes(), fast.scale, fast.zero, bits, group, fast.tile, out_f)
+        y = cuda_gemv.gemv(x, fast.planes(), fast.scale, fast.zero, bits, group, fast.tile, out_f, source=source)
         assert y is not None and y.dtype == dtype and _rel(y, ref) < 1e-2, (out_f, in_f, group)
         assert _rel(fast(x), ref + layer.bias.float()) < 1e-2
 
@@ -414,14 +435,9 @@ def test_kernel_variants_have_the_shipped_tile_kernels_entry_point():
     same wrapper, so their entry point must be the shipped one's."""
     from amq.runtime import cuda_mma
 
-    def entry(path: Path) -> str:
-        text = path.read_text()
-        start = text.index("bool amq_mma_planes(")
-        return " ".join(text[start : text.index("{", start)].split())
-
     if not KERNEL_VARIANTS:
         pytest.skip("no kernel variants in scripts/kernel_variants (measured ones are removed; git history keeps them)")
-    assert all(entry(v) == entry(cuda_mma.SOURCE) for v in KERNEL_VARIANTS)
+    assert all(_entry_point(v, "bool amq_mma_planes(") == _entry_point(cuda_mma.SOURCE, "bool amq_mma_planes(") for v in KERNEL_VARIANTS)
 
 
 @cuda
@@ -475,6 +491,8 @@ def test_tinygemm_matches_packed_linear_on_cuda():
 def test_bench_gemv_without_a_gpu_says_so_and_exits_2():
     proc = run_script("bench_gemv.py", ["--widths", "3", "--all-shapes", "--json", "/nonexistent/never-written.json"], timeout=300)
     assert proc.returncode == 2 and "bench_gemv needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
+    proc = run_script("bench_gemv.py", ["--variant", "/nonexistent/andor.cu"], timeout=300)
+    assert proc.returncode == 2 and "--variant: no such .cu file: /nonexistent/andor.cu" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")

@@ -20,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-from amq.runtime.cuda_build import build
+from amq.runtime.cuda_build import build, extension_name
 from amq.runtime.layout import plane_widths, runs_per_group
 
 ENV = "AMQ_CUDA_GEMV"
@@ -52,16 +52,17 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor p0, torch::Tensor p1, torch::T
 
 
 @functools.lru_cache(maxsize=None)
-def _module(capability: tuple[int, int], all_shapes: bool = False) -> ModuleType | None:
+def _module(capability: tuple[int, int], all_shapes: bool = False, source: Path = SOURCE) -> ModuleType | None:
     """The built extension for one compute capability, or None (logged once) where it cannot be built.
-    `all_shapes`: every block shape for every width (a separate build, for re-measuring the shapes)."""
-    name = "amq_gemv_planes" + ("_all_shapes" if all_shapes else "")
-    return build(name, _WRAPPER, SOURCE, ["gemv"], capability, ENV, "CUDA GEMV", "one-row products use the Triton GEMV", _shape_flags(all_shapes))
+    `all_shapes`: every block shape for every width (a separate build, for re-measuring the shapes).
+    `source`: another .cu with the same entry point (a variant to measure beside the shipped one)."""
+    name = extension_name("amq_gemv_planes", source, SOURCE) + ("_all_shapes" if all_shapes else "")
+    return build(name, _WRAPPER, source, ["gemv"], capability, ENV, "CUDA GEMV", "one-row products use the Triton GEMV", _shape_flags(all_shapes))
 
 
-def available(device: torch.device) -> bool:
+def available(device: torch.device, source: Path = SOURCE) -> bool:
     """Whether the CUDA GEMV is built (building it now if need be) for this device."""
-    return device.type == "cuda" and _module(torch.cuda.get_device_capability(device)) is not None
+    return device.type == "cuda" and _module(torch.cuda.get_device_capability(device), source=source) is not None
 
 
 def fits(x: torch.Tensor, planes: list[torch.Tensor], scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, tile: int) -> bool:
@@ -87,13 +88,15 @@ def gemv(
     tile: int,
     n: int,
     shape: int | None = None,
+    source: Path = SOURCE,
 ) -> torch.Tensor | None:
     """y (1, n) = x (1, k) @ W.T, or None where the kernel does not take the product (`fits`) or is
     not built: the caller then uses the Triton GEMV. `shape` (an index into SHAPES) overrides the
-    width's own block shape, from a build of every shape."""
+    width's own block shape, from a build of every shape. `source`: a variant of the kernel to
+    measure (`_module`)."""
     if not fits(x, planes, scale, zero, bits, group_size, tile):
         return None
-    module = _module(torch.cuda.get_device_capability(x.device), shape is not None)
+    module = _module(torch.cuda.get_device_capability(x.device), shape is not None, source)
     if module is None:
         return None
     widths = plane_widths(bits)

@@ -19,13 +19,12 @@ turns it off.
 from __future__ import annotations
 
 import functools
-import hashlib
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from amq.runtime.cuda_build import build
+from amq.runtime.cuda_build import build, extension_name
 from amq.runtime.layout import SPLIT_MAX, TILE_ROWS_MAX, plane_widths
 
 ENV = "AMQ_CUDA_MMA"
@@ -64,9 +63,7 @@ torch::Tensor mma(torch::Tensor x, torch::Tensor p0, torch::Tensor p1, torch::Te
 def _module(capability: tuple[int, int], source: Path = SOURCE) -> ModuleType | None:
     """The built extension for one compute capability, or None (logged once) where it cannot be built.
     `source`: another .cu with the same entry point (a variant to measure beside the shipped one)."""
-    name = "amq_mma_planes"
-    if source != SOURCE:  # its own extension name, so both load in one process
-        name += "_" + hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    name = extension_name("amq_mma_planes", source, SOURCE)
     return build(name, _WRAPPER, source, ["mma"], capability, ENV, "CUDA tile kernel", "products of 2-16 rows use the Triton tile kernel")
 
 
