@@ -33,7 +33,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "amq" / "runtime" / "cuda" / "mma_planes.cu"
+sys.path.insert(0, str(ROOT))
+
+from amq.runtime.cuda_build import nvcc_flags  # noqa: E402
+from amq.runtime.cuda_mma import SOURCE as SHIPPED  # noqa: E402
+
 VARIANTS = ROOT / "scripts" / "kernel_variants"
 WEIGHTS_PER_LANE = 16 * 256 // 32  # one warp's tile: 16 weight rows x 256 input features
 _INSTANCE = re.compile(r"mma_planes_kernelILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E")
@@ -73,7 +77,7 @@ def loop_counts(sass: str) -> dict[tuple[int, int, int, int], int]:
 def compile_and_count(source: Path, arch: str, nvcc: str, cuobjdump: str) -> dict[tuple[int, int, int, int], int]:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
-        flags = ["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-cubin", "-o", str(cubin), str(source)]
+        flags = [*nvcc_flags(arch), "-std=c++17", "-cubin", "-o", str(cubin), str(source)]
         subprocess.run([nvcc, *flags], check=True, capture_output=True, text=True)
         env = dict(os.environ, PATH=f"{Path(cuobjdump).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # nvdisasm beside it
         sass = subprocess.run([cuobjdump, "-sass", str(cubin)], check=True, capture_output=True, text=True, env=env).stdout

@@ -30,10 +30,11 @@ from amq.runtime.layout import SPLIT_MAX, TILE_ROWS_MAX, pack_planes, plane_widt
 
 GROUP = 64
 SERVED = (2, 3, 4, 8)
-# variants of the CUDA tile kernel that bench_tile_kernel.py --variant times beside the shipped one
-KERNEL_VARIANTS = sorted((Path(__file__).resolve().parents[1] / "scripts" / "kernel_variants").glob("*.cu"))
-# and of the CUDA GEMV, which bench_gemv.py --variant times
-GEMV_VARIANTS = sorted((Path(__file__).resolve().parents[1] / "scripts" / "kernel_variants" / "gemv").glob("*.cu"))
+# variants of the CUDA tile kernel that bench_tile_kernel.py --variant times beside the shipped one,
+# and of the CUDA GEMV (gemv/), which bench_gemv.py --variant times
+VARIANTS_DIR = Path(__file__).resolve().parents[1] / "scripts" / "kernel_variants"
+KERNEL_VARIANTS = sorted(VARIANTS_DIR.glob("*.cu"))
+GEMV_VARIANTS = sorted((VARIANTS_DIR / "gemv").glob("*.cu"))
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -353,13 +354,20 @@ def _entry_point(path: Path, signature: str) -> str:
     return " ".join(text[start : text.index("{", start)].split())
 
 
-def test_gemv_variants_have_the_shipped_gemvs_entry_point():
-    """The variants `bench_gemv.py --variant` times load through the shipped wrapper."""
-    from amq.runtime import cuda_gemv
+@pytest.mark.parametrize(
+    "variants, module, signature",
+    [(GEMV_VARIANTS, "cuda_gemv", "bool amq_gemv_planes("), (KERNEL_VARIANTS, "cuda_mma", "bool amq_mma_planes(")],
+    ids=["gemv", "tile"],
+)
+def test_kernel_variants_have_the_shipped_kernels_entry_point(variants, module, signature):
+    """The variants `bench_gemv.py --variant` and `bench_tile_kernel.py --variant` time beside the
+    shipped kernels load through the shipped wrappers, so their entry point must be the shipped one's."""
+    import importlib
 
-    if not GEMV_VARIANTS:
-        pytest.skip("no GEMV variants in scripts/kernel_variants/gemv (measured ones are removed; git history keeps them)")
-    assert all(_entry_point(v, "bool amq_gemv_planes(") == _entry_point(cuda_gemv.SOURCE, "bool amq_gemv_planes(") for v in GEMV_VARIANTS)
+    if not variants:
+        pytest.skip("no variants of this kernel in scripts/kernel_variants (measured ones are removed; git history keeps them)")
+    shipped = importlib.import_module(f"amq.runtime.{module}").SOURCE
+    assert all(_entry_point(v, signature) == _entry_point(shipped, signature) for v in variants)
 
 
 @cuda
@@ -428,16 +436,6 @@ def test_cuda_tile_kernel_takes_only_what_it_was_built_for():
     assert sorted(int(a) + int(b) for a, b in widths) == list(cuda_mma.WIDTHS)  # the .cu builds exactly WIDTHS
     warps = re.search(r"constexpr int WARPS = (\d+);", cuda_mma.SOURCE.read_text())
     assert warps and 16 * int(warps.group(1)) == cuda_mma.BLOCK_ROWS  # the slices' count assumes the .cu's block
-
-
-def test_kernel_variants_have_the_shipped_tile_kernels_entry_point():
-    """The variants `bench_tile_kernel.py --variant` times beside the shipped kernel load through the
-    same wrapper, so their entry point must be the shipped one's."""
-    from amq.runtime import cuda_mma
-
-    if not KERNEL_VARIANTS:
-        pytest.skip("no kernel variants in scripts/kernel_variants (measured ones are removed; git history keeps them)")
-    assert all(_entry_point(v, "bool amq_mma_planes(") == _entry_point(cuda_mma.SOURCE, "bool amq_mma_planes(") for v in KERNEL_VARIANTS)
 
 
 @cuda

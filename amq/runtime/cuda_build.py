@@ -24,6 +24,12 @@ def extension_name(name: str, source: Path, shipped: Path) -> str:
     return name if source == shipped else f"{name}_{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
 
 
+def nvcc_flags(arch: str) -> list[str]:
+    """The optimisation and target flags every amq kernel is built with (`arch`: "90" for sm_90); also
+    what scripts/count_tile_instructions.py compiles with, so that it counts the code that runs."""
+    return ["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+
+
 def build(
     name: str,
     cpp_source: str,
@@ -50,7 +56,7 @@ def build(
             cpp_sources=cpp_source,
             cuda_sources=cuda_source.read_text(),
             functions=functions,
-            extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", *flags],
+            extra_cuda_cflags=[*nvcc_flags(arch), *flags],
             verbose=False,
         )
     except Exception as exc:  # no nvcc, no compiler, a failed build: the Triton kernel serves
