@@ -59,23 +59,35 @@ __device__ __forceinline__ uint32_t field(uint32_t w, int shift, int to, int wid
   return (shift >= to ? (w >> (shift - to)) : (w << (to - shift))) & mask;
 }
 
+// (x & MASK) | one in one instruction; `one` holds 0x3F800000 in a register the compiler cannot fold.
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t and_or(uint32_t x, uint32_t one) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "n"(MASK), "r"(one));
+  return d;
+}
+
+// w's bits from `shift` on moved to bit `to` (the mask is applied by the caller).
+__device__ __forceinline__ uint32_t moved(uint32_t w, int shift, int to) { return shift >= to ? (w >> (shift - to)) : (w << (to - shift)); }
+
 // float32 1 + code / 2^B of run j, from the wide word w0 and the narrow word w1 (already shifted
 // to its tile's share). Run j is bits B * j .. of its column's string: w0's 32 bits, then w1's. Most
-// runs lie in one word (at 3 bits, 15 of 16), so they cost one shift and one mask, as 2 or 4 bits do.
+// runs lie in one word (at 3 bits, 15 of 16), so they cost one shift and one and-or, as 2 or 4 bits do.
 template <int P0, int P1>
-__device__ __forceinline__ float code_float(uint32_t w0, uint32_t w1, int j) {
+__device__ __forceinline__ float code_float(uint32_t w0, uint32_t w1, int j, uint32_t one) {
   constexpr int B = P0 + P1;
   constexpr int BASE = 23 - B;
+  constexpr uint32_t MASK = ((1u << B) - 1u) << BASE;
   const int lo = j * B;
   uint32_t v;
   if (lo + B <= 32) {
-    v = field(w0, lo, BASE, B);
+    v = and_or<MASK>(moved(w0, lo, BASE), one);
   } else if (lo >= 32) {
-    v = field(w1, lo - 32, BASE, B);
+    v = and_or<MASK>(moved(w1, lo - 32, BASE), one);
   } else {  // the run straddles the two words
-    v = field(w0, lo, BASE, 32 - lo) | field(w1, 0, BASE + 32 - lo, B - (32 - lo));
+    v = field(w0, lo, BASE, 32 - lo) | field(w1, 0, BASE + 32 - lo, B - (32 - lo)) | 0x3F800000u;
   }
-  return __uint_as_float(v | 0x3F800000u);
+  return __uint_as_float(v);
 }
 
 // GPT: quantization groups per tile (1 where a group spans one tile or more); RUNS / GPT runs per
@@ -112,6 +124,8 @@ __global__ void __launch_bounds__(32 * KW) gemv_planes_kernel(
   float acc[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
+  uint32_t one;
+  asm volatile("mov.b32 %0, 0x3F800000;" : "=r"(one));  // opaque to the compiler: see and_or
 
   // A chunk: R rows' words of this thread's 4 columns per run, with their scales and zero points.
   struct Chunk {
@@ -178,7 +192,7 @@ __global__ void __launch_bounds__(32 * KW) gemv_planes_kernel(
 #pragma unroll
           for (int r = 0; r < R; ++r) {
 #pragma unroll
-            for (int v = 0; v < 4; ++v) part[r] = fmaf(code_float<P0, P1>(n0[r][v], n1[r][v], j), xv[v], part[r]);
+            for (int v = 0; v < 4; ++v) part[r] = fmaf(code_float<P0, P1>(n0[r][v], n1[r][v], j, one), xv[v], part[r]);
           }
         }
 #pragma unroll

@@ -13,7 +13,23 @@
 // at input features k and k + 128 of the tile (W = 256 * P0 / 32 words per tile: code j of word c is
 // feature c + W * j). One shift and one and-or turn both into the bf16 pair (128 + code, 128 + code')
 // at once, and the activations are staged as the matching pairs (x[k], x[k + 128]). At 3 bits the
-// codes j and j + 8 of a column's 48-bit string are paired the same way (a funnel shift for the second).
+// codes j and j + 8 of a column's 48-bit string are paired the same way, from two words that
+// `column_words` assembles once per column.
+//
+// What keeps the main loop short (at 8-16 rows the kernel is bound by instruction issue; counted with
+// scripts/count_tile_instructions.py: 501 / 576 / 504 instructions per K tile at 2 / 3 / 4 bits, 16
+// rows, groups of 128, where the first version issued 652 / 797 / 663; timed in docs/benchmarks.md,
+// "The CUDA tile kernel"):
+// - Each pair's and-or is one lop3 (`and_or`): with the mask and the magic number both immediates,
+//   nvcc emits an and and an or.
+// - A tile's groups are counted on from the tile's first (no division per tile), and each row's
+//   scales and zero points of a tile come in one load.
+// - Each mma's two B registers come from one 64-bit shared-memory load. The activation pairs are
+//   staged so that the two an mma takes, pairs kk and kk + W of the tile, sit side by side: pair p at
+//   column (p % W) * S + p / W of its row, S = 128 / W + 2. The two spare words per run give the
+//   lanes' columns strides of 8 banks (4 * tq * S = 40 tq or 24 tq words) and the row offsets
+//   2 * (r & 3) spread the rows, so a half warp's 64-bit loads touch 32 different banks; the staging
+//   stores have at most 4-way conflicts (2-way at 2 and 3 bits).
 //
 // Arithmetic: per group, the codes become bf16 weights in registers, w = (code - zr) * s + (zr - z) * s,
 // zr = round(zero): 128 + code - (128 + zr) is exact, and (zr - z) * s is at most half a step, so the
@@ -32,27 +48,51 @@ constexpr int TILE = 256;              // input features per tile: the layout's 
 constexpr int PAIRS = TILE / 2;        // activation pairs (k, k + 128) per tile and activation row
 constexpr int WARPS = 4;
 constexpr int BLOCK_ROWS = 16 * WARPS;  // weight rows per block (16 per warp: the mma's M)
-constexpr int XSTRIDE = PAIRS + 32;    // shared words per activation row, a multiple of 32 banks
 
-// Word offset of activation row r's pairs in shared memory. A B-operand load by the 32 lanes reads
-// rows g = 0..7 at columns 4 * tq + const: the row offsets (0, 1, 2, 3, 16, 17, 18, 19) put those 32
-// words in 32 different banks.
-__device__ __forceinline__ int xrow(int r) { return r * XSTRIDE + (r & 3) + 16 * ((r >> 2) & 1); }
+// The staged activations of words of W per tile and row (W = 256 * P0 / 32): pair p of a row at
+// column (p % W) * S + p / W, so pairs kk and kk + W (one mma's two B registers) are adjacent; rows
+// XSTRIDE words apart (a multiple of 32 banks) plus 2 * (r & 3) (see the header).
+template <int W>
+struct Staging {
+  static constexpr int S = PAIRS / W + 2;
+  static constexpr int XSTRIDE = (W * S + 6 + 31) / 32 * 32;
+  static __device__ __forceinline__ int row(int r) { return r * XSTRIDE + 2 * (r & 3); }
+};
 
 __device__ __forceinline__ __nv_bfloat162 as_bf2(uint32_t u) { return *reinterpret_cast<__nv_bfloat162*>(&u); }
 __device__ __forceinline__ uint32_t as_u32(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t*>(&v); }
 
-// The bf16 pair (128 + code j, 128 + code j + 16 / P0) of word w (one plane), or of codes j and j + 8
-// of the 48-bit string (w, w1) at 3 bits.
+// A column's words as the pairs below read them: a single-plane word as it is; at 3 bits the 48-bit
+// string (w, w1) rearranged once into two words whose halves hold codes j and j + 8 side by side, so
+// that each pair then costs one shift and one and-or, as at 2 and 4 bits (four operations before).
+// lo: string bits 0..15 and 24..39 (pairs j <= 4); hi: string bits 15..30 and 39..54 (pairs 5..7).
 template <int P0, int P1>
-__device__ __forceinline__ uint32_t pair_codes(uint32_t w, uint32_t w1, int j) {
+__device__ __forceinline__ uint2 column_words(uint32_t w, uint32_t w1) {
   if constexpr (P1 == 0) {
-    constexpr uint32_t MASK = ((1u << P0) - 1u) * 0x10001u;
-    return ((w >> (P0 * j)) & MASK) | 0x43004300u;
+    return make_uint2(w, 0u);
   } else {
-    const uint32_t lo = w >> (3 * j);
-    const uint32_t hi = __funnelshift_r(w, w1, 3 * j + 8);  // code j + 8 (string bits 3j + 24 ..) at bit 16
-    return (lo & 0x7u) | (hi & 0x70000u) | 0x43004300u;
+    const uint32_t h = __funnelshift_r(w, w1, 24);  // string bits 24..55: code j + 8 at bit 3j
+    return make_uint2(__byte_perm(w, h, 0x5410), ((w >> 15) & 0xFFFFu) | ((h << 1) & 0xFFFF0000u));
+  }
+}
+
+// (x & mask) | magic in one instruction: `magic` comes from a register the compiler cannot fold
+// into an immediate (an and-or with two immediates takes two instructions).
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t and_or(uint32_t x, uint32_t magic) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "n"(MASK), "r"(magic));
+  return d;
+}
+
+// The bf16 pair (128 + code j, 128 + code j + 16 / P0) of a column's words (`column_words`); `magic`
+// holds 0x43004300, the bf16 pair (128, 128).
+template <int P0, int P1>
+__device__ __forceinline__ uint32_t pair_codes(uint2 c, int j, uint32_t magic) {
+  if constexpr (P1 == 0) {
+    return and_or<((1u << P0) - 1u) * 0x10001u>(c.x >> (P0 * j), magic);
+  } else {
+    return and_or<0x00070007u>(j <= 4 ? c.x >> (3 * j) : c.y >> (3 * (j - 5)), magic);
   }
 }
 
@@ -79,6 +119,13 @@ __device__ __forceinline__ void mma(float* c, uint32_t a0, uint32_t a1, uint32_t
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// One tile's NG scales (or zero points) of a row, read as one load of 2 * NG bytes (the caller checks
+// 16-byte aligned tensors; a row holds a multiple of NG groups).
+template <int NG>
+struct alignas(2 * NG) Halves {
+  __half v[NG];
+};
+
 // What one tile needs, loaded a tile ahead: this lane's words of its two rows (16-byte loads), their
 // scales and zero points, and this thread's share of the activations to stage.
 template <int P0, int P1, int NG, int MT>
@@ -86,7 +133,7 @@ struct Tile {
   static constexpr int NU = TILE * P0 / 32 / 16;  // 16-byte loads per lane and row (1 at 2-3 bits, 2 at 4)
   uint4 w[2][NU];
   uint4 n[2];
-  __half sc[2][NG], ze[2][NG];
+  Halves<NG> sc[2], ze[2];
   uint4 xl[MT], xh[MT];
 };
 
@@ -111,7 +158,8 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
   constexpr int HALF = 16 / P0;      // pairs per word (codes j and j + HALF); 8 at 3 bits
   using T = Tile<P0, P1, NG, MT>;
   constexpr int NU = T::NU;
-  __shared__ uint32_t xs[2][MT * 8 * XSTRIDE];
+  using X = Staging<W>;
+  __shared__ __align__(16) uint32_t xs[2][MT * 8 * X::XSTRIDE];
 
   const int lane = threadIdx.x % 32;
   const int g = lane / 4, tq = lane % 4;
@@ -127,6 +175,8 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
   const int groups = k / group;
 
   auto load = [&](T& tl, int t) {
+    // the tile's groups: NG from group t * NG on, or for groups of whole tiles the one holding tile t
+    const int gi = NG > 1 ? t : t * TILE / group;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const bool ok = rows[r] < n;
@@ -138,12 +188,8 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
       if constexpr (P1 > 0) {
         tl.n[r] = ok ? __ldg(reinterpret_cast<const uint4*>(p1 + row * stride1 + (size_t)(t / 2) * W + 4 * tq)) : make_uint4(0, 0, 0, 0);
       }
-      const int g0 = t * TILE / group;
-#pragma unroll
-      for (int i = 0; i < NG; ++i) {
-        tl.sc[r][i] = ok ? scale[row * groups + g0 + i] : __float2half(0.f);
-        tl.ze[r][i] = ok ? zero[row * groups + g0 + i] : __float2half(0.f);
-      }
+      tl.sc[r] = ok ? reinterpret_cast<const Halves<NG>*>(scale + row * groups)[gi] : Halves<NG>{};
+      tl.ze[r] = ok ? reinterpret_cast<const Halves<NG>*>(zero + row * groups)[gi] : Halves<NG>{};
     }
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
@@ -163,18 +209,21 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
       const int c = threadIdx.x + i * 32 * WARPS;
-      uint32_t* d = dst + xrow(c >> 4) + (c & 15) * 8;
+      const int kc = (c & 15) * 8;  // pairs kc .. kc + 7: one run of W, consecutive in it
+      uint32_t* d = dst + X::row(c >> 4) + (kc % W) * X::S + kc / W;
       const uint32_t l[4] = {tl.xl[i].x, tl.xl[i].y, tl.xl[i].z, tl.xl[i].w};
       const uint32_t h[4] = {tl.xh[i].x, tl.xh[i].y, tl.xh[i].z, tl.xh[i].w};
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        d[2 * q] = __byte_perm(l[q], h[q], 0x5410);      // (x[k], x[k + 128]) of the even k
-        d[2 * q + 1] = __byte_perm(l[q], h[q], 0x7632);  // and of the odd one
+        d[2 * q * X::S] = __byte_perm(l[q], h[q], 0x5410);        // (x[k], x[k + 128]) of the even k
+        d[(2 * q + 1) * X::S] = __byte_perm(l[q], h[q], 0x7632);  // and of the odd one
       }
     }
   };
 
   float acc[MT][4];
+  uint32_t magic;
+  asm volatile("mov.b32 %0, 0x43004300;" : "=r"(magic));  // opaque to the compiler: see and_or
 #pragma unroll
   for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
@@ -189,7 +238,7 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
 #pragma unroll
-      for (int i = 0; i < NG; ++i) af[r][i] = affine(cur.sc[r][i], cur.ze[r][i]);
+      for (int i = 0; i < NG; ++i) af[r][i] = affine(cur.sc[r].v[i], cur.ze[r].v[i]);
     }
     const uint32_t* xb = xs[buf];
     const int nshift = (t & 1) * 16;  // tile t's half of its span's narrow words
@@ -197,25 +246,25 @@ __global__ void __launch_bounds__(32 * WARPS) mma_planes_kernel(
     for (int u = 0; u < NU; ++u) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const uint32_t wa = (&cur.w[0][u].x)[e], wb = (&cur.w[1][u].x)[e];
         uint32_t na = 0, nb = 0;
         if constexpr (P1 > 0) {
           na = (&cur.n[0].x)[e] >> nshift;
           nb = (&cur.n[1].x)[e] >> nshift;
         }
+        const uint2 wa = column_words<P0, P1>((&cur.w[0][u].x)[e], na), wb = column_words<P0, P1>((&cur.w[1][u].x)[e], nb);
 #pragma unroll
         for (int j = 0; j < HALF; j += 2) {  // k slots 2tq (+1): pair j; slots 2tq + 8 (+9): pair j + 1
           constexpr int GH = NG >= 2 ? NG / 2 : 0;
           const int lo0 = W * j * NG / TILE, lo1 = W * (j + 1) * NG / TILE;
-          const uint32_t a0 = dequant(pair_codes<P0, P1>(wa, na, j), af[0][lo0], af[0][lo0 + GH]);
-          const uint32_t a1 = dequant(pair_codes<P0, P1>(wb, nb, j), af[1][lo0], af[1][lo0 + GH]);
-          const uint32_t a2 = dequant(pair_codes<P0, P1>(wa, na, j + 1), af[0][lo1], af[0][lo1 + GH]);
-          const uint32_t a3 = dequant(pair_codes<P0, P1>(wb, nb, j + 1), af[1][lo1], af[1][lo1 + GH]);
-          const int kk = u * 16 + 4 * tq + e + W * j;  // the pair's first feature in the tile
+          const uint32_t a0 = dequant(pair_codes<P0, P1>(wa, j, magic), af[0][lo0], af[0][lo0 + GH]);
+          const uint32_t a1 = dequant(pair_codes<P0, P1>(wb, j, magic), af[1][lo0], af[1][lo0 + GH]);
+          const uint32_t a2 = dequant(pair_codes<P0, P1>(wa, j + 1, magic), af[0][lo1], af[0][lo1 + GH]);
+          const uint32_t a3 = dequant(pair_codes<P0, P1>(wb, j + 1, magic), af[1][lo1], af[1][lo1 + GH]);
+          const int col = (u * 16 + 4 * tq + e) * X::S + j;  // pairs kk and kk + W, kk = u * 16 + 4tq + e + W * j
 #pragma unroll
           for (int i = 0; i < MT; ++i) {
-            const uint32_t* xr = xb + xrow(i * 8 + g) + kk;
-            mma(acc[i], a0, a1, a2, a3, xr[0], xr[W]);
+            const uint2 b = *reinterpret_cast<const uint2*>(xb + X::row(i * 8 + g) + col);
+            mma(acc[i], a0, a1, a2, a3, b.x, b.y);
           }
         }
       }
