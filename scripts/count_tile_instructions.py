@@ -3,9 +3,10 @@
 variants, counted in the machine code nvcc makes, without a GPU.
 
 Why: at 8-16 rows the kernel is bound by instruction issue (docs/benchmarks.md, "What bounds the
-kernel, measured"), so the instructions its main loop issues per tile follow its time: 797 against
-663 per tile at 3 and 4 bits (16 rows, group 128) where the timed ratio was 1.16-1.27. A variant can
-be judged here first and timed on a GPU after (`bench_tile_kernel.py --variant`).
+kernel, measured"), so the instructions its main loop issues per tile follow its time: the first
+version issued 797 against 663 per tile at 3 and 4 bits (16 rows, group 128) where the timed ratio was
+1.16-1.27, and the shipped one, 23-28% fewer, took 0.71-0.97x of its time. A variant can be judged
+here first and timed on a GPU after (`bench_tile_kernel.py --variant`).
 
 For each source it compiles the kernels (`nvcc -cubin`, the flags `amq.runtime.cuda_build` uses),
 disassembles them (`cuobjdump -sass`), finds in each instance the loop that holds its mma
@@ -44,13 +45,17 @@ _INSTANCE = re.compile(r"mma_planes_kernelILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E")
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)\S*\s*([^;]*);")
 
 
+def find_tool(name: str, first: tuple[str | None, ...] = (), last: tuple[str, ...] = ()) -> str | None:
+    """The first executable of: `first`, `name` on PATH, $CUDA_HOME/bin/`name`, `last`."""
+    home = os.environ.get("CUDA_HOME")
+    candidates = [*first, shutil.which(name), str(Path(home) / "bin" / name) if home else None, *last]
+    return next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
+
+
 def find_cuobjdump(given: str | None) -> str | None:
     """cuobjdump from --cuobjdump, $CUOBJDUMP, PATH, $CUDA_HOME/bin or the pip wheels' nvidia/cu*/bin."""
-    candidates = [given, os.environ.get("CUOBJDUMP"), shutil.which("cuobjdump")]
-    if os.environ.get("CUDA_HOME"):
-        candidates.append(str(Path(os.environ["CUDA_HOME"]) / "bin" / "cuobjdump"))
-    candidates += [str(p) for p in sorted(Path(sysconfig.get_path("purelib")).glob("nvidia/cu*/bin/cuobjdump"))]
-    return next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
+    wheels = tuple(str(p) for p in sorted(Path(sysconfig.get_path("purelib")).glob("nvidia/cu*/bin/cuobjdump")))
+    return find_tool("cuobjdump", (given, os.environ.get("CUOBJDUMP")), wheels)
 
 
 def loop_counts(sass: str) -> dict[tuple[int, int, int, int], int]:
@@ -113,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--source: no such file: {', '.join(missing)}")
     if not re.fullmatch(r"\d{2,3}a?", args.arch):
         p.error(f"--arch: {args.arch!r} (valid: a compute capability without the dot, e.g. 80, 90, 90a)")
-    nvcc = shutil.which("nvcc") or (str(Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc") if os.environ.get("CUDA_HOME") else None)
-    if not nvcc or not Path(nvcc).is_file():
+    nvcc = find_tool("nvcc")
+    if nvcc is None:
         print("count_tile_instructions needs nvcc (the CUDA toolkit) on PATH or under $CUDA_HOME/bin", file=sys.stderr)
         return 2
     cuobjdump = find_cuobjdump(args.cuobjdump)
